@@ -1,0 +1,106 @@
+"""The one settings object.
+
+Sources, later wins: defaults < TOML file (``MULTIMAIL_CONFIG`` or ``<data_dir>/multimail.toml``)
+< environment variables ``MULTIMAIL_<NAME>``. The names of SPEC §11 are fixed because
+operators' scripts use them. Secrets are ``SecretStr`` so they never show in ``repr`` or logs.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["all", "api", "smtp", "worker"]
+
+
+class Settings(BaseSettings):
+    """Every MultiMail setting. Each field's description is the documentation (see README)."""
+
+    model_config = SettingsConfigDict(env_prefix="MULTIMAIL_", extra="ignore")
+
+    data_dir: Path = Field(Path(".multimail"), description="Where the SQLite file, keys and spool live.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; unset = SQLite in the data dir. PostgreSQL: "
+        "postgresql+psycopg://user@host/db (postgresql:// is accepted too).",
+    )
+    http_host: str = Field("127.0.0.1", description="HTTP API, dashboard and /mcp bind address.")
+    http_port: int = Field(8000, description="HTTP port.")
+    smtp_host: str = Field("127.0.0.1", description="Inbound SMTP bind address.")
+    smtp_port: int = Field(2525, description="Inbound SMTP port.")
+    smtp_url: SecretStr | None = Field(
+        None,
+        description="Outbound relay, e.g. smtp://user:pass@host:587?starttls=true; "
+        "unset = deliver directly to recipients' MX hosts.",
+    )
+    domain: str = Field("localhost", description="The server's own mail domain (needs no verification).")
+    dns_resolver: str | None = Field(None, description="DNS resolver as host:port; unset = system resolver.")
+    mx_port: int = Field(25, description="Port used when delivering to MX hosts (tests point it at a local server).")
+    public_url: str = Field(
+        "http://127.0.0.1:8000", description="Base URL of links in emails (approve, unsubscribe)."
+    )
+    allow_private_webhooks: bool = Field(
+        False, description="Allow webhook targets on loopback/private networks (local development and tests only)."
+    )
+    allow_http_webhooks: bool = Field(False, description="Allow http:// webhook URLs (local development only).")
+    max_request_bytes: int = Field(40 * 1024 * 1024, description="Largest accepted HTTP request body.")
+    max_message_bytes: int = Field(25 * 1024 * 1024, description="Largest message, inbound or outbound.")
+    max_recipients: int = Field(50, description="Recipients per message.")
+    rate_limit_per_minute: int = Field(600, description="Requests per API key per minute (token bucket).")
+    rate_limit_burst: int = Field(120, description="Bucket size of the per-key request rate limit.")
+    role: Role = Field("all", description="What `serve` runs: all, api, smtp or worker.")
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Signs one-click links and sessions; unset = generated once into the data dir.",
+    )
+    log_level: str = Field("info", description="Log level.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_db_url(cls, value: str | None) -> str | None:
+        if value and value.startswith(("postgresql://", "postgres://")):
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "multimail.db"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+
+def _toml_values(path: Path) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        data = tomllib.load(handle)
+    section = data.get("multimail", data)
+    return {str(k): v for k, v in section.items()}
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Defaults, then the TOML file, then the environment, then explicit overrides."""
+    env_data_dir = os.environ.get("MULTIMAIL_DATA_DIR")
+    config_path = os.environ.get("MULTIMAIL_CONFIG")
+    toml: dict[str, Any] = {}
+    candidate = (
+        Path(config_path)
+        if config_path
+        else Path(env_data_dir or overrides.get("data_dir") or ".multimail") / "multimail.toml"
+    )
+    if candidate.is_file():
+        toml = _toml_values(candidate)
+    env_names = {name for name in Settings.model_fields if f"MULTIMAIL_{name.upper()}" in os.environ}
+    # The environment must beat the file: drop file values the environment also sets.
+    init = {k: v for k, v in toml.items() if k not in env_names}
+    init.update(overrides)
+    return Settings(**init)

@@ -1,0 +1,75 @@
+"""Prefixed, sortable identifiers (ULIDs) and timestamps.
+
+A ULID is 48 bits of milliseconds then 80 random bits, in Crockford base32: lexical order is
+creation order, which keeps cursors and "newest first" lists index-friendly.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import UTC, datetime
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+PREFIXES = frozenset(
+    {"acct", "mbx", "msg", "thr", "key", "whk", "evt", "dom", "con", "usr", "job", "sup", "att",
+     "dlv", "apc", "ckp", "inb", "alw"}
+)
+
+_lock = threading.Lock()
+_last_ms = 0
+_last_rand = 0
+
+
+def _encode(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def ulid() -> str:
+    """A monotonic ULID: within one millisecond the random part counts up, so order holds."""
+    global _last_ms, _last_rand
+    with _lock:
+        ms = int(time.time() * 1000)
+        if ms <= _last_ms:
+            ms = _last_ms
+            _last_rand += 1
+        else:
+            _last_rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to count up
+        _last_ms = ms
+        return _encode(ms, 10) + _encode(_last_rand & ((1 << 80) - 1), 16)
+
+
+def new_id(prefix: str) -> str:
+    if prefix not in PREFIXES:
+        raise ValueError(f"unknown id prefix {prefix!r}")
+    return f"{prefix}_{ulid().lower()}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def isoformat(value: datetime | None) -> str | None:
+    """UTC, ISO 8601 with ``Z`` and millisecond precision, as every API response uses."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def parse_datetime(value: str) -> datetime:
+    """Parse ISO 8601; a value without a zone is taken as UTC. Raises ValueError."""
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
