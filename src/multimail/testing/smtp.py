@@ -19,6 +19,7 @@ import email
 import email.policy
 import hmac
 import ipaddress
+import logging
 import os
 import ssl
 import tempfile
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
@@ -40,6 +41,18 @@ from cryptography.x509.oid import NameOID
 __all__ = ["CapturedMessage", "CapturingSMTPServer", "Stage"]
 
 Stage = Literal["mail", "rcpt", "data"]
+
+
+class _DropLoginDataNotice(logging.Filter):
+    """aiosmtpd warns about its own deprecated attribute on every successful AUTH."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in record.getMessage()
+
+
+_AIOSMTPD_LOG = logging.getLogger("mail.log")
+if not any(isinstance(f, _DropLoginDataNotice) for f in _AIOSMTPD_LOG.filters):
+    _AIOSMTPD_LOG.addFilter(_DropLoginDataNotice())
 
 
 @dataclass
@@ -58,7 +71,7 @@ class CapturedMessage:
 
     def as_email(self) -> EmailMessage:
         """The data parsed as an RFC 5322 message."""
-        return cast(EmailMessage, email.message_from_bytes(self.data, policy=email.policy.default))
+        return email.message_from_bytes(self.data, policy=email.policy.default)
 
 
 @dataclass
@@ -325,7 +338,8 @@ class CapturingSMTPServer:
         """Answer ``code message`` at ``stage`` instead of accepting.
 
         ``only_for`` limits the refusal to those addresses: the sender at ``mail``, each
-        recipient at ``rcpt`` (a mixed outcome), any recipient at ``data``. ``times`` limits how many refusals are given before accepting again.
+        recipient at ``rcpt`` (a mixed outcome), any recipient at ``data``.
+        ``times`` limits how many refusals are given before accepting again.
         """
         if not 400 <= code <= 599:
             raise ValueError("a refusal code is 4xx or 5xx")
