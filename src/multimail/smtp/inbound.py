@@ -1,0 +1,488 @@
+"""The inbound SMTP front door: an aiosmtpd protocol engine that knows nothing of our database.
+
+Recipients are checked and messages stored through an injected :class:`InboundSink`; this
+module only speaks SMTP, enforces the limits and refuses the known protocol attacks. The
+flow follows "decide at RCPT, store at DATA, work afterwards": ``250`` after the final dot
+is sent only once ``sink.store`` has returned, so an acknowledged message is the sink's.
+
+What aiosmtpd 1.4.6 already does, and what this module adds on top:
+
+* End of DATA is only ``<CRLF>.<CRLF>`` (its fix for CVE-2024-27305), so no smuggled
+  sequence splits a message; but it stores bare CR / LF as they came. We refuse such
+  messages outright (like Postfix's ``smtpd_forbid_bare_newline``), so nothing we store can
+  be re-split by a lenient hop downstream.
+* After STARTTLS it discards plaintext buffered behind the command (its fix for
+  CVE-2024-34083); our tests check that the pipelined command really has no effect.
+* Its replies lack RFC 3463 enhanced status codes; :meth:`_InboundProtocol.push` rewords them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import logging
+import re
+import secrets
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from types import TracebackType
+from typing import AnyStr, Protocol
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from multimail.errors import InvalidInput, Unavailable
+
+__all__ = [
+    "ACCEPT",
+    "RELAY_DENIED",
+    "UNKNOWN_MAILBOX",
+    "InboundEnvelope",
+    "InboundLimits",
+    "InboundSMTPServer",
+    "InboundSink",
+    "RecipientVerdict",
+    "StorageFull",
+]
+
+log = logging.getLogger(__name__)
+
+
+class StorageFull(Unavailable):
+    """The sink cannot store the message because its disk (or quota) is full."""
+
+    code = "storage_full"
+
+
+@dataclass(frozen=True)
+class RecipientVerdict:
+    """The sink's answer to ``RCPT TO``: accept, or an SMTP reply to refuse with."""
+
+    code: int = 250
+    message: str = "2.1.5 Recipient OK"
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599 or 300 <= self.code < 400:
+            raise InvalidInput(f"not an SMTP RCPT reply code: {self.code}", code="invalid_reply")
+        # A CR or LF from the sink would let it inject extra reply lines into the session.
+        if not self.message.isprintable():
+            raise InvalidInput("SMTP reply text must be printable", code="invalid_reply")
+
+    @property
+    def accepted(self) -> bool:
+        return self.code < 300
+
+    @classmethod
+    def reject(cls, code: int, message: str) -> RecipientVerdict:
+        if code < 400:
+            raise InvalidInput(f"a rejection needs a 4xx or 5xx code, not {code}")
+        return cls(code, message)
+
+    def reply(self) -> str:
+        return f"{self.code} {self.message}"
+
+
+ACCEPT = RecipientVerdict()
+UNKNOWN_MAILBOX = RecipientVerdict.reject(550, "5.1.1 Mailbox does not exist")
+# RFC 5321 §3.4 / §3.6.2: a server that is not the recipient's home refuses rather than relays.
+RELAY_DENIED = RecipientVerdict.reject(551, "5.7.1 Recipient not local; relaying denied")
+
+
+@dataclass(frozen=True)
+class InboundEnvelope:
+    """One accepted message: the SMTP envelope and the raw data, with our Received line first."""
+
+    mail_from: str  # "" for the null reverse-path of bounces (RFC 5321 §4.5.5)
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    peer: str  # the client's IP address
+    helo: str
+    received_at: datetime
+    tls: bool
+
+
+class InboundSink(Protocol):
+    """Where the server asks about recipients and hands over messages."""
+
+    async def check_recipient(self, address: str) -> RecipientVerdict: ...
+
+    async def store(self, envelope: InboundEnvelope) -> str:
+        """Store durably, then return a queue id; raise StorageFull when out of space."""
+        ...
+
+
+@dataclass(frozen=True)
+class InboundLimits:
+    """Resource limits of one server; each default is justified beside it."""
+
+    # SPEC §12 (25 MB), announced as SIZE (RFC 1870) so clients can give up before DATA.
+    max_message_size: int = 25 * 1024 * 1024
+    # RFC 5321 §4.5.3.1.8 asks for 100 buffered recipients; above our lower cap we answer
+    # 452 4.5.3, which §4.5.3.1.10 lets the client treat as "send the rest in a new transaction".
+    max_recipients: int = 50
+    # Each session costs buffers and a task; past this we answer 421 at greeting (RFC 5321 §3.8).
+    max_connections: int = 100
+    # RFC 5321 §4.5.3.1.6 fixes text lines at 1000 octets with CRLF; real senders exceed it,
+    # so like Stalwart we accept up to 4096 (CRLF and any transparency dot included) and
+    # refuse a longer line with 554 5.3.4.
+    max_line_length: int = 4096
+    # Bounds the header section that downstream parsers must hold and scan (RELIABILITY SMTP-6).
+    max_header_bytes: int = 1024 * 1024
+    # RFC 5321 §4.5.3.2.7: at least 5 minutes waiting for the next command.
+    command_timeout: float = 300.0
+    # RFC 5321 §4.5.3.2.5-6: the whole DATA phase, including our store, gets 10 minutes.
+    data_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        # aiosmtpd reads commands through the same stream limit, and RFC 5321 §4.5.3.1.4
+        # allows 512-octet command lines plus extension parameters.
+        if self.max_line_length < 1001:
+            raise InvalidInput("max_line_length below RFC 5321's 1000 octets + dot")
+        numbers = (self.max_message_size, self.max_recipients, self.max_connections)
+        if min(numbers) < 1 or self.max_header_bytes < 1:
+            raise InvalidInput("SMTP limits must be positive")
+        if self.command_timeout <= 0 or self.data_timeout <= 0:
+            raise InvalidInput("SMTP timeouts must be positive")
+
+
+# Replies aiosmtpd writes itself, reworded with the RFC 3463 enhanced codes clients act on.
+_REWORDED = {
+    "500 Command line too long": "500 5.5.2 Command line too long (RFC 5321 §4.5.3.1.4)",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "554 5.3.4 Line too long (RFC 5321 §4.5.3.1.6)",
+    "552 Error: Too much mail data": "552 5.3.4 Message exceeds fixed maximum message size",
+    "552 Error: message size exceeds fixed maximum message size": (
+        "552 5.3.4 Message size exceeds fixed maximum message size"
+    ),
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+}
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LOCAL = rf'(?:{_ATEXT}+(?:\.{_ATEXT}+)*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])"
+# RFC 5321 §4.1.2 Mailbox; §4.5.3.1.1-3 length limits are checked beside it.
+_MAILBOX = re.compile(rf"(?P<local>{_LOCAL})@(?P<domain>{_DOMAIN})")
+# Bare CR or LF: the raw material of SMTP smuggling (RFC 5321 §2.3.8 allows only CRLF).
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def _is_valid_mailbox(address: str) -> bool:
+    """True for an RFC 5321 mailbox within the §4.5.3.1 size limits."""
+    match = _MAILBOX.fullmatch(address)
+    return (
+        match is not None
+        and len(match["local"]) <= 64
+        and len(match["domain"]) <= 255
+        and len(address) <= 254  # §4.5.3.1.3: the path is 256 octets with its brackets
+    )
+
+
+def _address_literal(host: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "[unknown]"
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+def _received_header(
+    *,
+    helo: str,
+    peer: str,
+    hostname: str,
+    trace_id: str,
+    protocol: str,
+    recipients: tuple[str, ...],
+    when: datetime,
+) -> bytes:
+    """The RFC 5321 §4.4 trace line we put on top of each message, folded with CRLF."""
+    # The client chooses its HELO name; anything outside domain characters could forge
+    # header structure, so it is replaced, not trusted.
+    safe_helo = _HELO_UNSAFE.sub("?", helo)[:255] or "unknown"
+    lines = [
+        f"Received: from {safe_helo} ({_address_literal(peer)})",
+        f"\tby {hostname} (MultiMail) with {protocol} id {trace_id}",
+    ]
+    # Naming the recipient is useful for tracing but leaks the other Bccs when there are many.
+    stamp = format_datetime(when)
+    lines.append(f"\tfor <{recipients[0]}>; {stamp}" if len(recipients) == 1 else f"\t; {stamp}")
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _oversized_header(content: bytes, limit: int) -> bool:
+    # The header section ends at the first empty line (RFC 5322 §2.1); search no further
+    # than the limit so a huge message costs no more than a huge header would.
+    if content.startswith(b"\r\n"):
+        return False
+    end = content.find(b"\r\n\r\n", 0, limit + 4)
+    if end == -1:
+        return len(content) > limit
+    return end + 2 > limit
+
+
+class _InboundHandler:
+    """The aiosmtpd handler: recipient policy, message checks and the hand-over to the sink."""
+
+    def __init__(self, sink: InboundSink, limits: InboundLimits, hostname: str) -> None:
+        self._sink = sink
+        self._limits = limits
+        self._hostname = hostname
+        self.storing: set[asyncio.Task[str]] = set()
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address != "<>" and not _is_valid_mailbox(address):
+            return "553 5.1.7 Bad sender address syntax"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted for the server.
+        if address.lower() != "postmaster" and not _is_valid_mailbox(address):
+            return "553 5.1.3 Bad recipient address syntax"
+        if address in envelope.rcpt_tos:
+            return "250 2.1.5 Recipient OK (duplicate ignored)"
+        if len(envelope.rcpt_tos) >= self._limits.max_recipients:
+            return "452 4.5.3 Too many recipients"  # RFC 5321 §4.5.3.1.10
+        try:
+            verdict = await self._sink.check_recipient(address)
+        except Exception:
+            log.exception("recipient check failed for %r", address)
+            return "451 4.3.0 Temporary failure checking recipient; try again later"
+        if verdict.accepted:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        return verdict.reply()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        if _BARE_NEWLINE.search(content):
+            # CVE-2023-51764/51765/51766: a lenient hop would read these as end-of-data.
+            return "550 5.6.0 Message refused: bare CR or LF in message data (RFC 5321 §2.3.8)"
+        if _oversized_header(content, self._limits.max_header_bytes):
+            return "552 5.3.4 Message header section exceeds fixed maximum size"
+        received_at = datetime.now(UTC)
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        helo = session.host_name or ""
+        tls = session.ssl is not None
+        protocol = ("ESMTPS" if tls else "ESMTP") if session.extended_smtp else "SMTP"
+        rcpt_tos = tuple(envelope.rcpt_tos)
+        trace = _received_header(
+            helo=helo,
+            peer=peer,
+            hostname=self._hostname,
+            trace_id=secrets.token_hex(8).upper(),
+            protocol=protocol,  # RFC 3848 names
+            recipients=rcpt_tos,
+            when=received_at,
+        )
+        inbound = InboundEnvelope(
+            mail_from="" if envelope.mail_from == "<>" else (envelope.mail_from or ""),
+            rcpt_tos=rcpt_tos,
+            data=trace + content,
+            peer=peer,
+            helo=helo,
+            received_at=received_at,
+            tls=tls,
+        )
+        if isinstance(server, _InboundProtocol):
+            server.restart_deadline(self._limits.data_timeout)
+        return await self._store(inbound)
+
+    async def _store(self, inbound: InboundEnvelope) -> str:
+        # Shielded: a client hanging up mid-store must not cancel the sink halfway through
+        # its write. A completed store without our 250 only risks a duplicate, which
+        # RFC 5321 §6.1 prefers to a loss.
+        task = asyncio.ensure_future(self._sink.store(inbound))
+        self.storing.add(task)
+        task.add_done_callback(self._forget)
+        try:
+            queue_id = await asyncio.shield(task)
+        except StorageFull:
+            log.warning("storage full; deferring message from %s", inbound.peer)
+            return "452 4.3.1 Insufficient system storage; try again later"
+        except Exception:
+            log.exception("storing a message from %s failed", inbound.peer)
+            return "451 4.3.0 Temporary failure storing message; try again later"
+        safe_id = re.sub(r"[^\x21-\x7e]", "", queue_id)[:128]
+        return f"250 2.0.0 OK queued as {safe_id}"
+
+    def _forget(self, task: asyncio.Task[str]) -> None:
+        self.storing.discard(task)
+        # Retrieve the outcome so an orphaned (shielded) failure is logged, not warned about.
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.debug("store finished with %r", error)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default reply would show the exception text to the client.
+        log.exception("SMTP session error", exc_info=error)
+        return "451 4.3.0 Internal server error; try again later"
+
+
+class _InboundProtocol(SMTP):
+    """aiosmtpd's SMTP with our limits, deadlines and reply wording."""
+
+    def __init__(
+        self,
+        handler: _InboundHandler,
+        *,
+        limits: InboundLimits,
+        hostname: str,
+        tls_context: ssl.SSLContext | None,
+        require_starttls: bool,
+        on_close: Callable[[_InboundProtocol], None],
+    ) -> None:
+        # Read by SMTP.__init__ to size its StreamReader, so it must be set first; the
+        # class-level size table is shared by every session, so each gets its own.
+        self.line_length_limit = limits.max_line_length
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(
+            handler,
+            data_size_limit=limits.max_message_size,
+            hostname=hostname,
+            ident="MultiMail ESMTP",
+            tls_context=tls_context,
+            require_starttls=require_starttls,
+            timeout=limits.command_timeout,
+            loop=asyncio.get_running_loop(),
+        )
+        self._data_timeout = limits.data_timeout
+        self._on_close = on_close
+
+    def restart_deadline(self, seconds: float) -> None:
+        if self.transport is not None:
+            self._reset_timeout(seconds)
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            status = _REWORDED.get(status, status)  # type: ignore[assignment]
+        await super().push(status)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd restarts its idle timer only between commands, so without this the whole
+        # message would have to arrive within the command timeout.
+        self.restart_deadline(self._data_timeout)
+        await super().smtp_DATA(arg)
+        self.restart_deadline(self._timeout_duration)
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §3.8: say why before closing, so the client retries instead of guessing.
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._on_close(self)
+        super().connection_lost(error)
+
+
+class _TooBusy(asyncio.Protocol):
+    """Greets with 421 and hangs up: the answer past max_connections (RFC 5321 §3.8)."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(f"421 4.7.0 {self.hostname} Too many connections; try later\r\n".encode())
+        transport.close()
+
+
+class InboundSMTPServer:
+    """An SMTP server on the running asyncio loop that hands accepted mail to a sink."""
+
+    def __init__(
+        self,
+        sink: InboundSink,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 2525,
+        hostname: str = "localhost",
+        limits: InboundLimits | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        require_starttls: bool = False,
+    ) -> None:
+        if require_starttls and tls_context is None:
+            raise InvalidInput("require_starttls needs a tls_context")
+        self._host = host
+        self._port = port
+        self._hostname = hostname
+        self._limits = limits or InboundLimits()
+        self._tls_context = tls_context
+        self._require_starttls = require_starttls
+        self._handler = _InboundHandler(sink, self._limits, hostname)
+        self._sessions: set[_InboundProtocol] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (useful with port 0), else the configured one."""
+        if self._server is not None and self._server.sockets:
+            port: int = self._server.sockets[0].getsockname()[1]
+            return port
+        return self._port
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)
+
+    def _make_protocol(self) -> asyncio.Protocol:
+        if len(self._sessions) >= self._limits.max_connections:
+            return _TooBusy(self._hostname)
+        session = _InboundProtocol(
+            self._handler,
+            limits=self._limits,
+            hostname=self._hostname,
+            tls_context=self._tls_context,
+            require_starttls=self._require_starttls,
+            on_close=self._sessions.discard,
+        )
+        # Counted at creation, not at connection_made: one accept batch may create
+        # several protocols before any of them is told it is connected.
+        self._sessions.add(session)
+        return session
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the inbound SMTP server is already running")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._make_protocol, self._host, self._port)
+        log.info("inbound SMTP listening on %s:%d", self._host, self.port)
+
+    async def stop(self) -> None:
+        """Stop listening, hang up on open sessions, and let in-flight stores finish."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        await server.wait_closed()
+        if self._handler.storing:
+            # Their outcomes are already handled in the sessions; only completion matters.
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*self._handler.storing, return_exceptions=True)
+
+    async def __aenter__(self) -> InboundSMTPServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
