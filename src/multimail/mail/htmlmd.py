@@ -12,7 +12,7 @@ import re
 import nh3
 from markdownify import markdownify
 
-__all__ = ["html_to_markdown", "html_to_text", "sanitize_html"]
+__all__ = ["html_to_markdown", "sanitize_html"]
 
 # Dropped together with everything inside them: their content is code or chrome, never
 # something the sender meant the reader to see.
@@ -44,7 +44,7 @@ def sanitize_html(html: str) -> str:
         return html_lib.escape(_scrub(html))
 
 
-def html_to_text(html: str) -> str:
+def _html_to_text(html: str) -> str:
     """Flatten (already sanitised or not) HTML to text without any markup."""
     try:
         stripped = nh3.clean(_scrub(html), tags=set(), clean_content_tags=set(_DROP_WITH_CONTENT))
@@ -66,5 +66,5 @@ def html_to_markdown(html: str) -> str:
         markdown = markdownify(safe, heading_style="ATX", bullets="-")
     except Exception:
         # markdownify walks the tree recursively; absurdly deep HTML ends here as plain text.
-        return html_to_text(safe)
+        return _html_to_text(safe)
     return _tidy(markdown)
