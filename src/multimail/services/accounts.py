@@ -1,0 +1,263 @@
+"""Accounts (tenants), operator users, and the first-start bootstrap."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import VerificationError
+from sqlalchemy import Connection, func, insert, select, update
+
+from multimail.domain.addresses import AddressError, normalize_address
+from multimail.errors import Conflict, InvalidInput, NotFound
+from multimail.ids import new_id, utcnow
+from multimail.services import audit, keys
+from multimail.services.common import jsonable
+from multimail.services.context import SYSTEM, Actor
+from multimail.store.db import Database
+from multimail.store.tables import accounts, mailboxes, messages, operator_users
+
+_hasher = PasswordHasher()
+
+UPDATABLE_ACCOUNT_FIELDS = ("name", "oversight_email", "postal_address", "daily_send_quota")
+
+
+def create_account(
+    conn: Connection,
+    *,
+    actor: Actor,
+    name: str,
+    oversight_email: str | None = None,
+    postal_address: str | None = None,
+) -> dict[str, Any]:
+    now = utcnow()
+    if oversight_email:
+        try:
+            oversight_email = normalize_address(oversight_email)
+        except AddressError as exc:
+            raise InvalidInput(str(exc), code="invalid_address") from None
+    record = {
+        "id": new_id("acct"),
+        "name": name.strip() or "MultiMail",
+        "oversight_email": oversight_email,
+        "postal_address": postal_address,
+        "plan": "self_hosted",
+        "daily_send_quota": None,
+        "sending_enabled": True,
+        "paused": False,
+        "status": "active",
+        "created_at": now,
+        "updated_at": now,
+        "deleted_at": None,
+    }
+    conn.execute(insert(accounts).values(**record))
+    audit.append(
+        conn,
+        actor=actor,
+        account_id=record["id"],
+        action="account.created",
+        subject_type="account",
+        subject_id=record["id"],
+        details={"name": record["name"]},
+    )
+    return record
+
+
+def get_account(conn: Connection, account_id: str) -> dict[str, Any]:
+    row = conn.execute(select(accounts).where(accounts.c.id == account_id)).mappings().first()
+    if row is None or row["status"] == "deleted":
+        raise NotFound("account not found", code="account_not_found")
+    return dict(row)
+
+
+def account_view(conn: Connection, account_id: str) -> dict[str, Any]:
+    row = get_account(conn, account_id)
+    data = jsonable(row)
+    data["mailbox_count"] = conn.execute(
+        select(func.count())
+        .select_from(mailboxes)
+        .where(mailboxes.c.account_id == account_id, mailboxes.c.deleted_at.is_(None))
+    ).scalar_one()
+    day_start = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+    sent_today = conn.execute(
+        select(func.count())
+        .select_from(messages)
+        .where(
+            messages.c.account_id == account_id,
+            messages.c.direction == "outbound",
+            messages.c.created_at >= day_start,
+        )
+    ).scalar_one()
+    data["quota"] = {
+        "daily_send_quota": row["daily_send_quota"],
+        "sent_today": sent_today,
+        "remaining_today": (
+            None if row["daily_send_quota"] is None else max(0, row["daily_send_quota"] - sent_today)
+        ),
+    }
+    data["sending_enabled"] = bool(row["sending_enabled"]) and not bool(row["paused"])
+    return data
+
+
+def update_account(
+    conn: Connection, *, actor: Actor, account_id: str, changes: dict[str, Any]
+) -> dict[str, Any]:
+    unknown = set(changes) - set(UPDATABLE_ACCOUNT_FIELDS)
+    if unknown:
+        raise InvalidInput(
+            f"these account fields cannot be changed here: {', '.join(sorted(unknown))}",
+            code="unknown_fields",
+        )
+    current = get_account(conn, account_id)
+    values = dict(changes)
+    if values.get("oversight_email"):
+        try:
+            values["oversight_email"] = normalize_address(values["oversight_email"])
+        except AddressError as exc:
+            raise InvalidInput(str(exc), code="invalid_address") from None
+    if not values:
+        return account_view(conn, account_id)
+    values["updated_at"] = utcnow()
+    conn.execute(update(accounts).where(accounts.c.id == account_id).values(**values))
+    audit.append(
+        conn,
+        actor=actor,
+        account_id=account_id,
+        action="account.updated",
+        subject_type="account",
+        subject_id=account_id,
+        details={
+            "changes": {k: {"from": current.get(k), "to": v} for k, v in changes.items()},
+        },
+    )
+    return account_view(conn, account_id)
+
+
+def deactivate_account(conn: Connection, *, actor: Actor, account_id: str) -> dict[str, Any]:
+    """``DELETE /v1/account`` stops the account; messages and the audit log are kept."""
+    get_account(conn, account_id)
+    now = utcnow()
+    conn.execute(
+        update(accounts)
+        .where(accounts.c.id == account_id)
+        .values(status="deleted", sending_enabled=False, deleted_at=now, updated_at=now)
+    )
+    audit.append(
+        conn,
+        actor=actor,
+        account_id=account_id,
+        action="account.deactivated",
+        subject_type="account",
+        subject_id=account_id,
+    )
+    return {"id": account_id, "status": "deleted", "deleted": True}
+
+
+def create_operator(
+    conn: Connection, *, actor: Actor, account_id: str, email: str, name: str, password: str
+) -> dict[str, Any]:
+    try:
+        email = normalize_address(email)
+    except AddressError as exc:
+        raise InvalidInput(str(exc), code="invalid_address") from None
+    if len(password) < 10:
+        raise InvalidInput("a password needs at least 10 characters", code="weak_password")
+    exists = conn.execute(
+        select(operator_users.c.id).where(operator_users.c.email == email)
+    ).first()
+    if exists:
+        raise Conflict(f"an operator {email} already exists", code="operator_exists")
+    record = {
+        "id": new_id("usr"),
+        "account_id": account_id,
+        "email": email,
+        "name": name,
+        "password_hash": _hasher.hash(password),
+        "role": "owner",
+        "disabled": False,
+        "created_at": utcnow(),
+        "last_sign_in_at": None,
+    }
+    conn.execute(insert(operator_users).values(**record))
+    audit.append(
+        conn,
+        actor=actor,
+        account_id=account_id,
+        action="operator.created",
+        subject_type="operator",
+        subject_id=record["id"],
+        details={"email": email},
+    )
+    return jsonable(record, drop=("password_hash",))
+
+
+def check_password(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except VerificationError:
+        return False
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    account: dict[str, Any]
+    operator_email: str
+    operator_password: str
+    admin_key: str
+    agent_key: str
+    reviewer_key: str
+
+
+def has_accounts(db: Database) -> bool:
+    with db.read() as conn:
+        return conn.execute(select(accounts.c.id).limit(1)).first() is not None
+
+
+def bootstrap(
+    db: Database,
+    *,
+    account_name: str = "MultiMail",
+    operator_email: str = "admin@localhost",
+    oversight_email: str | None = None,
+) -> Bootstrap:
+    """First start: one account, its first operator, and the three keys of SPEC §11."""
+    password = secrets.token_urlsafe(12)
+    with db.write() as conn:
+        account = create_account(
+            conn,
+            actor=SYSTEM,
+            name=account_name,
+            oversight_email=oversight_email or operator_email,
+        )
+        create_operator(
+            conn,
+            actor=SYSTEM,
+            account_id=account["id"],
+            email=operator_email,
+            name="Operator",
+            password=password,
+        )
+        system = Actor(type="system", id=None, name="bootstrap", account_id=account["id"])
+        admin = keys.create_key(
+            conn, actor=system, account_id=account["id"], name="admin", scopes=["admin", "read"]
+        )
+        agent = keys.create_key(
+            conn, actor=system, account_id=account["id"], name="agent", scopes=["send", "read"]
+        )
+        reviewer = keys.create_key(
+            conn,
+            actor=system,
+            account_id=account["id"],
+            name="reviewer",
+            scopes=["oversight", "read"],
+        )
+    return Bootstrap(
+        account=account,
+        operator_email=operator_email,
+        operator_password=password,
+        admin_key=admin.raw_key,
+        agent_key=agent.raw_key,
+        reviewer_key=reviewer.raw_key,
+    )

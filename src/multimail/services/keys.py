@@ -1,0 +1,171 @@
+"""API keys: created shown once, stored only as a SHA-256 hash, revoked at once.
+
+A key is ``mm_live_`` or ``mm_test_`` followed by 43 url-safe random characters (256 bits).
+A fast hash is right here (unlike passwords): the key has full entropy, so it cannot be
+guessed from its hash, and lookups by hash stay one index probe per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from multimail.domain.scopes import Scope, ScopeError, parse_scopes
+from multimail.errors import AuthenticationFailed, InvalidInput, NotFound
+from multimail.ids import aware, new_id, utcnow
+from multimail.services import audit
+from multimail.services.common import jsonable
+from multimail.services.context import Actor
+from multimail.store.db import Database
+from multimail.store.tables import api_keys
+
+KEY_PREFIXES = {"live": "mm_live_", "test": "mm_test_"}
+_LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def hash_key(raw_key: str) -> str:
+    return hashlib.sha256(raw_key.encode("utf-8")).hexdigest()
+
+
+def _generate(mode: str) -> str:
+    return KEY_PREFIXES[mode] + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    raw_key: str
+    record: dict[str, Any]
+
+
+def key_public(row: Any) -> dict[str, Any]:
+    data = jsonable(row._mapping if hasattr(row, "_mapping") else row, drop=("key_hash",))
+    data["scopes"] = sorted(data.get("scopes") or [])
+    data["test"] = data.get("mode") == "test"
+    data["revoked"] = data.get("revoked_at") is not None
+    return data
+
+
+def create_key(
+    conn: Connection,
+    *,
+    actor: Actor,
+    account_id: str,
+    name: str,
+    scopes: Iterable[str],
+    mode: str = "live",
+    mailbox_ids: list[str] | None = None,
+    send_cap_hour: int | None = None,
+    send_cap_day: int | None = None,
+) -> CreatedKey:
+    try:
+        parsed = parse_scopes(scopes)
+    except ScopeError as exc:
+        code = "separation_of_duties" if "both" in str(exc) else "invalid_scope"
+        raise InvalidInput(str(exc), code=code) from None
+    if mode not in KEY_PREFIXES:
+        raise InvalidInput("mode must be 'live' or 'test'", code="invalid_key_mode")
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise InvalidInput("give the key a name of 1 to 200 characters", code="invalid_name")
+    raw = _generate(mode)
+    now = utcnow()
+    record = {
+        "id": new_id("key"),
+        "account_id": account_id,
+        "name": name,
+        "prefix": raw[:12],
+        "key_hash": hash_key(raw),
+        "scopes": sorted(s.value for s in parsed),
+        "mode": mode,
+        "mailbox_ids": mailbox_ids,
+        "send_cap_hour": send_cap_hour,
+        "send_cap_day": send_cap_day,
+        "created_by": actor.label,
+        "created_at": now,
+        "last_used_at": None,
+        "revoked_at": None,
+    }
+    conn.execute(insert(api_keys).values(**record))
+    audit.append(
+        conn,
+        actor=actor,
+        account_id=account_id,
+        action="api_key.created",
+        subject_type="api_key",
+        subject_id=record["id"],
+        details={"name": name, "scopes": record["scopes"], "mode": mode},
+    )
+    return CreatedKey(raw_key=raw, record=key_public(record))
+
+
+def list_keys(conn: Connection, account_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(api_keys).where(api_keys.c.account_id == account_id).order_by(api_keys.c.id)
+    ).mappings()
+    return [key_public(r) for r in rows]
+
+
+def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) -> dict[str, Any]:
+    row = conn.execute(
+        select(api_keys).where(api_keys.c.id == key_id, api_keys.c.account_id == account_id)
+    ).mappings().first()
+    if row is None:
+        raise NotFound(f"no API key {key_id!r} in this account", code="api_key_not_found")
+    if row["revoked_at"] is None:
+        conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=utcnow()))
+        audit.append(
+            conn,
+            actor=actor,
+            account_id=account_id,
+            action="api_key.revoked",
+            subject_type="api_key",
+            subject_id=key_id,
+            details={"name": row["name"]},
+        )
+    fresh = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).mappings().one()
+    return key_public(fresh)
+
+
+def authenticate(db: Database, raw_key: str | None) -> Actor:
+    """The key's actor, or AuthenticationFailed. Revocation is read on every request."""
+    if not raw_key:
+        raise AuthenticationFailed(
+            "missing API key: send 'Authorization: Bearer mm_live_…' or 'X-API-Key: …'",
+            code="missing_api_key",
+        )
+    if not raw_key.startswith(tuple(KEY_PREFIXES.values())):
+        raise AuthenticationFailed(
+            "that is not a MultiMail API key (they start with mm_live_ or mm_test_)",
+            code="invalid_api_key",
+        )
+    with db.read() as conn:
+        row = conn.execute(
+            select(api_keys).where(api_keys.c.key_hash == hash_key(raw_key))
+        ).mappings().first()
+    if row is None:
+        raise AuthenticationFailed("invalid API key", code="invalid_api_key")
+    if row["revoked_at"] is not None:
+        raise AuthenticationFailed("this API key has been revoked", code="api_key_revoked")
+    now = utcnow()
+    last = row["last_used_at"]
+    if last is None or (now - aware(last)) > _LAST_USED_RESOLUTION:
+        # Throttled so a busy key does not turn every read into a write.
+        with db.write() as conn:
+            conn.execute(
+                update(api_keys).where(api_keys.c.id == row["id"]).values(last_used_at=now)
+            )
+    return Actor(
+        type="key",
+        id=row["id"],
+        name=row["name"],
+        account_id=row["account_id"],
+        scopes=frozenset(Scope(s) for s in row["scopes"]),
+        test_mode=row["mode"] == "test",
+        mailbox_ids=frozenset(row["mailbox_ids"]) if row["mailbox_ids"] else None,
+    )

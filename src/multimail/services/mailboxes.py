@@ -1,0 +1,310 @@
+"""Mailboxes: an address an agent owns, with its oversight settings.
+
+Anywhere a mailbox is named, its id (``mbx_…``) or its address works. Another account's
+mailbox is "not found", never "forbidden": existence is not leaked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from multimail.config import Settings
+from multimail.domain.addresses import AddressError, domain_of, normalize_address
+from multimail.domain.oversight import (
+    DEFAULT_MODE,
+    GateTiming,
+    OversightMode,
+    is_loosening,
+    parse_mode,
+    stricter,
+)
+from multimail.errors import Conflict, Forbidden, InvalidInput, NotFound
+from multimail.ids import new_id, utcnow
+from multimail.services import audit
+from multimail.services.common import jsonable
+from multimail.services.context import Actor
+from multimail.store.tables import domains, mailboxes
+
+SETTABLE = {
+    "display_name",
+    "oversight_mode",
+    "gate_timing",
+    "signature",
+    "auto_cc",
+    "auto_bcc",
+    "webhook_url",
+    "ai_disclosure",
+    "approval_timeout_seconds",
+    "approval_expiry_seconds",
+    "send_cap_hour",
+    "send_cap_day",
+    "metadata",
+}
+
+
+def mailbox_view(row: Any) -> dict[str, Any]:
+    data = jsonable(row)
+    data["mailbox_id"] = data["id"]
+    data.pop("deleted_at", None)
+    data.pop("account_id", None)
+    return data
+
+
+def resolve(conn: Connection, actor: Actor, ref: str, *, for_update: bool = False) -> dict[str, Any]:
+    """The caller's mailbox named by id or address; NotFound for anything else."""
+    if not ref:
+        raise NotFound("mailbox not found", code="mailbox_not_found")
+    query = select(mailboxes).where(
+        mailboxes.c.account_id == actor.account_id, mailboxes.c.deleted_at.is_(None)
+    )
+    if ref.startswith("mbx_"):
+        query = query.where(mailboxes.c.id == ref)
+    else:
+        try:
+            query = query.where(mailboxes.c.address == normalize_address(ref))
+        except AddressError:
+            raise NotFound(f"mailbox {ref!r} not found", code="mailbox_not_found") from None
+    if for_update and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = conn.execute(query).mappings().first()
+    if row is None or (actor.mailbox_ids is not None and row["id"] not in actor.mailbox_ids):
+        raise NotFound(f"mailbox {ref!r} not found", code="mailbox_not_found")
+    return dict(row)
+
+
+def _address_list(values: Any, field: str) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [v for v in (p.strip() for p in values.split(",")) if v]
+    if not isinstance(values, list):
+        raise InvalidInput(f"{field} must be a list of addresses", code="invalid_field")
+    out = []
+    for value in values:
+        try:
+            out.append(normalize_address(value))
+        except AddressError as exc:
+            raise InvalidInput(f"{field}: {exc}", code="invalid_address") from None
+    return out
+
+
+def _validate_settings(values: dict[str, Any]) -> dict[str, Any]:
+    clean = dict(values)
+    if "oversight_mode" in clean and clean["oversight_mode"] is not None:
+        try:
+            clean["oversight_mode"] = parse_mode(str(clean["oversight_mode"])).value
+        except ValueError as exc:
+            raise InvalidInput(str(exc), code="invalid_oversight_mode") from None
+    if "gate_timing" in clean and clean["gate_timing"] is not None:
+        try:
+            clean["gate_timing"] = GateTiming(clean["gate_timing"]).value
+        except ValueError:
+            raise InvalidInput(
+                "gate_timing must be 'gate_first' or 'schedule_first'", code="invalid_gate_timing"
+            ) from None
+    for field in ("auto_cc", "auto_bcc"):
+        if field in clean:
+            clean[field] = _address_list(clean[field], field)
+    if clean.get("display_name") is not None:
+        name = str(clean["display_name"])
+        if any(c in name for c in "\r\n\0") or len(name) > 200:
+            raise InvalidInput(
+                "display_name must be one line of at most 200 characters", code="invalid_field"
+            )
+    for field in ("approval_timeout_seconds", "approval_expiry_seconds"):
+        if field in clean and (not isinstance(clean[field], int) or clean[field] < 60):
+            raise InvalidInput(f"{field} must be a whole number of seconds, at least 60",
+                               code="invalid_field")
+    for field in ("send_cap_hour", "send_cap_day"):
+        if clean.get(field) is not None and (not isinstance(clean[field], int) or clean[field] < 0):
+            raise InvalidInput(f"{field} must be a non-negative whole number or null",
+                               code="invalid_field")
+    if clean.get("webhook_url") is not None:
+        url = str(clean["webhook_url"])
+        if not url.startswith(("https://", "http://")) or len(url) > 2048:
+            raise InvalidInput("webhook_url must be an https:// URL", code="webhook_url_invalid")
+    return clean
+
+
+def _check_domain(conn: Connection, settings: Settings, account_id: str, address: str) -> str | None:
+    """The domain row the address lives on; the server's own domain needs none."""
+    domain = domain_of(address)
+    if domain == settings.domain.lower():
+        return None
+    row = conn.execute(
+        select(domains.c.id).where(domains.c.account_id == account_id, domains.c.name == domain)
+    ).first()
+    if row is None:
+        raise InvalidInput(
+            f"this account does not own the domain {domain!r}: add it with POST /v1/domains "
+            f"first, or use an address on {settings.domain!r}",
+            code="domain_not_owned",
+        )
+    return str(row.id)
+
+
+def create_mailbox(
+    conn: Connection,
+    *,
+    actor: Actor,
+    settings: Settings,
+    address: str | None = None,
+    address_local_part: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    unknown = set(fields) - SETTABLE
+    if unknown:
+        raise InvalidInput(
+            f"unknown mailbox fields: {', '.join(sorted(unknown))}", code="unknown_fields"
+        )
+    if not address and address_local_part:
+        address = f"{address_local_part}@{settings.domain}"
+    if not address:
+        raise InvalidInput(
+            "give the mailbox an 'address' (name@domain) or an 'address_local_part'",
+            code="missing_address",
+        )
+    try:
+        address = normalize_address(address)
+    except AddressError as exc:
+        raise InvalidInput(str(exc), code="invalid_address") from None
+    clean = _validate_settings(fields)
+    assert actor.account_id is not None
+    domain_id = _check_domain(conn, settings, actor.account_id, address)
+    requested = OversightMode(clean.get("oversight_mode") or DEFAULT_MODE.value)
+    mode = requested
+    upgrade_requested = None
+    if not actor.is_operator and is_loosening(DEFAULT_MODE, requested):
+        # An agent cannot create itself a looser gate than the default; the operator decides.
+        mode = stricter(requested, DEFAULT_MODE)
+        upgrade_requested = requested.value
+    now = utcnow()
+    record: dict[str, Any] = {
+        "id": new_id("mbx"),
+        "account_id": actor.account_id,
+        "domain_id": domain_id,
+        "address": address,
+        "display_name": clean.get("display_name"),
+        "oversight_mode": mode.value,
+        "gate_timing": clean.get("gate_timing") or GateTiming.GATE_FIRST.value,
+        "signature": clean.get("signature"),
+        "auto_cc": clean.get("auto_cc", []),
+        "auto_bcc": clean.get("auto_bcc", []),
+        "webhook_url": clean.get("webhook_url"),
+        "ai_disclosure": bool(clean.get("ai_disclosure", True)),
+        "paused": False,
+        "approval_timeout_seconds": clean.get("approval_timeout_seconds", 86400),
+        "approval_expiry_seconds": clean.get("approval_expiry_seconds", 259200),
+        "send_cap_hour": clean.get("send_cap_hour"),
+        "send_cap_day": clean.get("send_cap_day"),
+        "metadata": clean.get("metadata"),
+        "created_at": now,
+        "updated_at": now,
+        "deleted_at": None,
+    }
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(mailboxes).values(**record))
+    except IntegrityError:
+        raise Conflict(f"the address {address} is already taken", code="address_taken") from None
+    audit.append(
+        conn,
+        actor=actor,
+        action="mailbox.created",
+        subject_type="mailbox",
+        subject_id=record["id"],
+        mailbox_id=record["id"],
+        oversight_mode=mode.value,
+        details={"address": address, "requested_mode": requested.value},
+    )
+    view = mailbox_view(record)
+    if upgrade_requested:
+        view["requested_oversight_mode"] = upgrade_requested
+        view["upgrade_required"] = True
+    return view
+
+
+def list_mailboxes(conn: Connection, actor: Actor) -> list[dict[str, Any]]:
+    query = (
+        select(mailboxes)
+        .where(mailboxes.c.account_id == actor.account_id, mailboxes.c.deleted_at.is_(None))
+        .order_by(mailboxes.c.id)
+    )
+    rows = conn.execute(query).mappings()
+    return [
+        mailbox_view(r)
+        for r in rows
+        if actor.mailbox_ids is None or r["id"] in actor.mailbox_ids
+    ]
+
+
+def update_mailbox(
+    conn: Connection, *, actor: Actor, ref: str, changes: dict[str, Any]
+) -> dict[str, Any]:
+    unknown = set(changes) - SETTABLE
+    if unknown:
+        raise InvalidInput(
+            f"unknown mailbox fields: {', '.join(sorted(unknown))}", code="unknown_fields"
+        )
+    row = resolve(conn, actor, ref, for_update=True)
+    clean = _validate_settings(changes)
+    if "oversight_mode" in clean and clean["oversight_mode"] is not None:
+        new_mode = OversightMode(clean["oversight_mode"])
+        if is_loosening(OversightMode(row["oversight_mode"]), new_mode) and not actor.is_operator:
+            raise Forbidden(
+                f"loosening this mailbox from {row['oversight_mode']} to {new_mode.value} needs "
+                f"the operator: call POST /v1/mailboxes/{row['id']}/request-upgrade, then "
+                "/upgrade with the code mailed to the oversight address",
+                code="upgrade_requires_approval",
+            )
+    if not clean:
+        return mailbox_view(row)
+    clean["updated_at"] = utcnow()
+    conn.execute(update(mailboxes).where(mailboxes.c.id == row["id"]).values(**clean))
+    diff = {k: {"from": row.get(k), "to": v} for k, v in clean.items() if k != "updated_at"}
+    new_row = conn.execute(select(mailboxes).where(mailboxes.c.id == row["id"])).mappings().one()
+    action = "mailbox.mode_changed" if "oversight_mode" in changes else "mailbox.updated"
+    audit.append(
+        conn,
+        actor=actor,
+        action=action,
+        subject_type="mailbox",
+        subject_id=row["id"],
+        mailbox_id=row["id"],
+        oversight_mode=new_row["oversight_mode"],
+        details={"changes": diff},
+    )
+    return mailbox_view(new_row)
+
+
+def delete_mailbox(conn: Connection, *, actor: Actor, ref: str) -> dict[str, Any]:
+    """Retire the address; its messages and audit trail stay for the record."""
+    row = resolve(conn, actor, ref, for_update=True)
+    now = utcnow()
+    conn.execute(
+        update(mailboxes).where(mailboxes.c.id == row["id"]).values(deleted_at=now, updated_at=now)
+    )
+    audit.append(
+        conn,
+        actor=actor,
+        action="mailbox.deleted",
+        subject_type="mailbox",
+        subject_id=row["id"],
+        mailbox_id=row["id"],
+        oversight_mode=row["oversight_mode"],
+        details={"address": row["address"]},
+    )
+    return {"id": row["id"], "mailbox_id": row["id"], "address": row["address"], "deleted": True}
+
+
+def count_mailboxes(conn: Connection, account_id: str) -> int:
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(mailboxes)
+            .where(mailboxes.c.account_id == account_id, mailboxes.c.deleted_at.is_(None))
+        ).scalar_one()
+    )
