@@ -142,7 +142,8 @@ class _Handler:
             received_at=dt.datetime.now(dt.UTC),
             peer=(str(peer[0]), int(peer[1])),
             helo=session.host_name,
-            tls=session.ssl is not None,
+            tls=session.ssl is not None
+            or server.transport.get_extra_info("sslcontext") is not None,
             auth_user=session.auth_data if isinstance(session.auth_data, str) else None,
             mail_options=list(envelope.mail_options),
         )
@@ -205,7 +206,8 @@ class CapturingSMTPServer:
     """An aiosmtpd server on a free loopback port that keeps every message it accepts.
 
     ``tls=True`` offers STARTTLS with a fresh self-signed certificate for ``localhost`` /
-    127.0.0.1 (see :meth:`client_tls_context`). ``auth=(user, password)`` requires AUTH
+    127.0.0.1 (see :meth:`client_tls_context`); ``implicit_tls=True`` speaks TLS from the
+    first byte instead, like port 465. ``auth=(user, password)`` requires AUTH
     PLAIN or LOGIN before MAIL; aiosmtpd only offers AUTH inside TLS unless
     ``auth_require_tls=False``. ``spool_dir`` also writes each message there as ``.eml``.
     """
@@ -216,6 +218,7 @@ class CapturingSMTPServer:
         hostname: str = "127.0.0.1",
         spool_dir: str | os.PathLike[str] | None = None,
         tls: bool = False,
+        implicit_tls: bool = False,
         require_starttls: bool = False,
         auth: tuple[str, str] | None = None,
         auth_require_tls: bool = True,
@@ -223,7 +226,10 @@ class CapturingSMTPServer:
     ) -> None:
         self.hostname = hostname
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
+        if tls and implicit_tls:
+            raise ValueError("choose STARTTLS (tls=True) or implicit TLS, not both")
         self._tls = tls
+        self._implicit_tls = implicit_tls
         self._require_starttls = require_starttls
         self._auth = auth
         self._auth_require_tls = auth_require_tls
@@ -245,13 +251,16 @@ class CapturingSMTPServer:
         if self.spool_dir is not None:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, Any] = {
-            "auth_require_tls": self._auth_require_tls,
+            # aiosmtpd only counts STARTTLS as TLS; an implicit-TLS connection is one too.
+            "auth_require_tls": self._auth_require_tls and not self._implicit_tls,
             "require_starttls": self._require_starttls,
         }
         if self._data_size_limit is not None:
             kwargs["data_size_limit"] = self._data_size_limit
         if self._tls:
             kwargs["tls_context"] = self._server_tls_context()
+        if self._implicit_tls:
+            kwargs["ssl_context"] = self._server_tls_context()
         if self._auth is not None:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_required"] = True
@@ -304,7 +313,7 @@ class CapturingSMTPServer:
     @property
     def certificate_pem(self) -> bytes:
         if self._cert_pem is None:
-            raise RuntimeError("the server was not started with tls=True")
+            raise RuntimeError("the server was not started with TLS")
         return self._cert_pem
 
     def client_tls_context(self) -> ssl.SSLContext:
