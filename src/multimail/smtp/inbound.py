@@ -151,8 +151,8 @@ class InboundLimits:
 
 # Replies aiosmtpd writes itself, reworded with the RFC 3463 enhanced codes clients act on.
 _REWORDED = {
-    "500 Command line too long": "500 5.5.2 Command line too long (RFC 5321 §4.5.3.1.4)",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "554 5.3.4 Line too long (RFC 5321 §4.5.3.1.6)",
+    "500 Command line too long": "500 5.5.2 Command line too long (RFC 5321 section 4.5.3.1.4)",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "554 5.3.4 Line too long (RFC 5321 section 4.5.3.1.6)",
     "552 Error: Too much mail data": "552 5.3.4 Message exceeds fixed maximum message size",
     "552 Error: message size exceeds fixed maximum message size": (
         "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -168,6 +168,11 @@ _DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])"
 _MAILBOX = re.compile(rf"(?P<local>{_LOCAL})@(?P<domain>{_DOMAIN})")
 # Bare CR or LF: the raw material of SMTP smuggling (RFC 5321 §2.3.8 allows only CRLF).
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+# RFC 5321 §4.1.2 Path: "<" [source route ":"] Mailbox ">", the route accepted and ignored
+# (§C); a bare address without brackets is tolerated as Postfix does by default.
+_PATH = re.compile(
+    r'<(?:@[^:<>\s]+:)?(?P<path>(?:"(?:[^"\\\r\n]|\\.)*"|[^<>\s"])*)>|(?P<bare>[^<>\s]+)'
+)
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -267,7 +272,9 @@ class _InboundHandler:
         content = envelope.original_content or b""
         if _BARE_NEWLINE.search(content):
             # CVE-2023-51764/51765/51766: a lenient hop would read these as end-of-data.
-            return "550 5.6.0 Message refused: bare CR or LF in message data (RFC 5321 §2.3.8)"
+            return (
+                "550 5.6.0 Message refused: bare CR or LF in message data (RFC 5321 section 2.3.8)"
+            )
         if _oversized_header(content, self._limits.max_header_bytes):
             return "552 5.3.4 Message header section exceeds fixed maximum size"
         received_at = datetime.now(UTC)
@@ -357,6 +364,21 @@ class _InboundProtocol(SMTP):
         )
         self._data_timeout = limits.data_timeout
         self._on_close = on_close
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses paths with email's lenient header parser, which repairs rather
+        # than refuses: "<a b@x>" becomes '"a b"@x' and comments vanish. Keep the bytes
+        # the client sent, so the handler's syntax check sees them.
+        if not arg:
+            return "", ""
+        match = _PATH.match(arg.lstrip())
+        if match is None:
+            return None, None
+        rest = arg.lstrip()[match.end() :]
+        if rest and not rest[0].isspace():
+            return None, None
+        path = match["bare"] if match["bare"] is not None else match["path"]
+        return path or "<>", rest.strip()
 
     def restart_deadline(self, seconds: float) -> None:
         if self.transport is not None:
