@@ -37,7 +37,8 @@ _URL_SCHEMES = frozenset({"http", "https", "mailto"})
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
-_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+# Email writers expect a single newline to break the line, as in any mail client.
+_MARKDOWN = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable("table")
 
 
 @dataclass(frozen=True)
