@@ -147,6 +147,7 @@ class LocalDNSServer:
     def __init__(self) -> None:
         self._resolver = _ZoneResolver()
         self._servers: list[DNSServer] = []
+        self._threads: list[threading.Thread] = []
         self._port: int | None = None
 
     @property
@@ -176,7 +177,15 @@ class LocalDNSServer:
             self._servers = [udp, tcp]
             self._port = port
             for server in self._servers:
-                server.start_thread()
+                # A short poll interval keeps stop() quick (socketserver's default is 0.5 s).
+                thread = threading.Thread(
+                    target=server.server.serve_forever,
+                    kwargs={"poll_interval": 0.05},
+                    name=f"LocalDNSServer-{port}",
+                    daemon=True,
+                )
+                thread.start()
+                self._threads.append(thread)
             return
         raise RuntimeError("could not find a port free for both UDP and TCP")
 
@@ -187,10 +196,12 @@ class LocalDNSServer:
 
     def stop(self) -> None:
         for server in self._servers:
-            server.stop()
+            server.server.shutdown()
             server.server.server_close()
-            server.thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         self._servers = []
+        self._threads = []
         self._port = None
 
     def __enter__(self) -> LocalDNSServer:
