@@ -43,10 +43,12 @@ __all__ = [
     "ParsedAttachment",
     "ParsedMessage",
     "UnparseableMessage",
+    "decode_bytes",
     "decode_header_value",
     "parse_message",
     "prepend_header",
     "read_mime",
+    "sanitize_filename",
     "split_reply",
     "strip_headers",
 ]
@@ -397,10 +399,26 @@ def _leaf(part: Message, body: _Body) -> None:
     )
 
 
+_BOUNDARY_LINE = re.compile(r"^--([0-9A-Za-z'()+_,./:=?-]{1,70})[ \t\r]*$", re.MULTILINE)
+
+
+def _with_guessed_boundary(part: Message) -> Message | None:
+    """Re-read a multipart whose boundary parameter is missing, using its first ``--`` line."""
+    payload = part.get_payload()
+    if not isinstance(payload, str):
+        return None
+    match = _BOUNDARY_LINE.search(payload)
+    if match is None or match.group(1).endswith("--"):
+        return None
+    head = f'Content-Type: {part.get_content_type()}; boundary="{match.group(1)}"\n\n'
+    return read_mime(head.encode() + payload.encode("utf-8", "surrogateescape"))
+
+
 def _collect(root: Message) -> _Body:
     body = _Body()
     stack: list[Message] = [root]
     seen = 0
+    guessed = False
     while stack:
         part = stack.pop()
         seen += 1
@@ -409,12 +427,20 @@ def _collect(root: Message) -> _Body:
             break
         body.defects.extend(_snake(type(d).__name__) for d in part.defects)
         payload = part.get_payload()
-        if part.get_content_maintype() == "multipart" and isinstance(payload, list):
-            stack.extend(child for child in reversed(payload) if isinstance(child, Message))
-        else:
-            _leaf(part, body)
-            # Decoding may have found more defects (bad base64 and the like).
-            body.defects.extend(_snake(type(d).__name__) for d in part.defects)
+        if part.get_content_maintype() == "multipart":
+            if isinstance(payload, list):
+                stack.extend(c for c in reversed(payload) if isinstance(c, Message))
+                continue
+            # Only once per message, so a guessed part cannot restart the depth count forever.
+            recovered = None if guessed else _with_guessed_boundary(part)
+            if recovered is not None:
+                guessed = True
+                body.defects.append("boundary_guessed")
+                stack.append(recovered)
+                continue
+        _leaf(part, body)
+        # Decoding may have found more defects (bad base64 and the like).
+        body.defects.extend(_snake(type(d).__name__) for d in part.defects)
     return body
 
 
@@ -508,8 +534,9 @@ def _build(msg: Message, raw_headers: list[tuple[str, str]]) -> ParsedMessage:
         for n, c in counts.items()
         if c > 1 and n in _SINGLETON_HEADERS
     )
-    senders = _addresses(_values(raw_headers, "From"))
-    if len(senders) > 1:
+    from_values = _values(raw_headers, "From")
+    senders = _addresses(from_values)
+    if any(len(_addresses([value])) > 1 for value in from_values):
         defects.append("from_lists_several_mailboxes")
     subjects = _values(raw_headers, "Subject")
     body = _collect(msg)
