@@ -123,9 +123,12 @@ class _RawHeader(str):
         return obj
 
     def fold(self, *, policy: Policy) -> str:
-        lines = [f"{self.name}:"]
-        for word in self.split(" "):
-            if lines[-1] and len(lines[-1]) + 1 + len(word) > _FOLD_AT:
+        # The first word stays beside the name: a value starting with folding white
+        # space is read with a leading space by some parsers.
+        first, *rest = self.split(" ")
+        lines = [f"{self.name}: {first}"]
+        for word in rest:
+            if len(lines[-1]) + 1 + len(word) > _FOLD_AT:
                 lines.append("")
             lines[-1] += " " + word
         return policy.linesep.join(lines) + policy.linesep
@@ -183,7 +186,7 @@ def _display_name(value: str | None) -> str:
     name = _SURROGATES.sub("\ufffd", _refuse_breaks(value, "the sender name"))
     name = _OTHER_CONTROLS.sub("", name).strip()
     if len(name) > MAX_DISPLAY_NAME_CHARS:
-        raise InvalidInput("the sender name is too long", code="validation_error")
+        raise InvalidInput("the sender name is too long", code="display_name_too_long")
     return name
 
 

@@ -1,0 +1,453 @@
+"""Outbound composition: sanitised markdown, MIME structure, wire safety, header injection."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from email.message import EmailMessage
+from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from multimail.errors import InvalidInput
+from multimail.mail.compose import (
+    AI_DISCLOSURE,
+    OutboundAttachment,
+    OutboundDraft,
+    body_sha256,
+    build_message,
+    compose_body,
+    draft_body_sha256,
+)
+from multimail.mail.markdown import render_markdown
+from multimail.testing.smtp import CapturingSMTPServer
+
+DRAFT = OutboundDraft(
+    from_address="support@acme.example",
+    from_name="Acme Support",
+    to=["bob@example.org"],
+    cc=["carol@example.net"],
+    reply_to=None,
+    subject="Your order",
+    markdown="Hello **Bob**,\n\nYour order has shipped.",
+    message_id="<01HX5ZZKBKACTAV9WEVGEMMVRZ@acme.example>",
+    date=datetime(2024, 5, 1, 12, 30, tzinfo=UTC),
+)
+
+BASE_HEADERS = ["from", "to", "cc", "subject", "date", "message-id", "mime-version"]
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, list[tuple[str, str | None]]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, attrs))
+
+
+def _tags(html: str) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    parser = _Tags()
+    parser.feed(html)
+    parser.close()
+    return parser.tags
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def _header_names(raw: bytes) -> list[str]:
+    return [name.lower() for name in _parse(raw)]
+
+
+def _assert_wire_safe(raw: bytes) -> None:
+    assert b"\0" not in raw
+    assert raw.endswith(b"\r\n")
+    for line in raw.split(b"\r\n"):
+        assert b"\r" not in line and b"\n" not in line, line[:80]
+        assert len(line) <= 998
+        assert line.isascii()
+
+
+# -- markdown ------------------------------------------------------------------------
+
+
+def test_script_tags_never_reach_the_html() -> None:
+    """Raw HTML in markdown is shown as text, never executed: no <script> element."""
+    html = render_markdown("Hi <script>alert(1)</script>\n\n<script>\nalert(2)\n</script>").html
+    assert all(tag != "script" for tag, _ in _tags(html))
+
+
+def test_event_handlers_are_stripped() -> None:
+    """No element in the HTML carries an on* event handler attribute."""
+    html = render_markdown('<img src=x onerror=alert(1)> ![a](http://x/y.png "t")').html
+    attrs = [name for _, pairs in _tags(html) for name, _ in pairs]
+    assert attrs and not [a for a in attrs if a.startswith("on")]
+
+
+@pytest.mark.parametrize(
+    "markdown",
+    [
+        "[x](javascript:alert(1))",
+        "[x](JavaScript:alert(1))",
+        "<javascript:alert(1)>",
+        "[x](vbscript:msgbox(1))",
+        "[x](data:text/html;base64,PHNjcmlwdD4=)",
+        '<a href="javascript:alert(1)">x</a>',
+    ],
+)
+def test_script_urls_never_become_links(markdown: str) -> None:
+    """javascript:, vbscript: and data: URLs never end up in an href."""
+    html = render_markdown(markdown).html
+    hrefs = [v or "" for _, pairs in _tags(html) for k, v in pairs if k in {"href", "src"}]
+    assert not [h for h in hrefs if urlsplit(h).scheme not in {"", "http", "https", "mailto"}]
+
+
+def test_links_get_noopener_noreferrer() -> None:
+    """Every link opens without giving the target page a handle on the reader's window."""
+    html = render_markdown("[docs](https://example.com/docs) and <https://example.org>").html
+    links = [dict(attrs) for tag, attrs in _tags(html) if tag == "a"]
+    assert len(links) == 2
+    assert all(link.get("rel") == "noopener noreferrer" for link in links)
+
+
+def test_tables_and_line_breaks_render() -> None:
+    """GitHub-style tables render, and a single newline is a line break as in mail clients."""
+    html = render_markdown("| a | b |\n|---|--:|\n| 1 | 2 |\n\nBest,\nAgent").html
+    tags = [tag for tag, _ in _tags(html)]
+    assert {"table", "th", "td", "br"} <= set(tags)
+
+
+def test_text_part_is_the_markdown_with_normalised_line_endings() -> None:
+    """The text rendering keeps the markdown source, with LF line ends and no NULs."""
+    assert render_markdown("# Hi\r\nthere\rnow\x00\n").text == "# Hi\nthere\nnow"
+
+
+@given(st.text(max_size=400))
+@settings(max_examples=150)
+def test_any_markdown_renders_only_allowed_markup(markdown: str) -> None:
+    """Whatever the agent writes, the HTML has no script, no handler, no unsafe URL."""
+    html = render_markdown(markdown).html
+    for tag, attrs in _tags(html):
+        assert tag not in {"script", "style", "iframe", "object", "embed", "form"}
+        for name, value in attrs:
+            assert not name.startswith("on")
+            if name in {"href", "src"}:
+                assert urlsplit(value or "").scheme.lower() in {"", "http", "https", "mailto"}
+
+
+# -- composition ---------------------------------------------------------------------
+
+
+def test_message_is_alternative_text_and_html_without_attachments() -> None:
+    """A plain message is multipart/alternative: text/plain first, then text/html."""
+    message = _parse(build_message(DRAFT))
+    assert message.get_content_type() == "multipart/alternative"
+    parts = [p.get_content_type() for p in message.iter_parts()]
+    assert parts == ["text/plain", "text/html"]
+    assert "Your order has shipped." in message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "<strong>Bob</strong>" in message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+
+
+def test_attachments_make_mixed_around_the_alternative() -> None:
+    """With attachments the message is multipart/mixed: the alternative, then each file."""
+    data = bytes(range(256)) * 40
+    draft = replace(
+        DRAFT,
+        attachments=[
+            OutboundAttachment("report.pdf", "application/pdf", data),
+            OutboundAttachment("résumé notes.txt", "text/plain", "naïve\n".encode()),
+        ],
+    )
+    raw = build_message(draft)
+    _assert_wire_safe(raw)
+    message = _parse(raw)
+    assert message.get_content_type() == "multipart/mixed"
+    first, *files = message.iter_parts()
+    assert first.get_content_type() == "multipart/alternative"
+    assert [(f.get_filename(), f.get_content_type()) for f in files] == [
+        ("report.pdf", "application/pdf"),
+        ("résumé notes.txt", "text/plain"),
+    ]
+    assert files[0].get_payload(decode=True) == data
+
+
+def test_headers_carry_identity_threading_and_extras() -> None:
+    """Sender, recipients, date, ids, threading and extra headers arrive as given."""
+    token = "v1." + "a" * 300
+    unsubscribe = (
+        "<mailto:unsub@acme.example>, <https://acme.example/v1/unsubscribe/" + "t" * 120 + ">"
+    )
+    draft = replace(
+        DRAFT,
+        reply_to="help@acme.example",
+        in_reply_to="<prev@example.org>",
+        references=["<root@example.org>", "<prev@example.org>"],
+        extra_headers=[
+            ("X-MultiMail-Agent", "key_01HX"),
+            ("X-AI-Generated", "true"),
+            ("X-MultiMail-Identity", token),
+            ("List-Unsubscribe", unsubscribe),
+            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+        ],
+    )
+    raw = build_message(draft)
+    _assert_wire_safe(raw)
+    message = _parse(raw)
+    assert str(message["From"]) == "Acme Support <support@acme.example>"
+    assert str(message["Reply-To"]) == "help@acme.example"
+    assert str(message["To"]) == "bob@example.org"
+    assert str(message["Cc"]) == "carol@example.net"
+    assert message["Date"].datetime == draft.date
+    assert message["Message-ID"] == draft.message_id
+    assert message["In-Reply-To"] == "<prev@example.org>"
+    assert message["References"] == "<root@example.org> <prev@example.org>"
+    assert message["X-MultiMail-Identity"] == token
+    assert message["List-Unsubscribe"] == unsubscribe
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    # Receivers read these raw; an RFC 2047 encoding of a URL or token would break them.
+    assert b"=?" not in raw.split(b"\r\n\r\n")[0]
+
+
+def test_bcc_never_appears() -> None:
+    """Blind copies travel in the envelope only: no Bcc header is ever written."""
+    assert "bcc" not in _header_names(build_message(DRAFT))
+
+
+def test_body_has_signature_and_footers() -> None:
+    """The body ends with the signature after "-- ", the AI disclosure and the postal line."""
+    draft = replace(
+        DRAFT, signature="Best,\nAcme", operator_postal_address="1 Main St, Springfield"
+    )
+    body = compose_body(draft)
+    assert body.index("Your order has shipped.") < body.index("-- \nBest,\nAcme")
+    assert body.index("Acme") < body.index(AI_DISCLOSURE) < body.index("1 Main St, Springfield")
+    message = _parse(build_message(draft))
+    html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "This message was written by an AI agent." in html
+    assert "1 Main St, Springfield" in html
+
+
+def test_ai_disclosure_can_be_turned_off() -> None:
+    """With ai_disclosure off and no signature or address, the body is just the markdown."""
+    draft = replace(DRAFT, ai_disclosure=False)
+    assert compose_body(draft) == DRAFT.markdown + "\n"
+
+
+def test_non_ascii_subject_and_name_are_rfc2047_encoded() -> None:
+    """Non-ASCII subjects and display names go out as encoded-words and decode back."""
+    draft = replace(DRAFT, subject="Grüße — 你好", from_name="Zoë Agent")
+    raw = build_message(draft)
+    head = raw.split(b"\r\n\r\n")[0]
+    assert head.isascii() and b"=?utf-8?" in head
+    message = _parse(raw)
+    assert message["Subject"] == "Grüße — 你好"
+    assert message["From"].addresses[0].display_name == "Zoë Agent"
+
+
+def test_idn_domains_are_punycoded() -> None:
+    """An internationalised domain is written in its ASCII (IDNA) form."""
+    message = _parse(build_message(replace(DRAFT, to=["info@bücher.example"])))
+    assert str(message["To"]) == "info@xn--bcher-kva.example"
+
+
+# -- header injection (RELIABILITY SMTP-4) --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "hi\r\nBcc: evil@attacker.example",
+        "hi\nBcc: evil@attacker.example",
+        "hi\rBcc: evil@attacker.example",
+        "Re: =?utf-8?q?hi=0D=0ABcc:_evil@attacker.example?=",
+        "Re: =?utf-8?b?aGkNCkJjYzogZXZpbEBhdHRhY2tlci5leGFtcGxl?=",
+        "=?utf-8?q?=3D=3Futf-8=3Fq=3Fx=3D0D=3D0ABcc:_evil@attacker.example=3F=3D?=",
+        "hi\x00\u2028\x85Bcc: evil@attacker.example",
+    ],
+)
+def test_line_breaks_in_a_subject_fold_into_spaces(subject: str) -> None:
+    """A subject (say an inbound one reused in a reply) can never add a header."""
+    raw = build_message(replace(DRAFT, subject=subject))
+    _assert_wire_safe(raw)
+    assert _header_names(raw) == [*BASE_HEADERS, "content-type"]
+    parsed = _parse(raw)["Subject"]
+    assert "Bcc: evil@attacker.example" in parsed
+    assert "\r" not in parsed and "\n" not in parsed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("from_address", "support@acme.example\r\nBcc: evil@attacker.example"),
+        ("reply_to", "a@acme.example\nBcc: evil@attacker.example"),
+        ("to", ["bob@example.org\r\nBcc: evil@attacker.example"]),
+        ("cc", ["=?utf-8?q?x=0D=0ABcc:_evil@attacker.example?=@example.org"]),
+        ("to", ["bob@example.org\x00"]),
+        ("from_name", "Acme\r\nBcc: evil@attacker.example"),
+        ("from_name", "=?utf-8?q?Acme=0D=0ABcc:_evil@attacker.example?="),
+        ("extra_headers", [("X-Agent", "a\r\nBcc: evil@attacker.example")]),
+        ("extra_headers", [("X-Agent", "=?utf-8?q?a=0ABcc:_evil@attacker.example?=")]),
+        ("extra_headers", [("X-Agent: x\r\nBcc", "evil@attacker.example")]),
+        ("extra_headers", [("Bad Name", "x")]),
+        ("attachments", [OutboundAttachment("a\r\nBcc: e@x.example", "text/plain", b"x")]),
+        ("attachments", [OutboundAttachment("=?utf-8?q?a=0D=0A?=.txt", "text/plain", b"x")]),
+    ],
+)
+def test_line_breaks_in_addresses_names_and_extra_headers_are_refused(
+    field: str, value: Any
+) -> None:
+    """CR, LF or NUL (also RFC 2047-encoded) in any other header value is refused."""
+    changes: dict[str, Any] = {field: value}
+    with pytest.raises(InvalidInput) as caught:
+        build_message(replace(DRAFT, **changes))
+    assert caught.value.code == "header_injection"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "not-an-address",
+        "a@",
+        "@example.org",
+        "a b@example.org",
+        "a@example.org, c@example.org",
+        "Bob <bob@example.org>",
+        "a@-bad-.example",
+        "a@exa mple.org",
+        "ünï@example.org",
+        "a@example.org (comment)",
+    ],
+)
+def test_invalid_addresses_are_refused(address: str) -> None:
+    """Anything but one plain addr-spec is refused with invalid_address."""
+    with pytest.raises(InvalidInput) as caught:
+        build_message(replace(DRAFT, to=[address]))
+    assert caught.value.code == "invalid_address"
+
+
+@pytest.mark.parametrize("name", ["From", "bcc", "Content-Type", "DKIM-Signature", "Resent-To"])
+def test_extra_headers_cannot_replace_ours(name: str) -> None:
+    """Structural headers are set by MultiMail only; an extra header cannot override them."""
+    with pytest.raises(InvalidInput) as caught:
+        build_message(replace(DRAFT, extra_headers=[(name, "x@example.org")]))
+    assert caught.value.code == "reserved_header"
+
+
+def test_naive_dates_and_bad_message_ids_are_refused() -> None:
+    """A date without a zone and a Message-ID not in <...> form are input errors."""
+    with pytest.raises(InvalidInput):
+        build_message(replace(DRAFT, date=datetime(2024, 5, 1, 12, 0)))
+    with pytest.raises(InvalidInput) as caught:
+        build_message(replace(DRAFT, message_id="no-brackets@acme.example"))
+    assert caught.value.code == "invalid_message_id"
+
+
+def test_date_is_written_in_utc() -> None:
+    """A date given in another zone is sent as the same instant in UTC."""
+    local = datetime(2024, 5, 1, 14, 30, tzinfo=timezone(timedelta(hours=2)))
+    message = _parse(build_message(replace(DRAFT, date=local)))
+    assert message["Date"].datetime == local
+    assert str(message["Date"]).endswith("+0000")
+
+
+# -- wire safety properties ------------------------------------------------------------
+
+header_text = st.text(max_size=200) | st.sampled_from(
+    ["=?utf-8?q?a=0D=0AX-Evil:_1?=", "a\r\nX-Evil: 1", ".", "x" * 990, "é" * 300]
+)
+
+
+@given(
+    subject=st.text(max_size=998) | header_text,
+    name=header_text,
+    markdown=st.text(max_size=2000) | st.sampled_from([".\n..\n.x", "a" * 5000, "é" * 3000]),
+)
+@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_any_subject_name_and_body_stay_wire_safe(subject: str, name: str, markdown: str) -> None:
+    """No input yields a bare CR/LF or a line over 998 octets, or changes the header list."""
+    draft = replace(DRAFT, subject=subject, from_name=name, markdown=markdown)
+    try:
+        raw = build_message(draft)
+    except InvalidInput as exc:
+        # Only a name with a line break, or one too long to be a name, is refused.
+        assert exc.code in {"header_injection", "display_name_too_long"}
+        return
+    _assert_wire_safe(raw)
+    assert _header_names(raw) == [*BASE_HEADERS, "content-type"]
+    message = _parse(raw)
+    assert [a.addr_spec for a in message["To"].addresses] == list(DRAFT.to)
+    assert body_sha256(raw) == draft_body_sha256(draft)
+
+
+@given(value=header_text, filename=header_text)
+@settings(max_examples=120, deadline=None)
+def test_any_extra_header_or_filename_adds_no_header(value: str, filename: str) -> None:
+    """An extra header value or filename either is refused or leaves the header list as meant."""
+    draft = replace(
+        DRAFT,
+        extra_headers=[("X-MultiMail-Agent", value)],
+        attachments=[OutboundAttachment(filename, "application/octet-stream", b"\0data")],
+    )
+    try:
+        raw = build_message(draft)
+    except InvalidInput as exc:
+        assert exc.code in {"header_injection", "invalid_filename", "header_too_long"}
+        return
+    _assert_wire_safe(raw)
+    assert _header_names(raw) == [*BASE_HEADERS, "x-multimail-agent", "content-type"]
+
+
+# -- body hash ---------------------------------------------------------------------------
+
+
+@given(markdown=st.text(max_size=2000), signature=st.none() | st.text(max_size=200))
+@settings(max_examples=120, deadline=None)
+def test_body_hash_survives_a_parse_round_trip(markdown: str, signature: str | None) -> None:
+    """The body hash is the same on our bytes and on the stdlib's re-serialisation of them."""
+    draft = replace(DRAFT, markdown=markdown, signature=signature)
+    raw = build_message(draft)
+    expected = draft_body_sha256(draft)
+    assert body_sha256(raw) == expected
+    assert body_sha256(_parse(raw).as_bytes()) == expected
+    compat = email.message_from_bytes(raw)
+    assert body_sha256(compat.as_bytes()) == expected
+    assert body_sha256(compat.as_string().encode()) == expected
+
+
+@pytest.fixture(scope="module")
+def smtp_server() -> Iterator[CapturingSMTPServer]:
+    with CapturingSMTPServer() as server:
+        yield server
+
+
+@given(
+    markdown=st.text(max_size=600)
+    | st.sampled_from([".", ".\n.\n..", "a\n.\nb", ".leading\n..two\n", "é\n." * 50])
+)
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_body_hash_survives_smtp(smtp_server: CapturingSMTPServer, markdown: str) -> None:
+    """After SMTP (dot-stuffed by the client, unstuffed by the server) the hash is unchanged."""
+    smtp_server.clear()
+    draft = replace(DRAFT, markdown=markdown)
+    raw = build_message(draft)
+    with smtplib.SMTP(smtp_server.host, smtp_server.port, timeout=5) as client:
+        client.sendmail(DRAFT.from_address, list(DRAFT.to), raw)
+    [received] = smtp_server.wait_for(1, timeout=5)
+    assert body_sha256(received.data) == draft_body_sha256(draft)
+    assert received.data.replace(b"\r\n", b"\n") == raw.replace(b"\r\n", b"\n")
