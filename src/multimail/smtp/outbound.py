@@ -387,6 +387,7 @@ class _Session:
         code: int | None = None
         reply = ""
         reply_lost = False
+        tls = False
         stage = "connect"
         client = aiosmtplib.SMTP(
             hostname=self.address,
@@ -398,6 +399,8 @@ class _Session:
         try:
             async with asyncio.timeout(self.total_timeout):
                 await client.connect(timeout=self.connect_timeout)
+                # connect() has done any STARTTLS already (or the session began in TLS).
+                tls = client.get_transport_info("sslcontext") is not None
                 if client.is_ehlo_or_helo_needed:
                     await client.ehlo()
                 stage = "mail"
@@ -439,11 +442,6 @@ class _Session:
         else:
             await self._quit(client)
         finally:
-            tls = (
-                client.get_transport_info("sslcontext") is not None
-                if client.is_connected
-                else False
-            )
             client.close()
         return DeliveryAttempt(
             host=self.host,

@@ -135,8 +135,10 @@ class _Handler:
         if refusal is not None:
             return refusal
         peer = session.peer if isinstance(session.peer, tuple) else (str(session.peer), 0)
+        # aiosmtpd hands over the null reverse-path (bounces) as "<>"; record it as "".
+        mail_from = envelope.mail_from or ""
         captured = CapturedMessage(
-            mail_from=envelope.mail_from or "",
+            mail_from="" if mail_from == "<>" else mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
             data=bytes(envelope.original_content or b""),
             received_at=dt.datetime.now(dt.UTC),
