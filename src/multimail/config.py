@@ -41,8 +41,10 @@ class Settings(BaseSettings):
     domain: str = Field("localhost", description="The server's own mail domain (needs no verification).")
     dns_resolver: str | None = Field(None, description="DNS resolver as host:port; unset = system resolver.")
     mx_port: int = Field(25, description="Port used when delivering to MX hosts (tests point it at a local server).")
-    public_url: str = Field(
-        "http://127.0.0.1:8000", description="Base URL of links in emails (approve, unsubscribe)."
+    public_url: str | None = Field(
+        None,
+        description="Base URL of links in emails (approve, unsubscribe); "
+        "unset = http://<http_host>:<http_port>.",
     )
     allow_private_webhooks: bool = Field(
         False, description="Allow webhook targets on loopback/private networks (local development and tests only)."
@@ -66,6 +68,10 @@ class Settings(BaseSettings):
         if value and value.startswith(("postgresql://", "postgres://")):
             return "postgresql+psycopg://" + value.split("://", 1)[1]
         return value
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.http_host}:{self.http_port}").rstrip("/")
 
     @property
     def sqlite_path(self) -> Path:

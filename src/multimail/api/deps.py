@@ -1,0 +1,61 @@
+"""Request dependencies: the services, the authenticated actor, scope checks, rate limits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import Request, Response
+
+from multimail.api.ratelimit import TokenBucketLimiter
+from multimail.domain.scopes import Scope
+from multimail.errors import RateLimited
+from multimail.services import keys
+from multimail.services.context import Actor, Services
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _raw_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return request.headers.get("x-api-key")
+
+
+def authenticated(request: Request, response: Response) -> Actor:
+    services = get_services(request)
+    actor = keys.authenticate(services.db, _raw_key(request))
+    limiter: TokenBucketLimiter = request.app.state.limiter
+    decision = limiter.take(actor.id or "")
+    if not decision.allowed:
+        exc = RateLimited(
+            f"too many requests for this API key; retry after {decision.retry_after} s",
+            retry_after=decision.retry_after,
+        )
+        exc.headers = decision.headers()  # type: ignore[attr-defined]
+        raise exc
+    for name, value in decision.headers().items():
+        response.headers[name] = value
+    request.state.actor = actor
+    return actor
+
+
+def require(scope: Scope) -> Callable[[Request, Response], Actor]:
+    def dependency(request: Request, response: Response) -> Actor:
+        actor = authenticated(request, response)
+        actor.require(scope)
+        return actor
+
+    dependency.__name__ = f"require_{scope.value}"
+    return dependency
+
+
+READ = require(Scope.READ)
+SEND = require(Scope.SEND)
+OVERSIGHT = require(Scope.OVERSIGHT)
+ADMIN = require(Scope.ADMIN)

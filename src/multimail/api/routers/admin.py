@@ -1,0 +1,322 @@
+"""Account, mailboxes, API keys, contacts, suppressions and domains (SPEC §5.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from multimail.api.deps import ADMIN, READ, get_services
+from multimail.services import accounts, directory, domains, keys, mailboxes
+from multimail.services.context import Actor, Services
+
+router = APIRouter(prefix="/v1")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AccountUpdate(Strict):
+    name: str | None = Field(None, max_length=200)
+    oversight_email: str | None = None
+    postal_address: str | None = Field(None, max_length=1000)
+    daily_send_quota: int | None = Field(None, ge=0)
+
+
+class MailboxSettings(Strict):
+    display_name: str | None = Field(None, max_length=200)
+    oversight_mode: str | None = None
+    gate_timing: str | None = None
+    signature: str | None = Field(None, max_length=10_000)
+    auto_cc: list[str] | None = None
+    auto_bcc: list[str] | None = None
+    webhook_url: str | None = None
+    ai_disclosure: bool | None = None
+    approval_timeout_seconds: int | None = None
+    approval_expiry_seconds: int | None = None
+    send_cap_hour: int | None = None
+    send_cap_day: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class MailboxCreate(MailboxSettings):
+    address: str | None = Field(None, max_length=320)
+    address_local_part: str | None = Field(None, max_length=64)
+
+
+class KeyCreate(Strict):
+    name: str = Field(..., max_length=200)
+    scopes: list[str]
+    mode: str = "live"
+    mailbox_ids: list[str] | None = None
+    send_cap_hour: int | None = Field(None, ge=0)
+    send_cap_day: int | None = Field(None, ge=0)
+
+
+class ContactCreate(Strict):
+    email: str = Field(..., max_length=320)
+    name: str | None = Field(None, max_length=200)
+    tags: list[str] | None = None
+    notes: str | None = Field(None, max_length=5000)
+
+
+class DomainCreate(Strict):
+    name: str | None = Field(None, max_length=253)
+    domain: str | None = Field(None, max_length=253)
+
+
+def _set(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(exclude_unset=True)
+
+
+# --- account ---------------------------------------------------------------------------------
+
+
+@router.get("/account")
+def get_account(actor: Actor = Depends(READ), svc: Services = Depends(get_services)) -> Any:
+    with svc.db.read() as conn:
+        return accounts.account_view(conn, actor.account_id or "")
+
+
+@router.patch("/account")
+def patch_account(
+    body: AccountUpdate, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return accounts.update_account(
+            conn, actor=actor, account_id=actor.account_id or "", changes=_set(body)
+        )
+
+
+@router.delete("/account")
+def delete_account(actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)) -> Any:
+    with svc.db.write() as conn:
+        return accounts.deactivate_account(conn, actor=actor, account_id=actor.account_id or "")
+
+
+# --- mailboxes -------------------------------------------------------------------------------
+
+
+@router.get("/mailboxes")
+def list_mailboxes(actor: Actor = Depends(READ), svc: Services = Depends(get_services)) -> Any:
+    with svc.db.read() as conn:
+        return {"mailboxes": mailboxes.list_mailboxes(conn, actor)}
+
+
+@router.post("/mailboxes", status_code=201)
+def create_mailbox(
+    body: MailboxCreate, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    fields = _set(body)
+    address = fields.pop("address", None)
+    local = fields.pop("address_local_part", None)
+    with svc.db.write() as conn:
+        return mailboxes.create_mailbox(
+            conn,
+            actor=actor,
+            settings=svc.settings,
+            address=address,
+            address_local_part=local,
+            **fields,
+        )
+
+
+@router.get("/mailboxes/{mailbox}")
+def get_mailbox(
+    mailbox: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.read() as conn:
+        return mailboxes.mailbox_view(mailboxes.resolve(conn, actor, mailbox))
+
+
+@router.patch("/mailboxes/{mailbox}")
+def patch_mailbox(
+    mailbox: str,
+    body: MailboxSettings,
+    actor: Actor = Depends(ADMIN),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.write() as conn:
+        return mailboxes.update_mailbox(conn, actor=actor, ref=mailbox, changes=_set(body))
+
+
+@router.patch("/mailboxes/{mailbox}/configure")
+def configure_mailbox(
+    mailbox: str,
+    body: MailboxSettings,
+    actor: Actor = Depends(ADMIN),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.write() as conn:
+        return mailboxes.update_mailbox(conn, actor=actor, ref=mailbox, changes=_set(body))
+
+
+@router.delete("/mailboxes/{mailbox}")
+def delete_mailbox(
+    mailbox: str, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return mailboxes.delete_mailbox(conn, actor=actor, ref=mailbox)
+
+
+# --- API keys --------------------------------------------------------------------------------
+
+
+@router.get("/api-keys")
+def list_keys(actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)) -> Any:
+    with svc.db.read() as conn:
+        return {"api_keys": keys.list_keys(conn, actor.account_id or "")}
+
+
+@router.post("/api-keys", status_code=201)
+def create_key(
+    body: KeyCreate, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        if body.mailbox_ids:
+            body.mailbox_ids = [
+                mailboxes.resolve(conn, actor, ref)["id"] for ref in body.mailbox_ids
+            ]
+        created = keys.create_key(
+            conn,
+            actor=actor,
+            account_id=actor.account_id or "",
+            name=body.name,
+            scopes=body.scopes,
+            mode=body.mode,
+            mailbox_ids=body.mailbox_ids,
+            send_cap_hour=body.send_cap_hour,
+            send_cap_day=body.send_cap_day,
+        )
+    return created.record | {
+        "key": created.raw_key,
+        "api_key": created.raw_key,
+        "warning": "store this key now: it is shown only once",
+    }
+
+
+@router.delete("/api-keys/{key_id}")
+def revoke_key(
+    key_id: str, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return keys.revoke_key(conn, actor=actor, account_id=actor.account_id or "", key_id=key_id)
+
+
+# --- contacts --------------------------------------------------------------------------------
+
+
+@router.get("/contacts")
+def list_contacts(
+    q: str | None = Query(None, max_length=320),
+    tag: str | None = Query(None, max_length=200),
+    limit: int | None = Query(None, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.read() as conn:
+        found = directory.search_contacts(
+            conn, actor=actor, q=q, tag=tag, limit=limit, offset=offset
+        )
+    return {"contacts": found}
+
+
+@router.post("/contacts", status_code=201)
+def create_contact(
+    body: ContactCreate, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return directory.add_contact(
+            conn, actor=actor, email=body.email, name=body.name, tags=body.tags, notes=body.notes
+        )
+
+
+@router.delete("/contacts/{contact_id}")
+def delete_contact(
+    contact_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return directory.delete_contact(conn, actor=actor, contact_id=contact_id)
+
+
+# --- suppression -----------------------------------------------------------------------------
+
+
+@router.get("/suppression")
+def list_suppressions(
+    address: str | None = Query(None, max_length=320),
+    limit: int | None = Query(None, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.read() as conn:
+        if address:
+            return directory.check_suppression(conn, actor=actor, address=address)
+        return {"suppressions": directory.list_suppressions(conn, actor=actor, limit=limit,
+                                                            offset=offset)}
+
+
+@router.delete("/suppression/{address}")
+def remove_suppression(
+    address: str, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return directory.remove_suppression(conn, actor=actor, address=address)
+
+
+# --- domains ---------------------------------------------------------------------------------
+
+
+@router.get("/domains")
+def list_domains(actor: Actor = Depends(READ), svc: Services = Depends(get_services)) -> Any:
+    with svc.db.read() as conn:
+        return {"domains": domains.list_domains(conn, actor=actor, settings=svc.settings)}
+
+
+@router.post("/domains", status_code=201)
+def create_domain(
+    body: DomainCreate, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    name = body.name or body.domain
+    if not name:
+        from multimail.errors import InvalidInput
+
+        raise InvalidInput("give the domain as 'name' (e.g. example.com)", code="missing_domain")
+    with svc.db.write() as conn:
+        return domains.create_domain(conn, actor=actor, settings=svc.settings, name=name)
+
+
+@router.get("/domains/{domain_id}")
+def get_domain(
+    domain_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.read() as conn:
+        return domains.domain_view(domains.get_domain(conn, actor, domain_id), svc.settings)
+
+
+@router.post("/domains/{domain_id}/verify")
+def verify_domain(
+    domain_id: str, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.read() as conn:
+        row = domains.get_domain(conn, actor, domain_id)
+    # DNS is asked outside any transaction: a slow resolver must not hold a database lock.
+    results = domains.check_dns(row, svc.settings)
+    with svc.db.write() as conn:
+        return domains.verify_domain(
+            conn, actor=actor, settings=svc.settings, ref=row["id"], results=results
+        )
+
+
+@router.delete("/domains/{domain_id}")
+def delete_domain(
+    domain_id: str, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return domains.delete_domain(conn, actor=actor, ref=domain_id)
+
+

@@ -1,0 +1,129 @@
+"""Fixtures: a real database (SQLite or PostgreSQL, chosen by MULTIMAIL_TEST_DB), real servers.
+
+The suite runs twice in CI: ``MULTIMAIL_TEST_DB=sqlite`` and ``MULTIMAIL_TEST_DB=postgres``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from multimail.config import Settings
+from multimail.runtime import build_services
+from multimail.services import accounts
+from multimail.services.context import Services
+from multimail.store import migrate
+from multimail.store.db import Database
+from multimail.store.tables import metadata
+from multimail.testing.server import LiveServer
+
+BACKEND = os.environ.get("MULTIMAIL_TEST_DB", "sqlite")
+PG_ADMIN_URL = os.environ.get(
+    "MULTIMAIL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def pytest_report_header() -> str:
+    return f"multimail database backend: {BACKEND}"
+
+
+@pytest.fixture(scope="session")
+def _db_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database made once per session; each test gets a clean copy of it."""
+    if BACKEND == "postgres":
+        name = f"mm_test_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        db = Database(url)
+        migrate.upgrade(db)
+        db.dispose()
+        yield url
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    elif BACKEND == "sqlite":
+        path = tmp_path_factory.mktemp("template") / "template.db"
+        db = Database(f"sqlite:///{path}")
+        migrate.upgrade(db)
+        db.dispose()
+        yield str(path)
+    else:
+        raise pytest.UsageError(f"MULTIMAIL_TEST_DB must be sqlite or postgres, not {BACKEND!r}")
+
+
+@pytest.fixture
+def db_url(_db_template: str, tmp_path: Path) -> str:
+    if BACKEND == "postgres":
+        engine = create_engine(_db_template)
+        names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
+        with engine.begin() as conn:
+            conn.execute(text(f"TRUNCATE {names} CASCADE"))
+        engine.dispose()
+        return _db_template
+    target = tmp_path / "multimail.db"
+    shutil.copyfile(_db_template, target)
+    return f"sqlite:///{target}"
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        domain="mm.test",
+        rate_limit_per_minute=6000,
+        rate_limit_burst=1000,
+    )
+
+
+@pytest.fixture
+def services(settings: Settings) -> Iterator[Services]:
+    svc = build_services(settings)
+    yield svc
+    svc.db.dispose()
+
+
+@pytest.fixture
+def boot(services: Services) -> accounts.Bootstrap:
+    """The first account with its admin, agent and reviewer keys."""
+    return accounts.bootstrap(services.db, account_name="Acme", operator_email="ops@mm.test")
+
+
+@pytest.fixture
+def live(services: Services) -> Iterator[LiveServer]:
+    with LiveServer(services) as server:
+        yield server
+
+
+class Api:
+    """httpx clients for a live server, one per key."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._clients: list[httpx.Client] = []
+
+    def client(self, key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        client = httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+        self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+@pytest.fixture
+def api(live: LiveServer) -> Iterator[Api]:
+    helper = Api(live.base_url)
+    yield helper
+    helper.close()
