@@ -19,6 +19,7 @@ from multimail.errors import (
 from multimail.smtp.outbound import (
     DeliveryAttempt,
     MXTransport,
+    OutboundTransport,
     RelayConfig,
     RelayTransport,
     make_resolver,
@@ -574,3 +575,58 @@ async def test_recipients_are_grouped_by_domain_with_separate_outcomes(
     }
     received = sorted(tuple(m.rcpt_tos) for m in smtp_server.wait_for(2))
     assert received == [("b@y.test", "e@Y.test"), ("c@z.test",)]
+
+
+async def test_recipient_deferred_by_one_mx_is_tried_at_the_next(
+    mx_world: tuple[LocalDNSServer, CapturingSMTPServer, MXTransport],
+) -> None:
+    """A 451 for one recipient at the first MX: the second MX gets just that recipient."""
+    dns_server, smtp_server, transport = mx_world
+    dns_server.add_record("y.test", "MX", "10 mx1.y.test.")
+    dns_server.add_record("y.test", "MX", "20 mx2.y.test.")
+    dns_server.add_record("mx1.y.test", "A", "127.0.0.1")
+    dns_server.add_record("mx2.y.test", "A", "127.0.0.1")
+    smtp_server.fail_with(451, "4.2.0 busy", "rcpt", only_for=["slow@y.test"], times=1)
+    attempts = await transport.deliver("a@x.test", ["b@y.test", "slow@y.test"], MESSAGE)
+    assert [a.host for a in attempts] == ["mx1.y.test", "mx2.y.test"]
+    assert all(o.ok for o in recipient_outcomes(attempts).values())
+    assert [m.rcpt_tos for m in smtp_server.wait_for(2)] == [["b@y.test"], ["slow@y.test"]]
+
+
+async def test_internationalised_address_uses_smtputf8(smtp_server: CapturingSMTPServer) -> None:
+    """A non-ASCII mailbox is sent with the SMTPUTF8 option when the server offers it."""
+    await _relay(smtp_server).deliver("a@x.test", ["josé@y.test"], MESSAGE)
+    [message] = smtp_server.wait_for(1)
+    assert message.rcpt_tos == ["josé@y.test"]
+    assert "SMTPUTF8" in message.mail_options
+
+
+def test_transports_satisfy_the_outbound_protocol(dns_server: LocalDNSServer) -> None:
+    """Both transports can stand wherever an OutboundTransport is expected (checked by mypy)."""
+    transports: list[OutboundTransport] = [
+        RelayTransport(RelayConfig(host="127.0.0.1", port=2525)),
+        MXTransport(make_resolver(dns_server.address)),
+    ]
+    assert all(callable(t.deliver) for t in transports)
+
+
+forbidden = st.sampled_from(["\r", "\n", "\x00", " ", "\t", "<", ">"])
+
+
+@settings(max_examples=80)
+@given(
+    local=st.text(alphabet=st.characters(codec="ascii", exclude_characters="@"), max_size=10),
+    bad=forbidden,
+    where=st.sampled_from(["mail_from", "rcpt"]),
+)
+def test_any_forbidden_character_in_the_envelope_is_refused(
+    local: str, bad: str, where: str
+) -> None:
+    """SMTP-4: an envelope address carrying CR, LF, NUL, whitespace or <> never goes out."""
+    address = f"{local}{bad}x@y.test"
+    mail_from, rcpt = (address, "b@y.test") if where == "mail_from" else ("a@x.test", address)
+    # Port 1 on loopback: refusal happens before any connection is attempted.
+    transport = RelayTransport(RelayConfig(host="127.0.0.1", port=1))
+    with pytest.raises(InvalidInput) as exc:
+        asyncio.run(transport.deliver(mail_from, [rcpt], MESSAGE))
+    assert exc.value.code == "header_injection"

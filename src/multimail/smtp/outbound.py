@@ -443,6 +443,15 @@ class _Session:
             await self._quit(client)
         finally:
             client.close()
+        _log.info(
+            "SMTP %s [%s]:%d answered %s %s%s",
+            self.host,
+            self.address,
+            self.port,
+            code,
+            reply[:200],
+            " (reply lost after DATA)" if reply_lost else "",
+        )
         return DeliveryAttempt(
             host=self.host,
             port=self.port,
@@ -580,12 +589,6 @@ class RelayTransport:
             client_options=self._client_options(),
         )
         attempt = await session.run(mail_from, rcpts, _wire_data(data))
-        _log.info(
-            "relay %s answered %s for %d recipient(s)",
-            self.config.redacted_url,
-            attempt.code,
-            len(rcpts),
-        )
         return _conclude([attempt], rcpts)
 
 
