@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from multimail.errors import InvalidInput
 from multimail.smtp.inbound import (
     ACCEPT,
     RELAY_DENIED,
@@ -29,6 +30,7 @@ from multimail.smtp.inbound import (
     InboundLimits,
     InboundSMTPServer,
     RecipientVerdict,
+    StorageFull,
 )
 
 HOSTED = "hosted.example"
@@ -102,7 +104,7 @@ class RawClient:
         return cls(reader, writer)
 
     async def reply(self) -> str:
-        lines = []
+        lines: list[str] = []
         while True:
             line = await asyncio.wait_for(self.reader.readline(), 5)
             if not line:
@@ -470,6 +472,8 @@ def _bodies(draw: st.DrawFn) -> tuple[bytes, bool]:
 async def test_data_is_stored_exactly_iff_it_has_no_bare_cr_or_lf(case: tuple[bytes, bool]) -> None:
     """Any body: stored byte-exact when all line ends are CRLF, otherwise refused and dropped."""
     wire_body, clean = case
+    # A first line starting with whitespace would continue our Received header: refused too.
+    clean = clean and not wire_body.startswith((b" ", b"\t"))
     # The client's dot transparency (RFC 5321 section 4.5.2) on CRLF-delimited lines.
     stuffed = b"\r\n".join(
         b"." + line if line.startswith(b".") else line for line in wire_body.split(b"\r\n")
@@ -487,3 +491,193 @@ async def test_data_is_stored_exactly_iff_it_has_no_bare_cr_or_lf(case: tuple[by
     else:
         assert reply.startswith("550 5.6.0"), reply
         assert sink.stored == []
+
+
+# --- STARTTLS (RELIABILITY SMTP-3, CVE-2024-34083) ------------------------------------
+
+
+async def test_starttls_delivery_is_marked_tls(
+    server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    """With a tls_context, STARTTLS works and the message is recorded as received over TLS."""
+    sink = HostedSink()
+    async with running(sink, tls=server_tls) as server:
+        errors, _ = await aiosmtplib.send(
+            MESSAGE,
+            sender=SENDER,
+            recipients=[AGENT],
+            hostname="localhost",
+            port=server.port,
+            start_tls=True,
+            tls_context=client_tls,
+        )
+    assert errors == {}
+    [stored] = sink.stored
+    assert stored.tls
+    assert b" with ESMTPS id " in split_received(stored.data)[0]
+
+
+@pytest.mark.parametrize("injected", ["MAIL FROM:<ceo@hosted.example>", "QUIT"])
+async def test_commands_pipelined_behind_starttls_are_not_executed(
+    injected: str, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    """Plaintext sent in the same packet as STARTTLS is discarded, never run inside TLS."""
+    sink = HostedSink()
+    async with running(sink, tls=server_tls) as server:
+        client = await RawClient.connect(server.port)
+        assert (await client.reply()).startswith("220")
+        assert "STARTTLS" in await client.command("EHLO c.example")
+        await client.send(f"STARTTLS\r\n{injected}\r\n".encode())
+        assert (await client.reply()).startswith("220")
+        await client.writer.start_tls(client_tls, server_hostname="localhost")
+        # Had the injected command run, its reply (or a hang-up) would come first.
+        assert await client.command("NOOP") == "250 OK"
+        assert (await client.command("EHLO c.example")).startswith("250-mx.hosted.example")
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).startswith("250 2.1.0")
+        assert (await client.command(f"RCPT TO:<{AGENT}>")).startswith("250")
+        assert (await client.command("DATA")).startswith("354")
+        assert (await client.command(MESSAGE + b".\r\n")).startswith("250 2.0.0")
+        await client.close()
+    [stored] = sink.stored
+    assert (stored.mail_from, stored.tls) == (SENDER, True)
+
+
+async def test_require_starttls_refuses_mail_in_plaintext(server_tls: ssl.SSLContext) -> None:
+    """With require_starttls, MAIL before STARTTLS gets 530 5.7.0."""
+    server = InboundSMTPServer(HostedSink(), port=0, tls_context=server_tls, require_starttls=True)
+    async with server:
+        client = await RawClient.connect(server.port)
+        assert (await client.reply()).startswith("220")
+        await client.command("EHLO c.example")
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).startswith("530 5.7.0")
+        await client.close()
+
+
+def test_require_starttls_without_a_certificate_is_refused() -> None:
+    """Requiring STARTTLS without a tls_context is a configuration error, not silent plaintext."""
+    with pytest.raises(InvalidInput):
+        InboundSMTPServer(HostedSink(), require_starttls=True)
+
+
+# --- storage: 250 only after store returned -------------------------------------------
+
+
+async def test_250_is_sent_only_after_store_returned() -> None:
+    """The client gets no 250 while the sink is still storing; the 250 follows its return."""
+    gate = asyncio.Event()
+    sink = HostedSink(gate=gate)
+    async with running(sink) as server:
+        client = await RawClient.connect(server.port)
+        await client.open_transaction()
+        assert (await client.command("DATA")).startswith("354")
+        await client.send(MESSAGE + b".\r\n")
+        reply = asyncio.create_task(client.reply())
+        await asyncio.wait_for(sink.store_started.wait(), 5)
+        await asyncio.sleep(0.2)
+        assert not reply.done()
+        assert sink.stored == []
+        gate.set()
+        assert (await reply).startswith("250 2.0.0 OK queued as q1")
+        await client.close()
+
+
+async def test_storage_full_answers_452_and_nothing_is_accepted() -> None:
+    """StorageFull from the sink becomes 452 4.3.1: the client keeps the message and retries."""
+    sink = HostedSink(fail_with=StorageFull("disk full"))
+    async with running(sink) as server:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await aiosmtplib.send(
+                MESSAGE, sender=SENDER, recipients=[AGENT], hostname="127.0.0.1", port=server.port
+            )
+    assert refused.value.code == 452
+    assert refused.value.message.startswith("4.3.1")
+    assert sink.stored == []
+
+
+async def test_sink_failure_answers_451_without_leaking_details() -> None:
+    """Any other store error becomes 451 4.3.0, and its text never reaches the client."""
+    sink = HostedSink(fail_with=RuntimeError("password=hunter2 in a stack trace"))
+    async with running(sink) as server:
+        client = await RawClient.connect(server.port)
+        await client.open_transaction()
+        assert (await client.command("DATA")).startswith("354")
+        reply = await client.command(MESSAGE + b".\r\n")
+        await client.close()
+    assert reply.startswith("451 4.3.0")
+    assert "hunter2" not in reply
+
+
+def test_recipient_verdict_refuses_reply_injection() -> None:
+    """A sink's reply text with CR/LF, or a non-reply code, is refused before it is sent."""
+    with pytest.raises(InvalidInput):
+        RecipientVerdict.reject(550, "5.1.1 no\r\n250 OK")
+    with pytest.raises(InvalidInput):
+        RecipientVerdict.reject(250, "2.1.5 not a rejection")
+    with pytest.raises(InvalidInput):
+        RecipientVerdict(354, "go ahead")
+    assert not UNKNOWN_MAILBOX.accepted and ACCEPT.accepted
+
+
+# --- connections and timeouts (RELIABILITY SMTP-6) ------------------------------------
+
+
+async def test_connections_over_the_limit_get_421_at_greeting() -> None:
+    """Past max_connections a client gets 421 4.7.0 and is hung up on; freed slots are reused."""
+    async with running(HostedSink(), max_connections=2) as server:
+        first, second = await RawClient.connect(server.port), await RawClient.connect(server.port)
+        for client in (first, second):
+            assert (await client.reply()).startswith("220")
+        third = await RawClient.connect(server.port)
+        assert (await third.rest()).startswith(b"421 4.7.0 ")
+        await third.close()
+        assert (await first.command("QUIT")).startswith("221")
+        await first.close()
+        for _ in range(100):
+            if server.active_sessions < 2:
+                break
+            await asyncio.sleep(0.01)
+        fourth = await RawClient.connect(server.port)
+        assert (await fourth.reply()).startswith("220")
+        await fourth.close()
+        await second.close()
+
+
+async def test_idle_client_is_cut_off_while_another_is_served() -> None:
+    """A client silent past command_timeout gets 421 4.4.2 and is closed; others carry on."""
+    sink = HostedSink()
+    async with running(sink, command_timeout=0.5) as server:
+        slow = await RawClient.connect(server.port)
+        assert (await slow.reply()).startswith("220")
+        started = asyncio.get_running_loop().time()
+        errors, _ = await aiosmtplib.send(
+            MESSAGE, sender=SENDER, recipients=[AGENT], hostname="127.0.0.1", port=server.port
+        )
+        assert errors == {}
+        assert (await slow.rest()).startswith(b"421 4.4.2 ")
+        assert asyncio.get_running_loop().time() - started >= 0.4
+        await slow.close()
+    assert len(sink.stored) == 1
+
+
+async def test_dribbling_data_is_cut_off_by_the_data_timeout() -> None:
+    """A client that keeps DATA alive line by line is still cut off at data_timeout."""
+    sink = HostedSink()
+    async with running(sink, command_timeout=5, data_timeout=0.6) as server:
+        slow = await RawClient.connect(server.port)
+        await slow.open_transaction()
+        assert (await slow.command("DATA")).startswith("354")
+        await slow.send(MESSAGE)
+        hung_up = asyncio.create_task(slow.rest())
+        deadline = asyncio.get_running_loop().time() + 3
+        # Each line comes well within command_timeout: only the DATA deadline can stop it.
+        with suppress(ConnectionError):
+            while not hung_up.done() and asyncio.get_running_loop().time() < deadline:
+                await slow.send(b"still typing\r\n")
+                await asyncio.sleep(0.1)
+        assert (await hung_up).startswith(b"421 4.4.2 ")
+        await slow.close()
+        errors, _ = await aiosmtplib.send(
+            MESSAGE, sender=SENDER, recipients=[AGENT], hostname="127.0.0.1", port=server.port
+        )
+        assert errors == {}
+    assert [split_received(m.data)[1] for m in sink.stored] == [MESSAGE]

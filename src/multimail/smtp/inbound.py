@@ -152,7 +152,9 @@ class InboundLimits:
 # Replies aiosmtpd writes itself, reworded with the RFC 3463 enhanced codes clients act on.
 _REWORDED = {
     "500 Command line too long": "500 5.5.2 Command line too long (RFC 5321 section 4.5.3.1.4)",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "554 5.3.4 Line too long (RFC 5321 section 4.5.3.1.6)",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": (
+        "554 5.3.4 Line too long (RFC 5321 section 4.5.3.1.6)"
+    ),
     "552 Error: Too much mail data": "552 5.3.4 Message exceeds fixed maximum message size",
     "552 Error: message size exceeds fixed maximum message size": (
         "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -275,6 +277,10 @@ class _InboundHandler:
             return (
                 "550 5.6.0 Message refused: bare CR or LF in message data (RFC 5321 section 2.3.8)"
             )
+        if content[:1] in (b" ", b"\t"):
+            # Under our Received line this would read as its continuation (RFC 5322
+            # section 2.2.3), letting the sender write into our trace header.
+            return "550 5.6.0 Message refused: header section starts with a folded line"
         if _oversized_header(content, self._limits.max_header_bytes):
             return "552 5.3.4 Message header section exceeds fixed maximum size"
         received_at = datetime.now(UTC)
