@@ -681,3 +681,33 @@ async def test_dribbling_data_is_cut_off_by_the_data_timeout() -> None:
         )
         assert errors == {}
     assert [split_received(m.data)[1] for m in sink.stored] == [MESSAGE]
+
+
+async def test_stop_hangs_up_on_sessions_but_lets_a_running_store_finish() -> None:
+    """stop() closes open sessions; a store already under way completes rather than being cut."""
+    gate = asyncio.Event()
+    sink = HostedSink(gate=gate)
+    server = InboundSMTPServer(sink, port=0)
+    await server.start()
+    client = await RawClient.connect(server.port)
+    await client.open_transaction()
+    assert (await client.command("DATA")).startswith("354")
+    await client.send(MESSAGE + b".\r\n")
+    await asyncio.wait_for(sink.store_started.wait(), 5)
+    stopping = asyncio.create_task(server.stop())
+    assert await client.rest() == b""  # hung up, and no 250 for a store not yet finished
+    await asyncio.sleep(0.1)
+    assert not stopping.done()
+    gate.set()
+    await asyncio.wait_for(stopping, 5)
+    await client.close()
+    assert len(sink.stored) == 1
+    with pytest.raises(OSError):
+        await RawClient.connect(server.port)
+
+
+def test_limits_below_rfc_minimums_are_refused() -> None:
+    """Limits that would break RFC 5321's 1000-octet lines or disable a guard are refused."""
+    for bad in ({"max_line_length": 1000}, {"max_recipients": 0}, {"command_timeout": 0}):
+        with pytest.raises(InvalidInput):
+            InboundLimits(**bad)  # type: ignore[arg-type]

@@ -368,6 +368,7 @@ class _InboundProtocol(SMTP):
             timeout=limits.command_timeout,
             loop=asyncio.get_running_loop(),
         )
+        self._command_timeout = limits.command_timeout
         self._data_timeout = limits.data_timeout
         self._on_close = on_close
 
@@ -401,7 +402,7 @@ class _InboundProtocol(SMTP):
         # message would have to arrive within the command timeout.
         self.restart_deadline(self._data_timeout)
         await super().smtp_DATA(arg)
-        self.restart_deadline(self._timeout_duration)
+        self.restart_deadline(self._command_timeout)
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §3.8: say why before closing, so the client retries instead of guessing.
