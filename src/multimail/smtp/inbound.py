@@ -215,7 +215,7 @@ def _received_header(
         f"Received: from {safe_helo} ({_address_literal(peer)})",
         f"\tby {hostname} (MultiMail) with {protocol} id {trace_id}",
     ]
-    # Naming the recipient is useful for tracing but leaks the other Bccs when there are many.
+    # Naming the recipient helps tracing, but with several it would show each the others (Bcc).
     stamp = format_datetime(when)
     lines.append(f"\tfor <{recipients[0]}>; {stamp}" if len(recipients) == 1 else f"\t; {stamp}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
@@ -285,7 +285,8 @@ class _InboundHandler:
             return "552 5.3.4 Message header section exceeds fixed maximum size"
         received_at = datetime.now(UTC)
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        helo = session.host_name or ""
+        # Kept as the client sent it, minus controls, so no consumer can be fed a bare CR.
+        helo = "".join(ch for ch in session.host_name or "" if ch.isprintable())
         tls = session.ssl is not None
         protocol = ("ESMTPS" if tls else "ESMTP") if session.extended_smtp else "SMTP"
         rcpt_tos = tuple(envelope.rcpt_tos)
