@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import smtplib
@@ -407,6 +408,36 @@ def test_any_extra_header_or_filename_adds_no_header(value: str, filename: str) 
         return
     _assert_wire_safe(raw)
     assert _header_names(raw) == [*BASE_HEADERS, "x-multimail-agent", "content-type"]
+
+
+@given(
+    address=st.emails()
+    | st.text(max_size=80)
+    | st.builds(lambda a, b: f"{a}@{b}", st.text(max_size=30), st.text(max_size=30))
+)
+@settings(max_examples=200, deadline=None)
+def test_any_address_is_refused_or_is_the_only_recipient(address: str) -> None:
+    """An address string either is refused or becomes exactly one recipient, no other header."""
+    try:
+        raw = build_message(replace(DRAFT, to=[address], cc=[]))
+    except InvalidInput as exc:
+        assert exc.code in {"invalid_address", "header_injection"}
+        return
+    _assert_wire_safe(raw)
+    message = _parse(raw)
+    assert [n for n in _header_names(raw) if n in {"to", "cc", "bcc"}] == ["to"]
+    [recipient] = message["To"].addresses
+    assert recipient.addr_spec.lower() == address.strip().lower() or "xn--" in recipient.domain
+
+
+def test_deeply_nested_encodings_are_refused() -> None:
+    """A value encoded inside itself many times is an attack, not a subject."""
+    subject = "x"
+    for _ in range(11):  # 11 levels still fit in 998 characters
+        subject = "=?utf-8?b?" + base64.b64encode(subject.encode()).decode() + "?="
+    with pytest.raises(InvalidInput) as caught:
+        build_message(replace(DRAFT, subject=subject))
+    assert caught.value.code == "header_injection"
 
 
 # -- body hash ---------------------------------------------------------------------------

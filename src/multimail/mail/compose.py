@@ -34,6 +34,7 @@ __all__ = [
     "build_message",
     "compose_body",
     "draft_body_sha256",
+    "safe_subject",
     "text_sha256",
 ]
 
@@ -43,6 +44,7 @@ MAX_SUBJECT_CHARS = 998
 MAX_DISPLAY_NAME_CHARS = 256
 MAX_FILENAME_CHARS = 255
 MAX_LINE_OCTETS = 998
+_MAX_DECODE_ROUNDS = 8
 _FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD stay within 78 characters
 
 # 7bit keeps the message deliverable through relays without 8BITMIME.
@@ -135,13 +137,14 @@ class _RawHeader(str):
 
 
 def _decode_like_email_package(value: str) -> str:
-    # Decode with the same parser EmailMessage.__setitem__ uses, until a fixed point:
-    # each round removes at least one encoded-word, so this ends.
-    while True:
+    # Decode with the same parser EmailMessage.__setitem__ uses, until a fixed point.
+    # Honest text is encoded once; nesting deeper than a few levels is an attack.
+    for _ in range(_MAX_DECODE_ROUNDS):
         decoded = str(_DECODE_POLICY.header_factory("x-multimail-check", value))
         if decoded == value:
             return value
         value = decoded
+    raise InvalidInput("a header value is nested in too many encodings", code="header_injection")
 
 
 def _refuse_breaks(value: str, what: str) -> str:
@@ -201,12 +204,13 @@ def safe_subject(subject: str) -> str:
             f"the subject is longer than {MAX_SUBJECT_CHARS} characters", code="subject_too_long"
         )
     value = subject
-    while True:
+    for _ in range(_MAX_DECODE_ROUNDS):
         cleaned = _OTHER_CONTROLS.sub("", _BREAKS.sub(" ", _SURROGATES.sub("\ufffd", value)))
         cleaned = _decode_like_email_package(cleaned)
         if cleaned == value:
             return value
         value = cleaned
+    raise InvalidInput("the subject is nested in too many encodings", code="header_injection")
 
 
 def _message_id(value: str, what: str) -> str:
@@ -294,7 +298,12 @@ def body_sha256(raw_message: bytes) -> str:
     part = message.get_body(preferencelist=("plain",))
     if part is None:
         raise InvalidInput("the message has no text/plain part", code="no_text_part")
-    content = part.get_content()
+    try:
+        content = part.get_content()
+    except LookupError as exc:
+        raise InvalidInput(
+            "the text/plain part has an unknown charset", code="no_text_part"
+        ) from exc
     if not isinstance(content, str):
         raise InvalidInput("the text/plain part could not be decoded", code="no_text_part")
     return text_sha256(content)
