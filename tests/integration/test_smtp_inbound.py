@@ -46,6 +46,8 @@ MESSAGE = (
     b".a line that starts with a dot\r\n"
     b"bye\r\n"
 )
+# MESSAGE as a raw client must put it on the wire: dot-stuffed (RFC 5321 section 4.5.2).
+WIRE = MESSAGE.replace(b"\r\n.", b"\r\n..")
 
 
 @dataclass
@@ -267,7 +269,7 @@ async def test_null_sender_of_a_bounce_is_accepted() -> None:
         assert (await client.command("MAIL FROM:<>")).startswith("250 2.1.0")
         assert (await client.command(f"RCPT TO:<{AGENT}>")).startswith("250")
         assert (await client.command("DATA")).startswith("354")
-        assert (await client.command(MESSAGE + b".\r\n")).startswith("250 2.0.0")
+        assert (await client.command(WIRE + b".\r\n")).startswith("250 2.0.0")
         await client.close()
     assert sink.stored[0].mail_from == ""
 
@@ -326,7 +328,7 @@ async def test_recipients_beyond_the_limit_get_452() -> None:
         assert (await client.command(f"RCPT TO:<a2@{HOSTED}>")).startswith("250")
         assert await client.command(f"RCPT TO:<a3@{HOSTED}>") == "452 4.5.3 Too many recipients"
         assert (await client.command("DATA")).startswith("354")
-        assert (await client.command(MESSAGE + b".\r\n")).startswith("250")
+        assert (await client.command(WIRE + b".\r\n")).startswith("250")
         await client.close()
     assert sink.stored[0].rcpt_tos == tuple(f"a{i}@{HOSTED}" for i in range(3))
 
@@ -363,7 +365,7 @@ async def test_oversized_data_gets_552_and_nothing_is_stored() -> None:
         client = await RawClient.connect(server.port)
         await client.open_transaction()
         assert (await client.command("DATA")).startswith("354")
-        big = MESSAGE + b"x" * 900 + b"\r\n"
+        big = WIRE + b"x" * 900 + b"\r\n"
         reply = await client.command(big * 20 + b".\r\n")
         assert reply.startswith("552 5.3.4")
         assert (await client.command("NOOP")).startswith("250")
@@ -380,7 +382,7 @@ async def test_line_over_the_limit_is_refused_and_one_at_the_limit_is_accepted()
         for length, expected in ((4097, "554 5.3.4"), (4096, "250 2.0.0")):
             assert (await client.command("DATA")).startswith("354")
             line = b"y" * (length - 2) + b"\r\n"
-            assert (await client.command(MESSAGE + line + b".\r\n")).startswith(expected)
+            assert (await client.command(WIRE + line + b".\r\n")).startswith(expected)
             if expected.startswith("554"):
                 await client.command(f"MAIL FROM:<{SENDER}>")
                 await client.command(f"RCPT TO:<{AGENT}>")
@@ -441,7 +443,7 @@ async def test_smuggling_sequence_never_splits_a_message_and_is_refused(sequence
         client = await RawClient.connect(server.port)
         await client.open_transaction()
         assert (await client.command("DATA")).startswith("354")
-        await client.send(MESSAGE + b"outer" + sequence + SMUGGLED + b".\r\nQUIT\r\n")
+        await client.send(WIRE + b"outer" + sequence + SMUGGLED + b".\r\nQUIT\r\n")
         replies = await client.rest()
         await client.close()
     assert replies.startswith(b"550 5.6.0 ")
@@ -536,7 +538,7 @@ async def test_commands_pipelined_behind_starttls_are_not_executed(
         assert (await client.command(f"MAIL FROM:<{SENDER}>")).startswith("250 2.1.0")
         assert (await client.command(f"RCPT TO:<{AGENT}>")).startswith("250")
         assert (await client.command("DATA")).startswith("354")
-        assert (await client.command(MESSAGE + b".\r\n")).startswith("250 2.0.0")
+        assert (await client.command(WIRE + b".\r\n")).startswith("250 2.0.0")
         await client.close()
     [stored] = sink.stored
     assert (stored.mail_from, stored.tls) == (SENDER, True)
@@ -570,7 +572,7 @@ async def test_250_is_sent_only_after_store_returned() -> None:
         client = await RawClient.connect(server.port)
         await client.open_transaction()
         assert (await client.command("DATA")).startswith("354")
-        await client.send(MESSAGE + b".\r\n")
+        await client.send(WIRE + b".\r\n")
         reply = asyncio.create_task(client.reply())
         await asyncio.wait_for(sink.store_started.wait(), 5)
         await asyncio.sleep(0.2)
@@ -601,7 +603,7 @@ async def test_sink_failure_answers_451_without_leaking_details() -> None:
         client = await RawClient.connect(server.port)
         await client.open_transaction()
         assert (await client.command("DATA")).startswith("354")
-        reply = await client.command(MESSAGE + b".\r\n")
+        reply = await client.command(WIRE + b".\r\n")
         await client.close()
     assert reply.startswith("451 4.3.0")
     assert "hunter2" not in reply
@@ -666,7 +668,7 @@ async def test_dribbling_data_is_cut_off_by_the_data_timeout() -> None:
         slow = await RawClient.connect(server.port)
         await slow.open_transaction()
         assert (await slow.command("DATA")).startswith("354")
-        await slow.send(MESSAGE)
+        await slow.send(WIRE)
         hung_up = asyncio.create_task(slow.rest())
         deadline = asyncio.get_running_loop().time() + 3
         # Each line comes well within command_timeout: only the DATA deadline can stop it.
@@ -692,7 +694,7 @@ async def test_stop_hangs_up_on_sessions_but_lets_a_running_store_finish() -> No
     client = await RawClient.connect(server.port)
     await client.open_transaction()
     assert (await client.command("DATA")).startswith("354")
-    await client.send(MESSAGE + b".\r\n")
+    await client.send(WIRE + b".\r\n")
     await asyncio.wait_for(sink.store_started.wait(), 5)
     stopping = asyncio.create_task(server.stop())
     assert await client.rest() == b""  # hung up, and no 250 for a store not yet finished
@@ -711,3 +713,23 @@ def test_limits_below_rfc_minimums_are_refused() -> None:
     for bad in ({"max_line_length": 1000}, {"max_recipients": 0}, {"command_timeout": 0}):
         with pytest.raises(InvalidInput):
             InboundLimits(**bad)  # type: ignore[arg-type]
+
+
+async def test_helo_with_a_bare_cr_cannot_inject_a_header_through_received() -> None:
+    """A CR smuggled in the HELO name is neutralised in our Received line and the envelope."""
+    sink = HostedSink()
+    async with running(sink) as server:
+        client = await RawClient.connect(server.port)
+        assert (await client.reply()).startswith("220")
+        assert (await client.command(b"EHLO evil\rX-Approved: yes\r\n")).startswith("250")
+        await client.command(f"MAIL FROM:<{SENDER}>")
+        await client.command(f"RCPT TO:<{AGENT}>")
+        assert (await client.command("DATA")).startswith("354")
+        assert (await client.command(WIRE + b".\r\n")).startswith("250")
+        await client.close()
+    [stored] = sink.stored
+    trace, body = split_received(stored.data)
+    assert body == MESSAGE
+    assert b"\r" not in trace.replace(b"\r\n", b"")
+    assert b"\nX-Approved" not in stored.data
+    assert "\r" not in stored.helo
