@@ -8,7 +8,7 @@ from multimail import __version__
 from multimail.api import errors
 from multimail.api.limits import BodySizeLimit
 from multimail.api.ratelimit import TokenBucketLimiter
-from multimail.api.routers import admin, system
+from multimail.api.routers import admin, inbox, links, outbound, oversight, system, webhooks
 from multimail.services.context import Services
 
 
@@ -29,5 +29,10 @@ def create_app(services: Services) -> FastAPI:
     errors.install(app)
     app.include_router(system.router)
     app.include_router(admin.router)
+    app.include_router(outbound.router)
+    app.include_router(oversight.router)
+    app.include_router(inbox.router)
+    app.include_router(webhooks.router)
+    app.include_router(links.router)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_request_bytes)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 
 import uvicorn
@@ -12,11 +13,23 @@ from multimail.api.app import create_app
 from multimail.services.context import Services
 
 
-class LiveServer:
-    """Runs the real app under uvicorn in a background thread; ``base_url`` is where it is."""
+Component = Callable[[Services, asyncio.Event], Awaitable[None]]
 
-    def __init__(self, services: Services, host: str = "127.0.0.1") -> None:
+
+class LiveServer:
+    """Runs the real app under uvicorn in a background thread; ``base_url`` is where it is.
+
+    ``components`` are further coroutines run in the same event loop until the server stops
+    (workers, the SMTP server, the webhook dispatcher): each gets the services and a stop event.
+    """
+
+    def __init__(
+        self, services: Services, host: str = "127.0.0.1", components: Sequence[Component] = ()
+    ) -> None:
         self.services = services
+        self.components = list(components)
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.host = host
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -50,15 +63,22 @@ class LiveServer:
 
     async def _serve(self) -> None:
         assert self._server is not None
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
         task = asyncio.create_task(self._server.serve())
+        extra = [asyncio.create_task(c(self.services, self._stop)) for c in self.components]
         while not self._server.started and not task.done():
             await asyncio.sleep(0.01)
         if self._server.servers:
             self.port = self._server.servers[0].sockets[0].getsockname()[1]
         self._started.set()
         await task
+        self._stop.set()
+        await asyncio.gather(*extra, return_exceptions=True)
 
     def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -1,0 +1,7 @@
+"""Routes for oversight (see the module's owner in docs/architecture.md)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

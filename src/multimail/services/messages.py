@@ -1,0 +1,195 @@
+"""One way to look a message up and one way to show it, shared by every reader.
+
+``id``, ``message_id`` and ``email_id`` are the same value (clients in the wild read each of
+them); the RFC 5322 header is ``message_id_header``. Bodies from outside are untrusted: the
+view carries them both where clients read them (``markdown``, ``body_text``) and grouped under
+``body`` with ``untrusted: true`` so agent-facing transports can fence them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from multimail.errors import NotFound
+from multimail.ids import isoformat
+from multimail.services.context import Actor
+from multimail.store.tables import attachments, message_tags, messages, threads
+
+HELD_STATUSES = ("pending_inbound_approval",)
+
+
+def get_row(
+    conn: Connection,
+    actor: Actor,
+    message_ref: str,
+    *,
+    mailbox_id: str | None = None,
+    for_update: bool = False,
+) -> dict[str, Any]:
+    """The caller's message (by ``msg_`` id, or RFC Message-ID); NotFound for anything else."""
+    query = select(messages).where(messages.c.account_id == actor.account_id)
+    if message_ref.startswith("msg_"):
+        query = query.where(messages.c.id == message_ref)
+    else:
+        query = query.where(messages.c.message_id_header == message_ref)
+    if mailbox_id:
+        query = query.where(messages.c.mailbox_id == mailbox_id)
+    if actor.mailbox_ids is not None:
+        query = query.where(messages.c.mailbox_id.in_(actor.mailbox_ids))
+    if for_update and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = conn.execute(query.limit(1)).mappings().first()
+    if row is None:
+        raise NotFound(f"message {message_ref!r} not found", code="message_not_found")
+    return dict(row)
+
+
+def tags_for(conn: Connection, ids: Iterable[str]) -> dict[str, dict[str, str]]:
+    ids = list(ids)
+    out: dict[str, dict[str, str]] = {i: {} for i in ids}
+    if not ids:
+        return out
+    for row in conn.execute(select(message_tags).where(message_tags.c.message_id.in_(ids))):
+        out[row.message_id][row.key] = row.value
+    return out
+
+
+def attachments_for(conn: Connection, ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    ids = list(ids)
+    out: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    if not ids:
+        return out
+    query = select(
+        attachments.c.id,
+        attachments.c.message_id,
+        attachments.c.filename,
+        attachments.c.content_type,
+        attachments.c.size_bytes,
+        attachments.c.inline,
+        attachments.c.content_id,
+        attachments.c.sha256,
+    ).where(attachments.c.message_id.in_(ids))
+    for row in conn.execute(query).mappings():
+        item = dict(row)
+        out[item.pop("message_id")].append(item)
+    return out
+
+
+def public_thread_ids(conn: Connection, thread_ids: Iterable[str | None]) -> dict[str, str]:
+    ids = [t for t in set(thread_ids) if t]
+    if not ids:
+        return {}
+    rows = conn.execute(
+        select(threads.c.id, threads.c.external_id).where(threads.c.id.in_(ids))
+    )
+    return {r.id: (r.external_id or r.id) for r in rows}
+
+
+def _decision(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not row.get("decision"):
+        return None
+    return {
+        "action": row["decision"],
+        "decision": row["decision"],
+        "reviewer": row["reviewer"],
+        "note": row["decision_note"],
+        "decided_at": isoformat(row["decided_at"]),
+        "edited": row.get("original_markdown") is not None or row.get("original_subject") is not None,
+    }
+
+
+def view(
+    row: Mapping[str, Any],
+    *,
+    tags: dict[str, str] | None = None,
+    attachment_list: list[dict[str, Any]] | None = None,
+    thread_public_id: str | None = None,
+) -> dict[str, Any]:
+    """The JSON shape of a message everywhere it appears (API, events, pending queue)."""
+    inbound = row["direction"] == "inbound"
+    decision = _decision(row)
+    text = row.get("text") if row.get("text") is not None else row.get("markdown")
+    data: dict[str, Any] = {
+        "id": row["id"],
+        "message_id": row["id"],
+        "email_id": row["id"],
+        "mailbox_id": row["mailbox_id"],
+        "thread_id": thread_public_id or row.get("thread_id"),
+        "direction": row["direction"],
+        "status": row["status"],
+        "test": bool(row.get("test")),
+        "from": row.get("from_address"),
+        "from_name": row.get("from_name"),
+        "sender": row.get("from_address"),
+        "to": list(row.get("to") or []),
+        "cc": list(row.get("cc") or []),
+        "subject": row.get("subject") or "",
+        "markdown": row.get("markdown") or "",
+        "body_text": text or "",
+        "html": row.get("html"),
+        "body": {
+            "untrusted": inbound,
+            "markdown": row.get("markdown") or "",
+            "text": text or "",
+            "html": row.get("html"),
+            "quoted_text": row.get("quoted_text"),
+        },
+        "metadata": row.get("metadata") or {},
+        "tags": tags or {},
+        "attachments": attachment_list or [],
+        "message_id_header": row.get("message_id_header"),
+        "in_reply_to": row.get("in_reply_to"),
+        "references": list(row.get("references") or []),
+        "reply_to_email_id": row.get("reply_to_email_id"),
+        "oversight_mode": row.get("oversight_mode"),
+        "scan_findings": row.get("scan_findings") or [],
+        "decision": decision,
+        "rejection_note": row.get("decision_note") if row.get("decision") == "reject" else None,
+        "send_at": isoformat(row.get("send_at")),
+        "gate_timing": row.get("gate_timing"),
+        "created_at": isoformat(row["created_at"]),
+        "updated_at": isoformat(row.get("updated_at")),
+        "delivered_at": isoformat(row.get("delivered_at")),
+        "read_at": isoformat(row.get("read_at")),
+        "attempts": row.get("attempts") or 0,
+        "last_error": row.get("last_error"),
+        "bounce_type": row.get("bounce_type"),
+        "size_bytes": row.get("size_bytes") or 0,
+    }
+    if not inbound:
+        data["bcc"] = list(row.get("bcc") or [])
+        data["draft_body"] = data["markdown"]
+        if row.get("original_markdown") is not None or row.get("original_subject") is not None:
+            data["original_draft"] = {
+                "subject": row.get("original_subject") or row.get("subject"),
+                "markdown": row.get("original_markdown") or row.get("markdown"),
+            }
+    else:
+        data["auth_results"] = row.get("auth_results")
+        data["spam_score"] = row.get("spam_score")
+        data["spam_reasons"] = row.get("spam_reasons") or []
+    return data
+
+
+def views(conn: Connection, rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Views for many rows with their tags, attachments and thread ids in three queries."""
+    ids = [r["id"] for r in rows]
+    tags = tags_for(conn, ids)
+    atts = attachments_for(conn, ids)
+    thread_ids = public_thread_ids(conn, [r.get("thread_id") for r in rows])
+    return [
+        view(
+            r,
+            tags=tags[r["id"]],
+            attachment_list=atts[r["id"]],
+            thread_public_id=thread_ids.get(r.get("thread_id") or ""),
+        )
+        for r in rows
+    ]
+
+
+def full_view(conn: Connection, row: Mapping[str, Any]) -> dict[str, Any]:
+    return views(conn, [row])[0]

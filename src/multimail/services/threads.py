@@ -1,0 +1,167 @@
+"""Threads: stitched by Message-ID / In-Reply-To / References, or by a caller's ``thread_id``.
+
+The thread id callers see is their own (``zd-4711``) when they chose one, else ours
+(``thr_…``); either is accepted wherever a thread is named.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, insert, or_, select, update
+
+from multimail.errors import InvalidInput, NotFound
+from multimail.ids import new_id, utcnow
+from multimail.services.context import Actor
+from multimail.store.tables import messages, threads
+
+_PREFIX = re.compile(r"^\s*((re|fw|fwd|aw|sv|wg)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
+_EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,199}$")
+
+
+def normalize_subject(subject: str | None) -> str:
+    """``Re: Fwd: Hello`` → ``hello``: the subject-fallback key."""
+    return " ".join(_PREFIX.sub("", subject or "").split()).lower()[:300]
+
+
+def public_thread_id(row: Any) -> str:
+    return str(row["external_id"] or row["id"])
+
+
+def _create(
+    conn: Connection, *, account_id: str, mailbox_id: str, subject: str | None,
+    external_id: str | None = None,
+) -> dict[str, Any]:
+    now = utcnow()
+    record = {
+        "id": new_id("thr"),
+        "account_id": account_id,
+        "mailbox_id": mailbox_id,
+        "external_id": external_id,
+        "subject": subject,
+        "normalized_subject": normalize_subject(subject),
+        "message_count": 0,
+        "created_at": now,
+        "last_activity_at": now,
+    }
+    conn.execute(insert(threads).values(**record))
+    return record
+
+
+def for_outbound(
+    conn: Connection,
+    *,
+    account_id: str,
+    mailbox_id: str,
+    subject: str | None,
+    external_id: str | None = None,
+    replying_to: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The thread an outbound message joins: the caller's, the one it replies in, or a new one."""
+    if external_id is not None:
+        if not _EXTERNAL_ID.match(external_id):
+            raise InvalidInput(
+                "thread_id may hold letters, digits and . _ : @ / + - (at most 200 characters)",
+                code="invalid_thread_id",
+            )
+        if external_id.startswith("thr_"):
+            row = conn.execute(
+                select(threads).where(
+                    threads.c.id == external_id, threads.c.mailbox_id == mailbox_id
+                )
+            ).mappings().first()
+            if row is None:
+                raise NotFound(f"thread {external_id!r} not found in this mailbox",
+                               code="thread_not_found")
+            return dict(row)
+        row = conn.execute(
+            select(threads).where(
+                threads.c.mailbox_id == mailbox_id, threads.c.external_id == external_id
+            )
+        ).mappings().first()
+        if row is not None:
+            return dict(row)
+        if replying_to is None:
+            return _create(conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject,
+                           external_id=external_id)
+    if replying_to is not None and replying_to.get("thread_id"):
+        row = conn.execute(
+            select(threads).where(threads.c.id == replying_to["thread_id"])
+        ).mappings().first()
+        if row is not None:
+            if external_id and not row["external_id"]:
+                conn.execute(update(threads).where(threads.c.id == row["id"])
+                             .values(external_id=external_id))
+                row = {**row, "external_id": external_id}
+            return dict(row)
+    return _create(conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject,
+                   external_id=external_id)
+
+
+def for_inbound(
+    conn: Connection,
+    *,
+    account_id: str,
+    mailbox_id: str,
+    subject: str | None,
+    in_reply_to: str | None,
+    references: Sequence[str],
+) -> dict[str, Any]:
+    """Join the thread of any message this one refers to; subject fallback only without headers."""
+    wanted = [r for r in [in_reply_to, *references] if r]
+    if wanted:
+        row = conn.execute(
+            select(messages.c.thread_id)
+            .where(
+                messages.c.mailbox_id == mailbox_id,
+                messages.c.message_id_header.in_(wanted),
+                messages.c.thread_id.is_not(None),
+            )
+            .order_by(messages.c.id.desc())
+            .limit(1)
+        ).first()
+        if row is not None:
+            thread = conn.execute(select(threads).where(threads.c.id == row.thread_id)).mappings()
+            found = thread.first()
+            if found is not None:
+                return dict(found)
+    else:
+        key = normalize_subject(subject)
+        if key:
+            found = conn.execute(
+                select(threads)
+                .where(threads.c.mailbox_id == mailbox_id, threads.c.normalized_subject == key)
+                .order_by(threads.c.last_activity_at.desc())
+                .limit(1)
+            ).mappings().first()
+            if found is not None:
+                return dict(found)
+    return _create(conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject)
+
+
+def touch(conn: Connection, thread_id: str, at: datetime | None = None) -> None:
+    conn.execute(
+        update(threads)
+        .where(threads.c.id == thread_id)
+        .values(message_count=threads.c.message_count + 1, last_activity_at=at or utcnow())
+    )
+
+
+def resolve(conn: Connection, actor: Actor, ref: str, mailbox_id: str | None = None) -> dict[str, Any]:
+    """A thread of the caller's account by our id or the caller's id."""
+    query = select(threads).where(
+        threads.c.account_id == actor.account_id,
+        or_(threads.c.id == ref, threads.c.external_id == ref),
+    )
+    if mailbox_id:
+        query = query.where(threads.c.mailbox_id == mailbox_id)
+    if actor.mailbox_ids is not None:
+        query = query.where(threads.c.mailbox_id.in_(actor.mailbox_ids))
+    row = conn.execute(query.order_by(threads.c.last_activity_at.desc()).limit(1)).mappings()
+    found = row.first()
+    if found is None:
+        raise NotFound(f"thread {ref!r} not found", code="thread_not_found")
+    return dict(found)

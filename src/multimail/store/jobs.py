@@ -1,0 +1,177 @@
+"""The job queue: a table with lock columns, claimed with ``FOR UPDATE SKIP LOCKED`` + leases.
+
+A job is enqueued in the same transaction as the state change that needs it, so it exists
+exactly when the change does. A worker claims a due job by setting ``locked_by`` and a lease
+(``locked_until``); a worker that dies leaves a lease that expires, and another worker picks
+the job up. On SQLite (one writer at a time) the claim is one ``BEGIN IMMEDIATE`` transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from multimail.ids import aware, new_id, utcnow
+from multimail.store.db import Database
+from multimail.store.tables import jobs
+
+DEFAULT_LEASE = timedelta(minutes=2)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+
+
+def enqueue(
+    conn: Connection,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    run_at: datetime | None = None,
+    dedupe_key: str | None = None,
+    max_attempts: int = 50,
+) -> str | None:
+    """Add a job inside the caller's transaction; a repeated ``dedupe_key`` adds nothing."""
+    now = utcnow()
+    record = {
+        "id": new_id("job"),
+        "kind": kind,
+        "payload": json.loads(json.dumps(payload, default=str)),
+        "status": "pending",
+        "run_at": run_at or now,
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "dedupe_key": dedupe_key,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if dedupe_key is not None:
+        exists = conn.execute(select(jobs.c.id).where(jobs.c.dedupe_key == dedupe_key)).first()
+        if exists is not None:
+            return None
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(jobs).values(**record))
+        except IntegrityError:
+            return None
+        return str(record["id"])
+    conn.execute(insert(jobs).values(**record))
+    return str(record["id"])
+
+
+def claim(
+    db: Database,
+    worker: str,
+    *,
+    kinds: list[str] | None = None,
+    limit: int = 10,
+    lease: timedelta = DEFAULT_LEASE,
+) -> list[Job]:
+    """Take up to ``limit`` due jobs (or jobs whose lease ran out) for this worker."""
+    now = utcnow()
+    with db.write() as conn:
+        query = (
+            select(jobs)
+            .where(
+                jobs.c.run_at <= now,
+                or_(
+                    jobs.c.status == "pending",
+                    and_(jobs.c.status == "running", jobs.c.locked_until < now),
+                ),
+            )
+            .order_by(jobs.c.run_at)
+            .limit(limit)
+        )
+        if kinds:
+            query = query.where(jobs.c.kind.in_(kinds))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = conn.execute(query).mappings().all()
+        claimed: list[Job] = []
+        for row in rows:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == row["id"])
+                .values(
+                    status="running",
+                    locked_by=worker,
+                    locked_until=now + lease,
+                    attempts=jobs.c.attempts + 1,
+                    updated_at=now,
+                )
+            )
+            payload = row["payload"]
+            if not isinstance(payload, dict):
+                # A corrupt row must not stop the queue: quarantine it and move on.
+                conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == row["id"])
+                    .values(status="quarantined", last_error="payload is not an object")
+                )
+                continue
+            claimed.append(
+                Job(
+                    id=row["id"],
+                    kind=row["kind"],
+                    payload=payload,
+                    attempts=row["attempts"] + 1,
+                    max_attempts=row["max_attempts"],
+                    created_at=aware(row["created_at"]),
+                )
+            )
+    return claimed
+
+
+def complete(conn: Connection, job_id: str, worker: str) -> bool:
+    """Mark done; False when this worker no longer holds the job (its lease was taken over)."""
+    result = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.locked_by == worker)
+        .values(status="done", locked_by=None, locked_until=None, updated_at=utcnow())
+    )
+    return bool(result.rowcount)
+
+
+def retry(conn: Connection, job_id: str, worker: str, *, run_at: datetime, error: str) -> None:
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.locked_by == worker)
+        .values(
+            status="pending",
+            run_at=run_at,
+            locked_by=None,
+            locked_until=None,
+            last_error=error[:2000],
+            updated_at=utcnow(),
+        )
+    )
+
+
+def fail(conn: Connection, job_id: str, worker: str, *, error: str) -> None:
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.locked_by == worker)
+        .values(status="failed", locked_by=None, locked_until=None, last_error=error[:2000],
+                updated_at=utcnow())
+    )
+
+
+def extend_lease(db: Database, job_id: str, worker: str, lease: timedelta = DEFAULT_LEASE) -> bool:
+    with db.write() as conn:
+        result = conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.locked_by == worker, jobs.c.status == "running")
+            .values(locked_until=utcnow() + lease)
+        )
+    return bool(result.rowcount)
