@@ -183,7 +183,8 @@ def keys_list(as_json: JsonOpt = False) -> None:
     for row in rows:
         state = "revoked" if row["revoked"] else "active"
         typer.echo(
-            f"{row['id']}  {row['prefix']}…  {row['name']:<16} {','.join(row['scopes']):<20} {state}"
+            f"{row['id']}  {row['prefix']}…  {row['name']:<16} "
+            f"{','.join(row['scopes']):<20} {state}"
         )
 
 
@@ -267,7 +268,9 @@ def mailbox_configure(
         _fail(exc)
         return
     typer.echo(
-        json.dumps(view) if as_json else f"{view['id']}  {view['address']}  {view['oversight_mode']}"
+        json.dumps(view)
+        if as_json
+        else f"{view['id']}  {view['address']}  {view['oversight_mode']}"
     )
 
 
@@ -286,7 +289,9 @@ def audit_verify(as_json: JsonOpt = False) -> None:
         typer.echo(f"audit chain intact: {result.checked} entries, head seq {result.last_seq}")
     else:
         assert result.first_break is not None
-        typer.echo(f"AUDIT CHAIN BROKEN at entry {result.first_break.seq}: "
-                   f"{result.first_break.explanation}")
+        typer.echo(
+            f"AUDIT CHAIN BROKEN at entry {result.first_break.seq}: "
+            f"{result.first_break.explanation}"
+        )
     if not result.ok:
         raise typer.Exit(1)

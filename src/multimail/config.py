@@ -23,7 +23,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MULTIMAIL_", extra="ignore")
 
-    data_dir: Path = Field(Path(".multimail"), description="Where the SQLite file, keys and spool live.")
+    data_dir: Path = Field(
+        Path(".multimail"), description="Where the SQLite file, keys and spool live."
+    )
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL; unset = SQLite in the data dir. PostgreSQL: "
@@ -38,22 +40,38 @@ class Settings(BaseSettings):
         description="Outbound relay, e.g. smtp://user:pass@host:587?starttls=true; "
         "unset = deliver directly to recipients' MX hosts.",
     )
-    domain: str = Field("localhost", description="The server's own mail domain (needs no verification).")
-    dns_resolver: str | None = Field(None, description="DNS resolver as host:port; unset = system resolver.")
-    mx_port: int = Field(25, description="Port used when delivering to MX hosts (tests point it at a local server).")
+    domain: str = Field(
+        "localhost", description="The server's own mail domain (needs no verification)."
+    )
+    dns_resolver: str | None = Field(
+        None, description="DNS resolver as host:port; unset = system resolver."
+    )
+    mx_port: int = Field(
+        25, description="Port used when delivering to MX hosts (tests point it at a local server)."
+    )
     public_url: str | None = Field(
         None,
         description="Base URL of links in emails (approve, unsubscribe); "
         "unset = http://<http_host>:<http_port>.",
     )
     allow_private_webhooks: bool = Field(
-        False, description="Allow webhook targets on loopback/private networks (local development and tests only)."
+        False,
+        description="Allow webhook targets on loopback/private networks "
+        "(local development and tests only).",
     )
-    allow_http_webhooks: bool = Field(False, description="Allow http:// webhook URLs (local development only).")
-    max_request_bytes: int = Field(40 * 1024 * 1024, description="Largest accepted HTTP request body.")
-    max_message_bytes: int = Field(25 * 1024 * 1024, description="Largest message, inbound or outbound.")
+    allow_http_webhooks: bool = Field(
+        False, description="Allow http:// webhook URLs (local development only)."
+    )
+    max_request_bytes: int = Field(
+        40 * 1024 * 1024, description="Largest accepted HTTP request body."
+    )
+    max_message_bytes: int = Field(
+        25 * 1024 * 1024, description="Largest message, inbound or outbound."
+    )
     max_recipients: int = Field(50, description="Recipients per message.")
-    rate_limit_per_minute: int = Field(600, description="Requests per API key per minute (token bucket).")
+    rate_limit_per_minute: int = Field(
+        600, description="Requests per API key per minute (token bucket)."
+    )
     rate_limit_burst: int = Field(120, description="Bucket size of the per-key request rate limit.")
     role: Role = Field("all", description="What `serve` runs: all, api, smtp or worker.")
     secret_key: SecretStr | None = Field(
@@ -105,7 +123,9 @@ def load_settings(**overrides: Any) -> Settings:
     )
     if candidate.is_file():
         toml = _toml_values(candidate)
-    env_names = {name for name in Settings.model_fields if f"MULTIMAIL_{name.upper()}" in os.environ}
+    env_names = {
+        name for name in Settings.model_fields if f"MULTIMAIL_{name.upper()}" in os.environ
+    }
     # The environment must beat the file: drop file values the environment also sets.
     init = {k: v for k, v in toml.items() if k not in env_names}
     init.update(overrides)

@@ -13,8 +13,26 @@ from datetime import UTC, datetime
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PREFIXES = frozenset(
-    {"acct", "mbx", "msg", "thr", "key", "whk", "evt", "dom", "con", "usr", "job", "sup", "att",
-     "dlv", "apc", "ckp", "inb", "alw"}
+    {
+        "acct",
+        "mbx",
+        "msg",
+        "thr",
+        "key",
+        "whk",
+        "evt",
+        "dom",
+        "con",
+        "usr",
+        "job",
+        "sup",
+        "att",
+        "dlv",
+        "apc",
+        "ckp",
+        "inb",
+        "alw",
+    }
 )
 
 _lock = threading.Lock()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import signal
+from collections.abc import Iterator
 from pathlib import Path
+
+import uvicorn
 
 from multimail.config import Settings
 from multimail.services.context import Services
@@ -15,6 +19,14 @@ from multimail.store import migrate
 from multimail.store.db import Database
 
 log = logging.getLogger("multimail")
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our own loop: signals are ours, so it must not install its handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def _secret_file(data_dir: Path) -> bytes:
@@ -40,8 +52,6 @@ def build_services(settings: Settings, *, run_migrations: bool = True) -> Servic
 
 async def serve(services: Services, *, role: str = "all") -> None:
     """Run the parts of MultiMail this role asks for until SIGINT/SIGTERM."""
-    import uvicorn
-
     from multimail.api.app import create_app
 
     settings = services.settings
@@ -51,7 +61,7 @@ async def serve(services: Services, *, role: str = "all") -> None:
         loop.add_signal_handler(sig, stop.set)
 
     tasks: list[asyncio.Task[object]] = []
-    server: uvicorn.Server | None = None
+    server: EmbeddedServer | None = None
     if role in ("all", "api"):
         config = uvicorn.Config(
             create_app(services),
@@ -61,9 +71,7 @@ async def serve(services: Services, *, role: str = "all") -> None:
             access_log=False,
             lifespan="on",
         )
-        server = uvicorn.Server(config)
-        # Signals are ours: uvicorn would otherwise install its own handlers and swallow them.
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server = EmbeddedServer(config)
         tasks.append(asyncio.create_task(server.serve()))
     await stop.wait()
     if server is not None:

@@ -17,7 +17,9 @@ from multimail.testing.server import LiveServer
 from tests.conftest import Api
 
 
-def assert_envelope(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+def assert_envelope(
+    response: httpx.Response, status: int, code: str | None = None
+) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
     assert isinstance(body.get("error"), str) and body["error"]
@@ -63,9 +65,7 @@ def test_missing_bad_and_revoked_keys_are_refused(api: Api, boot: accounts.Boots
     assert temp.get("/v1/mailboxes").status_code == 200
     assert admin.delete(f"/v1/api-keys/{created['id']}").json()["revoked"] is True
     assert_envelope(temp.get("/v1/mailboxes"), 401, "api_key_revoked")
-    via_header = httpx.get(
-        f"{api.base_url}/v1/mailboxes", headers={"X-API-Key": boot.agent_key}
-    )
+    via_header = httpx.get(f"{api.base_url}/v1/mailboxes", headers={"X-API-Key": boot.agent_key})
     assert via_header.status_code == 200
 
 
@@ -137,7 +137,11 @@ def test_mailbox_lifecycle_by_id_and_by_address(api: Api, boot: accounts.Bootstr
     admin = api.client(boot.admin_key)
     created = admin.post(
         "/v1/mailboxes",
-        json={"address": "Support@MM.test", "display_name": "Support", "oversight_mode": "gated_all"},
+        json={
+            "address": "Support@MM.test",
+            "display_name": "Support",
+            "oversight_mode": "gated_all",
+        },
     )
     assert created.status_code == 201, created.text
     box = created.json()
@@ -165,8 +169,9 @@ def test_mailbox_lifecycle_by_id_and_by_address(api: Api, boot: accounts.Bootstr
 def test_mailbox_bad_input_leaves_nothing_behind(api: Api, boot: accounts.Bootstrap) -> None:
     """Bad address, foreign domain, duplicate, bad mode: 4xx with a code, nothing created."""
     admin = api.client(boot.admin_key)
-    assert_envelope(admin.post("/v1/mailboxes", json={"address": "not an address"}), 422,
-                    "invalid_address")
+    assert_envelope(
+        admin.post("/v1/mailboxes", json={"address": "not an address"}), 422, "invalid_address"
+    )
     body = assert_envelope(
         admin.post("/v1/mailboxes", json={"address": "ceo@bank.example"}), 422, "domain_not_owned"
     )
@@ -178,11 +183,10 @@ def test_mailbox_bad_input_leaves_nothing_behind(api: Api, boot: accounts.Bootst
     )
     assert_envelope(admin.post("/v1/mailboxes", json={}), 422, "missing_address")
     assert admin.post("/v1/mailboxes", json={"address": "dup@mm.test"}).status_code == 201
-    assert_envelope(admin.post("/v1/mailboxes", json={"address": "DUP@mm.test"}), 409,
-                    "address_taken")
-    assert [m["address"] for m in admin.get("/v1/mailboxes").json()["mailboxes"]] == [
-        "dup@mm.test"
-    ]
+    assert_envelope(
+        admin.post("/v1/mailboxes", json={"address": "DUP@mm.test"}), 409, "address_taken"
+    )
+    assert [m["address"] for m in admin.get("/v1/mailboxes").json()["mailboxes"]] == ["dup@mm.test"]
 
 
 def test_api_keys_cannot_loosen_a_mailbox_but_can_tighten(
@@ -209,12 +213,12 @@ def test_contacts_and_suppressions(api: Api, boot: accounts.Bootstrap, services:
     """Contacts: create, search, delete; suppressions: list, check, delete."""
     agent = api.client(boot.agent_key)
     contact = agent.post(
-        "/v1/contacts", json={"email": "Jane@Customer.example", "name": "Jane Doe",
-                              "tags": ["vip"]}
+        "/v1/contacts", json={"email": "Jane@Customer.example", "name": "Jane Doe", "tags": ["vip"]}
     )
     assert contact.status_code == 201
-    assert_envelope(agent.post("/v1/contacts", json={"email": "jane@customer.example"}), 409,
-                    "contact_exists")
+    assert_envelope(
+        agent.post("/v1/contacts", json={"email": "jane@customer.example"}), 409, "contact_exists"
+    )
     assert_envelope(agent.post("/v1/contacts", json={"email": "nope"}), 422, "invalid_address")
     found = agent.get("/v1/contacts", params={"q": "jane"}).json()["contacts"]
     assert [c["email"] for c in found] == ["jane@customer.example"]
@@ -223,8 +227,13 @@ def test_contacts_and_suppressions(api: Api, boot: accounts.Bootstrap, services:
     from multimail.services.context import SYSTEM
 
     with services.db.write() as conn:
-        directory.suppress(conn, actor=SYSTEM, account_id=boot.account["id"],
-                           address="gone@customer.example", reason="hard_bounce")
+        directory.suppress(
+            conn,
+            actor=SYSTEM,
+            account_id=boot.account["id"],
+            address="gone@customer.example",
+            reason="hard_bounce",
+        )
     listed = agent.get("/v1/suppression").json()["suppressions"]
     assert [s["address"] for s in listed] == ["gone@customer.example"]
     check = agent.get("/v1/suppression", params={"address": "gone@customer.example"}).json()
@@ -307,12 +316,12 @@ def test_audit_rows_cannot_be_updated_and_tampering_is_located(
     admin.post("/v1/contacts", json={"email": "t@x.example"})
     target = 3
     with pytest.raises(Exception, match="append-only"), services.db.write() as conn:
-        conn.execute(
-            audit_entries.update().where(audit_entries.c.seq == target).values(action="x")
-        )
+        conn.execute(audit_entries.update().where(audit_entries.c.seq == target).values(action="x"))
     with services.db.write() as conn:
         if services.db.dialect == "postgresql":
-            conn.execute(text("ALTER TABLE audit_entries DISABLE TRIGGER audit_entries_append_only"))
+            conn.execute(
+                text("ALTER TABLE audit_entries DISABLE TRIGGER audit_entries_append_only")
+            )
         else:
             conn.execute(text("DROP TRIGGER audit_entries_no_update"))
         conn.execute(
@@ -331,8 +340,9 @@ def test_rate_limit_answers_429_with_headers(settings: Settings, boot: accounts.
     tight = settings.model_copy(update={"rate_limit_per_minute": 60, "rate_limit_burst": 5})
     svc = build_services(tight)
     with LiveServer(svc) as server:
-        client = httpx.Client(base_url=server.base_url,
-                              headers={"Authorization": f"Bearer {boot.agent_key}"})
+        client = httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {boot.agent_key}"}
+        )
         codes = [client.get("/v1/mailboxes") for _ in range(8)]
         ok = [r for r in codes if r.status_code == 200]
         limited = [r for r in codes if r.status_code == 429]
@@ -342,8 +352,10 @@ def test_rate_limit_answers_429_with_headers(settings: Settings, boot: accounts.
         assert int(blocked.headers["Retry-After"]) >= 1
         assert blocked.headers["RateLimit-Remaining"] == "0"
         assert_envelope(blocked, 429, "rate_limited")
-        other = httpx.get(f"{server.base_url}/v1/mailboxes",
-                          headers={"Authorization": f"Bearer {boot.reviewer_key}"})
+        other = httpx.get(
+            f"{server.base_url}/v1/mailboxes",
+            headers={"Authorization": f"Bearer {boot.reviewer_key}"},
+        )
         assert other.status_code == 200
         client.close()
     svc.db.dispose()
@@ -365,8 +377,11 @@ def test_oversized_requests_are_refused_before_reading(
             for _ in range(10):
                 yield b" " * 1024
 
-        streamed = httpx.post(f"{server.base_url}/v1/contacts", content=chunks(),
-                              headers=headers | {"content-type": "application/json"})
+        streamed = httpx.post(
+            f"{server.base_url}/v1/contacts",
+            content=chunks(),
+            headers=headers | {"content-type": "application/json"},
+        )
         assert_envelope(streamed, 413, "payload_too_large")
         listed = httpx.get(f"{server.base_url}/v1/contacts", headers=headers).json()
         assert listed["contacts"] == []
@@ -380,8 +395,12 @@ def test_account_endpoints(api: Api, boot: accounts.Bootstrap) -> None:
     assert account["id"] == boot.account["id"] and account["sending_enabled"] is True
     assert "quota" in account
     admin = api.client(boot.admin_key)
-    assert_envelope(admin.patch("/v1/account", json={"oversight_email": "nope"}), 422,
-                    "invalid_address")
-    assert admin.patch("/v1/account", json={"oversight_email": "Boss@x.example"}).json()[
-        "oversight_email"
-    ] == "boss@x.example"
+    assert_envelope(
+        admin.patch("/v1/account", json={"oversight_email": "nope"}), 422, "invalid_address"
+    )
+    assert (
+        admin.patch("/v1/account", json={"oversight_email": "Boss@x.example"}).json()[
+            "oversight_email"
+        ]
+        == "boss@x.example"
+    )

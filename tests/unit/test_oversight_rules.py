@@ -25,8 +25,9 @@ modes = st.sampled_from(list(OversightMode))
 
 
 @given(modes, modes)
-def test_a_request_can_tighten_but_never_loosen_the_mailbox_mode(mailbox: OversightMode,
-                                                                 requested: OversightMode) -> None:
+def test_a_request_can_tighten_but_never_loosen_the_mailbox_mode(
+    mailbox: OversightMode, requested: OversightMode
+) -> None:
     """The effective mode is never looser than either the mailbox's or the request's."""
     effective = effective_mode(mailbox, requested)
     assert not is_loosening(mailbox, effective)
@@ -69,8 +70,10 @@ def test_no_walk_reaches_delivery_without_passing_queued(path: list[Status]) -> 
             current = nxt
             seen.append(current)
     if Status.SENDING in seen or Status.DELIVERED in seen:
-        assert Status.QUEUED in seen[: seen.index(Status.SENDING if Status.SENDING in seen
-                                                  else Status.DELIVERED)]
+        assert (
+            Status.QUEUED
+            in seen[: seen.index(Status.SENDING if Status.SENDING in seen else Status.DELIVERED)]
+        )
 
 
 def test_rejected_and_cancelled_messages_can_never_be_sent() -> None:
@@ -95,8 +98,9 @@ def test_gated_mail_waits_for_approval_unless_allowlisted(
     mode: OversightMode, scheduled: bool, timing: GateTiming, allowlisted: bool
 ) -> None:
     """Gated modes never go straight to queued unless every recipient is allowlisted."""
-    status = first_outbound_status(mode, scheduled=scheduled, timing=timing,
-                                   allowlisted=allowlisted)
+    status = first_outbound_status(
+        mode, scheduled=scheduled, timing=timing, allowlisted=allowlisted
+    )
     if outbound_is_gated(mode) and not allowlisted:
         assert status in (Status.PENDING_SEND_APPROVAL, Status.SCHEDULED)
         if status is Status.SCHEDULED:

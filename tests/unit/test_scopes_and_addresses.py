@@ -41,8 +41,17 @@ def test_admin_implies_read_only() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "plain", "a@", "@b.com", "a b@c.com", "x@-bad.com", "Name <a@b.com>", "a@b.com\r\nBcc: x@y",
-     "a@b..com"],
+    [
+        "",
+        "plain",
+        "a@",
+        "@b.com",
+        "a b@c.com",
+        "x@-bad.com",
+        "Name <a@b.com>",
+        "a@b.com\r\nBcc: x@y",
+        "a@b..com",
+    ],
 )
 def test_bad_addresses_are_refused(bad: str) -> None:
     """Anything but a plain address is refused with a reason."""

@@ -36,7 +36,9 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str, str, list[dict[str, Any]]]:
+def _describe_validation(
+    errors: list[dict[str, Any]],
+) -> tuple[int, str, str, list[dict[str, Any]]]:
     details = []
     for err in errors:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]

@@ -30,7 +30,7 @@ def normalize_address(address: str) -> str:
     if not isinstance(address, str):
         raise AddressError("an address must be a string like name@example.com")
     value = address.strip()
-    if any(c in value for c in "\r\n\0 <>\"(),;:[]\\"):
+    if any(c in value for c in '\r\n\0 <>"(),;:[]\\'):
         raise AddressError(
             f"{address!r} is not a plain email address; give it as name@example.com "
             "without a display name, spaces or brackets"

@@ -54,7 +54,7 @@ class ChainBreak:
 
 @dataclass
 class ChainVerifier:
-    """Feeds entries in ``seq`` order, one at a time, so a million-row log streams in flat memory."""
+    """Checks entries fed in ``seq`` order one at a time: a million-row log in flat memory."""
 
     expected_prev: str = GENESIS_HASH
     expected_seq: int | None = None

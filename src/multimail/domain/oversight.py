@@ -150,8 +150,9 @@ def check_transition(current: Status, new: Status) -> None:
         raise TransitionError(current, new)
 
 
-def first_outbound_status(mode: OversightMode, *, scheduled: bool, timing: GateTiming,
-                          allowlisted: bool) -> Status:
+def first_outbound_status(
+    mode: OversightMode, *, scheduled: bool, timing: GateTiming, allowlisted: bool
+) -> Status:
     """Where a message that passed its scan goes next.
 
     Gated mail waits for approval unless every recipient is on the mailbox's allowlist;

@@ -38,7 +38,7 @@ def create_account(
             oversight_email = normalize_address(oversight_email)
         except AddressError as exc:
             raise InvalidInput(str(exc), code="invalid_address") from None
-    record = {
+    record: dict[str, Any] = {
         "id": new_id("acct"),
         "name": name.strip() or "MultiMail",
         "oversight_email": oversight_email,
@@ -94,7 +94,9 @@ def account_view(conn: Connection, account_id: str) -> dict[str, Any]:
         "daily_send_quota": row["daily_send_quota"],
         "sent_today": sent_today,
         "remaining_today": (
-            None if row["daily_send_quota"] is None else max(0, row["daily_send_quota"] - sent_today)
+            None
+            if row["daily_send_quota"] is None
+            else max(0, row["daily_send_quota"] - sent_today)
         ),
     }
     data["sending_enabled"] = bool(row["sending_enabled"]) and not bool(row["paused"])
@@ -169,7 +171,7 @@ def create_operator(
     ).first()
     if exists:
         raise Conflict(f"an operator {email} already exists", code="operator_exists")
-    record = {
+    record: dict[str, Any] = {
         "id": new_id("usr"),
         "account_id": account_id,
         "email": email,

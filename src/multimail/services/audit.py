@@ -68,7 +68,7 @@ def append(
     return entry
 
 
-def row_to_entry(row: Mapping[str, Any]) -> dict[str, Any]:
+def row_to_entry(row: Mapping[str, Any] | Any) -> dict[str, Any]:
     entry = dict(row)
     entry["details"] = json.loads(entry["details"] or "{}")
     return entry
@@ -79,12 +79,16 @@ def iter_entries(db: Database, *, batch: int = 5000) -> Iterator[dict[str, Any]]
     last = 0
     while True:
         with db.read() as conn:
-            rows = conn.execute(
-                select(audit_entries)
-                .where(audit_entries.c.seq > last)
-                .order_by(audit_entries.c.seq)
-                .limit(batch)
-            ).mappings().all()
+            rows = (
+                conn.execute(
+                    select(audit_entries)
+                    .where(audit_entries.c.seq > last)
+                    .order_by(audit_entries.c.seq)
+                    .limit(batch)
+                )
+                .mappings()
+                .all()
+            )
         if not rows:
             return
         for row in rows:

@@ -49,7 +49,7 @@ def add_contact(
     notes: str | None = None,
 ) -> dict[str, Any]:
     now = utcnow()
-    record = {
+    record: dict[str, Any] = {
         "id": new_id("con"),
         "account_id": actor.account_id,
         "name": (name or "").strip() or None,
@@ -78,8 +78,13 @@ def add_contact(
 
 
 def search_contacts(
-    conn: Connection, *, actor: Actor, q: str | None = None, tag: str | None = None,
-    limit: int | None = None, offset: int = 0,
+    conn: Connection,
+    *,
+    actor: Actor,
+    q: str | None = None,
+    tag: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
     query = select(contacts).where(contacts.c.account_id == actor.account_id)
     if q:
@@ -93,11 +98,15 @@ def search_contacts(
 
 
 def delete_contact(conn: Connection, *, actor: Actor, contact_id: str) -> dict[str, Any]:
-    row = conn.execute(
-        select(contacts).where(
-            contacts.c.id == contact_id, contacts.c.account_id == actor.account_id
+    row = (
+        conn.execute(
+            select(contacts).where(
+                contacts.c.id == contact_id, contacts.c.account_id == actor.account_id
+            )
         )
-    ).mappings().first()
+        .mappings()
+        .first()
+    )
     if row is None:
         raise NotFound(f"no contact {contact_id!r}", code="contact_not_found")
     conn.execute(delete(contacts).where(contacts.c.id == contact_id))
@@ -132,14 +141,18 @@ def suppress(
             f"reason must be one of {', '.join(SUPPRESSION_REASONS)}", code="invalid_reason"
         )
     address = _address(address, "address")
-    existing = conn.execute(
-        select(suppressions).where(
-            suppressions.c.account_id == account_id, suppressions.c.address == address
+    existing = (
+        conn.execute(
+            select(suppressions).where(
+                suppressions.c.account_id == account_id, suppressions.c.address == address
+            )
         )
-    ).mappings().first()
+        .mappings()
+        .first()
+    )
     if existing is not None:
         return suppression_view(existing)
-    record = {
+    record: dict[str, Any] = {
         "id": new_id("sup"),
         "account_id": account_id,
         "address": address,
@@ -176,11 +189,15 @@ def list_suppressions(
 
 def check_suppression(conn: Connection, *, actor: Actor, address: str) -> dict[str, Any]:
     normalized = _address(address, "address")
-    row = conn.execute(
-        select(suppressions).where(
-            suppressions.c.account_id == actor.account_id, suppressions.c.address == normalized
+    row = (
+        conn.execute(
+            select(suppressions).where(
+                suppressions.c.account_id == actor.account_id, suppressions.c.address == normalized
+            )
         )
-    ).mappings().first()
+        .mappings()
+        .first()
+    )
     return {
         "address": normalized,
         "suppressed": row is not None,
@@ -202,11 +219,15 @@ def suppressed_among(conn: Connection, account_id: str, addresses: list[str]) ->
 
 def remove_suppression(conn: Connection, *, actor: Actor, address: str) -> dict[str, Any]:
     normalized = _address(address, "address")
-    row = conn.execute(
-        select(suppressions).where(
-            suppressions.c.account_id == actor.account_id, suppressions.c.address == normalized
+    row = (
+        conn.execute(
+            select(suppressions).where(
+                suppressions.c.account_id == actor.account_id, suppressions.c.address == normalized
+            )
         )
-    ).mappings().first()
+        .mappings()
+        .first()
+    )
     if row is None:
         raise NotFound(f"{normalized} is not on the suppression list", code="not_suppressed")
     conn.execute(delete(suppressions).where(suppressions.c.id == row["id"]))

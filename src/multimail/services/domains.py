@@ -115,7 +115,7 @@ def create_domain(
         raise Conflict(f"the domain {name} is already registered", code="domain_exists")
     keypair = generate_rsa_keypair(2048)
     now = utcnow()
-    record = {
+    record: dict[str, Any] = {
         "id": new_id("dom"),
         "account_id": actor.account_id,
         "name": name,
@@ -258,9 +258,7 @@ def delete_domain(conn: Connection, *, actor: Actor, ref: str) -> dict[str, Any]
         raise Conflict(
             f"mailboxes still use {row['name']}; delete them first", code="domain_in_use"
         )
-    conn.execute(
-        update(mailboxes).where(mailboxes.c.domain_id == row["id"]).values(domain_id=None)
-    )
+    conn.execute(update(mailboxes).where(mailboxes.c.domain_id == row["id"]).values(domain_id=None))
     conn.execute(delete(domains).where(domains.c.id == row["id"]))
     audit.append(
         conn,

@@ -42,8 +42,13 @@ def canonical(name: str) -> str:
 
 
 def payload_for(
-    *, event_id: str, event_type: str, created_at: str, mailbox_id: str | None,
-    message: dict[str, Any] | None, extra: dict[str, Any] | None = None,
+    *,
+    event_id: str,
+    event_type: str,
+    created_at: str,
+    mailbox_id: str | None,
+    message: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The body receivers get (SPEC §6), with the top-level fields the guides read."""
     body: dict[str, Any] = {

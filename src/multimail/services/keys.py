@@ -75,7 +75,7 @@ def create_key(
         raise InvalidInput("give the key a name of 1 to 200 characters", code="invalid_name")
     raw = _generate(mode)
     now = utcnow()
-    record = {
+    record: dict[str, Any] = {
         "id": new_id("key"),
         "account_id": account_id,
         "name": name,
@@ -112,9 +112,13 @@ def list_keys(conn: Connection, account_id: str) -> list[dict[str, Any]]:
 
 
 def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) -> dict[str, Any]:
-    row = conn.execute(
-        select(api_keys).where(api_keys.c.id == key_id, api_keys.c.account_id == account_id)
-    ).mappings().first()
+    row = (
+        conn.execute(
+            select(api_keys).where(api_keys.c.id == key_id, api_keys.c.account_id == account_id)
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         raise NotFound(f"no API key {key_id!r} in this account", code="api_key_not_found")
     if row["revoked_at"] is None:
@@ -145,9 +149,11 @@ def authenticate(db: Database, raw_key: str | None) -> Actor:
             code="invalid_api_key",
         )
     with db.read() as conn:
-        row = conn.execute(
-            select(api_keys).where(api_keys.c.key_hash == hash_key(raw_key))
-        ).mappings().first()
+        row = (
+            conn.execute(select(api_keys).where(api_keys.c.key_hash == hash_key(raw_key)))
+            .mappings()
+            .first()
+        )
     if row is None:
         raise AuthenticationFailed("invalid API key", code="invalid_api_key")
     if row["revoked_at"] is not None:

@@ -53,7 +53,9 @@ def mailbox_view(row: Any) -> dict[str, Any]:
     return data
 
 
-def resolve(conn: Connection, actor: Actor, ref: str, *, for_update: bool = False) -> dict[str, Any]:
+def resolve(
+    conn: Connection, actor: Actor, ref: str, *, for_update: bool = False
+) -> dict[str, Any]:
     """The caller's mailbox named by id or address; NotFound for anything else."""
     if not ref:
         raise NotFound("mailbox not found", code="mailbox_not_found")
@@ -116,12 +118,14 @@ def _validate_settings(values: dict[str, Any]) -> dict[str, Any]:
             )
     for field in ("approval_timeout_seconds", "approval_expiry_seconds"):
         if field in clean and (not isinstance(clean[field], int) or clean[field] < 60):
-            raise InvalidInput(f"{field} must be a whole number of seconds, at least 60",
-                               code="invalid_field")
+            raise InvalidInput(
+                f"{field} must be a whole number of seconds, at least 60", code="invalid_field"
+            )
     for field in ("send_cap_hour", "send_cap_day"):
         if clean.get(field) is not None and (not isinstance(clean[field], int) or clean[field] < 0):
-            raise InvalidInput(f"{field} must be a non-negative whole number or null",
-                               code="invalid_field")
+            raise InvalidInput(
+                f"{field} must be a non-negative whole number or null", code="invalid_field"
+            )
     if clean.get("webhook_url") is not None:
         url = str(clean["webhook_url"])
         if not url.startswith(("https://", "http://")) or len(url) > 2048:
@@ -129,7 +133,9 @@ def _validate_settings(values: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def _check_domain(conn: Connection, settings: Settings, account_id: str, address: str) -> str | None:
+def _check_domain(
+    conn: Connection, settings: Settings, account_id: str, address: str
+) -> str | None:
     """The domain row the address lives on; the server's own domain needs none."""
     domain = domain_of(address)
     if domain == settings.domain.lower():
@@ -235,9 +241,7 @@ def list_mailboxes(conn: Connection, actor: Actor) -> list[dict[str, Any]]:
     )
     rows = conn.execute(query).mappings()
     return [
-        mailbox_view(r)
-        for r in rows
-        if actor.mailbox_ids is None or r["id"] in actor.mailbox_ids
+        mailbox_view(r) for r in rows if actor.mailbox_ids is None or r["id"] in actor.mailbox_ids
     ]
 
 

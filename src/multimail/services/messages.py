@@ -82,9 +82,7 @@ def public_thread_ids(conn: Connection, thread_ids: Iterable[str | None]) -> dic
     ids = [t for t in set(thread_ids) if t]
     if not ids:
         return {}
-    rows = conn.execute(
-        select(threads.c.id, threads.c.external_id).where(threads.c.id.in_(ids))
-    )
+    rows = conn.execute(select(threads.c.id, threads.c.external_id).where(threads.c.id.in_(ids)))
     return {r.id: (r.external_id or r.id) for r in rows}
 
 
@@ -97,7 +95,8 @@ def _decision(row: Mapping[str, Any]) -> dict[str, Any] | None:
         "reviewer": row["reviewer"],
         "note": row["decision_note"],
         "decided_at": isoformat(row["decided_at"]),
-        "edited": row.get("original_markdown") is not None or row.get("original_subject") is not None,
+        "edited": row.get("original_markdown") is not None
+        or row.get("original_subject") is not None,
     }
 
 

@@ -32,7 +32,11 @@ def public_thread_id(row: Any) -> str:
 
 
 def _create(
-    conn: Connection, *, account_id: str, mailbox_id: str, subject: str | None,
+    conn: Connection,
+    *,
+    account_id: str,
+    mailbox_id: str,
+    subject: str | None,
     external_id: str | None = None,
 ) -> dict[str, Any]:
     now = utcnow()
@@ -68,37 +72,55 @@ def for_outbound(
                 code="invalid_thread_id",
             )
         if external_id.startswith("thr_"):
-            row = conn.execute(
-                select(threads).where(
-                    threads.c.id == external_id, threads.c.mailbox_id == mailbox_id
+            row = (
+                conn.execute(
+                    select(threads).where(
+                        threads.c.id == external_id, threads.c.mailbox_id == mailbox_id
+                    )
                 )
-            ).mappings().first()
-            if row is None:
-                raise NotFound(f"thread {external_id!r} not found in this mailbox",
-                               code="thread_not_found")
-            return dict(row)
-        row = conn.execute(
-            select(threads).where(
-                threads.c.mailbox_id == mailbox_id, threads.c.external_id == external_id
+                .mappings()
+                .first()
             )
-        ).mappings().first()
+            if row is None:
+                raise NotFound(
+                    f"thread {external_id!r} not found in this mailbox", code="thread_not_found"
+                )
+            return dict(row)
+        row = (
+            conn.execute(
+                select(threads).where(
+                    threads.c.mailbox_id == mailbox_id, threads.c.external_id == external_id
+                )
+            )
+            .mappings()
+            .first()
+        )
         if row is not None:
             return dict(row)
         if replying_to is None:
-            return _create(conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject,
-                           external_id=external_id)
+            return _create(
+                conn,
+                account_id=account_id,
+                mailbox_id=mailbox_id,
+                subject=subject,
+                external_id=external_id,
+            )
     if replying_to is not None and replying_to.get("thread_id"):
-        row = conn.execute(
-            select(threads).where(threads.c.id == replying_to["thread_id"])
-        ).mappings().first()
+        row = (
+            conn.execute(select(threads).where(threads.c.id == replying_to["thread_id"]))
+            .mappings()
+            .first()
+        )
         if row is not None:
             if external_id and not row["external_id"]:
-                conn.execute(update(threads).where(threads.c.id == row["id"])
-                             .values(external_id=external_id))
-                row = {**row, "external_id": external_id}
+                conn.execute(
+                    update(threads).where(threads.c.id == row["id"]).values(external_id=external_id)
+                )
+                return {**row, "external_id": external_id}
             return dict(row)
-    return _create(conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject,
-                   external_id=external_id)
+    return _create(
+        conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject, external_id=external_id
+    )
 
 
 def for_inbound(
@@ -131,12 +153,16 @@ def for_inbound(
     else:
         key = normalize_subject(subject)
         if key:
-            found = conn.execute(
-                select(threads)
-                .where(threads.c.mailbox_id == mailbox_id, threads.c.normalized_subject == key)
-                .order_by(threads.c.last_activity_at.desc())
-                .limit(1)
-            ).mappings().first()
+            found = (
+                conn.execute(
+                    select(threads)
+                    .where(threads.c.mailbox_id == mailbox_id, threads.c.normalized_subject == key)
+                    .order_by(threads.c.last_activity_at.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
             if found is not None:
                 return dict(found)
     return _create(conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject)
@@ -150,7 +176,9 @@ def touch(conn: Connection, thread_id: str, at: datetime | None = None) -> None:
     )
 
 
-def resolve(conn: Connection, actor: Actor, ref: str, mailbox_id: str | None = None) -> dict[str, Any]:
+def resolve(
+    conn: Connection, actor: Actor, ref: str, mailbox_id: str | None = None
+) -> dict[str, Any]:
     """A thread of the caller's account by our id or the caller's id."""
     query = select(threads).where(
         threads.c.account_id == actor.account_id,
@@ -160,8 +188,9 @@ def resolve(conn: Connection, actor: Actor, ref: str, mailbox_id: str | None = N
         query = query.where(threads.c.mailbox_id == mailbox_id)
     if actor.mailbox_ids is not None:
         query = query.where(threads.c.mailbox_id.in_(actor.mailbox_ids))
-    row = conn.execute(query.order_by(threads.c.last_activity_at.desc()).limit(1)).mappings()
-    found = row.first()
+    found = (
+        conn.execute(query.order_by(threads.c.last_activity_at.desc()).limit(1)).mappings().first()
+    )
     if found is None:
         raise NotFound(f"thread {ref!r} not found", code="thread_not_found")
     return dict(found)

@@ -162,8 +162,13 @@ def fail(conn: Connection, job_id: str, worker: str, *, error: str) -> None:
     conn.execute(
         update(jobs)
         .where(jobs.c.id == job_id, jobs.c.locked_by == worker)
-        .values(status="failed", locked_by=None, locked_until=None, last_error=error[:2000],
-                updated_at=utcnow())
+        .values(
+            status="failed",
+            locked_by=None,
+            locked_until=None,
+            last_error=error[:2000],
+            updated_at=utcnow(),
+        )
     )
 
 

@@ -98,7 +98,9 @@ api_keys = Table(
     _account_fk(),
     Column("name", String(200), nullable=False),
     Column("prefix", String(24), nullable=False, comment="first characters, shown in lists"),
-    Column("key_hash", String(64), nullable=False, unique=True, comment="sha256 hex; never the key"),
+    Column(
+        "key_hash", String(64), nullable=False, unique=True, comment="sha256 hex; never the key"
+    ),
     Column("scopes", JSON, nullable=False),
     Column("mode", String(8), nullable=False, comment="live | test"),
     Column("mailbox_ids", JSON, nullable=True, comment="restrict to these mailboxes; null = all"),
@@ -284,7 +286,9 @@ delivery_attempts = Table(
     Column("port", Integer, nullable=True),
     Column("smtp_code", Integer, nullable=True),
     Column("reply", Text, nullable=True),
-    Column("outcome", String(20), nullable=False, comment="delivered | deferred | bounced | failed"),
+    Column(
+        "outcome", String(20), nullable=False, comment="delivered | deferred | bounced | failed"
+    ),
     Column("recipients", JSON, nullable=True),
     Column("worker", String(100), nullable=True),
     Index("ix_delivery_attempts_message", "message_id"),
@@ -326,7 +330,9 @@ suppressions = Table(
     _id("sup_"),
     _account_fk(),
     Column("address", String(320), nullable=False),
-    Column("reason", String(20), nullable=False, comment="hard_bounce|complaint|unsubscribe|manual"),
+    Column(
+        "reason", String(20), nullable=False, comment="hard_bounce|complaint|unsubscribe|manual"
+    ),
     Column("source_message_id", ID, nullable=True),
     Column("details", Text, nullable=True),
     _ts("created_at", False),
@@ -460,7 +466,9 @@ used_link_tokens = Table(
 audit_entries = Table(
     "audit_entries",
     metadata,
-    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
+    Column(
+        "seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+    ),
     Column("at", String(32), nullable=False, comment="ISO 8601 UTC, exactly as hashed"),
     Column("account_id", ID, nullable=True),
     Column("actor_type", String(20), nullable=False, comment="key | user | system"),

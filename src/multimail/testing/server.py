@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
+from typing import Any
 
 import uvicorn
 
 from multimail.api.app import create_app
+from multimail.runtime import EmbeddedServer
 from multimail.services.context import Services
 
-
-Component = Callable[[Services, asyncio.Event], Awaitable[None]]
+Component = Callable[[Services, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class LiveServer:
@@ -32,7 +33,7 @@ class LiveServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.host = host
         self.port = 0
-        self._server: uvicorn.Server | None = None
+        self._server: EmbeddedServer | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
 
@@ -49,8 +50,7 @@ class LiveServer:
             access_log=False,
             lifespan="on",
         )
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = EmbeddedServer(config)
         self._thread = threading.Thread(target=self._run, name="multimail-live", daemon=True)
         self._thread.start()
         if not self._started.wait(20):
@@ -66,8 +66,8 @@ class LiveServer:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         task = asyncio.create_task(self._server.serve())
-        extra = [asyncio.create_task(c(self.services, self._stop)) for c in self.components]
-        while not self._server.started and not task.done():
+        extra = [asyncio.ensure_future(c(self.services, self._stop)) for c in self.components]
+        while not self._server.started and not task.done():  # noqa: ASYNC110 - uvicorn has no event
             await asyncio.sleep(0.01)
         if self._server.servers:
             self.port = self._server.servers[0].sockets[0].getsockname()[1]

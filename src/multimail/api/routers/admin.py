@@ -256,8 +256,11 @@ def list_suppressions(
     with svc.db.read() as conn:
         if address:
             return directory.check_suppression(conn, actor=actor, address=address)
-        return {"suppressions": directory.list_suppressions(conn, actor=actor, limit=limit,
-                                                            offset=offset)}
+        return {
+            "suppressions": directory.list_suppressions(
+                conn, actor=actor, limit=limit, offset=offset
+            )
+        }
 
 
 @router.delete("/suppression/{address}")
@@ -318,5 +321,3 @@ def delete_domain(
 ) -> Any:
     with svc.db.write() as conn:
         return domains.delete_domain(conn, actor=actor, ref=domain_id)
-
-

@@ -61,8 +61,9 @@ def audit_log(
         query = query.where(audit_entries.c.subject_id == subject_id)
     if cursor:
         if not cursor.isdigit():
-            raise InvalidInput("cursor must be the next_cursor of a previous page",
-                               code="invalid_cursor")
+            raise InvalidInput(
+                "cursor must be the next_cursor of a previous page", code="invalid_cursor"
+            )
         query = query.where(audit_entries.c.seq < int(cursor))
     query = query.order_by(audit_entries.c.seq.desc()).limit(limit + 1)
     with svc.db.read() as conn:
