@@ -1,0 +1,5 @@
+"""``python -m multimail`` is the ``multimail`` command."""
+
+from multimail.cli import app
+
+app(prog_name="multimail")
