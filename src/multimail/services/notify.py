@@ -1,0 +1,299 @@
+"""Mail to the operator (approval requests, reminders, codes, monitored copies) and the
+one-click links that mail carries.
+
+Nothing here talks SMTP: each notification is a ``system_mail`` job written in the caller's
+transaction, so it exists exactly when the change that caused it does. The delivery worker
+sends it from ``multimail@<server domain>`` to the account's ``oversight_email``.
+
+Job payload (the contract with the worker)::
+
+    {"to": ["ops@example.com"], "subject": "...", "markdown": "...",
+     "account_id": "acct_...", "kind": "approval_request" | "reminder" | ...}
+
+Agent-written text (drafts, subjects, thread excerpts) is shown inside fenced code blocks:
+a draft must never be able to put its own "Approve" link into the operator's email.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, RowMapping, select
+
+from multimail.domain.addresses import AddressError, normalize_address
+from multimail.domain.linktokens import make_token, new_nonce, read_token
+from multimail.errors import InvalidInput
+from multimail.ids import isoformat
+from multimail.services import directory
+from multimail.services.context import Actor, Services
+from multimail.store import jobs
+from multimail.store.tables import accounts, mailboxes, messages
+
+SYSTEM_MAIL_JOB = "system_mail"
+APPROVAL_PURPOSE = "approval"
+UNSUBSCRIBE_PURPOSE = "unsubscribe"
+APPROVAL_LINK_TTL = timedelta(hours=72)
+UNSUBSCRIBE_LINK_TTL = timedelta(days=365)
+THREAD_CONTEXT_LIMIT = 5
+EXCERPT_CHARS = 300
+
+_SPACES = re.compile(r"\s+")
+
+
+def secret_key(services: Services) -> bytes:
+    secret = services.extras.get("secret_key")
+    if not isinstance(secret, bytes):
+        raise RuntimeError("services.extras['secret_key'] must hold the link-signing secret")
+    return secret
+
+
+def oversight_address(conn: Connection, account_id: str) -> str | None:
+    row = conn.execute(select(accounts.c.oversight_email).where(accounts.c.id == account_id))
+    found = row.first()
+    return found.oversight_email if found is not None else None
+
+
+def mask_address(address: str) -> str:
+    """``operator@acme.example`` → ``o******r@acme.example``: recognisable, not harvestable."""
+    local, _, domain = address.partition("@")
+    if len(local) <= 2:
+        return f"{local[:1]}*@{domain}"
+    return f"{local[0]}{'*' * (len(local) - 2)}{local[-1]}@{domain}"
+
+
+def fenced(text: str) -> str:
+    """A fenced code block that no backtick run inside ``text`` can close early."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def enqueue_operator_mail(
+    conn: Connection,
+    services: Services,
+    account_id: str,
+    subject: str,
+    markdown: str,
+    kind: str,
+) -> str | None:
+    """Queue one email to the account's oversight address; None when the account has none."""
+    to = oversight_address(conn, account_id)
+    if not to:
+        return None
+    payload = {
+        "to": [to],
+        "subject": subject,
+        "markdown": markdown,
+        "account_id": account_id,
+        "kind": kind,
+    }
+    return jobs.enqueue(conn, SYSTEM_MAIL_JOB, payload)
+
+
+def _link(services: Services, purpose: str, subject_id: str, action: str, ttl: timedelta) -> str:
+    token = make_token(
+        secret_key(services),
+        purpose=purpose,
+        subject_id=subject_id,
+        action=action,
+        expires_at=int(time.time() + ttl.total_seconds()),
+        nonce=new_nonce(),
+    )
+    path = "approve" if purpose == APPROVAL_PURPOSE else "unsubscribe"
+    return f"{services.settings.base_url}/v1/{path}/{token}"
+
+
+def approval_link(services: Services, message_id: str, action: str) -> str:
+    """A signed, single-use, 72-hour link whose POST approves or rejects ``message_id``."""
+    if action not in ("approve", "reject"):
+        raise InvalidInput("an approval link is for 'approve' or 'reject'")
+    return _link(services, APPROVAL_PURPOSE, message_id, action, APPROVAL_LINK_TTL)
+
+
+def unsubscribe_url(services: Services, account_id: str, address: str) -> str:
+    """The https half of ``List-Unsubscribe``: its POST suppresses ``address`` (RFC 8058)."""
+    subject = f"{account_id}|{normalize_address(address)}"
+    return _link(services, UNSUBSCRIBE_PURPOSE, subject, "unsubscribe", UNSUBSCRIBE_LINK_TTL)
+
+
+def read_unsubscribe_token(services: Services, token: str) -> tuple[str, str]:
+    """``(account_id, address)`` from a valid unsubscribe token; InvalidLinkToken otherwise."""
+    link = read_token(
+        secret_key(services), token, purpose=UNSUBSCRIBE_PURPOSE, now=int(time.time())
+    )
+    account_id, sep, address = link.subject_id.partition("|")
+    if not sep or not account_id:
+        raise InvalidInput("this unsubscribe link names no recipient", code="link_token_invalid")
+    try:
+        return account_id, normalize_address(address)
+    except AddressError:
+        raise InvalidInput(
+            "this unsubscribe link names no recipient", code="link_token_invalid"
+        ) from None
+
+
+def unsubscribe(services: Services, token: str) -> dict[str, Any]:
+    """Suppress the address the token names (idempotent: a second click changes nothing)."""
+    account_id, address = read_unsubscribe_token(services, token)
+    actor = Actor(type="system", id=None, name="list-unsubscribe", account_id=account_id)
+    with services.db.write() as conn:
+        if conn.execute(select(accounts.c.id).where(accounts.c.id == account_id)).first() is None:
+            raise InvalidInput(
+                "this unsubscribe link is no longer valid", code="link_token_invalid"
+            )
+        directory.suppress(
+            conn,
+            actor=actor,
+            account_id=account_id,
+            address=address,
+            reason="unsubscribe",
+            details="List-Unsubscribe one-click",
+        )
+    return {"address": address, "suppressed": True}
+
+
+def _excerpt(row: Mapping[str, Any] | RowMapping) -> str:
+    body = row.get("text") or row.get("markdown") or ""
+    flat = _SPACES.sub(" ", str(body)).strip()
+    return flat if len(flat) <= EXCERPT_CHARS else flat[: EXCERPT_CHARS - 1] + "…"
+
+
+def thread_context(
+    conn: Connection, row: Mapping[str, Any], *, limit: int = THREAD_CONTEXT_LIMIT
+) -> list[dict[str, Any]]:
+    """The messages before this one in its thread, oldest first, each summarised."""
+    if not row.get("thread_id"):
+        return []
+    earlier = (
+        conn.execute(
+            select(messages)
+            .where(messages.c.thread_id == row["thread_id"], messages.c.id < row["id"])
+            .order_by(messages.c.id.desc())
+            .limit(limit)
+        )
+        .mappings()
+        .all()
+    )
+    return [
+        {
+            "id": r["id"],
+            "direction": r["direction"],
+            "status": r["status"],
+            "from": r["from_address"],
+            "to": list(r["to"] or []),
+            "subject": r["subject"] or "",
+            "date": isoformat(r["created_at"]),
+            "excerpt": _excerpt(r),
+        }
+        for r in reversed(earlier)
+    ]
+
+
+def _mailbox_address(conn: Connection, mailbox_id: str) -> str:
+    found = conn.execute(select(mailboxes.c.address).where(mailboxes.c.id == mailbox_id)).first()
+    return str(found.address) if found is not None else mailbox_id
+
+
+def _draft_markdown(conn: Connection, row: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"- **Mailbox:** {_mailbox_address(conn, row['mailbox_id'])}",
+        f"- **Direction:** {row['direction']}",
+        f"- **From:** {row.get('from_address') or '-'}",
+        f"- **To:** {', '.join(row.get('to') or []) or '-'}",
+    ]
+    if row.get("cc"):
+        lines.append(f"- **Cc:** {', '.join(row['cc'])}")
+    if row.get("created_by_key_name"):
+        lines.append(f"- **Written by:** {row['created_by_key_name']}")
+    lines += ["", "**Subject:**", "", fenced(row.get("subject") or ""), "", "**Body:**", ""]
+    lines.append(fenced(row.get("markdown") or ""))
+    findings = row.get("scan_findings") or []
+    if findings:
+        lines += ["", "**Scan findings:**", ""]
+        for finding in findings:
+            if isinstance(finding, Mapping):
+                label = finding.get("message") or finding.get("code") or str(dict(finding))
+                lines.append(f"- {_SPACES.sub(' ', str(label))}")
+            else:
+                lines.append(f"- {_SPACES.sub(' ', str(finding))}")
+    context = thread_context(conn, row)
+    if context:
+        lines += ["", "**Earlier in this thread:**", ""]
+        for item in context:
+            lines.append(f"- {item['date']} · {item['direction']} · from {item['from'] or '-'}")
+            lines.append("")
+            lines.append(fenced(f"{item['subject']}\n\n{item['excerpt']}"))
+    return lines
+
+
+def notify_pending(
+    conn: Connection, services: Services, message_row: Mapping[str, Any]
+) -> str | None:
+    """Tell the operator a message waits for a decision, with one-click Approve / Reject."""
+    message_id = str(message_row["id"])
+    approve = approval_link(services, message_id, "approve")
+    reject = approval_link(services, message_id, "reject")
+    lines = [
+        "A message is waiting for your decision.",
+        "",
+        *_draft_markdown(conn, message_row),
+        "",
+        f"[Approve]({approve}) · [Reject]({reject})",
+        "",
+        "Each link opens a confirmation page first; nothing is decided until you confirm. "
+        "The links work once and expire in 72 hours. You can also decide in the dashboard "
+        f"or with `POST /v1/oversight/decide` (message {message_id}).",
+    ]
+    subject = f"[MultiMail] Approval needed: {_SPACES.sub(' ', message_row.get('subject') or '')}"
+    return enqueue_operator_mail(
+        conn,
+        services,
+        str(message_row["account_id"]),
+        subject[:200],
+        "\n".join(lines),
+        "approval_request",
+    )
+
+
+def notify_reminder(
+    conn: Connection, services: Services, message_row: Mapping[str, Any]
+) -> str | None:
+    """The one reminder for a message that has waited past its mailbox's approval timeout."""
+    message_id = str(message_row["id"])
+    lines = [
+        "Reminder: this message is still waiting for your decision. If nobody decides, it "
+        "expires and is never sent.",
+        "",
+        *_draft_markdown(conn, message_row),
+        "",
+        f"[Approve]({approval_link(services, message_id, 'approve')}) · "
+        f"[Reject]({approval_link(services, message_id, 'reject')})",
+    ]
+    subject = f"[MultiMail] Reminder: approval needed ({message_id})"
+    return enqueue_operator_mail(
+        conn, services, str(message_row["account_id"]), subject, "\n".join(lines), "reminder"
+    )
+
+
+def notify_monitored_copy(
+    conn: Connection, services: Services, message_row: Mapping[str, Any]
+) -> str | None:
+    """``monitored`` mode: the operator gets a copy of what the agent sent."""
+    lines = [
+        "A monitored mailbox sent this message (no approval was needed; this is your copy).",
+        "",
+        *_draft_markdown(conn, message_row),
+    ]
+    subject = f"[MultiMail] Sent (monitored): {_SPACES.sub(' ', message_row.get('subject') or '')}"
+    return enqueue_operator_mail(
+        conn,
+        services,
+        str(message_row["account_id"]),
+        subject[:200],
+        "\n".join(lines),
+        "monitored_copy",
+    )
