@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, description="HTTP port.")
     smtp_host: str = Field("127.0.0.1", description="Inbound SMTP bind address.")
     smtp_port: int = Field(2525, description="Inbound SMTP port.")
+    smtp_tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain) for inbound STARTTLS; unset = no STARTTLS."
+    )
+    smtp_tls_key: Path | None = Field(
+        None, description="PEM private key for smtp_tls_cert; unset = the key is in the cert file."
+    )
     smtp_url: SecretStr | None = Field(
         None,
         description="Outbound relay, e.g. smtp://user:pass@host:587?starttls=true; "

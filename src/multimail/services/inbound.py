@@ -1,0 +1,724 @@
+"""Inbound mail: the SMTP sink (decide at RCPT, store at DATA) and the processing job.
+
+``DatabaseSink`` answers RCPT from the mailbox table and stores each accepted message in
+``inbound_raw`` together with its ``process_inbound`` job, committing before the server may
+answer 250 (SQLite ``synchronous=FULL``; PostgreSQL ``synchronous_commit``). Concurrent
+sessions share commits: stores that arrive while a commit is in flight go into the next one,
+so a burst pays one fsync per batch instead of one per message.
+
+``process_inbound`` turns a stored message into one message row per recipient mailbox. It
+runs in one transaction that also flips ``inbound_raw.status`` from ``stored`` with a guarded
+UPDATE, so a re-run after a crash (or a second worker) creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import OperationalError
+
+from multimail.domain.addresses import AddressError, normalize_address
+from multimail.domain.oversight import OversightMode, Status, check_transition, inbound_is_held
+from multimail.domain.scopes import Scope
+from multimail.domain.spam import (
+    SpamSignals,
+    SpamVerdict,
+    count_links,
+    has_mismatched_link_text,
+    is_executable_filename,
+    score_message,
+)
+from multimail.errors import InvalidInput, NotFound, TooLarge
+from multimail.ids import new_id, utcnow
+from multimail.mail.parse import (
+    ParsedMessage,
+    UnparseableMessage,
+    parse_message,
+    prepend_header,
+    strip_headers,
+)
+from multimail.mail.reports import (
+    ComplaintReport,
+    DeliveryStatusReport,
+    is_unsubscribe_request,
+    parse_arf,
+    parse_dsn,
+)
+from multimail.services import audit, directory, events, mailboxes, messages, threads
+from multimail.services.authresults import AuthResults, authenticate, make_resolver
+from multimail.services.context import Actor, Services
+from multimail.smtp.inbound import (
+    ACCEPT,
+    RELAY_DENIED,
+    UNKNOWN_MAILBOX,
+    InboundEnvelope,
+    RecipientVerdict,
+    StorageFull,
+)
+from multimail.store import jobs
+from multimail.store.tables import attachments, domains, inbound_raw
+from multimail.store.tables import mailboxes as mailboxes_table
+from multimail.store.tables import messages as messages_table
+
+__all__ = [
+    "JOB_KIND",
+    "DatabaseSink",
+    "Signal",
+    "accept_raw",
+    "process_inbound",
+    "recipient_verdict",
+    "signals",
+    "store_envelopes",
+]
+
+log = logging.getLogger(__name__)
+
+JOB_KIND = "process_inbound"
+_BATCH = 128  # stores per shared commit; bounds one transaction's size
+
+
+class Signal:
+    """Wakes asyncio waiters in any thread's loop when something happened; no polling."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def notify(self) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(event.set)
+
+    @contextlib.contextmanager
+    def listen(self) -> Iterator[asyncio.Event]:
+        """Register before checking state, so a notify between check and wait is not lost."""
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waiters.add(entry)
+        try:
+            yield entry[1]
+        finally:
+            with self._lock:
+                self._waiters.discard(entry)
+
+
+@dataclass
+class InboundSignals:
+    stored: Signal  # a raw message was committed (wakes the processing worker)
+    arrived: Signal  # a message became visible in an inbox (wakes wait_for_email)
+
+
+_signals_lock = threading.Lock()
+
+
+def signals(services: Services) -> InboundSignals:
+    with _signals_lock:
+        found = services.extras.get("inbound_signals")
+        if not isinstance(found, InboundSignals):
+            found = InboundSignals(stored=Signal(), arrived=Signal())
+            services.extras["inbound_signals"] = found
+        return found
+
+
+def _system(account_id: str | None) -> Actor:
+    return Actor(type="system", id="smtp", name="smtp", account_id=account_id)
+
+
+# --------------------------------------------------------------------------- RCPT
+
+
+def _our_domains(conn: Connection, services: Services) -> set[str]:
+    names = {services.settings.domain.lower()}
+    names.update(r.name.lower() for r in conn.execute(select(domains.c.name)))
+    return names
+
+
+def recipient_verdict(services: Services, address: str) -> RecipientVerdict:
+    """Accept a live mailbox of any account; refuse the rest without ever relaying."""
+    try:
+        wanted = normalize_address(address)
+    except AddressError:
+        return UNKNOWN_MAILBOX
+    with services.db.read() as conn:
+        found = conn.execute(
+            select(mailboxes_table.c.id).where(
+                mailboxes_table.c.address == wanted, mailboxes_table.c.deleted_at.is_(None)
+            )
+        ).first()
+        if found is not None:
+            return ACCEPT
+        domain = wanted.rpartition("@")[2]
+        return UNKNOWN_MAILBOX if domain in _our_domains(conn, services) else RELAY_DENIED
+
+
+# --------------------------------------------------------------------------- DATA
+
+
+def _is_storage_full(exc: BaseException) -> bool:
+    for error in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if error is not None and "disk is full" in str(error).lower():
+            return True
+        sqlstate = getattr(error, "sqlstate", None) or ""
+        if sqlstate.startswith("53"):  # PostgreSQL class 53: insufficient resources
+            return True
+    return False
+
+
+def store_envelopes(services: Services, envelopes: Sequence[InboundEnvelope]) -> list[str]:
+    """Store raw messages and their jobs in one committed transaction; return their ids."""
+    ids = [new_id("inb") for _ in envelopes]
+    try:
+        with services.db.write() as conn:
+            conn.execute(
+                insert(inbound_raw),
+                [
+                    {
+                        "id": inbound_id,
+                        "mail_from": env.mail_from[:320],
+                        "rcpt_tos": list(env.rcpt_tos),
+                        "data": env.data,
+                        "peer": env.peer[:100],
+                        "helo": env.helo[:255],
+                        "tls": env.tls,
+                        "status": "stored",
+                        "received_at": env.received_at,
+                    }
+                    for inbound_id, env in zip(ids, envelopes, strict=True)
+                ],
+            )
+            for inbound_id in ids:
+                jobs.enqueue(conn, JOB_KIND, {"inbound_id": inbound_id})
+    except (OperationalError, OSError) as exc:
+        if _is_storage_full(exc):
+            raise StorageFull("no space left to store the message") from exc
+        raise
+    return ids
+
+
+class DatabaseSink:
+    """The InboundSink of the real server: mailbox table at RCPT, inbound_raw at DATA."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._pending: list[tuple[InboundEnvelope, asyncio.Future[str]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def check_recipient(self, address: str) -> RecipientVerdict:
+        return await asyncio.to_thread(recipient_verdict, self._services, address)
+
+    async def store(self, envelope: InboundEnvelope) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((envelope, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            try:
+                ids = await asyncio.to_thread(
+                    store_envelopes, self._services, [env for env, _ in batch]
+                )
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), inbound_id in zip(batch, ids, strict=True):
+                if not future.done():
+                    future.set_result(inbound_id)
+            signals(self._services).stored.notify()
+
+
+# --------------------------------------------------------------------------- processing
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    parsed: ParsedMessage
+    auth: AuthResults
+    stored_raw: bytes
+    verdict: SpamVerdict
+    dsn: DeliveryStatusReport | None
+    arf: ComplaintReport | None
+    unsubscribe: bool
+
+
+def _analyse(services: Services, row: dict[str, Any], parsed: ParsedMessage) -> _Analysis:
+    raw = bytes(row["data"])
+    resolver = make_resolver(services.settings.dns_resolver)
+    # Verify over the bytes as received: a signature may cover the fields we strip below.
+    auth = authenticate(
+        raw,
+        resolver=resolver,
+        peer_ip=row["peer"],
+        mail_from=row["mail_from"] or "",
+        helo=row["helo"] or "",
+        from_address=parsed.from_address,
+        from_count=parsed.from_count,
+    )
+    # RELIABILITY SMTP-5: results claimed by earlier hops are not ours to vouch for.
+    stripped = strip_headers(raw, ["Authentication-Results"])
+    stored = prepend_header(
+        stripped, "Authentication-Results", auth.header_value(services.settings.domain)
+    )
+    verdict = score_message(
+        SpamSignals(
+            spf=auth.spf.result,
+            dkim=auth.dkim.result,
+            dmarc=auth.dmarc.result,
+            from_count=parsed.from_count,
+            subject=parsed.subject,
+            text=parsed.text,
+            has_executable_attachment=any(
+                is_executable_filename(a.filename) for a in parsed.attachments
+            ),
+            sender_display_name=parsed.from_name,
+            sender_address=parsed.from_address,
+            link_count=count_links(parsed.markdown),
+            mismatched_link_text=has_mismatched_link_text(parsed.markdown),
+        )
+    )
+    dsn = parse_dsn(raw)
+    arf = parse_arf(raw) if dsn is None else None
+    unsubscribe = dsn is None and arf is None and is_unsubscribe_request(parsed)
+    return _Analysis(parsed, auth, stored, verdict, dsn, arf, unsubscribe)
+
+
+def _recipient_mailboxes(conn: Connection, rcpt_tos: Sequence[str]) -> list[dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for address in rcpt_tos:
+        try:
+            wanted = normalize_address(address)
+        except AddressError:
+            continue
+        row = (
+            conn.execute(
+                select(mailboxes_table).where(
+                    mailboxes_table.c.address == wanted, mailboxes_table.c.deleted_at.is_(None)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is not None:
+            found.setdefault(row["id"], dict(row))
+    return list(found.values())
+
+
+def _initial_status(mailbox: dict[str, Any], analysis: _Analysis) -> Status:
+    mode = OversightMode(mailbox["oversight_mode"])
+    if inbound_is_held(mode):
+        # Held even when spammy: the spam folder is readable by the agent, the hold is not.
+        target = Status.PENDING_INBOUND_APPROVAL
+    elif analysis.dsn is not None or analysis.arf is not None:
+        check_transition(Status.RECEIVED, Status.UNREAD)
+        target = Status.ARCHIVED  # kept for the record; the agent has nothing to answer
+        check_transition(Status.UNREAD, target)
+        return target
+    elif analysis.verdict.is_spam:
+        target = Status.SPAM
+    else:
+        target = Status.UNREAD
+    check_transition(Status.RECEIVED, target)
+    return target
+
+
+def _our_message(
+    conn: Connection, account_id: str, message_ids: Sequence[str | None], *, outbound: bool
+) -> dict[str, Any] | None:
+    forms: list[str] = []
+    for value in message_ids:
+        if value:
+            inner = value.strip().strip("<>")
+            forms.extend([inner, f"<{inner}>"])
+    if not forms:
+        return None
+    query = select(messages_table).where(
+        messages_table.c.account_id == account_id,
+        messages_table.c.message_id_header.in_(forms),
+    )
+    if outbound:
+        query = query.where(messages_table.c.direction == "outbound")
+    row = conn.execute(query.order_by(messages_table.c.id.desc()).limit(1)).mappings().first()
+    return dict(row) if row else None
+
+
+def _insert_message(
+    conn: Connection, mailbox: dict[str, Any], analysis: _Analysis, status: Status
+) -> dict[str, Any]:
+    parsed = analysis.parsed
+    thread = threads.for_inbound(
+        conn,
+        account_id=mailbox["account_id"],
+        mailbox_id=mailbox["id"],
+        subject=parsed.subject,
+        in_reply_to=parsed.in_reply_to,
+        references=parsed.references,
+    )
+    now = utcnow()
+    threads.touch(conn, thread["id"], now)
+    answered = _our_message(conn, mailbox["account_id"], [parsed.in_reply_to], outbound=True)
+    row: dict[str, Any] = {
+        "id": new_id("msg"),
+        "account_id": mailbox["account_id"],
+        "mailbox_id": mailbox["id"],
+        "thread_id": thread["id"],
+        "direction": "inbound",
+        "status": status.value,
+        "test": False,
+        "message_id_header": (parsed.message_id or "")[:998] or None,
+        "in_reply_to": (parsed.in_reply_to or "")[:998] or None,
+        "references": parsed.references,
+        "reply_to_email_id": answered["id"] if answered else None,
+        "from_address": (parsed.from_address or "").lower()[:320] or None,
+        "from_name": (parsed.from_name or "")[:200] or None,
+        "to": parsed.to,
+        "cc": parsed.cc,
+        "bcc": [],
+        "reply_to": parsed.reply_to,
+        "subject": parsed.subject,
+        "markdown": parsed.markdown,
+        "html": parsed.html,
+        "text": parsed.text,
+        "quoted_text": parsed.quoted_content or None,
+        "headers": [[name, value] for name, value in parsed.headers],
+        "auth_results": analysis.auth.to_json(),
+        "spam_score": analysis.verdict.score,
+        "spam_reasons": [
+            {"code": r.code, "points": r.points, "explanation": r.explanation}
+            for r in analysis.verdict.reasons
+        ],
+        "scan_findings": [{"code": "mime_defect", "detail": d} for d in parsed.defects],
+        "oversight_mode": mailbox["oversight_mode"],
+        "raw": analysis.stored_raw,
+        "size_bytes": len(analysis.stored_raw),
+        "created_at": now,
+        "updated_at": now,
+    }
+    conn.execute(insert(messages_table).values(**row))
+    if parsed.attachments:
+        conn.execute(
+            insert(attachments),
+            [
+                {
+                    "id": new_id("att"),
+                    "message_id": row["id"],
+                    "filename": att.filename[:255],
+                    "content_type": att.content_type[:255],
+                    "size_bytes": len(att.data),
+                    "sha256": hashlib.sha256(att.data).hexdigest(),
+                    "inline": att.inline,
+                    "content_id": (att.content_id or "")[:255] or None,
+                    "data": att.data,
+                }
+                for att in parsed.attachments
+            ],
+        )
+    return row
+
+
+def _suppress(
+    conn: Connection, account_id: str, address: str | None, reason: str, source: str, note: str
+) -> str | None:
+    if not address:
+        return None
+    try:
+        directory.suppress(
+            conn,
+            actor=_system(account_id),
+            account_id=account_id,
+            address=address,
+            reason=reason,
+            source_message_id=source,
+            details=note[:500],
+        )
+    except InvalidInput:
+        log.info("not suppressing unusable address %r", address)
+        return None
+    return address.lower()
+
+
+def _apply_bounce(
+    conn: Connection, account_id: str, report: DeliveryStatusReport, source_id: str
+) -> None:
+    original = _our_message(conn, account_id, [report.original_message_id], outbound=True)
+    failed = [r for r in report.recipients if r.action == "failed"]
+    if original is None or not failed:
+        return  # a delay notice, or a bounce of nothing we sent: nobody is suppressed
+    current = Status(original["status"])
+    diagnostic = next((r.diagnostic_code for r in failed if r.diagnostic_code), None)
+    if current is not Status.BOUNCED:
+        check_transition(current, Status.BOUNCED)
+        changed = conn.execute(
+            update(messages_table)
+            .where(messages_table.c.id == original["id"], messages_table.c.status == current.value)
+            .values(
+                status=Status.BOUNCED.value,
+                bounce_type=report.bounce_type,
+                last_error=(diagnostic or "bounced")[:2000],
+                updated_at=utcnow(),
+            )
+        ).rowcount
+        if not changed:
+            return  # another actor moved it first; its own rules apply
+    suppressed = []
+    if report.bounce_type == "hard":
+        for address in report.failed_recipients:
+            done = _suppress(
+                conn,
+                account_id,
+                address,
+                "hard_bounce",
+                original["id"],
+                diagnostic or "hard bounce",
+            )
+            if done:
+                suppressed.append(done)
+    audit.append(
+        conn,
+        actor=_system(account_id),
+        action="message.bounced",
+        subject_type="message",
+        subject_id=original["id"],
+        mailbox_id=original["mailbox_id"],
+        oversight_mode=original["oversight_mode"],
+        details={
+            "bounce_type": report.bounce_type,
+            "recipients": [r.final_recipient for r in failed],
+            "suppressed": suppressed,
+            "report_message_id": source_id,
+            "diagnostic": diagnostic,
+        },
+    )
+    refreshed = messages.get_row(conn, _system(account_id), original["id"])
+    events.emit(
+        conn,
+        account_id=account_id,
+        event_type="message.bounced",
+        mailbox_id=original["mailbox_id"],
+        message=messages.full_view(conn, refreshed),
+        extra={"bounce_type": report.bounce_type, "bounced_recipients": suppressed},
+    )
+
+
+def _apply_complaint(
+    conn: Connection,
+    account_id: str,
+    *,
+    complainant: str | None,
+    reason: str,
+    original_ids: Sequence[str | None],
+    report_row: dict[str, Any],
+) -> None:
+    suppressed = _suppress(conn, account_id, complainant, reason, report_row["id"], reason)
+    original = _our_message(conn, account_id, original_ids, outbound=True)
+    subject = original or report_row
+    audit.append(
+        conn,
+        actor=_system(account_id),
+        action="message.complained",
+        subject_type="message",
+        subject_id=subject["id"],
+        mailbox_id=subject["mailbox_id"],
+        details={"reason": reason, "address": suppressed, "report_message_id": report_row["id"]},
+    )
+    events.emit(
+        conn,
+        account_id=account_id,
+        event_type="message.complained",
+        mailbox_id=subject["mailbox_id"],
+        message=messages.full_view(conn, subject),
+        extra={"reason": reason, "complainant": suppressed},
+    )
+
+
+def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> dict[str, Any]:
+    status = _initial_status(mailbox, analysis)
+    row = _insert_message(conn, mailbox, analysis, status)
+    account_id = mailbox["account_id"]
+    audit.append(
+        conn,
+        actor=_system(account_id),
+        action="message.received",
+        subject_type="message",
+        subject_id=row["id"],
+        mailbox_id=mailbox["id"],
+        oversight_mode=mailbox["oversight_mode"],
+        details={
+            "status": status.value,
+            "from": row["from_address"],
+            "message_id_header": row["message_id_header"],
+            "spam_score": analysis.verdict.score,
+            "auth": {
+                k: v["result"] for k, v in analysis.auth.to_json().items() if isinstance(v, dict)
+            },
+            "size_bytes": row["size_bytes"],
+        },
+    )
+    if status is Status.UNREAD:
+        events.emit(
+            conn,
+            account_id=account_id,
+            event_type="message.received",
+            mailbox_id=mailbox["id"],
+            message=messages.full_view(conn, row),
+        )
+    if analysis.dsn is not None:
+        _apply_bounce(conn, account_id, analysis.dsn, row["id"])
+    elif analysis.arf is not None:
+        _apply_complaint(
+            conn,
+            account_id,
+            complainant=analysis.arf.complainant,
+            reason="complaint",
+            original_ids=[analysis.arf.original_message_id],
+            report_row=row,
+        )
+    elif analysis.unsubscribe:
+        _apply_complaint(
+            conn,
+            account_id,
+            complainant=row["from_address"],
+            reason="unsubscribe",
+            original_ids=[analysis.parsed.in_reply_to, *analysis.parsed.references],
+            report_row=row,
+        )
+    return row
+
+
+def _mark_failed(services: Services, row: dict[str, Any], error: str) -> None:
+    with services.db.write() as conn:
+        changed = conn.execute(
+            update(inbound_raw)
+            .where(inbound_raw.c.id == row["id"], inbound_raw.c.status == "stored")
+            .values(status="failed", error=error[:2000], processed_at=utcnow())
+        ).rowcount
+        if changed:
+            audit.append(
+                conn,
+                actor=_system(None),
+                action="inbound.failed",
+                subject_type="inbound",
+                subject_id=row["id"],
+                details={"error": error[:500], "mail_from": row["mail_from"]},
+            )
+
+
+def process_inbound(services: Services, inbound_id: str) -> list[str]:
+    """Turn one stored raw message into inbox messages; returns the ids created by this call."""
+    with services.db.read() as conn:
+        found = conn.execute(select(inbound_raw).where(inbound_raw.c.id == inbound_id))
+        raw_row = found.mappings().first()
+        if raw_row is None:
+            raise NotFound(f"inbound message {inbound_id!r} not found", code="inbound_not_found")
+        row = dict(raw_row)
+        if row["status"] != "stored":
+            return []
+        recipients = _recipient_mailboxes(conn, row["rcpt_tos"] or [])
+    try:
+        parsed = parse_message(bytes(row["data"]))
+    except UnparseableMessage as exc:
+        # The bytes stay in inbound_raw; only the attempt to make a message of them ends.
+        _mark_failed(services, row, exc.message)
+        return []
+    analysis = _analyse(services, row, parsed) if recipients else None
+    created: list[dict[str, Any]] = []
+    with services.db.write() as conn:
+        claimed = conn.execute(
+            update(inbound_raw)
+            .where(inbound_raw.c.id == inbound_id, inbound_raw.c.status == "stored")
+            .values(
+                status="processed",
+                processed_at=utcnow(),
+                error=None if recipients else "no live recipient mailbox",
+            )
+        ).rowcount
+        if not claimed or analysis is None:
+            return []
+        created = [_deliver(conn, mailbox, analysis) for mailbox in recipients]
+    if any(r["status"] == Status.UNREAD.value for r in created):
+        signals(services).arrived.notify()
+    return [r["id"] for r in created]
+
+
+# --------------------------------------------------------------------------- POST /v1/inbound
+
+
+def accept_raw(
+    services: Services,
+    actor: Actor,
+    raw: bytes,
+    *,
+    mail_from: str | None = None,
+    rcpt_to: Sequence[str] | None = None,
+    peer_ip: str | None = None,
+    helo: str | None = None,
+    received_at: datetime | None = None,
+) -> dict[str, Any]:
+    """A message handed over by the operator's own MTA: stored, then processed at once."""
+    actor.require(Scope.ADMIN)
+    if len(raw) > services.settings.max_message_bytes:
+        raise TooLarge(
+            f"the message is {len(raw)} bytes; the limit is {services.settings.max_message_bytes}",
+            code="message_too_large",
+        )
+    if b"\n" in raw and b"\r\n" not in raw:
+        raw = raw.replace(b"\n", b"\r\n")  # pipes from local MTAs speak bare LF
+    try:
+        parsed = parse_message(raw)
+    except UnparseableMessage as exc:
+        raise InvalidInput(exc.message, code=exc.code) from exc
+    with services.db.read() as conn:
+        if rcpt_to:
+            targets = [mailboxes.resolve(conn, actor, address)["address"] for address in rcpt_to]
+        else:
+            targets = []
+            for address in [*parsed.to, *parsed.cc]:
+                with contextlib.suppress(NotFound):
+                    targets.append(mailboxes.resolve(conn, actor, address)["address"])
+    targets = list(dict.fromkeys(targets))
+    if not targets:
+        raise InvalidInput(
+            "no recipient of this message is a mailbox of this account; pass rcpt_to",
+            code="no_local_recipient",
+        )
+    if len(targets) > services.settings.max_recipients:
+        raise InvalidInput("too many recipients", code="too_many_recipients")
+    envelope = InboundEnvelope(
+        mail_from=mail_from if mail_from is not None else (parsed.from_address or ""),
+        rcpt_tos=tuple(targets),
+        data=raw,
+        peer=peer_ip or "",
+        helo=helo or "",
+        received_at=received_at or utcnow(),
+        tls=False,
+    )
+    (inbound_id,) = store_envelopes(services, [envelope])
+    created = process_inbound(services, inbound_id)
+    with services.db.read() as conn:
+        rows: list[Mapping[str, Any]] = [
+            messages.get_row(conn, actor, message_id) for message_id in created
+        ]
+        views = messages.views(conn, rows)
+    return {
+        "inbound_id": inbound_id,
+        "status": "processed",
+        "message_ids": created,
+        "emails": views,
+    }
