@@ -3,16 +3,36 @@
 ``emit`` stores the event and one ``webhook_deliveries`` row per matching subscription, so a
 committed change always has its deliveries queued and a rolled-back one has none. The
 dispatcher (``multimail.workers.webhooks``) posts them.
+
+Rules callers can rely on:
+
+* Call ``emit`` inside the ``db.write()`` transaction that makes the change, after the change
+  (so ``message`` is the view of the new state). Never in a separate transaction: a crash
+  between the two would lose the event or announce a change that never happened.
+* Subscriptions match by canonical name, by alias (delivered under the alias), or by ``"*"``.
+  One subscription gets one delivery per event, under the first of its names that matches.
+* A mailbox's ``webhook_url`` is an implicit subscription to all of that mailbox's events: a
+  ``webhooks`` row with ``source = "mailbox"`` kept in step with the mailbox
+  (:func:`sync_mailbox_subscription`). Its secret is not shown at creation (the mailbox API
+  does not carry it); ``POST /v1/webhooks/{id}/rotate-secret`` reveals a fresh one.
+* Dispatchers in this process are nudged once the transaction commits (never on rollback), so
+  delivery starts within milliseconds instead of at the next poll.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Connection, insert, or_, select
+from sqlalchemy import Connection, event, insert, or_, select, update
 
+from multimail.errors import InvalidInput
 from multimail.ids import isoformat, new_id, utcnow
-from multimail.store.tables import events, webhook_deliveries, webhooks
+from multimail.services import audit
+from multimail.services.context import Actor
+from multimail.store.tables import events, mailboxes, webhook_deliveries, webhooks
+from multimail.webhook_signature import generate_secret
 
 CANONICAL = (
     "message.received",
@@ -35,10 +55,42 @@ ALIASES = {
     "message.approved": "oversight.approved",
     "message.rejected": "oversight.rejected",
 }
+WILDCARD = "*"
+SUBSCRIBABLE = (*CANONICAL, *ALIASES, WILDCARD)
+DELIVERY_EVENTS = ("message.delivered", "message.sent", "message.bounced")
 
 
 def canonical(name: str) -> str:
     return ALIASES.get(name, name)
+
+
+def validate_names(names: Iterable[str] | str | None) -> list[str]:
+    """Subscription names as given (aliases kept), deduplicated; unknown names are refused."""
+    if names is None:
+        return [WILDCARD]
+    if isinstance(names, str):
+        names = [names]
+    clean = list(dict.fromkeys(str(n).strip() for n in names))
+    unknown = [n for n in clean if n not in SUBSCRIBABLE]
+    if unknown:
+        raise InvalidInput(
+            f"unknown event names: {', '.join(unknown)}; use any of: {', '.join(SUBSCRIBABLE)}",
+            code="unknown_event",
+            unknown=unknown,
+            allowed=list(SUBSCRIBABLE),
+        )
+    return clean or [WILDCARD]
+
+
+def delivered_name(subscribed: Iterable[str], event_type: str) -> str | None:
+    """The name this subscription receives ``event_type`` under, or None if it does not."""
+    names = list(subscribed) or [WILDCARD]
+    for name in names:
+        if name == WILDCARD:
+            return event_type
+        if canonical(name) == event_type:
+            return name
+    return None
 
 
 def payload_for(
@@ -75,10 +127,149 @@ def payload_for(
                 "status": message.get("status"),
             }
         )
-        if event_type in ("message.delivered", "message.sent", "message.bounced"):
+        if event_type in DELIVERY_EVENTS:
+            # The guides tag "the original message" on delivery: the inbound mail a reply
+            # answered, or the sent message itself when it answered nothing.
             body["original_message_id"] = message.get("reply_to_email_id") or message.get("id")
     body.update(extra or {})
     return body
+
+
+def renamed(payload: dict[str, Any], name: str) -> dict[str, Any]:
+    """The stored payload as one subscriber receives it: ``type``/``event`` = its name."""
+    return {**payload, "type": name, "event": name}
+
+
+# --- nudging dispatchers after commit ---------------------------------------------------------
+
+_listeners: list[Callable[[], None]] = []
+_listeners_lock = threading.Lock()
+
+
+def add_commit_listener(callback: Callable[[], None]) -> None:
+    """Call ``callback`` (from any thread) after a transaction that emitted events commits."""
+    with _listeners_lock:
+        _listeners.append(callback)
+
+
+def remove_commit_listener(callback: Callable[[], None]) -> None:
+    with _listeners_lock:
+        if callback in _listeners:
+            _listeners.remove(callback)
+
+
+def notify_listeners() -> None:
+    with _listeners_lock:
+        current = list(_listeners)
+    for callback in current:
+        callback()
+
+
+def _nudge_after_commit(conn: Connection) -> None:
+    if conn.info.get("multimail_events_nudge"):
+        return
+    conn.info["multimail_events_nudge"] = True
+
+    def _committed(_conn: Connection) -> None:
+        conn.info.pop("multimail_events_nudge", None)
+        notify_listeners()
+
+    def _rolled_back(_conn: Connection) -> None:
+        conn.info.pop("multimail_events_nudge", None)
+
+    # SQLAlchemy's "commit" hook runs just before the DBAPI commit; dispatchers re-check
+    # shortly after a nudge that found nothing, so the early signal is harmless.
+    event.listen(conn, "commit", _committed, once=True)
+    event.listen(conn, "rollback", _rolled_back, once=True)
+
+
+# --- the implicit subscription behind a mailbox's webhook_url ----------------------------------
+
+
+def sync_mailbox_subscription(
+    conn: Connection, mailbox_id: str, *, actor: Actor | None = None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Make the mailbox's ``source="mailbox"`` subscription match its ``webhook_url``.
+
+    Returns the subscription row (None when the mailbox has no URL and never had one) and the
+    secret when this call created it (so a caller able to show it once can). A changed URL
+    re-enables the subscription; a cleared URL disables it (its history is kept).
+    """
+    box = conn.execute(
+        select(
+            mailboxes.c.id, mailboxes.c.account_id, mailboxes.c.webhook_url, mailboxes.c.deleted_at
+        ).where(mailboxes.c.id == mailbox_id)
+    ).first()
+    if box is None:
+        return None, None
+    url = box.webhook_url if box.deleted_at is None else None
+    row = (
+        conn.execute(
+            select(webhooks).where(
+                webhooks.c.mailbox_id == mailbox_id, webhooks.c.source == "mailbox"
+            )
+        )
+        .mappings()
+        .first()
+    )
+    who = actor or Actor(type="system", id=None, name="system", account_id=box.account_id)
+    now = utcnow()
+    if row is None:
+        if not url:
+            return None, None
+        secret = generate_secret()
+        record: dict[str, Any] = {
+            "id": new_id("whk"),
+            "account_id": box.account_id,
+            "mailbox_id": mailbox_id,
+            "url": url,
+            "events": [WILDCARD],
+            "secret": secret,
+            "enabled": True,
+            "description": "the mailbox's webhook_url",
+            "source": "mailbox",
+            "created_at": now,
+            "updated_at": now,
+        }
+        conn.execute(insert(webhooks).values(**record))
+        audit.append(
+            conn,
+            actor=who,
+            account_id=box.account_id,
+            action="webhook.created",
+            subject_type="webhook",
+            subject_id=record["id"],
+            mailbox_id=mailbox_id,
+            details={"url": url, "events": [WILDCARD], "source": "mailbox"},
+        )
+        return record, secret
+    changes: dict[str, Any] = {}
+    if url and url != row["url"]:
+        changes = {"url": url, "enabled": True, "disabled_reason": None, "failing_since": None}
+    elif not url and row["enabled"]:
+        changes = {"enabled": False, "disabled_reason": "the mailbox's webhook_url was cleared"}
+    if not changes:
+        return dict(row), None
+    conn.execute(
+        update(webhooks).where(webhooks.c.id == row["id"]).values(**changes, updated_at=now)
+    )
+    audit.append(
+        conn,
+        actor=who,
+        account_id=box.account_id,
+        action="webhook.updated" if url else "webhook.disabled",
+        subject_type="webhook",
+        subject_id=row["id"],
+        mailbox_id=mailbox_id,
+        details={
+            "source": "mailbox",
+            "changes": {k: v for k, v in changes.items() if v is not None},
+        },
+    )
+    return {**dict(row), **changes}, None
+
+
+# --- emitting ---------------------------------------------------------------------------------
 
 
 def emit(
@@ -90,9 +281,16 @@ def emit(
     message: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """Record an event and queue it for every subscription that wants it."""
+    """Record an event and queue it for every subscription that wants it; returns ``evt_…``.
+
+    ``message`` is the message's ``messages.view``/``full_view`` dict (its ``metadata`` and
+    ``tags`` reach receivers); ``extra`` adds top-level payload fields. Raises ``ValueError``
+    for a name outside :data:`CANONICAL` so a typo fails the caller's transaction loudly.
+    """
     if event_type not in CANONICAL:
-        raise ValueError(f"unknown event type {event_type!r}")
+        raise ValueError(f"unknown event type {event_type!r}; use one of {', '.join(CANONICAL)}")
+    if mailbox_id is None and message is not None:
+        mailbox_id = message.get("mailbox_id")
     event_id = new_id("evt")
     now = utcnow()
     payload = payload_for(
@@ -114,29 +312,35 @@ def emit(
             created_at=now,
         )
     )
+    if mailbox_id is not None:
+        sync_mailbox_subscription(conn, mailbox_id)
     subs = conn.execute(
-        select(webhooks.c.id, webhooks.c.events).where(
+        select(webhooks.c.id, webhooks.c.events)
+        .where(
             webhooks.c.account_id == account_id,
             webhooks.c.enabled.is_(True),
             or_(webhooks.c.mailbox_id.is_(None), webhooks.c.mailbox_id == mailbox_id),
         )
+        .order_by(webhooks.c.id)
     ).all()
+    queued = 0
     for sub in subs:
-        wanted = list(sub.events or [])
-        names = [n for n in wanted if canonical(n) == event_type or n == "*"]
-        if not wanted:
-            names = [event_type]
-        for name in names[:1]:
-            conn.execute(
-                insert(webhook_deliveries).values(
-                    id=new_id("dlv"),
-                    webhook_id=sub.id,
-                    event_id=event_id,
-                    event_name=event_type if name == "*" else name,
-                    status="pending",
-                    attempts=0,
-                    next_attempt_at=now,
-                    created_at=now,
-                )
+        name = delivered_name(sub.events or [], event_type)
+        if name is None:
+            continue
+        conn.execute(
+            insert(webhook_deliveries).values(
+                id=new_id("dlv"),
+                webhook_id=sub.id,
+                event_id=event_id,
+                event_name=name,
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
             )
+        )
+        queued += 1
+    if queued:
+        _nudge_after_commit(conn)
     return event_id
