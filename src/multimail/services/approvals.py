@@ -1,0 +1,627 @@
+"""Operator approval codes: the trust ladder, the two-step admin actions, the allowlist.
+
+Loosening needs the human operator. An API key asking for something loose gets
+``202 approval_required`` and a one-time code goes to the account's ``oversight_email``;
+the same call repeated with that code completes it. A code is 8 characters, stored only as
+its SHA-256, bound to a purpose and to the exact request it was issued for, valid for one
+hour, used once, and dead after five wrong guesses. Operators (dashboard, CLI) act
+directly. Tightening never waits.
+
+A wrong code is recorded (its attempt counted) in a transaction that commits before the
+error is raised; a right code is spent in the same transaction as the action it approves,
+so an action that fails leaves its code unused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from multimail.domain.addresses import AddressError, normalize_address, normalize_domain
+from multimail.domain.oversight import OversightMode, is_loosening, parse_mode
+from multimail.domain.scopes import Scope
+from multimail.errors import ApprovalRequired, Conflict, Forbidden, InvalidInput, NotFound
+from multimail.ids import aware, isoformat, new_id, utcnow
+from multimail.services import audit, keys, mailboxes, notify
+from multimail.services.context import Actor, Services
+from multimail.store.tables import approval_codes, mailbox_allowlist
+from multimail.store.tables import mailboxes as mailbox_table
+
+T = TypeVar("T")
+
+CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read aloud, typed by hand
+CODE_LENGTH = 8
+CODE_TTL = timedelta(hours=1)
+MAX_ATTEMPTS = 5
+MODE_UPGRADE = "mode_upgrade"
+
+PURPOSES = {
+    MODE_UPGRADE: "change a mailbox's oversight mode",
+    "mailbox_create": "create a mailbox",
+    "api_key_create": "create an API key",
+    "webhook_create": "create a webhook",
+    "mailbox_copies": "change a mailbox's auto_cc / auto_bcc",
+    "oversight_email": "change the account's oversight email",
+    "allowlist_add": "add a recipient to a mailbox's allowlist",
+}
+
+
+def _hash(code: str) -> str:
+    return hashlib.sha256(code.encode("ascii", "replace")).hexdigest()
+
+
+def _normalise_code(code: str) -> str:
+    return "".join(c for c in code.upper() if c.isalnum())
+
+
+def _canonical(params: Mapping[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+
+
+# --- issuing and checking codes --------------------------------------------------------------
+
+
+def issue_code(
+    conn: Connection,
+    services: Services,
+    actor: Actor,
+    *,
+    purpose: str,
+    subject_id: str | None,
+    params: Mapping[str, Any],
+    summary: str,
+) -> dict[str, Any]:
+    """Store a new code (hashed) and mail it to the operator; returns the 202 body."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown approval purpose {purpose!r}")
+    account_id = str(actor.account_id)
+    to = notify.oversight_address(conn, account_id)
+    if not to:
+        raise Conflict(
+            "this needs the operator's approval, but the account has no oversight_email to "
+            "send the code to; an operator must set it first",
+            code="no_oversight_email",
+        )
+    code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+    now = utcnow()
+    expires = now + CODE_TTL
+    conn.execute(
+        insert(approval_codes).values(
+            id=new_id("apc"),
+            account_id=account_id,
+            purpose=purpose,
+            subject_id=subject_id,
+            code_hash=_hash(code),
+            params=json.loads(_canonical(params)),
+            attempts=0,
+            expires_at=expires,
+            used_at=None,
+            created_at=now,
+        )
+    )
+    markdown = "\n".join(
+        [
+            f"**{actor.label}** asks to {PURPOSES[purpose]}:",
+            "",
+            notify.fenced(summary),
+            "",
+            f"If you agree, give them this one-time approval code: **{code}**",
+            "",
+            f"It works once, for this exact request, until {isoformat(expires)}. "
+            "If you did not expect this request, do nothing: without the code nothing changes.",
+        ]
+    )
+    notify.enqueue_operator_mail(
+        conn,
+        services,
+        account_id,
+        f"[MultiMail] Approval code: {PURPOSES[purpose]}",
+        markdown,
+        "approval_code",
+    )
+    audit.append(
+        conn,
+        actor=actor,
+        action="approval_code.issued",
+        subject_type="approval_code",
+        subject_id=subject_id,
+        details={"purpose": purpose, "params": json.loads(_canonical(params))},
+    )
+    return {
+        "status": "approval_required",
+        "purpose": purpose,
+        "sent_to": notify.mask_address(to),
+        "expires_at": isoformat(expires),
+    }
+
+
+@dataclass(frozen=True)
+class _Check:
+    row: dict[str, Any] | None
+    problem: str | None
+
+
+def _check(
+    conn: Connection,
+    actor: Actor,
+    *,
+    purpose: str,
+    subject_id: str | None,
+    params: Mapping[str, Any] | None,
+    code: str,
+    now: datetime,
+) -> _Check:
+    query = select(approval_codes).where(
+        approval_codes.c.account_id == actor.account_id, approval_codes.c.purpose == purpose
+    )
+    if subject_id is not None:
+        query = query.where(approval_codes.c.subject_id == subject_id)
+    rows = conn.execute(query.order_by(approval_codes.c.id.desc()).limit(50)).mappings().all()
+    offered = _hash(_normalise_code(code))
+    match = None
+    for row in rows:
+        # Every candidate is compared, in constant time, whether or not one matched already.
+        if hmac.compare_digest(row["code_hash"], offered) and match is None:
+            match = dict(row)
+    open_ids = [r["id"] for r in rows if r["used_at"] is None and aware(r["expires_at"]) > now]
+    problem = None
+    if match is None:
+        problem = "that approval code is not valid"
+    elif match["used_at"] is not None:
+        problem = "that approval code was already used"
+    elif aware(match["expires_at"]) <= now:
+        problem = "that approval code has expired; ask for a new one"
+    elif match["attempts"] >= MAX_ATTEMPTS:
+        problem = "too many wrong codes were tried; ask for a new one"
+    elif params is not None and _canonical(match["params"] or {}) != _canonical(params):
+        problem = "that approval code was issued for a different request"
+    if problem is not None:
+        if open_ids:
+            conn.execute(
+                update(approval_codes)
+                .where(approval_codes.c.id.in_(open_ids))
+                .values(attempts=approval_codes.c.attempts + 1)
+            )
+        return _Check(None, problem)
+    assert match is not None
+    spent = conn.execute(
+        update(approval_codes)
+        .where(approval_codes.c.id == match["id"], approval_codes.c.used_at.is_(None))
+        .values(used_at=now)
+    )
+    if spent.rowcount != 1:
+        return _Check(None, "that approval code was already used")
+    return _Check(match, None)
+
+
+def _refuse(problem: str) -> Forbidden:
+    return Forbidden(problem, code="invalid_approval_code")
+
+
+def with_operator_approval(
+    services: Services,
+    actor: Actor,
+    *,
+    purpose: str,
+    params: Mapping[str, Any],
+    code: str | None,
+    summary: str,
+    action: Callable[[Connection], T],
+    subject_id: str | None = None,
+) -> T:
+    """Run ``action`` in one transaction if the operator approved it.
+
+    Operators act directly. An API key without a code gets :class:`ApprovalRequired` (202)
+    after a code was mailed; with a valid code for these exact ``params`` the code is spent
+    in the action's own transaction; a wrong code is counted and refused (403).
+    """
+    if actor.is_operator:
+        with services.db.write() as conn:
+            return action(conn)
+    if not code:
+        with services.db.write() as conn:
+            body = issue_code(
+                conn,
+                services,
+                actor,
+                purpose=purpose,
+                subject_id=subject_id,
+                params=params,
+                summary=summary,
+            )
+        raise ApprovalRequired(
+            f"this needs the operator's approval: a one-time code was sent to "
+            f'{body["sent_to"]}; repeat the same request with "approval_code" set to it',
+            **body,
+        )
+    with services.db.write() as conn:
+        checked = _check(
+            conn,
+            actor,
+            purpose=purpose,
+            subject_id=subject_id,
+            params=params,
+            code=code,
+            now=utcnow(),
+        )
+        if checked.problem is None:
+            audit.append(
+                conn,
+                actor=actor,
+                action="approval_code.used",
+                subject_type="approval_code",
+                subject_id=subject_id,
+                details={"purpose": purpose, "approved_by": "operator code"},
+            )
+            return action(conn)
+    raise _refuse(str(checked.problem))
+
+
+# --- the trust ladder ------------------------------------------------------------------------
+
+
+def _target_mode(value: str | None) -> OversightMode:
+    try:
+        return parse_mode(str(value or ""))
+    except ValueError as exc:
+        raise InvalidInput(str(exc), code="invalid_oversight_mode") from None
+
+
+def request_upgrade(
+    services: Services, actor: Actor, mailbox_ref: str, target_mode: str | None
+) -> dict[str, Any]:
+    """Ask the operator to loosen a mailbox's mode: mails a code, answers 202."""
+    actor.require(Scope.READ)
+    target = _target_mode(target_mode)
+    with services.db.write() as conn:
+        box = mailboxes.resolve(conn, actor, mailbox_ref)
+        body = request_upgrade_in(conn, services, actor, box, target)
+    return body
+
+
+def request_upgrade_in(
+    conn: Connection,
+    services: Services,
+    actor: Actor,
+    box: Mapping[str, Any],
+    target: OversightMode,
+) -> dict[str, Any]:
+    """The upgrade request inside the caller's transaction (mailbox creation uses it too)."""
+    current = OversightMode(box["oversight_mode"])
+    if not is_loosening(current, target):
+        raise InvalidInput(
+            f"{target.value} is not looser than the current {current.value}; tightening "
+            f"needs no code: PATCH /v1/mailboxes/{box['id']} with the new oversight_mode",
+            code="not_an_upgrade",
+        )
+    body = issue_code(
+        conn,
+        services,
+        actor,
+        purpose=MODE_UPGRADE,
+        subject_id=box["id"],
+        params={"target_mode": target.value},
+        summary=f"mailbox {box['address']}: oversight mode {current.value} -> {target.value}",
+    )
+    audit.append(
+        conn,
+        actor=actor,
+        action="mailbox.upgrade_requested",
+        subject_type="mailbox",
+        subject_id=box["id"],
+        mailbox_id=box["id"],
+        oversight_mode=current.value,
+        details={"from": current.value, "to": target.value},
+    )
+    return {
+        **body,
+        "code": "approval_required",
+        "mailbox_id": box["id"],
+        "current_mode": current.value,
+        "target_mode": target.value,
+        "message": (
+            f"a one-time code was sent to {body['sent_to']}; call "
+            f"POST /v1/mailboxes/{box['id']}/upgrade with it to apply {target.value}"
+        ),
+    }
+
+
+def apply_upgrade(
+    services: Services, actor: Actor, mailbox_ref: str, code: str | None
+) -> dict[str, Any]:
+    """Apply the mode a valid upgrade code was issued for."""
+    actor.require(Scope.READ)
+    if not code:
+        raise InvalidInput("give the approval 'code' the operator received", code="missing_code")
+    with services.db.write() as conn:
+        box = mailboxes.resolve(conn, actor, mailbox_ref, for_update=True)
+        checked = _check(
+            conn,
+            actor,
+            purpose=MODE_UPGRADE,
+            subject_id=box["id"],
+            params=None,
+            code=code,
+            now=utcnow(),
+        )
+        if checked.row is not None:
+            target = OversightMode(checked.row["params"]["target_mode"])
+            now = utcnow()
+            conn.execute(
+                update(mailbox_table)
+                .where(mailbox_table.c.id == box["id"])
+                .values(oversight_mode=target.value, updated_at=now)
+            )
+            audit.append(
+                conn,
+                actor=actor,
+                action="mailbox.mode_changed",
+                subject_type="mailbox",
+                subject_id=box["id"],
+                mailbox_id=box["id"],
+                oversight_mode=target.value,
+                details={
+                    "changes": {"oversight_mode": {"from": box["oversight_mode"], "to": target}},
+                    "approved_by": "operator code",
+                },
+            )
+            fresh = conn.execute(select(mailbox_table).where(mailbox_table.c.id == box["id"]))
+            return mailboxes.mailbox_view(fresh.mappings().one())
+    raise _refuse(str(checked.problem))
+
+
+# --- two-step admin actions ------------------------------------------------------------------
+
+
+def create_mailbox(
+    services: Services, actor: Actor, fields: dict[str, Any], approval_code: str | None
+) -> dict[str, Any]:
+    """Create a mailbox; an API key needs the operator's code. A looser mode than
+    ``gated_send`` is clamped and becomes an upgrade request."""
+    actor.require(Scope.ADMIN)
+    params = {k: v for k, v in fields.items() if v is not None}
+    address = params.get("address") or params.get("address_local_part") or "?"
+
+    def create(conn: Connection) -> dict[str, Any]:
+        args = dict(fields)
+        view = mailboxes.create_mailbox(
+            conn,
+            actor=actor,
+            settings=services.settings,
+            address=args.pop("address", None),
+            address_local_part=args.pop("address_local_part", None),
+            **args,
+        )
+        if view.get("upgrade_required"):
+            box = conn.execute(select(mailbox_table).where(mailbox_table.c.id == view["id"]))
+            view["upgrade"] = request_upgrade_in(
+                conn,
+                services,
+                actor,
+                dict(box.mappings().one()),
+                OversightMode(view["requested_oversight_mode"]),
+            )
+        return view
+
+    return with_operator_approval(
+        services,
+        actor,
+        purpose="mailbox_create",
+        params=params,
+        code=approval_code,
+        summary=f"create mailbox {address} with {_canonical(params)}",
+        action=create,
+    )
+
+
+def update_mailbox(
+    services: Services,
+    actor: Actor,
+    mailbox_ref: str,
+    changes: dict[str, Any],
+    approval_code: str | None,
+) -> dict[str, Any]:
+    """Mailbox settings; a change of auto_cc / auto_bcc needs the operator's code."""
+    actor.require(Scope.ADMIN)
+    copies: dict[str, Any] = {k: changes[k] for k in ("auto_cc", "auto_bcc") if k in changes}
+    if not copies:
+        with services.db.write() as conn:
+            return mailboxes.update_mailbox(conn, actor=actor, ref=mailbox_ref, changes=changes)
+    with services.db.read() as conn:
+        box_id = mailboxes.resolve(conn, actor, mailbox_ref)["id"]
+    return with_operator_approval(
+        services,
+        actor,
+        purpose="mailbox_copies",
+        subject_id=box_id,
+        params=copies,
+        code=approval_code,
+        summary=f"mailbox {mailbox_ref}: {_canonical(copies)}",
+        action=lambda conn: mailboxes.update_mailbox(
+            conn, actor=actor, ref=box_id, changes=changes
+        ),
+    )
+
+
+def guard_oversight_email(
+    services: Services,
+    actor: Actor,
+    changes: Mapping[str, Any],
+    approval_code: str | None,
+    action: Callable[[Connection], T],
+) -> T:
+    """Changing where codes go needs a code sent to where they go now."""
+    if "oversight_email" not in changes:
+        with services.db.write() as conn:
+            return action(conn)
+    return with_operator_approval(
+        services,
+        actor,
+        purpose="oversight_email",
+        subject_id=actor.account_id,
+        params={"oversight_email": changes["oversight_email"]},
+        code=approval_code,
+        summary=f"oversight_email -> {changes['oversight_email']}",
+        action=action,
+    )
+
+
+# --- the recipient allowlist -----------------------------------------------------------------
+
+
+def _pattern(value: str) -> str:
+    text = (value or "").strip()
+    try:
+        if text.startswith("*@"):
+            return "*@" + normalize_domain(text[2:])
+        return normalize_address(text)
+    except AddressError as exc:
+        raise InvalidInput(
+            f"an allowlist entry is an address or *@domain: {exc}", code="invalid_pattern"
+        ) from None
+
+
+def _entry_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "mailbox_id": row["mailbox_id"],
+        "pattern": row["pattern"],
+        "added_by": row["added_by"],
+        "created_at": isoformat(row["created_at"]),
+    }
+
+
+def list_allowlist(services: Services, actor: Actor, mailbox_ref: str) -> dict[str, Any]:
+    actor.require(Scope.READ)
+    with services.db.read() as conn:
+        box = mailboxes.resolve(conn, actor, mailbox_ref)
+        rows = conn.execute(
+            select(mailbox_allowlist)
+            .where(mailbox_allowlist.c.mailbox_id == box["id"])
+            .order_by(mailbox_allowlist.c.pattern)
+        ).mappings()
+        return {"mailbox_id": box["id"], "allowlist": [_entry_view(dict(r)) for r in rows]}
+
+
+def add_allowlist(
+    services: Services, actor: Actor, mailbox_ref: str, pattern: str, approval_code: str | None
+) -> dict[str, Any]:
+    """Allowlisted recipients skip the gate, so adding one is a loosening: operator only."""
+    actor.require(Scope.ADMIN)
+    clean = _pattern(pattern)
+    with services.db.read() as conn:
+        box = mailboxes.resolve(conn, actor, mailbox_ref)
+
+    def add(conn: Connection) -> dict[str, Any]:
+        record = {
+            "id": new_id("alw"),
+            "mailbox_id": box["id"],
+            "pattern": clean,
+            "added_by": actor.label,
+            "created_at": utcnow(),
+        }
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(mailbox_allowlist).values(**record))
+        except IntegrityError:
+            raise Conflict(f"{clean} is already on the allowlist", code="already_allowed") from None
+        audit.append(
+            conn,
+            actor=actor,
+            action="allowlist.added",
+            subject_type="mailbox",
+            subject_id=box["id"],
+            mailbox_id=box["id"],
+            oversight_mode=box["oversight_mode"],
+            details={"pattern": clean},
+        )
+        return _entry_view(record)
+
+    return with_operator_approval(
+        services,
+        actor,
+        purpose="allowlist_add",
+        subject_id=box["id"],
+        params={"pattern": clean},
+        code=approval_code,
+        summary=f"mailbox {box['address']}: let mail to {clean} skip approval",
+        action=add,
+    )
+
+
+def remove_allowlist(
+    services: Services, actor: Actor, mailbox_ref: str, entry: str
+) -> dict[str, Any]:
+    """Removing tightens the gate, so it is immediate. ``entry`` is an id or the pattern."""
+    actor.require(Scope.ADMIN)
+    with services.db.write() as conn:
+        box = mailboxes.resolve(conn, actor, mailbox_ref)
+        where = mailbox_allowlist.c.mailbox_id == box["id"]
+        if entry.startswith("alw_"):
+            match = mailbox_allowlist.c.id == entry
+        else:
+            match = mailbox_allowlist.c.pattern == _pattern(entry)
+        found = conn.execute(select(mailbox_allowlist).where(where, match)).mappings().first()
+        if found is None:
+            raise NotFound(f"{entry} is not on this mailbox's allowlist", code="not_allowlisted")
+        row = dict(found)
+        conn.execute(delete(mailbox_allowlist).where(mailbox_allowlist.c.id == row["id"]))
+        audit.append(
+            conn,
+            actor=actor,
+            action="allowlist.removed",
+            subject_type="mailbox",
+            subject_id=box["id"],
+            mailbox_id=box["id"],
+            oversight_mode=box["oversight_mode"],
+            details={"pattern": row["pattern"]},
+        )
+    return {**_entry_view(row), "removed": True}
+
+
+def create_api_key(
+    services: Services, actor: Actor, fields: dict[str, Any], approval_code: str | None
+) -> dict[str, Any]:
+    """A new API key (shown once); an API key asking for one needs the operator's code."""
+    actor.require(Scope.ADMIN)
+    params = {k: v for k, v in fields.items() if v is not None}
+
+    def create(conn: Connection) -> dict[str, Any]:
+        boxes = fields.get("mailbox_ids")
+        if boxes:
+            boxes = [mailboxes.resolve(conn, actor, ref)["id"] for ref in boxes]
+        created = keys.create_key(
+            conn,
+            actor=actor,
+            account_id=str(actor.account_id),
+            name=fields.get("name") or "",
+            scopes=fields.get("scopes") or [],
+            mode=fields.get("mode") or "live",
+            mailbox_ids=boxes,
+            send_cap_hour=fields.get("send_cap_hour"),
+            send_cap_day=fields.get("send_cap_day"),
+        )
+        return created.record | {
+            "key": created.raw_key,
+            "api_key": created.raw_key,
+            "warning": "store this key now: it is shown only once",
+        }
+
+    return with_operator_approval(
+        services,
+        actor,
+        purpose="api_key_create",
+        params=params,
+        code=approval_code,
+        summary=f"create API key {_canonical(params)}",
+        action=create,
+    )

@@ -1,0 +1,699 @@
+"""The oversight side: the pending queue, decisions, the kill switch, reminders and expiry.
+
+A decision is one guarded UPDATE (``WHERE id = :id AND status = :pending``) in the same
+transaction as its audit entry, event and delivery job, so under any number of concurrent
+reviewers exactly one decision lands and exactly one audit entry records it. Delivery is
+attempted right after the commit ("approve tries delivery at once"); the job written with the
+decision makes sure the message goes out even if that attempt does not finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from multimail.domain.linktokens import read_token
+from multimail.domain.oversight import (
+    DECIDABLE,
+    GateTiming,
+    Status,
+    TransitionError,
+    after_approval,
+    check_transition,
+)
+from multimail.domain.scopes import Scope, satisfies
+from multimail.errors import Conflict, Forbidden, InvalidInput, MultimailError, NotFound
+from multimail.ids import aware, isoformat, utcnow
+from multimail.mail.compose import safe_subject
+from multimail.mail.markdown import render_markdown
+from multimail.services import audit, events, mailboxes, notify
+from multimail.services import messages as message_views
+from multimail.services.common import clamp_limit
+from multimail.services.context import Actor, Services
+from multimail.store import jobs
+from multimail.store.tables import accounts, messages, used_link_tokens
+from multimail.store.tables import jobs as job_table
+from multimail.store.tables import mailboxes as mailbox_table
+
+log = logging.getLogger("multimail.oversight")
+
+APPROVE_DELIVERY_WAIT_S = 3.0
+MAX_BATCH = 100
+MAX_MARKDOWN_CHARS = 262_144
+SWEEP_BATCH = 500
+
+_ACTIONS = {
+    "approve": "approve",
+    "approved": "approve",
+    "approval": "approve",
+    "reject": "reject",
+    "rejected": "reject",
+    "deny": "reject",
+}
+
+
+class LinkAlreadyUsed(Conflict):
+    """An approval link was already used; each link decides at most once."""
+
+    code = "link_already_used"
+
+
+@dataclass(frozen=True)
+class Revision:
+    subject: str | None = None
+    markdown: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.subject is None and self.markdown is None
+
+
+def parse_action(value: str | None) -> str:
+    action = _ACTIONS.get((value or "").strip().lower())
+    if action is None:
+        raise InvalidInput(
+            "give 'action' (or 'decision') as 'approve' or 'reject'", code="invalid_decision"
+        )
+    return action
+
+
+# --- the pending queue -----------------------------------------------------------------------
+
+
+def _pending_since(row: Mapping[str, Any]) -> datetime:
+    """When the wait started: a schedule_first message only asks once its send time came."""
+    created = aware(row["created_at"])
+    if row.get("gate_timing") == GateTiming.SCHEDULE_FIRST.value and row.get("send_at"):
+        return max(created, aware(row["send_at"]))
+    return created
+
+
+def _can_see_held_inbound(actor: Actor) -> bool:
+    # gated_all: the agent must not read inbound mail before a reviewer releases it.
+    return actor.is_operator or satisfies(actor.scopes, Scope.OVERSIGHT)
+
+
+def list_pending(
+    services: Services,
+    actor: Actor,
+    mailbox_ref: str | None = None,
+    limit: int | None = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Messages waiting for a decision, newest first, with thread context and expiry."""
+    actor.require(Scope.READ)
+    statuses = [Status.PENDING_SEND_APPROVAL.value]
+    if _can_see_held_inbound(actor):
+        statuses.append(Status.PENDING_INBOUND_APPROVAL.value)
+    size = clamp_limit(limit)
+    with services.db.read() as conn:
+        where = [messages.c.account_id == actor.account_id, messages.c.status.in_(statuses)]
+        if mailbox_ref:
+            where.append(messages.c.mailbox_id == mailboxes.resolve(conn, actor, mailbox_ref)["id"])
+        if actor.mailbox_ids is not None:
+            where.append(messages.c.mailbox_id.in_(actor.mailbox_ids))
+        total = conn.execute(select(func.count()).select_from(messages).where(*where)).scalar_one()
+        query = select(messages).where(*where)
+        if cursor:
+            query = query.where(messages.c.id < cursor)
+        rows: list[Mapping[str, Any]] = [
+            dict(r)
+            for r in conn.execute(query.order_by(messages.c.id.desc()).limit(size + 1)).mappings()
+        ]
+        page = rows[:size]
+        expiry = {
+            r.id: r.approval_expiry_seconds
+            for r in conn.execute(
+                select(mailbox_table.c.id, mailbox_table.c.approval_expiry_seconds).where(
+                    mailbox_table.c.id.in_({r["mailbox_id"] for r in page})
+                )
+            )
+        }
+        items = message_views.views(conn, page)
+        for item, row in zip(items, page, strict=True):
+            item["thread_context"] = notify.thread_context(conn, row)
+            seconds = expiry.get(row["mailbox_id"])
+            item["expires_at"] = (
+                isoformat(_pending_since(row) + timedelta(seconds=seconds)) if seconds else None
+            )
+    return {
+        "pending": items,
+        "messages": items,
+        "pending_count": int(total),
+        "next_cursor": page[-1]["id"] if len(rows) > size else None,
+    }
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+
+def _clean_revision(row: Mapping[str, Any], action: str, revision: Revision) -> Revision:
+    if revision.empty:
+        return revision
+    if action != "approve":
+        raise InvalidInput(
+            "a revised subject or body goes with 'approve'; a rejection carries a note",
+            code="revision_needs_approve",
+        )
+    if row["direction"] != "outbound":
+        raise InvalidInput("only outbound drafts can be revised", code="revision_not_allowed")
+    subject = None if revision.subject is None else safe_subject(revision.subject)
+    markdown = revision.markdown
+    if markdown is not None and len(markdown) > MAX_MARKDOWN_CHARS:
+        raise InvalidInput(
+            f"the revised body is longer than {MAX_MARKDOWN_CHARS} characters",
+            code="body_too_long",
+        )
+    return Revision(subject=subject, markdown=markdown)
+
+
+def _already_decided(row: Mapping[str, Any]) -> Conflict:
+    if row.get("decision"):
+        return Conflict(
+            f"message {row['id']} was already decided: {row['decision']} by "
+            f"{row.get('reviewer') or 'a reviewer'} at {isoformat(row.get('decided_at'))}; "
+            "decisions are final",
+            code="already_decided",
+            status=row["status"],
+            decision={
+                "action": row["decision"],
+                "reviewer": row.get("reviewer"),
+                "decided_at": isoformat(row.get("decided_at")),
+            },
+        )
+    return Conflict(
+        f"message {row['id']} is {row['status']}, not waiting for a decision",
+        code="not_pending",
+        status=row["status"],
+    )
+
+
+def _target_status(row: Mapping[str, Any], action: str, now: datetime) -> Status:
+    if action == "reject":
+        return Status.REJECTED
+    if row["direction"] == "inbound":
+        return Status.UNREAD
+    send_at = row.get("send_at")
+    future = send_at is not None and aware(send_at) > now
+    return after_approval(scheduled_in_future=future)
+
+
+def _decide_locked(
+    conn: Connection,
+    services: Services,
+    actor: Actor,
+    row: dict[str, Any],
+    *,
+    action: str,
+    note: str | None,
+    reviewer: str,
+    revision: Revision,
+) -> dict[str, Any]:
+    """Record one decision on ``row`` inside the caller's transaction; returns the new row."""
+    current = Status(row["status"])
+    if current not in DECIDABLE:
+        raise _already_decided(row)
+    revision = _clean_revision(row, action, revision)
+    now = utcnow()
+    target = _target_status(row, action, now)
+    try:
+        check_transition(current, target)
+    except TransitionError as exc:
+        raise Conflict(str(exc), code="invalid_transition") from None
+    values: dict[str, Any] = {
+        "status": target.value,
+        "decision": action,
+        "reviewer": reviewer[:200],
+        "decision_note": note,
+        "decided_at": now,
+        "updated_at": now,
+    }
+    if not revision.empty:
+        values["original_subject"] = row["subject"]
+        values["original_markdown"] = row["markdown"]
+        if revision.subject is not None:
+            values["subject"] = revision.subject
+        if revision.markdown is not None:
+            rendered = render_markdown(revision.markdown)
+            values.update(markdown=revision.markdown, html=rendered.html, text=rendered.text)
+    result = conn.execute(
+        update(messages)
+        .where(messages.c.id == row["id"], messages.c.status == current.value)
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        # Someone else decided between our read and our write; theirs stands.
+        fresh = conn.execute(select(messages).where(messages.c.id == row["id"])).mappings().one()
+        raise _already_decided(dict(fresh))
+    new_row = {**row, **values}
+    if target is Status.QUEUED:
+        jobs.enqueue(conn, "deliver", {"message_id": row["id"]}, dedupe_key=f"deliver:{row['id']}")
+    elif target is Status.SCHEDULED:
+        jobs.enqueue(
+            conn,
+            "release_scheduled",
+            {"message_id": row["id"]},
+            run_at=aware(row["send_at"]),
+            dedupe_key=f"release:{row['id']}",
+        )
+    audit.append(
+        conn,
+        actor=actor,
+        action="message.approved" if action == "approve" else "message.rejected",
+        account_id=row["account_id"],
+        subject_type="message",
+        subject_id=row["id"],
+        mailbox_id=row["mailbox_id"],
+        oversight_mode=row.get("oversight_mode"),
+        details={
+            "decision": action,
+            "reviewer": values["reviewer"],
+            "reviewer_key": actor.name if actor.type == "key" else None,
+            "note": note,
+            "edited": not revision.empty,
+            "from_status": current.value,
+            "to_status": target.value,
+        },
+    )
+    view = message_views.full_view(conn, new_row)
+    event = "oversight.approved" if action == "approve" else "oversight.rejected"
+    events.emit(
+        conn,
+        account_id=row["account_id"],
+        event_type=event,
+        mailbox_id=row["mailbox_id"],
+        message=view,
+        extra={"reviewer": values["reviewer"], "note": note},
+    )
+    if target is Status.UNREAD:
+        events.emit(
+            conn,
+            account_id=row["account_id"],
+            event_type="message.received",
+            mailbox_id=row["mailbox_id"],
+            message=view,
+        )
+    return new_row
+
+
+def _attempt_delivery(services: Services, message_id: str) -> str:
+    # Imported here: the delivery worker imports the services, not the other way round.
+    from multimail.workers.delivery import deliver_now
+
+    return str(deliver_now(services, message_id, timeout=APPROVE_DELIVERY_WAIT_S))
+
+
+def _respond(row: Mapping[str, Any], status: str) -> dict[str, Any]:
+    action = row["decision"]
+    if action == "reject":
+        result = "rejected"
+    else:
+        result = "approved_and_sent" if status == Status.DELIVERED.value else "approved"
+    return {
+        "id": row["id"],
+        "message_id": row["id"],
+        "email_id": row["id"],
+        "status": status,
+        "decision": {
+            "action": action,
+            "decision": action,
+            "reviewer": row["reviewer"],
+            "note": row["decision_note"],
+            "decided_at": isoformat(row["decided_at"]),
+            "edited": row.get("original_markdown") is not None
+            or row.get("original_subject") is not None,
+        },
+        "result": result,
+    }
+
+
+def _after_commit(services: Services, row: Mapping[str, Any]) -> dict[str, Any]:
+    status = str(row["status"])
+    if row["direction"] == "outbound" and status == Status.QUEUED.value:
+        try:
+            status = _attempt_delivery(services, row["id"])
+        except MultimailError as exc:
+            # The decision is committed and the deliver job exists: the worker retries.
+            log.warning("immediate delivery of %s failed: %s", row["id"], exc)
+    return _respond(row, status)
+
+
+def decide(
+    services: Services,
+    actor: Actor,
+    *,
+    email_id: str,
+    action: str,
+    note: str | None = None,
+    reviewer: str | None = None,
+    revised_subject: str | None = None,
+    revised_markdown: str | None = None,
+) -> dict[str, Any]:
+    """Approve or reject one pending message; final, and the agent can never decide its own."""
+    actor.require(Scope.OVERSIGHT)
+    action = parse_action(action)
+    if reviewer is not None and len(reviewer) > 200:
+        raise InvalidInput("reviewer is at most 200 characters", code="invalid_field")
+    revision = Revision(subject=revised_subject, markdown=revised_markdown)
+    with services.db.write() as conn:
+        row = message_views.get_row(conn, actor, email_id, for_update=True)
+        if actor.id is not None and actor.id == row.get("created_by_key_id"):
+            raise Forbidden(
+                "the key that wrote a message can never decide it; a reviewer's key must",
+                code="self_approval_forbidden",
+            )
+        decided = _decide_locked(
+            conn,
+            services,
+            actor,
+            row,
+            action=action,
+            note=note,
+            reviewer=(reviewer or "").strip() or actor.label,
+            revision=revision,
+        )
+    return _after_commit(services, decided)
+
+
+def decide_many(
+    services: Services, actor: Actor, *, email_ids: list[str], action: str, **fields: Any
+) -> dict[str, Any]:
+    """Each message decided on its own (own transaction): one failure does not undo others."""
+    actor.require(Scope.OVERSIGHT)
+    if not email_ids:
+        raise InvalidInput("email_ids is empty", code="invalid_field")
+    if len(email_ids) > MAX_BATCH:
+        raise InvalidInput(f"at most {MAX_BATCH} messages per batch", code="batch_too_large")
+    parse_action(action)
+    results: list[dict[str, Any]] = []
+    for email_id in dict.fromkeys(email_ids):
+        try:
+            outcome = decide(services, actor, email_id=email_id, action=action, **fields)
+            results.append({"id": email_id, "ok": True, **outcome})
+        except MultimailError as exc:
+            results.append(
+                {
+                    "id": email_id,
+                    "ok": False,
+                    "status": exc.context.get("status"),
+                    "error": exc.message,
+                    "code": exc.code,
+                }
+            )
+    return {"results": results}
+
+
+# --- one-click links -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkRequest:
+    message: dict[str, Any]
+    action: str
+    nonce: str
+    reviewer: str
+    thread_context: list[dict[str, Any]]
+
+
+def read_approval_link(services: Services, token: str) -> LinkRequest:
+    """What an approval link asks, without deciding anything (the GET confirmation page)."""
+    link = read_token(
+        notify.secret_key(services), token, purpose=notify.APPROVAL_PURPOSE, now=int(time.time())
+    )
+    action = parse_action(link.action)
+    with services.db.read() as conn:
+        used = conn.execute(
+            select(used_link_tokens.c.nonce).where(used_link_tokens.c.nonce == link.nonce)
+        ).first()
+        if used is not None:
+            raise LinkAlreadyUsed("this link was already used", status="used")
+        row = conn.execute(select(messages).where(messages.c.id == link.subject_id)).mappings()
+        first = row.first()
+        if first is None:
+            raise NotFound("the message of this link no longer exists", code="message_not_found")
+        found = dict(first)
+        email = notify.oversight_address(conn, found["account_id"]) or "operator"
+        return LinkRequest(
+            message=message_views.full_view(conn, found),
+            action=action,
+            nonce=link.nonce,
+            reviewer=f"email link ({email})",
+            thread_context=notify.thread_context(conn, found),
+        )
+
+
+def decide_by_link(services: Services, token: str) -> dict[str, Any]:
+    """The POST behind an approval link: decides once; the token's nonce is spent with it."""
+    request = read_approval_link(services, token)
+    with services.db.write() as conn:
+        query = select(messages).where(messages.c.id == request.message["id"])
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = conn.execute(query).mappings().one()
+        account_id = row["account_id"]
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(used_link_tokens).values(
+                        nonce=request.nonce, purpose=notify.APPROVAL_PURPOSE, used_at=utcnow()
+                    )
+                )
+        except IntegrityError:
+            raise LinkAlreadyUsed("this link was already used", status="used") from None
+        actor = Actor(type="user", id=None, name=request.reviewer, account_id=account_id)
+        decided = _decide_locked(
+            conn,
+            services,
+            actor,
+            dict(row),
+            action=request.action,
+            note="decided from the email link",
+            reviewer=request.reviewer,
+            revision=Revision(),
+        )
+    return _after_commit(services, decided)
+
+
+# --- the kill switch -------------------------------------------------------------------------
+
+
+def _require_admin_or_oversight(actor: Actor) -> None:
+    if actor.type == "key" and not (
+        satisfies(actor.scopes, Scope.ADMIN) or satisfies(actor.scopes, Scope.OVERSIGHT)
+    ):
+        raise Forbidden(
+            "pausing and resuming needs a key with the 'admin' or 'oversight' scope",
+            code="insufficient_scope",
+            required_scope="admin|oversight",
+        )
+
+
+def _set_paused(
+    services: Services, actor: Actor, mailbox_ref: str | None, paused: bool
+) -> dict[str, Any]:
+    _require_admin_or_oversight(actor)
+    account_id = actor.account_id
+    action = "paused" if paused else "resumed"
+    released = 0
+    with services.db.write() as conn:
+        if mailbox_ref:
+            box = mailboxes.resolve(conn, actor, mailbox_ref, for_update=True)
+            conn.execute(
+                update(mailbox_table)
+                .where(mailbox_table.c.id == box["id"])
+                .values(paused=paused, updated_at=utcnow())
+            )
+            scope: dict[str, Any] = {"mailbox_id": box["id"], "address": box["address"]}
+            subject_type, subject_id, mode = "mailbox", box["id"], box["oversight_mode"]
+        else:
+            if actor.mailbox_ids is not None:
+                raise Forbidden(
+                    "a key restricted to some mailboxes can pause only those: give mailbox_id",
+                    code="mailbox_restricted_key",
+                )
+            conn.execute(
+                update(accounts)
+                .where(accounts.c.id == account_id)
+                .values(paused=paused, updated_at=utcnow())
+            )
+            scope = {"account_id": account_id}
+            subject_type, subject_id, mode = "account", account_id, None
+        if not paused:
+            released = _release_queued(conn, str(account_id), scope.get("mailbox_id"))
+        audit.append(
+            conn,
+            actor=actor,
+            action=f"{subject_type}.{action}",
+            subject_type=subject_type,
+            subject_id=subject_id,
+            mailbox_id=scope.get("mailbox_id"),
+            oversight_mode=mode,
+            details={"paused": paused, "released": released},
+        )
+    return {**scope, "paused": paused, "released": released}
+
+
+def _release_queued(conn: Connection, account_id: str, mailbox_id: str | None) -> int:
+    """Give every queued message that may now go a deliver job (the worker left them queued)."""
+    account_paused = conn.execute(
+        select(accounts.c.paused).where(accounts.c.id == account_id)
+    ).scalar_one()
+    if account_paused:
+        return 0
+    query = (
+        select(messages.c.id)
+        .join(mailbox_table, mailbox_table.c.id == messages.c.mailbox_id)
+        .where(
+            messages.c.account_id == account_id,
+            messages.c.status == Status.QUEUED.value,
+            mailbox_table.c.paused.is_(False),
+        )
+    )
+    if mailbox_id:
+        query = query.where(messages.c.mailbox_id == mailbox_id)
+    ids = [r.id for r in conn.execute(query)]
+    waiting = {
+        r.dedupe_key
+        for r in conn.execute(
+            select(job_table.c.dedupe_key).where(
+                job_table.c.dedupe_key.in_([f"deliver:{i}" for i in ids]),
+                job_table.c.status.in_(["pending", "running"]),
+            )
+        )
+    }
+    released = 0
+    for message_id in ids:
+        if f"deliver:{message_id}" in waiting:
+            continue
+        # The first deliver job is spent (the worker completed it while paused); delivery
+        # itself is guarded, so an extra job can never send twice.
+        jobs.enqueue(conn, "deliver", {"message_id": message_id})
+        released += 1
+    return released
+
+
+def pause(services: Services, actor: Actor, mailbox_ref: str | None = None) -> dict[str, Any]:
+    """Kill switch: nothing of the account (or mailbox) is handed to SMTP until resumed."""
+    return _set_paused(services, actor, mailbox_ref, True)
+
+
+def resume(services: Services, actor: Actor, mailbox_ref: str | None = None) -> dict[str, Any]:
+    """Lift the kill switch and release the messages that waited in ``queued``."""
+    return _set_paused(services, actor, mailbox_ref, False)
+
+
+# --- reminders and expiry --------------------------------------------------------------------
+
+SWEEPER = Actor(type="system", id=None, name="approval sweeper", account_id=None)
+
+
+def _expire(conn: Connection, row: dict[str, Any], now: datetime) -> bool:
+    result = conn.execute(
+        update(messages)
+        .where(messages.c.id == row["id"], messages.c.status == Status.PENDING_SEND_APPROVAL.value)
+        .values(status=Status.EXPIRED.value, updated_at=now, last_error="approval expired")
+    )
+    if result.rowcount != 1:
+        return False
+    new_row = {**row, "status": Status.EXPIRED.value, "updated_at": now}
+    audit.append(
+        conn,
+        actor=SWEEPER,
+        action="message.expired",
+        account_id=row["account_id"],
+        subject_type="message",
+        subject_id=row["id"],
+        mailbox_id=row["mailbox_id"],
+        oversight_mode=row.get("oversight_mode"),
+        details={"pending_since": isoformat(_pending_since(row)), "reason": "expired"},
+    )
+    events.emit(
+        conn,
+        account_id=row["account_id"],
+        event_type="oversight.rejected",
+        mailbox_id=row["mailbox_id"],
+        message=message_views.full_view(conn, new_row),
+        extra={"reason": "expired"},
+    )
+    return True
+
+
+def _remind(conn: Connection, services: Services, row: dict[str, Any], now: datetime) -> bool:
+    result = conn.execute(
+        update(messages)
+        .where(
+            messages.c.id == row["id"],
+            messages.c.status == row["status"],
+            messages.c.reminded_at.is_(None),
+        )
+        .values(reminded_at=now)
+    )
+    if result.rowcount != 1:
+        return False
+    notify.notify_reminder(conn, services, row)
+    audit.append(
+        conn,
+        actor=SWEEPER,
+        action="message.reminder_sent",
+        account_id=row["account_id"],
+        subject_type="message",
+        subject_id=row["id"],
+        mailbox_id=row["mailbox_id"],
+        oversight_mode=row.get("oversight_mode"),
+        details={"pending_since": isoformat(_pending_since(row))},
+    )
+    return True
+
+
+def sweep_pending(services: Services, now: datetime | None = None) -> dict[str, int]:
+    """One reminder after the mailbox's approval timeout; ``expired`` after its expiry.
+
+    Held inbound mail is reminded about but never expires: releasing it unreviewed would
+    loosen the gate and dropping it would lose mail.
+    """
+    now = now or utcnow()
+    with services.db.read() as conn:
+        rows = (
+            conn.execute(
+                select(
+                    messages,
+                    mailbox_table.c.approval_timeout_seconds,
+                    mailbox_table.c.approval_expiry_seconds,
+                )
+                .join(mailbox_table, mailbox_table.c.id == messages.c.mailbox_id)
+                .where(
+                    messages.c.status.in_([s.value for s in DECIDABLE]),
+                    or_(
+                        messages.c.reminded_at.is_(None),
+                        and_(
+                            messages.c.status == Status.PENDING_SEND_APPROVAL.value,
+                            messages.c.reminded_at.is_not(None),
+                        ),
+                    ),
+                )
+                .order_by(messages.c.id)
+                .limit(SWEEP_BATCH)
+            )
+            .mappings()
+            .all()
+        )
+    counts = {"reminded": 0, "expired": 0}
+    for found in rows:
+        row = dict(found)
+        timeout = timedelta(seconds=row.pop("approval_timeout_seconds"))
+        expiry = timedelta(seconds=row.pop("approval_expiry_seconds"))
+        age = now - _pending_since(row)
+        outbound = row["status"] == Status.PENDING_SEND_APPROVAL.value
+        with services.db.write() as conn:
+            if outbound and age >= expiry:
+                counts["expired"] += _expire(conn, row, now)
+            elif age >= timeout and row.get("reminded_at") is None:
+                counts["reminded"] += _remind(conn, services, row, now)
+    return counts
