@@ -1,7 +1,372 @@
-"""Routes for inbox (see the module's owner in docs/architecture.md)."""
+"""The agent's inbox (SPEC §5.1) and its tool-named forms (§5.2), plus ``POST /v1/inbound``.
+
+Thin: each route parses its input and calls one function of ``services.inbox`` or
+``services.inbound``.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import base64
+import binascii
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict
+
+from multimail.api.deps import ADMIN, READ, get_services
+from multimail.errors import InvalidInput, MalformedRequest
+from multimail.services import inbound, inbox
+from multimail.services.context import Actor, Services
 
 router = APIRouter()
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InboundJSON(Strict):
+    raw_base64: str
+    mail_from: str | None = None
+    rcpt_to: list[str] | str | None = None
+    peer_ip: str | None = None
+    helo: str | None = None
+
+
+class TagRequest(Strict):
+    message_id: str | None = None
+    email_id: str | None = None
+    tags: dict[str, Any] | list[str] | str
+
+
+class MessageRef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    message_id: str | None = None
+    email_id: str | None = None
+    id: str | None = None
+
+    def ref(self) -> str:
+        value = self.message_id or self.email_id or self.id
+        if not value:
+            raise InvalidInput("message_id is required", field="message_id")
+        return value
+
+
+def _filters(
+    status: str | None = None,
+    sender: str | None = None,
+    subject_contains: str | None = None,
+    date_after: str | None = None,
+    date_before: str | None = None,
+    direction: str | None = None,
+    has_attachments: bool | None = None,
+    since_id: str | None = None,
+    cursor: str | None = None,
+    offset: int = Query(0, ge=0),
+    limit: int | None = Query(None, ge=1, le=200),
+) -> inbox.EmailFilters:
+    return inbox.EmailFilters(
+        status=status,
+        sender=sender,
+        subject_contains=subject_contains,
+        date_after=date_after,
+        date_before=date_before,
+        direction=direction,
+        has_attachments=has_attachments,
+        since_id=since_id,
+        cursor=cursor,
+        offset=offset,
+        limit=limit,
+    )
+
+
+def _attachment_response(item: inbox.Attachment) -> Response:
+    # RFC 6266 / 5987: the UTF-8 form cannot inject header syntax, the ASCII one is a fallback.
+    ascii_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in item.filename)
+    disposition = f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(item.filename)}"
+    return Response(
+        content=item.data,
+        media_type=item.content_type,
+        headers={"Content-Disposition": disposition, "X-Content-Type-Options": "nosniff"},
+    )
+
+
+# --- inbound hand-over -------------------------------------------------------------------------
+
+
+@router.post("/v1/inbound", status_code=201)
+async def post_inbound(
+    request: Request, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+) -> Any:
+    body = await request.body()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    params = request.query_params
+    if content_type == "application/json":
+        try:
+            data = InboundJSON.model_validate_json(body)
+            raw = base64.b64decode(data.raw_base64, validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise MalformedRequest(
+                'send {"raw_base64", "mail_from", "rcpt_to"} or a message/rfc822 body',
+                code="invalid_inbound_body",
+            ) from exc
+        rcpt = [data.rcpt_to] if isinstance(data.rcpt_to, str) else data.rcpt_to
+        mail_from, peer, helo = data.mail_from, data.peer_ip, data.helo
+    else:
+        raw = body
+        rcpt = params.getlist("rcpt_to") or None
+        mail_from, peer, helo = params.get("mail_from"), params.get("peer_ip"), params.get("helo")
+    return await asyncio.to_thread(
+        inbound.accept_raw,
+        svc,
+        actor,
+        raw,
+        mail_from=mail_from,
+        rcpt_to=rcpt,
+        peer_ip=peer,
+        helo=helo,
+    )
+
+
+# --- REST inbox -------------------------------------------------------------------------------
+
+
+@router.get("/v1/mailboxes/{mailbox}/emails")
+def list_emails(
+    mailbox: str,
+    filters: inbox.EmailFilters = Depends(_filters),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.read() as conn:
+        return inbox.list_emails(conn, actor, mailbox=mailbox, filters=filters)
+
+
+@router.get("/v1/mailboxes/{mailbox}/emails/wait")
+async def wait_in_mailbox(
+    mailbox: str,
+    wait_s: float = Query(30.0, alias="timeout", ge=0, le=inbox.MAX_WAIT_SECONDS),
+    since_id: str | None = None,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    return await inbox.wait_for_email(
+        svc, actor, mailbox=mailbox, timeout_s=wait_s, since_id=since_id
+    )
+
+
+@router.get("/v1/mailboxes/{mailbox}/emails/{email_id}")
+def read_email(
+    mailbox: str, email_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return inbox.read_email(conn, actor, email_id, mailbox=mailbox)
+
+
+@router.get("/v1/mailboxes/{mailbox}/emails/{email_id}/tags")
+def get_tags(
+    mailbox: str, email_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.read() as conn:
+        return inbox.get_tags(conn, actor, email_id, mailbox=mailbox)
+
+
+@router.put("/v1/mailboxes/{mailbox}/emails/{email_id}/tags")
+def put_tags(
+    mailbox: str,
+    email_id: str,
+    tags: dict[str, Any] | list[str],
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    # Accept both {"tags": {...}} and the bare object/list.
+    if isinstance(tags, dict) and set(tags) == {"tags"}:
+        tags = tags["tags"]
+    with svc.db.write() as conn:
+        return inbox.set_tags(conn, actor, email_id, tags, mailbox=mailbox)
+
+
+@router.delete("/v1/mailboxes/{mailbox}/emails/{email_id}/tags/{key}")
+def delete_tag(
+    mailbox: str,
+    email_id: str,
+    key: str,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.write() as conn:
+        return inbox.delete_tag(conn, actor, email_id, key, mailbox=mailbox)
+
+
+@router.get("/v1/mailboxes/{mailbox}/emails/{email_id}/attachments/{filename}")
+def get_attachment(
+    mailbox: str,
+    email_id: str,
+    filename: str,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Response:
+    with svc.db.read() as conn:
+        item = inbox.download_attachment(conn, actor, email_id, filename, mailbox=mailbox)
+    return _attachment_response(item)
+
+
+@router.get("/v1/mailboxes/{mailbox}/threads/{thread_id}")
+def get_thread(
+    mailbox: str,
+    thread_id: str,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.read() as conn:
+        return inbox.get_thread(conn, actor, thread_id, mailbox=mailbox)
+
+
+@router.get("/v1/emails")
+def list_account_emails(
+    mailbox_id: str | None = None,
+    filters: inbox.EmailFilters = Depends(_filters),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.read() as conn:
+        return inbox.list_emails(conn, actor, mailbox=mailbox_id, filters=filters)
+
+
+@router.post("/v1/emails/{email_id}/report-spam")
+def report_spam(
+    email_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return inbox.report_spam(conn, actor, email_id)
+
+
+@router.post("/v1/emails/{email_id}/not-spam")
+def not_spam(
+    email_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return inbox.mark_not_spam(conn, actor, email_id)
+
+
+@router.get("/v1/usage")
+def get_usage(
+    period: str = "summary", actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.read() as conn:
+        return inbox.usage(conn, actor, svc, period=period)
+
+
+# --- tool-named forms (SPEC §5.2) --------------------------------------------------------------
+
+
+@router.get("/check_inbox")
+def check_inbox(
+    mailbox_id: str | None = None,
+    filter: str | None = None,
+    filters: inbox.EmailFilters = Depends(_filters),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    if filter and not filters.status:
+        filters = inbox.EmailFilters(**{**filters.__dict__, "status": filter})
+    with svc.db.read() as conn:
+        result = inbox.list_emails(conn, actor, mailbox=mailbox_id, filters=filters)
+    result["messages"] = result["emails"]
+    return result
+
+
+@router.get("/read_email")
+def read_email_tool(
+    message_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    return inbox.read_email_tool(svc, actor, message_id)
+
+
+@router.get("/get_thread")
+def get_thread_tool(
+    thread_id: str,
+    mailbox_id: str | None = None,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.read() as conn:
+        return inbox.get_thread(conn, actor, thread_id, mailbox=mailbox_id)
+
+
+@router.post("/tag_email")
+def tag_email(
+    body: TagRequest, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    ref = body.message_id or body.email_id
+    if not ref:
+        raise InvalidInput("message_id is required", field="message_id")
+    with svc.db.write() as conn:
+        return inbox.set_tags(conn, actor, ref, body.tags)
+
+
+@router.get("/download_attachment")
+def download_attachment_tool(
+    message_id: str,
+    filename: str,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Response:
+    with svc.db.read() as conn:
+        item = inbox.download_attachment(conn, actor, message_id, filename)
+    return _attachment_response(item)
+
+
+@router.get("/wait_for_email")
+async def wait_for_email_tool(
+    mailbox_id: str | None = None,
+    wait_s: float = Query(30.0, alias="timeout", ge=0, le=inbox.MAX_WAIT_SECONDS),
+    since_id: str | None = None,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    return await inbox.wait_for_email(
+        svc, actor, mailbox=mailbox_id, timeout_s=wait_s, since_id=since_id
+    )
+
+
+@router.post("/report_spam")
+def report_spam_tool(
+    body: MessageRef, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return inbox.report_spam(conn, actor, body.ref())
+
+
+@router.post("/not_spam")
+def not_spam_tool(
+    body: MessageRef, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.write() as conn:
+        return inbox.mark_not_spam(conn, actor, body.ref())
+
+
+@router.get("/list_spam")
+def list_spam_tool(
+    mailbox_id: str | None = None,
+    limit: int | None = Query(None, ge=1, le=200),
+    cursor: str | None = None,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    filters = inbox.EmailFilters(status="spam", limit=limit, cursor=cursor)
+    with svc.db.read() as conn:
+        result = inbox.list_emails(conn, actor, mailbox=mailbox_id, filters=filters)
+    result["messages"] = result["emails"]
+    return result
+
+
+@router.get("/get_usage")
+def get_usage_tool(
+    period: str = "summary", actor: Actor = Depends(READ), svc: Services = Depends(get_services)
+) -> Any:
+    with svc.db.read() as conn:
+        return inbox.usage(conn, actor, svc, period=period)
