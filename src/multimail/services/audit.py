@@ -1,27 +1,48 @@
-"""Appending to the audit chain, reading it, and verifying it.
+"""Appending to the audit chain, reading it, exporting it, and proving it intact.
 
 Every state-changing service call appends inside its own transaction, so an entry exists
 exactly when the change does. Appends are serialised so the chain stays linear across
 processes: SQLite by its single writer (``BEGIN IMMEDIATE``), PostgreSQL by a transaction-level
 advisory lock taken before the head is read. The primary key on ``seq`` is the last line of
 defence: two appends can never both become entry N.
+
+Verification streams the chain in keyset batches (flat memory) and checks every signed
+checkpoint of the head (see ``services.checkpoints``): the chain alone cannot see a log cut
+short or restored from an old backup, a checkpoint signed earlier can. When the chain breaks,
+a few targeted lookups name the kind of tampering (changed, deleted, inserted, reordered,
+forked) at the first broken entry.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
 
-from sqlalchemy import Connection, func, insert, select, text
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import ColumnElement, Connection, Select, func, insert, select, text
 
-from multimail.domain.audit import GENESIS_HASH, ChainVerifier, entry_hash
-from multimail.ids import isoformat, utcnow
+from multimail.domain.addresses import AddressError, normalize_address
+from multimail.domain.audit import GENESIS_HASH, HASHED_FIELDS, entry_hash
+from multimail.errors import InvalidInput, NotFound
+from multimail.ids import isoformat, parse_datetime, utcnow
 from multimail.services.context import Actor
 from multimail.store.db import Database
-from multimail.store.tables import audit_entries
+from multimail.store.tables import audit_checkpoints, audit_entries, mailboxes
 
 _AUDIT_LOCK = 7_240_002
+CHECKPOINT_TYPE = "multimail-audit-checkpoint"
+EXPORT_COLUMNS = (*HASHED_FIELDS[:-1], "prev_hash", "hash")
+ExportFormat = Literal["jsonl", "csv"]
+# How far a renumbered entry is searched for when classifying a deletion; beyond this the
+# break is still found and located, only its explanation is less specific.
+_RENUMBER_SEARCH = 100
 
 
 def append(
@@ -68,21 +89,145 @@ def append(
     return entry
 
 
-def row_to_entry(row: Mapping[str, Any] | Any) -> dict[str, Any]:
+def row_to_entry(row: Mapping[Any, Any]) -> dict[str, Any]:
     entry = dict(row)
     entry["details"] = json.loads(entry["details"] or "{}")
     return entry
 
 
-def iter_entries(db: Database, *, batch: int = 5000) -> Iterator[dict[str, Any]]:
-    """All entries in ``seq`` order, fetched in keyset batches (flat memory)."""
-    last = 0
+# --- reading ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntryFilter:
+    """Which entries a listing or export covers. ``None`` means "any"."""
+
+    account_id: str | None = None
+    actor_id: str | None = None
+    action: str | None = None
+    mailbox_id: str | None = None
+    subject_id: str | None = None
+    date_after: str | None = None  # ISO strings, compared with ``at`` (same fixed format)
+    date_before: str | None = None
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        c = audit_entries.c
+        wanted: list[ColumnElement[bool]] = []
+        for column, value in (
+            (c.account_id, self.account_id),
+            (c.actor_id, self.actor_id),
+            (c.action, self.action),
+            (c.mailbox_id, self.mailbox_id),
+            (c.subject_id, self.subject_id),
+        ):
+            if value is not None:
+                wanted.append(column == value)
+        if self.date_after is not None:
+            wanted.append(c.at >= self.date_after)
+        if self.date_before is not None:
+            wanted.append(c.at < self.date_before)
+        return wanted
+
+
+def _date_bound(value: str | datetime | None, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return isoformat(value)
+    try:
+        return isoformat(parse_datetime(value))
+    except ValueError:
+        raise InvalidInput(
+            f"{name} must be an ISO 8601 date or time, e.g. 2026-01-31T00:00:00Z",
+            code="validation_error",
+            field=name,
+        ) from None
+
+
+def _mailbox_id(conn: Connection, account_id: str | None, ref: str) -> str:
+    """A mailbox id from an id or an address; deleted mailboxes keep their history."""
+    if ref.startswith("mbx_"):
+        return ref
+    try:
+        address = normalize_address(ref)
+    except AddressError:
+        raise NotFound(f"mailbox {ref!r} not found", code="mailbox_not_found") from None
+    row = conn.execute(
+        select(mailboxes.c.id)
+        .where(mailboxes.c.account_id == account_id, mailboxes.c.address == address)
+        .order_by(mailboxes.c.deleted_at.is_not(None), mailboxes.c.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        raise NotFound(f"mailbox {ref!r} not found", code="mailbox_not_found")
+    return str(row.id)
+
+
+def make_filter(
+    conn: Connection,
+    actor: Actor,
+    *,
+    actor_id: str | None = None,
+    action: str | None = None,
+    mailbox: str | None = None,
+    subject_id: str | None = None,
+    date_after: str | datetime | None = None,
+    date_before: str | datetime | None = None,
+) -> EntryFilter:
+    """The caller's account's entries, narrowed by the filters of ``GET /v1/audit-log``."""
+    return EntryFilter(
+        account_id=actor.account_id,
+        actor_id=actor_id or None,
+        action=action or None,
+        mailbox_id=_mailbox_id(conn, actor.account_id, mailbox) if mailbox else None,
+        subject_id=subject_id or None,
+        date_after=_date_bound(date_after, "date_after"),
+        date_before=_date_bound(date_before, "date_before"),
+    )
+
+
+def list_entries(
+    conn: Connection, where: EntryFilter, *, cursor: str | None = None, limit: int = 100
+) -> dict[str, Any]:
+    """One page, newest first; ``next_cursor`` continues below the last entry shown."""
+    query = select(audit_entries).where(*where.conditions())
+    if cursor:
+        if not cursor.isdigit():
+            raise InvalidInput(
+                "cursor must be the next_cursor of a previous page", code="invalid_cursor"
+            )
+        query = query.where(audit_entries.c.seq < int(cursor))
+    limit = max(1, min(limit, 1000))
+    rows = conn.execute(query.order_by(audit_entries.c.seq.desc()).limit(limit + 1)).mappings()
+    fetched = [row_to_entry(r) for r in rows]
+    entries = fetched[:limit]
+    next_cursor = str(entries[-1]["seq"]) if len(fetched) > limit else None
+    return {"entries": entries, "next_cursor": next_cursor}
+
+
+def trail_for_message(conn: Connection, actor: Actor, message_id: str) -> list[dict[str, Any]]:
+    """Everything recorded about one message (draft, scan, decision, delivery), oldest first."""
+    rows = conn.execute(
+        select(audit_entries)
+        .where(
+            audit_entries.c.account_id == actor.account_id,
+            audit_entries.c.subject_id == message_id,
+        )
+        .order_by(audit_entries.c.seq)
+    ).mappings()
+    return [row_to_entry(r) for r in rows]
+
+
+def _batches(
+    db: Database, query: Select[Any], *, after: int = 0, batch: int = 5000
+) -> Iterator[list[Any]]:
+    """Rows of ``query`` in ``seq`` order, one short read transaction per batch."""
+    last = after
     while True:
         with db.read() as conn:
-            rows = (
+            rows = list(
                 conn.execute(
-                    select(audit_entries)
-                    .where(audit_entries.c.seq > last)
+                    query.where(audit_entries.c.seq > last)
                     .order_by(audit_entries.c.seq)
                     .limit(batch)
                 )
@@ -91,20 +236,345 @@ def iter_entries(db: Database, *, batch: int = 5000) -> Iterator[dict[str, Any]]
             )
         if not rows:
             return
-        for row in rows:
-            yield row_to_entry(row)
+        yield rows
         last = rows[-1]["seq"]
 
 
-def verify(db: Database) -> ChainVerifier:
-    """Recompute the whole chain; ``first_break`` names the first broken entry."""
-    verifier = ChainVerifier(expected_seq=1)
-    for entry in iter_entries(db):
-        if not verifier.feed(entry):
-            break
-    return verifier
+def iter_entries(
+    db: Database, where: EntryFilter | None = None, *, batch: int = 5000
+) -> Iterator[dict[str, Any]]:
+    """Entries in ``seq`` order, fetched in keyset batches (flat memory)."""
+    query = select(audit_entries).where(*(where or EntryFilter()).conditions())
+    for rows in _batches(db, query, batch=batch):
+        for row in rows:
+            yield row_to_entry(row)
+
+
+def count_entries(db: Database, where: EntryFilter | None = None) -> int:
+    with db.read() as conn:
+        query = select(func.count()).select_from(audit_entries)
+        return int(conn.execute(query.where(*(where or EntryFilter()).conditions())).scalar_one())
 
 
 def entry_count(db: Database) -> int:
+    return count_entries(db)
+
+
+def export_lines(entries: Iterable[Mapping[str, Any]], fmt: ExportFormat) -> Iterator[str]:
+    """JSONL (one entry per line, hashes included so a copy can be re-verified) or CSV."""
+    if fmt == "jsonl":
+        for entry in entries:
+            record = {name: entry.get(name) for name in EXPORT_COLUMNS}
+            yield json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+        return
+    if fmt != "csv":
+        raise InvalidInput("format must be jsonl or csv", code="validation_error", field="format")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(EXPORT_COLUMNS)
+    yield buffer.getvalue()
+    for entry in entries:
+        buffer.seek(0)
+        buffer.truncate()
+        row = [entry.get(name) for name in EXPORT_COLUMNS]
+        row[EXPORT_COLUMNS.index("details")] = json.dumps(
+            entry.get("details") or {}, ensure_ascii=False, sort_keys=True
+        )
+        writer.writerow(["" if v is None else v for v in row])
+        yield buffer.getvalue()
+
+
+# --- checkpoints (format; making them is services.checkpoints) ----------------------------
+
+
+def checkpoint_signing_input(seq: int, hash_: str, signed_at: str, key_id: str) -> bytes:
+    """The exact bytes a checkpoint's Ed25519 signature covers (canonical JSON)."""
+    body = {"type": CHECKPOINT_TYPE, "seq": seq, "hash": hash_, "signed_at": signed_at}
+    body["kid"] = key_id
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def checkpoint_document(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A checkpoint as JSON: what ``GET /v1/audit-log/checkpoints`` serves and operators keep."""
+    signed_at = row["signed_at"]
+    return {
+        "type": CHECKPOINT_TYPE,
+        "id": row.get("id"),
+        "seq": int(row["seq"]),
+        "hash": row["hash"],
+        "signed_at": isoformat(signed_at) if isinstance(signed_at, datetime) else signed_at,
+        "key_id": row["key_id"],
+        "signature": row["signature"],
+    }
+
+
+def _unb64url(value: str) -> bytes:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def checkpoint_problem(doc: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> str | None:
+    """Why a checkpoint cannot be trusted, or None when its signature holds."""
+    try:
+        seq, hash_ = int(doc["seq"]), str(doc["hash"])
+        signed_at, kid, signature = str(doc["signed_at"]), str(doc["key_id"]), str(doc["signature"])
+    except (KeyError, TypeError, ValueError):
+        return "malformed checkpoint: needs seq, hash, signed_at, key_id and signature"
+    key = keys.get(kid)
+    if key is None:
+        return f"signed with unknown key {kid}"
+    try:
+        key.verify(_unb64url(signature), checkpoint_signing_input(seq, hash_, signed_at, kid))
+    except (InvalidSignature, ValueError):
+        return "signature does not verify"
+    return None
+
+
+# --- verification -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditBreak:
+    seq: int
+    kind: str  # changed | deleted | inserted | reordered | forked | truncated | rolled_back
+    explanation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "kind": self.kind, "explanation": self.explanation}
+
+
+@dataclass
+class AuditVerification:
+    """The verdict on the whole log: the chain, then every signed checkpoint against it."""
+
+    checked: int = 0
+    last_seq: int = 0
+    last_hash: str = GENESIS_HASH
+    first_break: AuditBreak | None = None
+    checkpoints_checked: int = 0
+    checkpoint_problems: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_break is None and not self.checkpoint_problems
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "intact": self.ok,
+            "ok": self.ok,
+            "entries_checked": self.checked,
+            "head": {"seq": self.last_seq, "hash": self.last_hash},
+            "checkpoints": {
+                "checked": self.checkpoints_checked,
+                "problems": self.checkpoint_problems,
+            },
+            "first_broken_seq": None,
+            "break": None,
+        }
+        if self.first_break is not None:
+            body["first_broken_seq"] = self.first_break.seq
+            body["break"] = self.first_break.to_dict()
+        return body
+
+
+def _hash_at(entry: Mapping[str, Any], seq: int) -> str:
+    return entry_hash({**entry, "seq": seq})
+
+
+def _seq_with_hash(db: Database, hash_: str) -> int | None:
+    # Only run after a break is found, so the scan (hash has no index) happens at most once.
     with db.read() as conn:
-        return int(conn.execute(select(func.count()).select_from(audit_entries)).scalar_one())
+        row = conn.execute(
+            select(audit_entries.c.seq).where(audit_entries.c.hash == hash_).limit(1)
+        ).first()
+    return None if row is None else int(row.seq)
+
+
+def _entry_at(db: Database, seq: int) -> dict[str, Any] | None:
+    with db.read() as conn:
+        row = (
+            conn.execute(select(audit_entries).where(audit_entries.c.seq == seq)).mappings().first()
+        )
+    return None if row is None else row_to_entry(row)
+
+
+def _classify(db: Database, entry: Mapping[str, Any], prev_seq: int, prev_hash: str) -> AuditBreak:
+    """Name what happened at the first entry that does not follow from the one before it."""
+    seq, expected = int(entry["seq"]), prev_seq + 1
+    self_consistent = entry_hash(entry) == entry["hash"]
+    if seq > expected:
+        span = (
+            f"entry {expected} is"
+            if seq - 1 == expected
+            else f"entries {expected} to {seq - 1} are"
+        )
+        return AuditBreak(expected, "deleted", f"{span} missing: deleted from the log")
+    if entry["prev_hash"] == prev_hash:
+        return AuditBreak(
+            seq, "changed", f"entry {seq} was changed after it was written (its hash differs)"
+        )
+    target = _seq_with_hash(db, str(entry["prev_hash"]))
+    if target is not None and target > seq:
+        return AuditBreak(
+            seq, "reordered", f"entry {seq} belongs after entry {target}: entries were reordered"
+        )
+    if target is not None and target == prev_seq - 1 and _hash_at(entry, prev_seq) == entry["hash"]:
+        return AuditBreak(
+            prev_seq,
+            "inserted",
+            f"entry {prev_seq} was inserted: the entry after it links past it to entry {target}, "
+            "and the entries after it were renumbered",
+        )
+    if target is not None:
+        if _hash_at(entry, target + 1) == entry["hash"]:
+            return AuditBreak(
+                seq,
+                "reordered",
+                f"entry {seq} belongs after entry {target}: entries were reordered",
+            )
+        if self_consistent:
+            return AuditBreak(
+                seq,
+                "forked",
+                f"entry {seq} branches off entry {target}, which already has a successor: "
+                "the chain was forked",
+            )
+        return AuditBreak(seq, "changed", f"entry {seq} was changed (its link and hash differ)")
+    if self_consistent:
+        following = _entry_at(db, seq + 1)
+        if following is not None and following["prev_hash"] == prev_hash:
+            return AuditBreak(
+                seq,
+                "inserted",
+                f"entry {seq} was inserted: the entry after it links to entry {prev_seq}",
+            )
+        return AuditBreak(
+            prev_seq,
+            "changed",
+            f"entry {prev_seq} was changed and its hash recomputed: entry {seq} still links to "
+            "the original",
+        )
+    for gap in range(1, _RENUMBER_SEARCH + 1):
+        if _hash_at(entry, seq + gap) == entry["hash"]:
+            return AuditBreak(
+                seq,
+                "deleted",
+                f"{gap} entr{'y' if gap == 1 else 'ies'} before the original entry {seq + gap} "
+                f"{'was' if gap == 1 else 'were'} deleted and the rest renumbered",
+            )
+    return AuditBreak(seq, "changed", f"entry {seq} was changed (its link and hash differ)")
+
+
+def stored_checkpoints(db: Database) -> list[dict[str, Any]]:
+    with db.read() as conn:
+        rows = conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.seq)).mappings()
+        return [checkpoint_document(r) for r in rows]
+
+
+def _fast_hash(values: tuple[Any, ...]) -> tuple[dict[str, Any], str]:
+    entry = dict(zip(HASHED_FIELDS, values, strict=True))
+    entry["details"] = json.loads(entry["details"] or "{}")
+    return entry, entry_hash(entry)
+
+
+def verify(
+    db: Database,
+    *,
+    keys: Mapping[str, Ed25519PublicKey] | None = None,
+    external_checkpoints: Iterable[Mapping[str, Any]] = (),
+    batch: int = 5000,
+) -> AuditVerification:
+    """Recompute the chain, then hold it against every checkpoint (stored and ``external``).
+
+    ``keys`` are the server's identity public keys; without them checkpoint signatures are
+    not checked, so only callers that cannot load the keyring should omit them.
+    """
+    result = AuditVerification()
+    evidence: dict[int, list[dict[str, Any]]] = {}
+    for source, docs in (("stored", stored_checkpoints(db)), ("external", external_checkpoints)):
+        for doc in docs:
+            problem = checkpoint_problem(doc, keys) if keys is not None else None
+            if problem is None:
+                try:
+                    evidence.setdefault(int(doc["seq"]), []).append({**doc, "source": source})
+                except (KeyError, TypeError, ValueError):
+                    problem = (
+                        "malformed checkpoint: needs seq, hash, signed_at, key_id and signature"
+                    )
+            if problem is not None:
+                result.checkpoint_problems.append(
+                    {"source": source, "seq": doc.get("seq"), "problem": problem}
+                )
+    columns = [audit_entries.c[name] for name in HASHED_FIELDS] + [audit_entries.c.hash]
+    query = select(*columns)
+    prev_seq, prev_hash = 0, GENESIS_HASH
+    for rows in _batches(db, query, batch=batch):
+        for row in rows:
+            values = tuple(row.values())
+            entry, computed = _fast_hash(values[:-1])
+            entry["hash"] = values[-1]
+            seq = entry["seq"]
+            if seq != prev_seq + 1 or entry["prev_hash"] != prev_hash or computed != values[-1]:
+                result.first_break = _classify(db, entry, prev_seq, prev_hash)
+                return result
+            for checkpoint in evidence.pop(seq, ()):
+                result.checkpoints_checked += 1
+                if checkpoint["hash"] != computed:
+                    result.first_break = AuditBreak(
+                        seq,
+                        "rolled_back",
+                        f"entry {seq} is not the entry a checkpoint signed at "
+                        f"{checkpoint['signed_at']} covered: the log was rolled back or "
+                        "rewritten up to here",
+                    )
+                    return result
+            prev_seq, prev_hash = seq, computed
+            result.checked += 1
+            result.last_seq, result.last_hash = seq, computed
+    if evidence:
+        beyond = max(evidence)
+        signed_at = evidence[beyond][0]["signed_at"]
+        result.checkpoints_checked += sum(len(v) for v in evidence.values())
+        result.first_break = AuditBreak(
+            prev_seq + 1,
+            "truncated",
+            f"the log ends at entry {prev_seq} but a checkpoint signed at {signed_at} covers "
+            f"entry {beyond}: entries {prev_seq + 1} to {beyond} were cut off (truncated or "
+            "rolled back)",
+        )
+    return result
+
+
+def export_filter(
+    *,
+    account_id: str | None,
+    date_after: str | datetime | None = None,
+    date_before: str | datetime | None = None,
+) -> EntryFilter:
+    return EntryFilter(
+        account_id=account_id,
+        date_after=_date_bound(date_after, "date_after"),
+        date_before=_date_bound(date_before, "date_before"),
+    )
+
+
+__all__ = [
+    "CHECKPOINT_TYPE",
+    "AuditBreak",
+    "AuditVerification",
+    "EntryFilter",
+    "append",
+    "checkpoint_document",
+    "checkpoint_problem",
+    "checkpoint_signing_input",
+    "count_entries",
+    "entry_count",
+    "export_filter",
+    "export_lines",
+    "iter_entries",
+    "list_entries",
+    "make_filter",
+    "row_to_entry",
+    "stored_checkpoints",
+    "trail_for_message",
+    "verify",
+]
