@@ -207,7 +207,9 @@ def check_dkim(raw: bytes, resolver: dns.resolver.Resolver) -> list[AuthResult]:
         try:
             ok = dkim.DKIM(raw).verify(idx=index, dnsfunc=dnsfunc)
         except dkim.DKIMException as exc:
-            results.append(AuthResult("permerror", domain or None, str(exc)[:200]))
+            # dkimpy raises for a changed body; RFC 8601 calls that a plain failure.
+            kind = "fail" if "body hash mismatch" in str(exc) else "permerror"
+            results.append(AuthResult(kind, domain or None, str(exc)[:200]))
             continue
         except Exception as exc:
             results.append(AuthResult("temperror", domain or None, type(exc).__name__))
