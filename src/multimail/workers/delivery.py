@@ -1,0 +1,1148 @@
+"""Delivery: from a queued message to bytes accepted by an SMTP server, durably.
+
+One delivery runs in three steps, so the SMTP conversation never holds a transaction open:
+
+1. *Start* (one write transaction): the guarded move ``queued``/``deferred`` → ``sending``.
+   Here the gate's invariant is asserted once more (a gated message needs an approve
+   decision or a fully allowlisted recipient list), the kill switch is honoured (a paused
+   account or mailbox leaves the message queued), suppressed recipients are dropped right
+   before the hand-over (API-5), and the final signed bytes are stored in ``messages.raw``,
+   so every retry sends the same bytes with the same Message-ID (DUR-3).
+2. *Hand over* through the relay or MX transport, outside any transaction.
+3. *Finish* (one write transaction): one ``delivery_attempts`` row per SMTP session, then
+   ``delivered`` / ``deferred`` (backoff, up to three days) / ``bounced`` (hard bounce,
+   recipients suppressed) / ``send_failed``, with audit entries and events.
+
+The only duplicate window is a worker dying between the relay's final 250 and step 3; the
+next worker then re-sends the stored bytes, Message-ID included, so receivers can drop it.
+A message in ``sending`` is taken over only when no live job still holds it.
+
+``MULTIMAIL_TEST_CRASH_POINT`` is a test hook: when set to ``before_connect``,
+``after_smtp_250`` or ``after_commit`` the worker announces the point on stderr and freezes
+there so a test can SIGKILL it. Unset (production) it does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, insert, literal, select, update
+
+from multimail.config import Settings
+from multimail.domain.addresses import AddressError, matches_pattern, normalize_address
+from multimail.domain.linktokens import make_token, new_nonce
+from multimail.domain.oversight import (
+    DELIVERABLE,
+    OversightMode,
+    Status,
+    check_transition,
+    outbound_is_gated,
+)
+from multimail.domain.scopes import Scope
+from multimail.errors import (
+    InvalidInput,
+    MultimailError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
+from multimail.ids import aware, new_id, utcnow
+from multimail.mail.compose import OutboundAttachment, OutboundDraft, build_message
+from multimail.services import audit, directory, events
+from multimail.services import messages as message_views
+from multimail.services.context import Actor, Services
+from multimail.smtp.outbound import (
+    DeliveryAttempt,
+    MXTransport,
+    OutboundTransport,
+    RecipientResult,
+    RelayTransport,
+    make_resolver,
+    parse_relay_url,
+    recipient_outcomes,
+)
+from multimail.store import jobs
+from multimail.store.jobs import DEFAULT_LEASE, Job
+from multimail.store.tables import (
+    accounts,
+    attachments,
+    delivery_attempts,
+    mailbox_allowlist,
+    mailboxes,
+    messages,
+)
+from multimail.store.tables import jobs as jobs_table
+from multimail.workers import runner, signing
+
+__all__ = [
+    "CRASH_POINT_ENV",
+    "DELIVER",
+    "MAX_RETRY_WINDOW",
+    "RETRY_SCHEDULE",
+    "SYSTEM_MAIL",
+    "deliver",
+    "deliver_now",
+    "enqueue_delivery",
+    "job_key",
+    "list_captured",
+    "next_attempt_at",
+    "outbound_transport",
+    "retry_delay",
+    "unsubscribe_url",
+]
+
+DELIVER = "deliver"
+SYSTEM_MAIL = "system_mail"
+SWEEP = "delivery_sweep"
+CRASH_POINT_ENV = "MULTIMAIL_TEST_CRASH_POINT"
+
+#: Waits after the 1st, 2nd, ... failed attempt; the last one repeats (SPEC §2, DUR-5).
+RETRY_SCHEDULE: tuple[timedelta, ...] = tuple(
+    timedelta(minutes=m) for m in (1, 5, 15, 60, 120, 240, 480)
+)
+#: Temporary failures are retried for this long after the first attempt, then send_failed.
+MAX_RETRY_WINDOW = timedelta(days=3)
+_JITTER = 0.1
+UNSUBSCRIBE_LIFETIME = timedelta(days=365)
+SYSTEM_SENDER_LOCAL = "multimail"
+# A queued message with no live job for this long is given one again by the sweep.
+_SWEEP_AFTER = timedelta(minutes=2)
+_SWEEP_BATCH = 500
+_POLL_S = 0.02
+
+_log = logging.getLogger(__name__)
+
+
+# -- schedule ------------------------------------------------------------------------------
+
+
+def retry_delay(failures: int, *, jitter: float = _JITTER) -> timedelta:
+    """The wait after ``failures`` failed attempts (1-based), ±``jitter`` so retries spread."""
+    base = RETRY_SCHEDULE[min(max(failures, 1), len(RETRY_SCHEDULE)) - 1]
+    return base * random.uniform(1 - jitter, 1 + jitter)
+
+
+def next_attempt_at(first_attempt: datetime, now: datetime, failures: int) -> datetime | None:
+    """When to try again, or None once the retry window since ``first_attempt`` is spent.
+
+    The last retry is pulled in to the window's end, so the final verdict comes on time.
+    """
+    deadline = first_attempt + MAX_RETRY_WINDOW
+    if now >= deadline:
+        return None
+    return min(now + retry_delay(failures), deadline)
+
+
+def job_key(message_id: str) -> str:
+    return f"deliver:{message_id}"
+
+
+# -- small helpers -------------------------------------------------------------------------
+
+
+def _crash_point(name: str) -> None:
+    # Test hook (see module docstring): freeze so the test can SIGKILL us right here.
+    if os.environ.get(CRASH_POINT_ENV) == name:
+        sys.stderr.write(f"CRASH_POINT {name}\n")
+        sys.stderr.flush()
+        time.sleep(3600)
+
+
+def _actor(worker_id: str, account_id: str | None) -> Actor:
+    return Actor(type="system", id=worker_id, name="delivery", account_id=account_id)
+
+
+def _addresses(values: Any) -> list[str]:
+    out: list[str] = []
+    for value in values or []:
+        raw = value.get("address") or value.get("email") if isinstance(value, dict) else value
+        if not isinstance(raw, str):
+            continue
+        try:
+            out.append(normalize_address(raw))
+        except AddressError:
+            out.append(raw.strip())
+    return out
+
+
+def _recipients(row: Mapping[str, Any]) -> list[str]:
+    every = [*_addresses(row["to"]), *_addresses(row["cc"]), *_addresses(row["bcc"])]
+    return list(dict.fromkeys(every))
+
+
+def unsubscribe_url(settings: Settings, secret: bytes, account_id: str, address: str) -> str:
+    """The https half of List-Unsubscribe: a signed ``unsubscribe`` token for one address.
+
+    Same token format as ``services.notify.unsubscribe_url``: purpose ``unsubscribe``,
+    subject ``"<account_id>|<address>"``, action ``unsubscribe``, random nonce, 365 days.
+    """
+    token = make_token(
+        secret,
+        purpose="unsubscribe",
+        subject_id=f"{account_id}|{normalize_address(address)}",
+        action="unsubscribe",
+        expires_at=int(time.time() + UNSUBSCRIBE_LIFETIME.total_seconds()),
+        nonce=new_nonce(),
+    )
+    return f"{settings.base_url}/v1/unsubscribe/{token}"
+
+
+def outbound_transport(services: Services) -> OutboundTransport:
+    """The relay when ``MULTIMAIL_SMTP_URL`` is set, else direct MX delivery (cached)."""
+    cached = services.extras.get("outbound_transport")
+    if cached is not None:
+        return cached  # type: ignore[return-value]
+    settings = services.settings
+    transport: OutboundTransport
+    if settings.smtp_url is not None:
+        config = parse_relay_url(settings.smtp_url.get_secret_value())
+        transport = RelayTransport(config, local_hostname=settings.domain)
+    else:
+        transport = MXTransport(
+            make_resolver(settings.dns_resolver),
+            mx_port=settings.mx_port,
+            local_hostname=settings.domain,
+        )
+    services.extras["outbound_transport"] = transport
+    return transport
+
+
+def _secret(services: Services) -> bytes:
+    secret = services.extras.get("secret_key")
+    if not isinstance(secret, bytes):
+        raise RuntimeError("services.extras['secret_key'] must hold the link-signing secret")
+    return secret
+
+
+# -- composing ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    row: dict[str, Any]
+    mailbox: dict[str, Any]
+    account: dict[str, Any]
+
+
+def _load(conn: Connection, message_id: str, *, lock: bool = False) -> _Context | None:
+    query = select(messages).where(messages.c.id == message_id)
+    if lock and conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = conn.execute(query).mappings().first()
+    if row is None:
+        return None
+    mailbox = conn.execute(select(mailboxes).where(mailboxes.c.id == row["mailbox_id"])).mappings()
+    account = conn.execute(select(accounts).where(accounts.c.id == row["account_id"])).mappings()
+    return _Context(dict(row), dict(mailbox.one()), dict(account.one()))
+
+
+def _message_id_header(ctx: _Context, settings: Settings) -> str:
+    return ctx.row["message_id_header"] or f"<{ctx.row['id']}@{settings.domain}>"
+
+
+def _compose(conn: Connection, services: Services, ctx: _Context) -> bytes:
+    """The final, DKIM-signed bytes of the message (raises on anything unsendable)."""
+    row, mailbox, account = ctx.row, ctx.mailbox, ctx.account
+    settings = services.settings
+    sender = row["from_address"] or mailbox["address"]
+    to = _addresses(row["to"])
+    first = (to or _recipients(row) or [sender])[0]
+    headers: list[tuple[str, str]] = []
+    if row.get("created_by_key_id"):
+        name = row.get("created_by_key_name") or "agent"
+        headers.append(("X-MultiMail-Agent", f"{name} ({row['created_by_key_id']})"))
+    if mailbox["ai_disclosure"]:
+        headers.append(("X-AI-Generated", "true"))
+    unsubscribe = unsubscribe_url(settings, _secret(services), row["account_id"], first)
+    headers.append(
+        (
+            "List-Unsubscribe",
+            f"<mailto:unsubscribe@{settings.domain}?subject=unsubscribe>, <{unsubscribe}>",
+        )
+    )
+    headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+    files = conn.execute(
+        select(attachments.c.filename, attachments.c.content_type, attachments.c.data)
+        .where(attachments.c.message_id == row["id"])
+        .order_by(attachments.c.id)
+    ).all()
+    reply_to = _addresses(row.get("reply_to"))
+    draft = OutboundDraft(
+        from_address=sender,
+        from_name=row.get("from_name") or mailbox.get("display_name"),
+        to=to,
+        cc=_addresses(row["cc"]),
+        reply_to=reply_to[0] if reply_to else None,
+        subject=row["subject"] or "",
+        markdown=row["markdown"] or "",
+        message_id=_message_id_header(ctx, settings),
+        date=utcnow(),
+        in_reply_to=row.get("in_reply_to"),
+        references=list(row.get("references") or []),
+        signature=mailbox.get("signature"),
+        ai_disclosure=bool(mailbox["ai_disclosure"]),
+        operator_postal_address=account.get("postal_address"),
+        extra_headers=headers,
+        attachments=[OutboundAttachment(f.filename, f.content_type, f.data) for f in files],
+    )
+    raw = build_message(draft)
+    key = signing.key_for_sender(conn, settings, account_id=row["account_id"], from_address=sender)
+    if key is None:
+        if row["test"]:
+            return raw  # captured, never sent: an unverified domain may still rehearse
+        raise PermanentDeliveryError(
+            f"the domain of {sender} is not verified; only verified domains and "
+            f"{settings.domain} may send live mail",
+            code="domain_not_verified",
+        )
+    return signing.sign(raw, key)
+
+
+# -- step 1: start --------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    message_id: str
+    account_id: str
+    mailbox_id: str
+    mail_from: str
+    recipients: list[str]
+    raw: bytes
+
+
+@dataclass
+class _Outcome:
+    status: str
+    retry_at: datetime | None = None
+
+
+def _set_status(conn: Connection, row: Mapping[str, Any], new: Status, **values: Any) -> bool:
+    """The guarded status change: True only for the one caller that saw the current status."""
+    current = Status(row["status"])
+    check_transition(current, new)
+    result = conn.execute(
+        update(messages)
+        .where(messages.c.id == row["id"], messages.c.status == current.value)
+        .values(status=new.value, updated_at=utcnow(), **values)
+    )
+    return bool(result.rowcount)
+
+
+def _gate_refusal(conn: Connection, ctx: _Context) -> str | None:
+    """Why this message must not reach SMTP under the gate, or None when it may."""
+    row = ctx.row
+    mode = OversightMode(row.get("oversight_mode") or ctx.mailbox["oversight_mode"])
+    if not (outbound_is_gated(mode) or mode is OversightMode.READ_ONLY):
+        return None
+    if row.get("decision") == "approve":
+        return None
+    if mode is not OversightMode.READ_ONLY:
+        patterns = [
+            p.pattern
+            for p in conn.execute(
+                select(mailbox_allowlist.c.pattern).where(
+                    mailbox_allowlist.c.mailbox_id == row["mailbox_id"]
+                )
+            )
+        ]
+        recipients = _recipients(row)
+        if recipients and all(any(matches_pattern(r, p) for p in patterns) for r in recipients):
+            return None
+    return f"the message's oversight mode is {mode.value} and it has no approve decision"
+
+
+def _held(ctx: _Context) -> bool:
+    account = ctx.account
+    return bool(account["paused"] or not account["sending_enabled"] or ctx.mailbox["paused"])
+
+
+def _other_live_job(conn: Connection, message_id: str, job_id: str | None) -> bool:
+    rows = conn.execute(
+        select(jobs_table.c.id, jobs_table.c.payload).where(
+            jobs_table.c.kind == DELIVER,
+            jobs_table.c.status == "running",
+            jobs_table.c.locked_until > utcnow(),
+        )
+    )
+    return any(
+        r.id != job_id and isinstance(r.payload, dict) and r.payload.get("message_id") == message_id
+        for r in rows
+    )
+
+
+def _previous_results(conn: Connection, message_id: str) -> tuple[set[str], set[str]]:
+    """Recipients already accepted, and already refused for good, by earlier attempts."""
+    accepted: set[str] = set()
+    refused: set[str] = set()
+    rows = conn.execute(
+        select(delivery_attempts.c.recipients)
+        .where(delivery_attempts.c.message_id == message_id)
+        .order_by(delivery_attempts.c.id)
+    )
+    for (results,) in rows:
+        for item in results or []:
+            if isinstance(item, dict) and item.get("ok"):
+                accepted.add(item["address"])
+            elif isinstance(item, dict) and item.get("permanent"):
+                refused.add(item["address"])
+    return accepted, refused
+
+
+def _audit(
+    conn: Connection, ctx: _Context, worker_id: str, action: str, details: Mapping[str, Any]
+) -> None:
+    row = ctx.row
+    audit.append(
+        conn,
+        actor=_actor(worker_id, row["account_id"]),
+        action=action,
+        account_id=row["account_id"],
+        subject_type="message",
+        subject_id=row["id"],
+        mailbox_id=row["mailbox_id"],
+        oversight_mode=row.get("oversight_mode"),
+        details=details,
+    )
+
+
+def _emit(conn: Connection, message_id: str, event_type: str, **extra: Any) -> None:
+    fresh = dict(conn.execute(select(messages).where(messages.c.id == message_id)).mappings().one())
+    events.emit(
+        conn,
+        account_id=fresh["account_id"],
+        event_type=event_type,
+        mailbox_id=fresh["mailbox_id"],
+        message=message_views.full_view(conn, fresh),
+        extra=extra or None,
+    )
+
+
+def _fail(conn: Connection, ctx: _Context, worker_id: str, action: str, reason: str) -> _Outcome:
+    if _set_status(conn, ctx.row, Status.SEND_FAILED, last_error=reason[:2000]):
+        _audit(conn, ctx, worker_id, action, {"reason": reason})
+        return _Outcome(Status.SEND_FAILED.value)
+    return _Outcome(_current_status(conn, ctx.row["id"]))
+
+
+def _current_status(conn: Connection, message_id: str) -> str:
+    return str(conn.execute(select(messages.c.status).where(messages.c.id == message_id)).scalar())
+
+
+def _record_captured(conn: Connection, ctx: _Context, worker_id: str, rcpts: list[str]) -> None:
+    now = utcnow()
+    conn.execute(
+        insert(delivery_attempts).values(
+            message_id=ctx.row["id"],
+            started_at=now,
+            finished_at=now,
+            host="sandbox",
+            port=0,
+            smtp_code=250,
+            reply="captured (test mode): never handed to SMTP",
+            outcome="captured",
+            recipients=[
+                {"address": r, "ok": True, "permanent": False, "code": 250, "message": "captured"}
+                for r in rcpts
+            ],
+            worker=worker_id,
+        )
+    )
+
+
+def _start(
+    services: Services,
+    message_id: str,
+    worker_id: str,
+    job_id: str | None,
+    prebuilt: bytes | None,
+) -> _Plan | _Outcome:
+    with services.db.write() as conn:
+        ctx = _load(conn, message_id, lock=True)
+        if ctx is None:
+            return _Outcome("missing")
+        row = ctx.row
+        status = Status(row["status"])
+        if row["direction"] != "outbound" or status not in DELIVERABLE:
+            return _Outcome(status.value)
+        refusal = _gate_refusal(conn, ctx)
+        if refusal is not None:
+            # Should be impossible: something upstream queued an unapproved gated message.
+            _log.error("refusing to deliver %s: %s", message_id, refusal)
+            return _fail(conn, ctx, worker_id, "delivery.refused_ungated", refusal)
+        if _held(ctx):
+            _log.info("delivery of %s held: the account or mailbox is paused", message_id)
+            return _Outcome(status.value)
+        if status is Status.SENDING:
+            if _other_live_job(conn, message_id, job_id):
+                return _Outcome(status.value)
+            # Its worker died mid-delivery (lease expired): take it over. The stored bytes
+            # go again, same Message-ID, which is the one duplicate DUR-3 allows.
+            if not _set_status(conn, row, Status.QUEUED):
+                return _Outcome(_current_status(conn, message_id))
+            _audit(conn, ctx, worker_id, "delivery.recovered", {"from_status": "sending"})
+            row["status"] = Status.QUEUED.value
+        accepted, refused = _previous_results(conn, message_id)
+        remaining = [r for r in _recipients(row) if r not in accepted and r not in refused]
+        suppressed = directory.suppressed_among(conn, row["account_id"], remaining)
+        to_send = [r for r in remaining if r not in suppressed]
+        if not to_send:
+            if accepted and _set_status(conn, row, Status.SENDING):
+                # The rest went earlier; those still waiting were suppressed meanwhile.
+                row["status"] = Status.SENDING.value
+                return _finish_in(conn, ctx, worker_id, [], {}, None, sent_before=accepted)
+            reason = (
+                "every recipient is on the suppression list"
+                if suppressed
+                else ("the message has no deliverable recipient")
+            )
+            return _fail(conn, ctx, worker_id, "message.send_failed", reason)
+        raw = row["raw"]
+        if raw is None:
+            try:
+                raw = prebuilt if prebuilt is not None else _compose(conn, services, ctx)
+            except (InvalidInput, PermanentDeliveryError) as exc:
+                return _fail(conn, ctx, worker_id, "message.send_failed", exc.message)
+        values: dict[str, Any] = {"raw": raw, "size_bytes": len(raw)}
+        if row["message_id_header"] is None:
+            values["message_id_header"] = _message_id_header(ctx, services.settings)
+        if not _set_status(conn, row, Status.SENDING, **values):
+            return _Outcome(_current_status(conn, message_id))
+        row.update(values, status=Status.SENDING.value)
+        if suppressed:
+            _audit(
+                conn,
+                ctx,
+                worker_id,
+                "message.recipients_suppressed",
+                {"recipients": sorted(suppressed)},
+            )
+        if row["test"]:
+            _record_captured(conn, ctx, worker_id, to_send)
+            return _finish_in(conn, ctx, worker_id, [], {}, None, sent_before=set(to_send))
+        return _Plan(
+            message_id=message_id,
+            account_id=row["account_id"],
+            mailbox_id=row["mailbox_id"],
+            mail_from=row["from_address"] or ctx.mailbox["address"],
+            recipients=to_send,
+            raw=raw,
+        )
+
+
+def _prebuild(services: Services, message_id: str) -> bytes | None:
+    """Compose and sign outside the write transaction when the message will need it."""
+    with services.db.read() as conn:
+        ctx = _load(conn, message_id)
+        if ctx is None or ctx.row["raw"] is not None or _held(ctx):
+            return None
+        if Status(ctx.row["status"]) not in DELIVERABLE or ctx.row["direction"] != "outbound":
+            return None
+        try:
+            return _compose(conn, services, ctx)
+        except MultimailError:
+            return None  # the start step composes again and records the reason
+
+
+# -- step 2: hand over -----------------------------------------------------------------------
+
+
+@dataclass
+class _HandOver:
+    attempts: list[DeliveryAttempt]
+    results: dict[str, RecipientResult] = field(default_factory=dict)
+    error: MultimailError | None = None
+
+
+async def _hand_over(transport: OutboundTransport, plan: _Plan) -> _HandOver:
+    try:
+        found = await transport.deliver(plan.mail_from, plan.recipients, plan.raw)
+        attempts = found if isinstance(found, list) else [found]
+        error: MultimailError | None = None
+    except (TemporaryDeliveryError, PermanentDeliveryError) as exc:
+        attempts = list(exc.context.get("attempts") or [])
+        error = exc
+    except InvalidInput as exc:  # the envelope itself was refused before any connection
+        attempts, error = [], PermanentDeliveryError(exc.message, code=exc.code)
+    results = recipient_outcomes(attempts)
+    permanent = isinstance(error, PermanentDeliveryError)
+    reason = error.message if error is not None else "no reply recorded"
+    for rcpt in plan.recipients:
+        results.setdefault(rcpt, RecipientResult(rcpt, False, permanent, None, reason))
+    return _HandOver(attempts, {r: results[r] for r in plan.recipients}, error)
+
+
+# -- step 3: finish --------------------------------------------------------------------------
+
+
+def _attempt_outcome(results: Sequence[RecipientResult]) -> str:
+    if results and all(r.ok for r in results):
+        return "delivered"
+    if any(r.ok for r in results):
+        return "partial"
+    if results and all(r.permanent for r in results):
+        return "bounced"
+    return "deferred"
+
+
+def _result_json(result: RecipientResult) -> dict[str, Any]:
+    return {
+        "address": result.address,
+        "ok": result.ok,
+        "permanent": result.permanent,
+        "code": result.code,
+        "message": result.message[:500],
+    }
+
+
+def _record_attempts(
+    conn: Connection, message_id: str, worker_id: str, handover: _HandOver
+) -> None:
+    rows = [
+        {
+            "message_id": message_id,
+            "started_at": a.started_at,
+            "finished_at": a.finished_at,
+            "host": a.host,
+            "port": a.port,
+            "smtp_code": a.code,
+            "reply": a.reply[:2000],
+            "outcome": _attempt_outcome(a.recipients),
+            "recipients": [_result_json(r) for r in a.recipients],
+            "worker": worker_id,
+        }
+        for a in handover.attempts
+    ]
+    covered = {r.address for a in handover.attempts for r in a.recipients}
+    missing = [r for a, r in handover.results.items() if a not in covered]
+    if missing:
+        # Nothing reached a server (e.g. a refused envelope): still one row per attempt.
+        now = utcnow()
+        rows.append(
+            {
+                "message_id": message_id,
+                "started_at": now,
+                "finished_at": now,
+                "host": getattr(handover.error, "host", None),
+                "port": None,
+                "smtp_code": getattr(handover.error, "smtp_code", None),
+                "reply": missing[0].message[:2000],
+                "outcome": _attempt_outcome(missing),
+                "recipients": [_result_json(r) for r in missing],
+                "worker": worker_id,
+            }
+        )
+    if rows:
+        conn.execute(insert(delivery_attempts), rows)
+
+
+def _first_attempt(conn: Connection, message_id: str) -> datetime:
+    rows = conn.execute(
+        select(delivery_attempts.c.started_at)
+        .where(delivery_attempts.c.message_id == message_id)
+        .order_by(delivery_attempts.c.started_at)
+        .limit(1)
+    ).first()
+    return aware(rows.started_at) if rows is not None else utcnow()
+
+
+def _finish_in(
+    conn: Connection,
+    ctx: _Context,
+    worker_id: str,
+    attempts: list[DeliveryAttempt],
+    results: Mapping[str, RecipientResult],
+    error: MultimailError | None,
+    *,
+    sent_before: set[str] | None = None,
+) -> _Outcome:
+    """Commit what the hand-over achieved; ``ctx.row`` is the message as it was sending."""
+    row = ctx.row
+    message_id = row["id"]
+    accepted_now = [r for r, res in results.items() if res.ok]
+    refused_now = [r for r, res in results.items() if not res.ok and res.permanent]
+    deferred_now = [r for r, res in results.items() if not res.ok and not res.permanent]
+    prev_accepted, _prev_refused = _previous_results(conn, message_id)
+    accepted_all = prev_accepted | set(accepted_now) | (sent_before or set())
+    now = utcnow()
+    for address in refused_now:
+        directory.suppress(
+            conn,
+            actor=_actor(worker_id, row["account_id"]),
+            account_id=row["account_id"],
+            address=address,
+            reason="hard_bounce",
+            source_message_id=message_id,
+            details=results[address].message[:500],
+        )
+    last = attempts[-1] if attempts else None
+    host = last.host if last else ("sandbox" if row["test"] else None)
+    reply = last.reply if last else (error.message if error else "")
+    attempts_count = int(row.get("attempts") or 0) + 1
+    if deferred_now:
+        failures = attempts_count
+        retry_at = next_attempt_at(_first_attempt(conn, message_id), now, failures)
+        reason = results[deferred_now[0]].message
+        if retry_at is None:
+            values = {"attempts": attempts_count, "next_attempt_at": None}
+            reason = f"gave up after {MAX_RETRY_WINDOW.days} days of temporary failures: {reason}"
+            return _fail_sending(conn, ctx, worker_id, reason, values)
+        if not _set_status(
+            conn,
+            row,
+            Status.DEFERRED,
+            attempts=attempts_count,
+            next_attempt_at=retry_at,
+            last_error=reason[:2000],
+        ):
+            return _Outcome(_current_status(conn, message_id))
+        _audit(
+            conn,
+            ctx,
+            worker_id,
+            "message.deferred",
+            {
+                "host": host,
+                "reply": reply[:500],
+                "deferred": deferred_now,
+                "accepted": accepted_now,
+                "bounced": refused_now,
+                "retry_at": retry_at.isoformat(),
+            },
+        )
+        return _Outcome(Status.DEFERRED.value, retry_at)
+    if accepted_all:
+        if not _set_status(
+            conn,
+            row,
+            Status.DELIVERED,
+            attempts=attempts_count,
+            delivered_at=now,
+            next_attempt_at=None,
+            last_error=None,
+        ):
+            return _Outcome(_current_status(conn, message_id))
+        _audit(
+            conn,
+            ctx,
+            worker_id,
+            "message.delivered",
+            {
+                "host": host,
+                "reply": reply[:500],
+                "recipients": sorted(accepted_all),
+                "bounced": refused_now,
+                "test": bool(row["test"]),
+            },
+        )
+        _emit(conn, message_id, "message.sent")
+        _emit(conn, message_id, "message.delivered")
+        if refused_now:
+            _emit(conn, message_id, "message.bounced", bounced_recipients=refused_now, partial=True)
+        return _Outcome(Status.DELIVERED.value)
+    if refused_now:
+        if not _set_status(
+            conn,
+            row,
+            Status.BOUNCED,
+            attempts=attempts_count,
+            bounce_type="hard",
+            next_attempt_at=None,
+            last_error=reply[:2000],
+        ):
+            return _Outcome(_current_status(conn, message_id))
+        _audit(
+            conn,
+            ctx,
+            worker_id,
+            "message.bounced",
+            {"host": host, "reply": reply[:500], "recipients": refused_now, "bounce_type": "hard"},
+        )
+        _emit(conn, message_id, "message.bounced", bounced_recipients=refused_now)
+        return _Outcome(Status.BOUNCED.value)
+    return _fail_sending(conn, ctx, worker_id, reply or "no recipient was accepted", {})
+
+
+def _fail_sending(
+    conn: Connection, ctx: _Context, worker_id: str, reason: str, values: dict[str, Any]
+) -> _Outcome:
+    if not _set_status(conn, ctx.row, Status.SEND_FAILED, last_error=reason[:2000], **values):
+        return _Outcome(_current_status(conn, ctx.row["id"]))
+    _audit(conn, ctx, worker_id, "message.send_failed", {"reason": reason[:500]})
+    return _Outcome(Status.SEND_FAILED.value)
+
+
+def _finish(services: Services, plan: _Plan, worker_id: str, handover: _HandOver) -> _Outcome:
+    with services.db.write() as conn:
+        _record_attempts(conn, plan.message_id, worker_id, handover)
+        ctx = _load(conn, plan.message_id, lock=True)
+        if ctx is None:
+            return _Outcome("missing")
+        if ctx.row["status"] != Status.SENDING.value:
+            _log.warning(
+                "message %s left 'sending' while we delivered it (now %s)",
+                plan.message_id,
+                ctx.row["status"],
+            )
+            return _Outcome(str(ctx.row["status"]))
+        # Count this attempt's results once: _finish_in reads earlier ones from the table.
+        conn_results = dict(handover.results)
+        return _finish_in(conn, ctx, worker_id, handover.attempts, conn_results, handover.error)
+
+
+# -- the entry points -------------------------------------------------------------------------
+
+
+async def _deliver(
+    services: Services, message_id: str, worker_id: str, job_id: str | None
+) -> _Outcome:
+    prebuilt = await asyncio.to_thread(_prebuild, services, message_id)
+    started = await asyncio.to_thread(_start, services, message_id, worker_id, job_id, prebuilt)
+    if isinstance(started, _Outcome):
+        return started
+    _crash_point("before_connect")
+    handover = await _hand_over(outbound_transport(services), started)
+    if any(r.ok for r in handover.results.values()):
+        _crash_point("after_smtp_250")
+    outcome = await asyncio.to_thread(_finish, services, started, worker_id, handover)
+    _crash_point("after_commit")
+    return outcome
+
+
+async def deliver(
+    services: Services, message_id: str, worker_id: str, *, job_id: str | None = None
+) -> str:
+    """Deliver one message now if it may go; returns its status afterwards."""
+    return (await _deliver(services, message_id, worker_id, job_id)).status
+
+
+@runner.register(DELIVER)
+async def _deliver_job(services: Services, job: Job, worker_id: str) -> datetime | None:
+    message_id = job.payload.get("message_id")
+    if not isinstance(message_id, str):
+        raise InvalidInput("a deliver job needs a message_id", code="invalid_job")
+    return (await _deliver(services, message_id, worker_id, job.id)).retry_at
+
+
+def enqueue_delivery(conn: Connection, message_id: str, *, run_at: datetime | None = None) -> None:
+    """Give ``message_id`` a due deliver job in the caller's transaction (re-arming a spent one).
+
+    ``jobs.enqueue`` with the ``deliver:<id>`` dedupe key adds nothing once that job has run
+    (e.g. it completed while the mailbox was paused); this re-arms it instead.
+    """
+    when = run_at or utcnow()
+    rearmed = conn.execute(
+        update(jobs_table)
+        .where(
+            jobs_table.c.dedupe_key == job_key(message_id),
+            jobs_table.c.status.in_(("done", "failed", "pending")),
+        )
+        .values(
+            status="pending",
+            run_at=when,
+            attempts=0,
+            locked_by=None,
+            locked_until=None,
+            updated_at=utcnow(),
+        )
+    )
+    if not rearmed.rowcount:
+        jobs.enqueue(
+            conn, DELIVER, {"message_id": message_id}, run_at=when, dedupe_key=job_key(message_id)
+        )
+
+
+def _claim_for_now(services: Services, message_id: str, worker: str) -> Job | None:
+    """Take this message's deliver job (creating it if needed) unless someone holds it."""
+    now = utcnow()
+    with services.db.write() as conn:
+        status = _current_status(conn, message_id)
+        if status not in {s.value for s in DELIVERABLE}:
+            return None
+        query = select(jobs_table).where(jobs_table.c.dedupe_key == job_key(message_id))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = conn.execute(query).mappings().first()
+        if row is None:
+            jobs.enqueue(conn, DELIVER, {"message_id": message_id}, dedupe_key=job_key(message_id))
+            row = conn.execute(query).mappings().one()
+        if row["status"] == "running" and aware(row["locked_until"]) > now:
+            return None
+        conn.execute(
+            update(jobs_table)
+            .where(jobs_table.c.id == row["id"])
+            .values(
+                status="running",
+                locked_by=worker,
+                locked_until=now + DEFAULT_LEASE,
+                attempts=jobs_table.c.attempts + 1,
+                updated_at=now,
+            )
+        )
+        return Job(
+            id=row["id"],
+            kind=DELIVER,
+            payload={"message_id": message_id},
+            attempts=int(row["attempts"]) + 1,
+            max_attempts=int(row["max_attempts"]),
+            created_at=aware(row["created_at"]),
+        )
+
+
+def _status(services: Services, message_id: str) -> str:
+    with services.db.read() as conn:
+        return _current_status(conn, message_id)
+
+
+def deliver_now(services: Services, message_id: str, *, timeout: float = 3.0) -> str:
+    """Try delivery right away (e.g. just after an approval) and wait at most ``timeout`` s.
+
+    Call it after the caller's transaction has committed. Returns the message's status:
+    ``delivered`` when the relay accepted it in time, else ``queued``/``sending``/
+    ``deferred``/... A slower relay loses nothing: the attempt goes on in the background,
+    and the job stays leased to it, so no background worker sends it a second time.
+    """
+    deadline = time.monotonic() + timeout
+    worker = f"deliver-now:{os.getpid()}:{threading.get_ident()}:{new_id('job')[-6:]}"
+    job = _claim_for_now(services, message_id, worker)
+    if job is not None:
+        finished = threading.Event()
+
+        def run() -> None:
+            try:
+                asyncio.run(runner.execute(services, job, worker))
+            finally:
+                finished.set()
+
+        threading.Thread(target=run, name=f"deliver-now-{message_id}", daemon=True).start()
+        finished.wait(max(0.0, deadline - time.monotonic()))
+    status = _status(services, message_id)
+    while status in ("queued", "sending") and time.monotonic() < deadline:
+        time.sleep(_POLL_S)
+        status = _status(services, message_id)
+    return status
+
+
+# -- the sweep: nothing deliverable is left without a job --------------------------------------
+
+
+def _sweep(services: Services, job: Job, worker_id: str) -> None:
+    cutoff = utcnow() - _SWEEP_AFTER
+    live = jobs_table.alias("live")
+    with services.db.write() as conn:
+        rows = conn.execute(
+            select(messages.c.id)
+            .join(mailboxes, mailboxes.c.id == messages.c.mailbox_id)
+            .join(accounts, accounts.c.id == messages.c.account_id)
+            .outerjoin(
+                live,
+                and_(
+                    live.c.dedupe_key == literal("deliver:") + messages.c.id,
+                    live.c.status.in_(("pending", "running")),
+                ),
+            )
+            .where(
+                messages.c.direction == "outbound",
+                messages.c.status.in_([s.value for s in DELIVERABLE]),
+                messages.c.updated_at < cutoff,
+                mailboxes.c.paused.is_(False),
+                accounts.c.paused.is_(False),
+                live.c.id.is_(None),
+            )
+            .limit(_SWEEP_BATCH)
+        ).all()
+        for (message_id,) in rows:
+            enqueue_delivery(conn, message_id)
+    if rows:
+        _log.info("delivery sweep re-armed %d message(s)", len(rows))
+        runner.wake()
+
+
+runner.register(SWEEP)(_sweep)
+runner.every(SWEEP, 60)
+
+
+# -- operator mail ------------------------------------------------------------------------------
+
+
+def _system_actor(worker_id: str, account_id: str | None) -> Actor:
+    return Actor(type="system", id=worker_id, name="system-mail", account_id=account_id)
+
+
+def _system_payload(job: Job) -> tuple[list[str], str, str, str | None]:
+    payload = job.payload
+    to = payload.get("to")
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list) or not to:
+        raise InvalidInput("a system_mail job needs 'to'", code="invalid_job")
+    account_id = payload.get("account_id")
+    return (
+        _addresses(to),
+        str(payload.get("subject") or ""),
+        str(payload.get("markdown") or ""),
+        account_id if isinstance(account_id, str) else None,
+    )
+
+
+def _system_raw(services: Services, job: Job, to: list[str], subject: str, body: str) -> bytes:
+    settings = services.settings
+    draft = OutboundDraft(
+        from_address=f"{SYSTEM_SENDER_LOCAL}@{settings.domain}",
+        from_name="MultiMail",
+        to=to,
+        cc=(),
+        reply_to=None,
+        subject=subject,
+        markdown=body,
+        # Derived from the job: stable across retries, so receivers can drop a duplicate.
+        message_id=f"<{job.id}.system@{settings.domain}>",
+        date=utcnow(),
+        ai_disclosure=False,
+        extra_headers=[("Auto-Submitted", "auto-generated")],
+    )
+    return signing.sign(build_message(draft), signing.default_key(settings))
+
+
+def _system_unsuppressed(services: Services, account_id: str | None, to: list[str]) -> list[str]:
+    if account_id is None:
+        return to
+    with services.db.read() as conn:
+        suppressed = directory.suppressed_among(conn, account_id, to)
+    return [a for a in to if a not in suppressed]
+
+
+def _system_record(
+    services: Services,
+    job: Job,
+    worker_id: str,
+    account_id: str | None,
+    action: str,
+    details: dict[str, Any],
+    remaining: list[str] | None = None,
+) -> None:
+    with services.db.write() as conn:
+        audit.append(
+            conn,
+            actor=_system_actor(worker_id, account_id),
+            action=action,
+            account_id=account_id,
+            subject_type="job",
+            subject_id=job.id,
+            details=details,
+        )
+        if remaining is not None:
+            conn.execute(
+                update(jobs_table)
+                .where(jobs_table.c.id == job.id, jobs_table.c.locked_by == worker_id)
+                .values(payload={**job.payload, "to": remaining})
+            )
+
+
+@runner.register(SYSTEM_MAIL)
+async def _system_mail_job(services: Services, job: Job, worker_id: str) -> datetime | None:
+    """Operator notifications, from ``multimail@<domain>`` with the null sender.
+
+    The null reverse-path (``MAIL FROM:<>``) means a bounce of this mail is never answered
+    with more mail, and a bounce of a bounce cannot happen.
+    """
+    to, subject, body, account_id = _system_payload(job)
+    rcpts = await asyncio.to_thread(_system_unsuppressed, services, account_id, to)
+    if not rcpts:
+        await asyncio.to_thread(
+            _system_record,
+            services,
+            job,
+            worker_id,
+            account_id,
+            "system_mail.skipped",
+            {"to": to, "subject": subject, "reason": "every recipient is suppressed"},
+        )
+        return None
+    raw = _system_raw(services, job, rcpts, subject, body)
+    plan = _Plan(job.id, account_id or "", "", "", rcpts, raw)
+    handover = await _hand_over(outbound_transport(services), plan)
+    accepted = [r for r, res in handover.results.items() if res.ok]
+    refused = [r for r, res in handover.results.items() if not res.ok and res.permanent]
+    deferred = [r for r, res in handover.results.items() if not res.ok and not res.permanent]
+    expired = utcnow() - job.created_at >= MAX_RETRY_WINDOW or job.attempts >= job.max_attempts
+    if accepted:
+        await asyncio.to_thread(
+            _system_record,
+            services,
+            job,
+            worker_id,
+            account_id,
+            "system_mail.sent",
+            {"to": accepted, "subject": subject, "kind": job.payload.get("kind")},
+        )
+    if refused or (deferred and expired):
+        failed = refused + (deferred if expired else [])
+        await asyncio.to_thread(
+            _system_record,
+            services,
+            job,
+            worker_id,
+            account_id,
+            "system_mail.failed",
+            {
+                "to": failed,
+                "subject": subject,
+                "reason": next(handover.results[r].message for r in failed)[:500],
+            },
+        )
+    if deferred and not expired:
+        await asyncio.to_thread(
+            _system_record,
+            services,
+            job,
+            worker_id,
+            account_id,
+            "system_mail.deferred",
+            {"to": deferred, "subject": subject},
+            deferred,
+        )
+        return utcnow() + retry_delay(job.attempts)
+    return None
+
+
+# -- the sandbox ------------------------------------------------------------------------------
+
+
+def list_captured(
+    services: Services, actor: Actor, *, mailbox_id: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """Messages sent with test keys: run through the whole pipeline, captured, never sent."""
+    actor.require(Scope.READ)
+    query = (
+        select(messages)
+        .where(
+            messages.c.account_id == actor.account_id,
+            messages.c.direction == "outbound",
+            messages.c.test.is_(True),
+            messages.c.status == Status.DELIVERED.value,
+        )
+        .order_by(messages.c.id.desc())
+        .limit(max(1, min(int(limit), 200)))
+    )
+    if mailbox_id is not None:
+        query = query.where(messages.c.mailbox_id == mailbox_id)
+    if actor.mailbox_ids is not None:
+        query = query.where(messages.c.mailbox_id.in_(actor.mailbox_ids))
+    with services.db.read() as conn:
+        rows: list[Mapping[str, Any]] = [dict(r) for r in conn.execute(query).mappings()]
+        views = message_views.views(conn, rows)
+    for item, row in zip(views, rows, strict=True):
+        item["captured"] = True
+        item["captured_at"] = item.get("delivered_at")
+        item["raw"] = (row["raw"] or b"").decode("utf-8", "replace")
+    return views
