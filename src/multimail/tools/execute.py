@@ -1,0 +1,156 @@
+"""How a tool call becomes REST requests, written once for every transport.
+
+``plan(tool, arguments)`` is a generator: it yields the REST requests to make
+(:class:`RestCall`) and receives their answers (:class:`RestResponse`), then returns the
+tool's result. A synchronous driver (``MultimailClient``), an asynchronous one
+(``AsyncMultimailClient``, which the MCP server and the tool-named routes use) and tests all
+drive the same plan, so the four surfaces cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import ValidationError as PydanticValidationError
+
+from multimail.errors import InvalidInput, NotFound
+from multimail.tools.catalog import Tool
+from multimail.tools.inputs import ToolInput
+
+
+@dataclass(frozen=True)
+class RestCall:
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    raw: bool = False  # the answer is bytes (an attachment), not JSON
+    probe: bool = False  # a 404 is an answer here (looking for a message's mailbox)
+
+
+@dataclass(frozen=True)
+class RestResponse:
+    status: int
+    data: Any = None
+    content: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Plan = Generator[RestCall, RestResponse, Any]
+
+
+def parse_arguments(tool: Tool, arguments: Mapping[str, Any] | None) -> ToolInput:
+    """Validate arguments against the tool's model; InvalidInput names each problem."""
+    try:
+        return tool.input.model_validate(dict(arguments or {}))
+    except PydanticValidationError as exc:
+        details = [
+            {"field": ".".join(str(p) for p in e["loc"]) or None, "problem": e["msg"]}
+            for e in exc.errors()
+        ]
+        first = details[0]
+        where = f"'{first['field']}'" if first["field"] else tool.name
+        raise InvalidInput(
+            f"{where}: {first['problem']}", code="validation_error", details=details
+        ) from None
+
+
+def _seg(value: str) -> str:
+    return quote(str(value), safe="@")
+
+
+def _fill(template: str, values: Mapping[str, Any]) -> str:
+    out = template
+    for key, value in values.items():
+        out = out.replace("{" + key + "}", _seg(value))
+    return out
+
+
+def _mailboxes(default: str | None) -> Generator[RestCall, RestResponse, list[str]]:
+    if default:
+        return [default]
+    answer = yield RestCall("GET", "/v1/mailboxes")
+    return [m["id"] for m in (answer.data or {}).get("mailboxes", [])]
+
+
+def _one_mailbox(default: str | None) -> Generator[RestCall, RestResponse, str]:
+    found = yield from _mailboxes(default)
+    if len(found) != 1:
+        raise InvalidInput(
+            f"this key sees {len(found)} mailboxes: say which one with 'mailbox_id' "
+            "(its id or address) or 'from'",
+            code="mailbox_required",
+        )
+    return found[0]
+
+
+def _locate(
+    probe_template: str, values: Mapping[str, Any], default: str | None, what: str
+) -> Generator[RestCall, RestResponse, str]:
+    """The mailbox holding a message or thread, found by asking each mailbox the key sees."""
+    candidates = yield from _mailboxes(None)
+    if default in candidates:
+        candidates.remove(default)
+        candidates.insert(0, default)
+    for mailbox in candidates:
+        if len(candidates) == 1:
+            return mailbox
+        answer = yield RestCall(
+            "GET", _fill(probe_template, {**values, "mailbox": mailbox}), probe=True
+        )
+        if answer.status != 404:
+            return mailbox
+    raise NotFound(f"{what} was not found in any mailbox this key can see")
+
+
+def plan(tool: Tool, arguments: Mapping[str, Any] | None, *, default_mailbox: str | None) -> Plan:
+    """Yield the REST requests for one tool call and return its result."""
+    args = parse_arguments(tool, arguments).merged()
+    route = tool.route
+    for name in route.drop:
+        args.pop(name, None)
+    values: dict[str, Any] = {k: args.pop(k) for k in route.path_args if k in args}
+    if "{mailbox}" in route.path:
+        given = args.pop("mailbox_id", None)
+        if given:
+            values["mailbox"] = given
+        elif route.locate == "message":
+            values["mailbox"] = yield from _locate(
+                "/v1/mailboxes/{mailbox}/emails/{message_id}/tags",
+                values,
+                default_mailbox,
+                f"message {values.get('message_id')!r}",
+            )
+        elif route.locate == "thread":
+            values["mailbox"] = yield from _locate(
+                "/v1/mailboxes/{mailbox}/threads/{thread_id}",
+                values,
+                default_mailbox,
+                f"thread {values.get('thread_id')!r}",
+            )
+        else:
+            values["mailbox"] = yield from _one_mailbox(default_mailbox)
+    elif route.default_mailbox_query and "mailbox_id" not in args and default_mailbox:
+        args["mailbox_id"] = default_mailbox
+    path = _fill(route.path, values)
+    params = {k: args.pop(k) for k in route.query if k in args}
+    params.update(route.const)
+    body = args if route.method in ("POST", "PUT", "PATCH") else None
+    if body is None and args:
+        params.update(args)
+    if route.body_key and body is not None:
+        body = body.get(route.body_key)
+    answer = yield RestCall(route.method, path, params or None, body, raw=route.raw)
+    result = answer.data
+    if route.raw:
+        result = {
+            "filename": values.get("filename"),
+            "content_type": answer.headers.get("content-type", "application/octet-stream"),
+            "size_bytes": len(answer.content),
+            "content_base64": base64.b64encode(answer.content).decode("ascii"),
+        }
+    return tool.shape(result) if tool.shape else result
