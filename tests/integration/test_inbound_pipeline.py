@@ -1,0 +1,389 @@
+"""Mail sent over SMTP to the running server ends up parsed, authenticated and threaded.
+
+Each test runs the real app, the inbound SMTP server and the processing worker in one
+LiveServer, with a LocalDNSServer publishing SPF, DKIM and DMARC for ``sender.test``.
+"""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+import dkim
+import httpx
+import pytest
+from sqlalchemy import insert, select
+
+from multimail.config import Settings
+from multimail.ids import new_id, utcnow
+from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair
+from multimail.runtime import build_services
+from multimail.services import accounts, mailboxes, threads
+from multimail.services.context import Actor, Services
+from multimail.store.tables import events, messages, suppressions
+from multimail.store.tables import mailboxes as mailboxes_table
+from multimail.testing.dns import LocalDNSServer
+from multimail.testing.server import LiveServer
+from multimail.workers.inbound import run_inbound_worker, run_smtp
+
+KEY = generate_rsa_keypair(2048)
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
+
+
+@dataclass
+class Stack:
+    services: Services
+    live: LiveServer
+    smtp_port: int
+    boot: accounts.Bootstrap
+    mailbox: dict[str, Any]
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.live.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+
+    def inbound(self, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """Wait until ``count`` inbound messages exist; return them oldest first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.services.db.read() as conn:
+                rows = [
+                    dict(r)
+                    for r in conn.execute(
+                        select(messages)
+                        .where(messages.c.direction == "inbound")
+                        .order_by(messages.c.id)
+                    ).mappings()
+                ]
+            if len(rows) >= count or time.monotonic() > deadline:
+                assert len(rows) >= count, f"only {len(rows)} of {count} messages arrived"
+                return rows
+            time.sleep(0.05)
+
+
+def make_mailbox(svc: Services, account_id: str, address: str, mode: str = "gated_send") -> Any:
+    actor = Actor(type="system", id=None, name="test", account_id=account_id)
+    with svc.db.write() as conn:
+        return mailboxes.create_mailbox(
+            conn, actor=actor, settings=svc.settings, address=address, oversight_mode=mode
+        )
+
+
+def outbound_message(svc: Services, mailbox: dict[str, Any], header_id: str, to: str) -> str:
+    """An outbound message as the sending pipeline leaves it after delivery."""
+    now = utcnow()
+    with svc.db.write() as conn:
+        account_id = conn.execute(
+            select(mailboxes_table.c.account_id).where(mailboxes_table.c.id == mailbox["id"])
+        ).scalar_one()
+        thread = threads.for_outbound(
+            conn, account_id=account_id, mailbox_id=mailbox["id"], subject="Offer"
+        )
+        threads.touch(conn, thread["id"])
+        message_id = new_id("msg")
+        conn.execute(
+            insert(messages).values(
+                id=message_id,
+                account_id=account_id,
+                mailbox_id=mailbox["id"],
+                thread_id=thread["id"],
+                direction="outbound",
+                status="delivered",
+                message_id_header=header_id,
+                from_address=mailbox["address"],
+                to=[to],
+                subject="Offer",
+                markdown="Our offer.",
+                oversight_mode="gated_send",
+                created_at=now,
+                updated_at=now,
+                delivered_at=now,
+            )
+        )
+    return message_id
+
+
+@pytest.fixture
+def stack(settings: Settings, boot: accounts.Bootstrap) -> Iterator[Stack]:
+    with LocalDNSServer() as dns_server:
+        dns_server.add_record("sender.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+        dns_server.add_record("sel._domainkey.sender.test", "TXT", dns_txt_value(KEY))
+        dns_server.add_record("_dmarc.sender.test", "TXT", "v=DMARC1; p=reject")
+        dns_server.add_record("forged.test", "TXT", "v=spf1 ip4:192.0.2.1 -all")
+        dns_server.add_record("_dmarc.forged.test", "TXT", "v=DMARC1; p=reject")
+        local = settings.model_copy(update={"smtp_port": 0, "dns_resolver": dns_server.address})
+        svc = build_services(local)
+        mailbox = make_mailbox(svc, boot.account["id"], "bot@mm.test")
+        with LiveServer(svc, components=[run_smtp, run_inbound_worker]) as live:
+            deadline = time.monotonic() + 10
+            while "smtp_port" not in svc.extras and time.monotonic() < deadline:
+                time.sleep(0.01)
+            yield Stack(svc, live, int(svc.extras["smtp_port"]), boot, mailbox)  # type: ignore[call-overload]
+        svc.db.dispose()
+
+
+def signed(msg: EmailMessage) -> bytes:
+    raw = msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    signature: bytes = dkim.sign(
+        raw, b"sel", b"sender.test", KEY.private_pem, include_headers=[b"from", b"subject", b"to"]
+    )
+    return signature + raw
+
+
+def simple(
+    subject: str, body: str, sender: str = "alice@sender.test", **headers: str
+) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Alice <{sender}>"
+    msg["To"] = "bot@mm.test"
+    msg["Subject"] = subject
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content(body)
+    return msg
+
+
+def test_smtplib_message_becomes_markdown_with_attachments_and_inline_images(stack: Stack) -> None:
+    """HTML-only mail is stored as clean markdown; attachments and inline images keep types."""
+    msg = EmailMessage()
+    msg["From"] = "Alice <alice@sender.test>"
+    msg["To"] = "bot@mm.test"
+    msg["Subject"] = "Report"
+    msg["Message-ID"] = "<report-1@sender.test>"
+    msg.set_content(
+        "<p>Hello <b>team</b></p><script>alert(1)</script><img src='cid:logo1'>", subtype="html"
+    )
+    msg.add_related(PNG, maintype="image", subtype="png", cid="<logo1>")
+    msg.add_attachment(
+        b"%PDF-1.4 fake", maintype="application", subtype="pdf", filename="report.pdf"
+    )
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        refused = client.send_message(msg)
+    assert refused == {}
+    (row,) = stack.inbound()
+    assert row["status"] == "unread"
+    assert "**team**" in row["markdown"] and "alert" not in row["markdown"]
+    assert row["html"] is not None and "<script" not in row["html"]
+    assert row["message_id_header"] == "<report-1@sender.test>"
+    agent = stack.client(stack.boot.agent_key)
+    listed = agent.get(f"/v1/mailboxes/{stack.mailbox['id']}/emails").json()
+    (item,) = listed["emails"]
+    kinds = {a["filename"]: (a["content_type"], a["inline"]) for a in item["attachments"]}
+    assert kinds["report.pdf"] == ("application/pdf", False)
+    assert ("image/png", True) in kinds.values()
+    download = agent.get(f"/v1/mailboxes/bot@mm.test/emails/{item['id']}/attachments/report.pdf")
+    assert download.content == b"%PDF-1.4 fake"
+    assert download.headers["content-type"] == "application/pdf"
+    assert download.headers["content-disposition"].startswith("attachment;")
+    assert download.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_aiosmtplib_signed_message_passes_and_outside_results_are_stripped(
+    stack: Stack,
+) -> None:
+    """SPF, DKIM and DMARC pass for a signed message; a forged Authentication-Results is gone."""
+    msg = simple("Signed", "Genuine message.")
+    msg["Authentication-Results"] = "mm.test; spf=pass; dkim=pass; dmarc=pass"
+    raw = signed(msg)
+    await aiosmtplib.send(
+        raw,
+        sender="bounce@sender.test",
+        recipients=["bot@mm.test"],
+        hostname="127.0.0.1",
+        port=stack.smtp_port,
+    )
+    (row,) = stack.inbound()
+    results = row["auth_results"]
+    assert [results[k]["result"] for k in ("spf", "dkim", "dmarc")] == ["pass", "pass", "pass"]
+    stored = bytes(row["raw"])
+    assert stored.count(b"Authentication-Results:") == 1
+    assert stored.startswith(b"Authentication-Results: mm.test; spf=pass")
+    assert row["spam_score"] < 5
+    reader = stack.client(stack.boot.agent_key)
+    body = reader.get("/read_email", params={"message_id": row["id"]}).json()
+    assert body["auth_results"]["dkim"]["result"] == "pass"
+    assert body["dkim_verified"] is True
+    assert body["body"]["untrusted"] is True
+
+
+async def test_tampered_and_double_from_messages_do_not_pass(stack: Stack) -> None:
+    """A body changed after signing fails DKIM; two From headers never get dmarc=pass."""
+    raw = signed(simple("Tampered", "Original text.")).replace(b"Original", b"Changed!")
+    two_from = signed(simple("Two", "Hi.")).replace(
+        b"To: bot@mm.test", b"From: ceo@victim.test\r\nTo: bot@mm.test"
+    )
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=stack.smtp_port) as client:
+        await client.sendmail("a@sender.test", ["bot@mm.test"], raw)
+        await client.sendmail("a@sender.test", ["bot@mm.test"], two_from)
+    first, second = stack.inbound(2)
+    assert first["auth_results"]["dkim"]["result"] == "fail"
+    assert second["auth_results"]["dmarc"]["result"] != "pass"
+    assert any(r["code"] == "multiple_from" for r in second["spam_reasons"])
+
+
+def test_reply_to_an_outbound_message_joins_its_thread(stack: Stack) -> None:
+    """In-Reply-To naming our Message-ID puts the reply in that thread; it is unanswered."""
+    sent_id = outbound_message(
+        stack.services, stack.mailbox, "<offer-1@mm.test>", "alice@sender.test"
+    )
+    reply = simple(
+        "Re: Offer",
+        "Sounds good.\n\n> Our offer.",
+        In_Reply_To="<offer-1@mm.test>",
+        References="<offer-1@mm.test>",
+    )
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        client.send_message(reply)
+    (row,) = stack.inbound()
+    assert row["reply_to_email_id"] == sent_id
+    with stack.services.db.read() as conn:
+        sent_thread = conn.execute(select(messages.c.thread_id).where(messages.c.id == sent_id))
+        assert row["thread_id"] == sent_thread.scalar_one()
+    agent = stack.client(stack.boot.agent_key)
+    thread = agent.get(f"/v1/mailboxes/bot@mm.test/threads/{row['thread_id']}").json()
+    assert [m["direction"] for m in thread["messages"]] == ["outbound", "inbound"]
+    assert thread["message_count"] == 2 and thread["unanswered"] is True
+    assert set(thread["participants"]) == {"bot@mm.test", "alice@sender.test"}
+    assert row["quoted_text"] and "Our offer." in row["quoted_text"]
+
+
+def test_gated_all_mailbox_holds_mail_out_of_the_agents_sight(stack: Stack) -> None:
+    """Held mail is invisible to the agent (list and read) and visible to the reviewer."""
+    held_box = make_mailbox(stack.services, stack.boot.account["id"], "held@mm.test", "gated_all")
+    msg = simple("Secret", "Only after review.")
+    del msg["To"]
+    msg["To"] = "held@mm.test"
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        client.send_message(msg)
+    (row,) = stack.inbound()
+    assert row["status"] == "pending_inbound_approval"
+    agent = stack.client(stack.boot.agent_key)
+    assert agent.get(f"/v1/mailboxes/{held_box['id']}/emails").json()["emails"] == []
+    assert agent.get(f"/v1/mailboxes/{held_box['id']}/emails/{row['id']}").status_code == 404
+    assert agent.get("/read_email", params={"message_id": row["id"]}).status_code == 404
+    reviewer = stack.client(stack.boot.reviewer_key)
+    seen = reviewer.get(f"/v1/mailboxes/{held_box['id']}/emails").json()["emails"]
+    assert [e["id"] for e in seen] == [row["id"]]
+    with stack.services.db.read() as conn:
+        types = [r.type for r in conn.execute(select(events.c.type))]
+    assert "message.received" not in types
+
+
+def _dsn(original: str, recipient: str) -> bytes:
+    return (
+        "From: MAILER-DAEMON@relay.example\r\nTo: bot@mm.test\r\nSubject: Undelivered\r\n"
+        "Message-ID: <dsn-1@relay.example>\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nThe mail could not be delivered.\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; relay.example\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
+        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"From: bot@mm.test\r\nTo: {recipient}\r\nMessage-ID: <{original}>\r\n"
+        "--B--\r\n"
+    ).encode()
+
+
+def test_dsn_marks_the_original_bounced_and_suppresses_the_address(stack: Stack) -> None:
+    """A hard bounce marks our message bounced, suppresses the address, fires the event."""
+    sent_id = outbound_message(stack.services, stack.mailbox, "<offer-2@mm.test>", "gone@far.test")
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        client.sendmail("", ["bot@mm.test"], _dsn("<offer-2@mm.test>", "gone@far.test"))
+    (report,) = stack.inbound()
+    assert report["status"] == "archived"
+    with stack.services.db.read() as conn:
+        original = conn.execute(select(messages).where(messages.c.id == sent_id)).mappings().one()
+        suppressed = conn.execute(select(suppressions)).mappings().all()
+        kinds = [r.type for r in conn.execute(select(events.c.type))]
+    assert (original["status"], original["bounce_type"]) == ("bounced", "hard")
+    assert [(s["address"], s["reason"]) for s in suppressed] == [("gone@far.test", "hard_bounce")]
+    assert kinds == ["message.bounced"]
+
+
+def test_complaint_and_unsubscribe_reply_suppress_the_sender(stack: Stack) -> None:
+    """An ARF report and an "unsubscribe" reply each suppress and fire message.complained."""
+    outbound_message(stack.services, stack.mailbox, "<news-1@mm.test>", "carol@isp.test")
+    arf = (
+        b"From: abuse@isp.test\r\nTo: bot@mm.test\r\nSubject: complaint\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=feedback-report; boundary="F"\r\n\r\n'
+        b"--F\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
+        b"--F\r\nContent-Type: message/feedback-report\r\n\r\n"
+        b"Feedback-Type: abuse\r\nUser-Agent: isp/1.0\r\nVersion: 1\r\n"
+        b"Original-Rcpt-To: carol@isp.test\r\n"
+        b"--F\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        b"From: bot@mm.test\r\nTo: carol@isp.test\r\nMessage-ID: <news-1@mm.test>\r\n"
+        b"--F--\r\n"
+    )
+    unsubscribe = simple("Re: news", "Please unsubscribe me.", sender="dave@sender.test")
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        client.sendmail("abuse@isp.test", ["bot@mm.test"], arf)
+        client.send_message(unsubscribe)
+    stack.inbound(2)
+    with stack.services.db.read() as conn:
+        suppressed = {(r.address, r.reason) for r in conn.execute(select(suppressions))}
+        complained = conn.execute(
+            select(events.c.id).where(events.c.type == "message.complained")
+        ).all()
+    assert suppressed == {("carol@isp.test", "complaint"), ("dave@sender.test", "unsubscribe")}
+    assert len(complained) == 2
+
+
+def test_forged_phishing_mail_lands_in_spam_and_can_be_released(stack: Stack) -> None:
+    """DMARC failure plus a phishing phrase scores as spam; not-spam moves it to unread."""
+    forged = simple(
+        "Verify your account",
+        "Your account is suspended. Verify your password now.",
+        sender="it@forged.test",
+    )
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        client.send_message(forged, from_addr="it@forged.test")
+    (row,) = stack.inbound()
+    assert row["status"] == "spam" and row["spam_score"] >= 5
+    assert any(r["code"] == "dmarc_fail" for r in row["spam_reasons"])
+    agent = stack.client(stack.boot.agent_key)
+    spam = agent.get("/v1/emails", params={"status": "spam"}).json()["emails"]
+    assert [e["id"] for e in spam] == [row["id"]]
+    released = agent.post(f"/v1/emails/{row['id']}/not-spam")
+    assert released.json()["status"] == "unread"
+    assert agent.post("/report_spam", json={"message_id": row["id"]}).json()["status"] == "spam"
+
+
+def test_relaying_and_unknown_mailboxes_are_refused_at_rcpt(stack: Stack) -> None:
+    """Never an open relay: 551 for foreign domains, 550 for unknown local addresses."""
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        client.ehlo()
+        client.mail("a@sender.test")
+        assert client.rcpt("victim@elsewhere.example")[0] == 551
+        assert client.rcpt("nobody@mm.test")[0] == 550
+        assert client.rcpt("BOT@mm.test")[0] == 250
+
+
+def test_post_inbound_accepts_raw_and_json_and_processes_inline(stack: Stack) -> None:
+    """The MTA hand-over answers with the created message ids, whichever body form is used."""
+    admin = stack.client(stack.boot.admin_key)
+    raw = simple("Piped", "From the MTA.").as_bytes()
+    response = admin.post("/v1/inbound", content=raw, headers={"content-type": "message/rfc822"})
+    assert response.status_code == 201, response.text
+    (created,) = response.json()["message_ids"]
+    response = admin.post(
+        "/v1/inbound",
+        json={"raw_base64": base64.b64encode(raw).decode(), "rcpt_to": "bot@mm.test"},
+    )
+    assert response.status_code == 201
+    assert response.json()["emails"][0]["subject"] == "Piped"
+    nobody = admin.post(
+        "/v1/inbound", json={"raw_base64": base64.b64encode(raw).decode(), "rcpt_to": ["x@y.test"]}
+    )
+    assert nobody.status_code == 404
+    agent = stack.client(stack.boot.agent_key)
+    assert agent.post("/v1/inbound", content=raw).status_code == 403
+    assert created.startswith("msg_")
