@@ -1,0 +1,1318 @@
+"""The send path: a request becomes one message, scanned, gated and queued in one transaction.
+
+``send`` and ``reply`` check the request in a fixed order, each refusal with its own ``code``
+(scope, unknown fields, the mailbox, its mode, the sending domain, recipients and sizes, send
+caps and quota, repeated replies), then write the thread, the message, its attachments, the
+audit entries, the events and the delivery or release job together: a message exists exactly
+when everything it needs does.
+
+Idempotency keys (24 h) are inserted first in that same transaction, so the unique constraint
+decides which of many concurrent duplicates creates the message; the others answer with the
+stored response of the winner.
+
+``release_scheduled`` is what the job runner calls when a ``scheduled`` message's time comes;
+``cancel`` and ``edit_scheduled`` change messages that have not passed the gate yet. Every
+status change asks ``domain.oversight.check_transition`` and is a guarded UPDATE.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import mimetypes
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from multimail.domain.addresses import AddressError, domain_of, matches_pattern, normalize_address
+from multimail.domain.oversight import (
+    CANCELLABLE,
+    PAST_THE_GATE,
+    GateTiming,
+    OversightMode,
+    Status,
+    check_transition,
+    effective_mode,
+    first_outbound_status,
+    outbound_is_gated,
+    parse_mode,
+)
+from multimail.domain.scan import Finding, ScanAttachment, ScanInput, blocking, scan
+from multimail.domain.scopes import Scope, satisfies
+from multimail.errors import Conflict, Forbidden, InvalidInput, RateLimited, TooLarge
+from multimail.ids import aware, isoformat, new_id, parse_datetime, utcnow
+from multimail.mail.compose import MAX_SUBJECT_CHARS, safe_subject
+from multimail.mail.htmlmd import html_to_markdown
+from multimail.mail.markdown import render_markdown
+from multimail.services import audit, directory, events, mailboxes, threads
+from multimail.services import messages as message_views
+from multimail.services.context import Actor, Services
+from multimail.store import jobs
+from multimail.store.tables import (
+    accounts,
+    api_keys,
+    attachments,
+    domains,
+    idempotency_keys,
+    mailbox_allowlist,
+    messages,
+)
+from multimail.store.tables import (
+    jobs as job_rows,
+)
+
+__all__ = [
+    "AttachmentIn",
+    "ScheduleEdit",
+    "SendRequest",
+    "SendResult",
+    "cancel",
+    "edit_scheduled",
+    "release_scheduled",
+    "reply",
+    "schedule_release",
+    "send",
+]
+
+MAX_MARKDOWN_CHARS = 262_144
+MAX_METADATA_BYTES = 16 * 1024
+IDEMPOTENCY_TTL = timedelta(hours=24)
+DUPLICATE_REPLY_WINDOW = timedelta(seconds=60)
+MAX_SCHEDULE_AHEAD = timedelta(days=366)
+MAX_REFERENCES = 30
+_ROUTING_FIELDS = frozenset({"from_", "mailbox_id", "idempotency_key"})
+
+AddressInput = list[str] | str | None
+
+
+class AttachmentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=255)
+    filename: str | None = Field(None, max_length=255)
+    content_base64: str | None = None
+    content: str | None = Field(None, description="alias of content_base64")
+    content_type: str | None = Field(None, max_length=255)
+
+
+class SendRequest(BaseModel):
+    """A send or reply as callers write it (SPEC §5.1); unknown fields are refused by the service.
+
+    Extra fields are kept rather than refused by validation so the service can refuse them with
+    ``unknown_fields`` and audit the attempt (``status: "approved"`` is a bypass attempt).
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    from_: str | None = Field(None, alias="from", description="the mailbox address (short forms)")
+    mailbox_id: str | None = None
+    to: AddressInput = None
+    cc: AddressInput = None
+    bcc: AddressInput = None
+    reply_to: AddressInput = None
+    subject: str | None = None
+    markdown: str | None = None
+    text: str | None = None
+    body: str | None = None
+    html: str | None = None
+    attachments: list[AttachmentIn] | None = None
+    idempotency_key: str | None = Field(None, min_length=1, max_length=255)
+    send_at: str | None = Field(None, description="ISO 8601; in the future, within a year")
+    gate_timing: str | None = None
+    oversight_mode: str | None = None
+    thread_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class ScheduleEdit(BaseModel):
+    """Changes to a message that has not passed the gate (PATCH …/schedule)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    send_at: str | None = None
+    to: AddressInput = None
+    cc: AddressInput = None
+    bcc: AddressInput = None
+    subject: str | None = None
+    markdown: str | None = None
+    text: str | None = None
+    body: str | None = None
+    html: str | None = None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The response body, and whether this call created the message (False: idempotent replay)."""
+
+    response: dict[str, Any]
+    created: bool
+
+
+@dataclass(frozen=True)
+class _Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class _Draft:
+    to: list[str]
+    cc: list[str]
+    bcc: list[str]
+    reply_to: list[str]
+    subject: str | None
+    markdown: str | None
+    attachments: list[_Attachment]
+    send_at: datetime | None
+    gate_timing: GateTiming | None
+    mode: OversightMode | None
+    thread_id: str | None
+    metadata: dict[str, Any] | None
+    idempotency_key: str | None
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def _addresses(value: AddressInput, field: str) -> list[str]:
+    if value is None:
+        return []
+    items = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
+    out: list[str] = []
+    for item in items:
+        if not item:
+            continue
+        try:
+            address = normalize_address(item)
+        except AddressError as exc:
+            raise InvalidInput(f"{field}: {exc}", code="invalid_address", field=field) from None
+        if address not in out:
+            out.append(address)
+    return out
+
+
+def _body_of(model: SendRequest | ScheduleEdit) -> str | None:
+    for value in (model.markdown, model.text, model.body):
+        if value is not None:
+            return value
+    return html_to_markdown(model.html) if model.html is not None else None
+
+
+def _check_body(markdown: str | None) -> str | None:
+    if markdown is not None and len(markdown) > MAX_MARKDOWN_CHARS:
+        raise InvalidInput(
+            f"the body is {len(markdown)} characters; at most {MAX_MARKDOWN_CHARS} are allowed",
+            code="body_too_long",
+            limit=MAX_MARKDOWN_CHARS,
+        )
+    return markdown
+
+
+def _check_subject(subject: str | None) -> str | None:
+    if subject is None:
+        return None
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise InvalidInput(
+            f"the subject is {len(subject)} characters; at most {MAX_SUBJECT_CHARS} are allowed",
+            code="subject_too_long",
+            limit=MAX_SUBJECT_CHARS,
+        )
+    return safe_subject(subject)
+
+
+def _send_at(value: str | None, now: datetime) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        when = parse_datetime(value)
+    except (ValueError, TypeError):
+        raise InvalidInput(
+            f"send_at {value!r} is not an ISO 8601 time such as 2030-01-31T09:00:00Z",
+            code="invalid_send_at",
+        ) from None
+    if when <= now:
+        raise InvalidInput(
+            "send_at is in the past; leave it out to send now", code="send_at_in_past"
+        )
+    if when > now + MAX_SCHEDULE_AHEAD:
+        raise InvalidInput("send_at may be at most a year ahead", code="send_at_too_far")
+    return when
+
+
+def _attachments(items: list[AttachmentIn] | None) -> list[_Attachment]:
+    out = []
+    for index, item in enumerate(items or []):
+        name = (item.name or item.filename or "").strip()
+        if not name or any(c in name for c in "/\\\r\n\0"):
+            raise InvalidInput(
+                f"attachment {index + 1} needs a plain file 'name' (no slashes or line breaks)",
+                code="invalid_attachment",
+            )
+        encoded = item.content_base64 if item.content_base64 is not None else item.content
+        if encoded is None:
+            raise InvalidInput(
+                f"attachment {name!r} has no content_base64", code="invalid_attachment"
+            )
+        try:
+            data = base64.b64decode("".join(encoded.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(
+                f"attachment {name!r}: content_base64 is not valid base64",
+                code="invalid_base64",
+            ) from None
+        ctype = item.content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        out.append(_Attachment(name, ctype.strip().lower(), data))
+    return out
+
+
+def _parse(request: SendRequest, now: datetime) -> _Draft:
+    mode = None
+    if request.oversight_mode is not None:
+        try:
+            mode = parse_mode(request.oversight_mode)
+        except ValueError as exc:
+            raise InvalidInput(str(exc), code="invalid_oversight_mode") from None
+    timing = None
+    if request.gate_timing is not None:
+        try:
+            timing = GateTiming(request.gate_timing)
+        except ValueError:
+            raise InvalidInput(
+                "gate_timing must be 'gate_first' or 'schedule_first'", code="invalid_gate_timing"
+            ) from None
+    if request.metadata is not None:
+        size = len(json.dumps(request.metadata, default=str).encode())
+        if size > MAX_METADATA_BYTES:
+            raise InvalidInput(
+                f"metadata is {size} bytes of JSON; at most {MAX_METADATA_BYTES} are allowed",
+                code="metadata_too_large",
+            )
+    return _Draft(
+        to=_addresses(request.to, "to"),
+        cc=_addresses(request.cc, "cc"),
+        bcc=_addresses(request.bcc, "bcc"),
+        reply_to=_addresses(request.reply_to, "reply_to"),
+        subject=_check_subject(request.subject),
+        markdown=_check_body(_body_of(request)),
+        attachments=_attachments(request.attachments),
+        send_at=_send_at(request.send_at, now),
+        gate_timing=timing,
+        mode=mode,
+        thread_id=request.thread_id,
+        metadata=request.metadata,
+        idempotency_key=request.idempotency_key,
+    )
+
+
+def _request_hash(request: SendRequest, mailbox_id: str, reply_to: str | None) -> str:
+    body = request.model_dump(mode="json", exclude_none=True, exclude=set(_ROUTING_FIELDS))
+    canonical = json.dumps(
+        {"mailbox": mailbox_id, "reply_to_email": reply_to, "body": body},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _refuse_unknown(
+    services: Services, actor: Actor, extra: Mapping[str, Any] | None, action: str
+) -> None:
+    """Fields we do not know are refused, and recorded: ``status: approved`` is an attack."""
+    if not extra:
+        return
+    names = sorted(extra)
+    with services.db.write() as conn:
+        audit.append(
+            conn,
+            actor=actor,
+            action="message.bypass_attempt",
+            subject_type="request",
+            subject_id=action,
+            details={"unknown_fields": names},
+        )
+    raise InvalidInput(
+        f"unknown field(s): {', '.join(names)}; a message's status and oversight are set by "
+        "MultiMail, never by the sender",
+        code="unknown_fields",
+        fields=names,
+    )
+
+
+# --- checks that need the database -----------------------------------------------------------
+
+
+def _choose_mailbox(
+    conn: Connection, actor: Actor, refs: Sequence[str | None]
+) -> dict[str, Any] | None:
+    """The mailbox named (by path, ``from`` or ``mailbox_id``); they must agree."""
+    chosen: dict[str, Any] | None = None
+    for ref in refs:
+        if not ref:
+            continue
+        row = mailboxes.resolve(conn, actor, ref)
+        if chosen is not None and chosen["id"] != row["id"]:
+            raise InvalidInput(
+                f"'from' / 'mailbox_id' name {row['address']}, but the request is for "
+                f"{chosen['address']}",
+                code="from_mismatch",
+            )
+        chosen = row
+    return chosen
+
+
+def _only_mailbox(conn: Connection, actor: Actor) -> dict[str, Any]:
+    listed = mailboxes.list_mailboxes(conn, actor)
+    if len(listed) != 1:
+        raise InvalidInput(
+            "say which mailbox sends this: give 'from' (its address) or 'mailbox_id'",
+            code="mailbox_required",
+        )
+    return mailboxes.resolve(conn, actor, listed[0]["id"])
+
+
+def _claim_idempotency(
+    conn: Connection, account_id: str, key: str, request_hash: str, now: datetime
+) -> dict[str, Any] | None:
+    """None when this call owns the key; the original response when it is a replay."""
+
+    def existing() -> Any:
+        return (
+            conn.execute(
+                select(idempotency_keys).where(
+                    idempotency_keys.c.account_id == account_id, idempotency_keys.c.key == key
+                )
+            )
+            .mappings()
+            .first()
+        )
+
+    def replay(row: Any) -> dict[str, Any]:
+        if row["request_hash"] != request_hash:
+            raise InvalidInput(
+                "this idempotency_key was already used with a different request; use a new key "
+                "for a different message",
+                code="idempotency_key_reused",
+            )
+        return dict(row["response"] or {}) | {"idempotent": True}
+
+    row = existing()
+    if row is not None:
+        if aware(row["expires_at"]) > now:
+            return replay(row)
+        conn.execute(
+            delete(idempotency_keys).where(
+                idempotency_keys.c.account_id == account_id, idempotency_keys.c.key == key
+            )
+        )
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(idempotency_keys).values(
+                    account_id=account_id,
+                    key=key,
+                    request_hash=request_hash,
+                    created_at=now,
+                    expires_at=now + IDEMPOTENCY_TTL,
+                )
+            )
+    except IntegrityError:
+        # A concurrent duplicate committed first (PostgreSQL waits for it on the unique index).
+        row = existing()
+        if row is None:
+            raise
+        return replay(row)
+    return None
+
+
+def _check_domain(
+    conn: Connection, services: Services, actor: Actor, mailbox: Mapping[str, Any]
+) -> None:
+    if actor.test_mode:
+        return  # test keys capture instead of delivering: any owned address may play
+    domain = domain_of(mailbox["address"])
+    if domain == services.settings.domain.lower():
+        return
+    row = conn.execute(
+        select(domains.c.status).where(
+            domains.c.account_id == mailbox["account_id"], domains.c.name == domain
+        )
+    ).first()
+    if row is None or row.status != "verified":
+        raise Forbidden(
+            f"{mailbox['address']} is on {domain}, which is not verified yet; publish the DNS "
+            f"records from GET /v1/domains and call POST /v1/domains/{{id}}/verify, or send "
+            "with a mm_test_ key meanwhile",
+            code="domain_not_verified",
+            domain=domain,
+        )
+
+
+def _enforce_window(
+    conn: Connection, condition: Any, cap: int, window: timedelta, now: datetime, what: str
+) -> None:
+    rows = conn.execute(
+        select(messages.c.created_at)
+        .where(condition, messages.c.direction == "outbound", messages.c.created_at > now - window)
+        .order_by(messages.c.created_at.desc())
+        .limit(max(cap, 1))
+    ).all()
+    if len(rows) < cap:
+        return
+    # When the cap-th newest message leaves the window, one more send fits.
+    frees_at = aware(rows[cap - 1].created_at) + window if cap > 0 else now + window
+    retry_after = max(1, math.ceil((frees_at - now).total_seconds()))
+    raise RateLimited(
+        f"{what}; retry after {retry_after} s",
+        retry_after=retry_after,
+        code="send_cap_exceeded",
+        cap=cap,
+        window=what.rsplit(" ", 1)[-1],
+    )
+
+
+def _check_caps(conn: Connection, actor: Actor, mailbox: Mapping[str, Any], now: datetime) -> None:
+    windows = (("hour", timedelta(hours=1)), ("day", timedelta(days=1)))
+    for label, window in windows:
+        cap = mailbox.get(f"send_cap_{label}")
+        if cap is not None:
+            _enforce_window(
+                conn,
+                messages.c.mailbox_id == mailbox["id"],
+                cap,
+                window,
+                now,
+                f"this mailbox may send {cap} messages per {label}",
+            )
+    if actor.type != "key" or not actor.id:
+        return
+    key = conn.execute(
+        select(api_keys.c.send_cap_hour, api_keys.c.send_cap_day).where(api_keys.c.id == actor.id)
+    ).first()
+    if key is None:
+        return
+    for label, window in windows:
+        cap = getattr(key, f"send_cap_{label}")
+        if cap is not None:
+            _enforce_window(
+                conn,
+                messages.c.created_by_key_id == actor.id,
+                cap,
+                window,
+                now,
+                f"this API key may send {cap} messages per {label}",
+            )
+
+
+def _check_quota(conn: Connection, actor: Actor, account_id: str, now: datetime) -> None:
+    if actor.test_mode:
+        return  # captured test mail never leaves the server
+    quota = conn.execute(
+        select(accounts.c.daily_send_quota).where(accounts.c.id == account_id)
+    ).scalar_one_or_none()
+    if quota is None:
+        return
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    used = conn.execute(
+        select(func.count())
+        .select_from(messages)
+        .where(
+            messages.c.account_id == account_id,
+            messages.c.direction == "outbound",
+            messages.c.test.is_(False),
+            messages.c.created_at >= midnight,
+        )
+    ).scalar_one()
+    if used >= quota:
+        retry_after = max(1, math.ceil((midnight + timedelta(days=1) - now).total_seconds()))
+        raise RateLimited(
+            f"the account's daily send quota of {quota} messages is used up; it resets at "
+            "midnight UTC",
+            retry_after=retry_after,
+            code="daily_quota_exceeded",
+            quota=quota,
+        )
+
+
+def _check_duplicate_reply(conn: Connection, original_id: str, now: datetime) -> None:
+    recent = conn.execute(
+        select(messages.c.id)
+        .where(
+            messages.c.reply_to_email_id == original_id,
+            messages.c.direction == "outbound",
+            messages.c.created_at > now - DUPLICATE_REPLY_WINDOW,
+            messages.c.status.not_in([Status.CANCELLED.value, Status.SEND_FAILED.value]),
+        )
+        .limit(1)
+    ).first()
+    if recent is not None:
+        raise Conflict(
+            f"a reply to this message was just sent ({recent.id}); to send another within "
+            f"{int(DUPLICATE_REPLY_WINDOW.total_seconds())} s give it a new idempotency_key",
+            code="duplicate_reply",
+            existing_message_id=recent.id,
+        )
+
+
+def _all_allowlisted(conn: Connection, mailbox_id: str, recipients: Iterable[str]) -> bool:
+    patterns = [
+        r.pattern
+        for r in conn.execute(
+            select(mailbox_allowlist.c.pattern).where(mailbox_allowlist.c.mailbox_id == mailbox_id)
+        )
+    ]
+    wanted = list(recipients)
+    return bool(patterns and wanted) and all(
+        any(matches_pattern(a, p) for p in patterns) for a in wanted
+    )
+
+
+# --- building the message --------------------------------------------------------------------
+
+
+def _merge(first: Iterable[str], extra: Iterable[str], exclude: Iterable[str]) -> list[str]:
+    seen = set(exclude)
+    out = []
+    for address in [*first, *extra]:
+        if address not in seen:
+            seen.add(address)
+            out.append(address)
+    return out
+
+
+def _estimated_size(
+    subject: str, markdown: str, html: str, files: Sequence[_Attachment], recipients: int
+) -> int:
+    """Bytes on the wire, near enough: headers, text and HTML parts, base64 attachments."""
+    attached = sum(4 * ((len(a.data) + 2) // 3) * 78 // 76 + 300 for a in files)
+    return (
+        2048
+        + 80 * recipients
+        + len(subject.encode())
+        + len(markdown.encode()) * 2
+        + len(html.encode())
+        + attached
+    )
+
+
+def _reply_subject(original: Mapping[str, Any]) -> str:
+    subject = safe_subject((original.get("subject") or "")[: MAX_SUBJECT_CHARS - 4])
+    if threads.normalize_subject(subject) and subject.lower().startswith("re:"):
+        return subject
+    return f"Re: {subject}".strip()
+
+
+def _reply_recipients(original: Mapping[str, Any]) -> list[str]:
+    if original["direction"] == "inbound":
+        found = list(original.get("reply_to") or []) or [original.get("from_address") or ""]
+    else:
+        found = list(original.get("to") or [])
+    out = []
+    for item in found:
+        try:
+            out.append(normalize_address(item))
+        except AddressError:
+            continue
+    return out
+
+
+def _scan_input(
+    services: Services,
+    recipients: Sequence[str],
+    subject: str,
+    markdown: str,
+    files: Sequence[_Attachment],
+    suppressed: set[str],
+    size: int,
+) -> list[Finding]:
+    return scan(
+        ScanInput(
+            recipients=list(recipients),
+            subject=subject,
+            markdown=markdown,
+            attachments=[ScanAttachment(a.filename, a.content_type, a.data) for a in files],
+            suppressed=frozenset(suppressed),
+            size_bytes=size,
+            max_recipients=services.settings.max_recipients,
+            max_message_bytes=services.settings.max_message_bytes,
+        )
+    )
+
+
+def _summary(row: Mapping[str, Any], thread_public_id: str | None) -> dict[str, Any]:
+    """The send response (202 body): what an agent needs to follow its message."""
+    return {
+        "id": row["id"],
+        "message_id": row["id"],
+        "email_id": row["id"],
+        "status": row["status"],
+        "thread_id": thread_public_id or row.get("thread_id"),
+        "mailbox_id": row["mailbox_id"],
+        "from": row.get("from_address"),
+        "to": list(row.get("to") or []),
+        "cc": list(row.get("cc") or []),
+        "bcc": list(row.get("bcc") or []),
+        "subject": row.get("subject") or "",
+        "oversight_mode": row.get("oversight_mode"),
+        "gate_timing": row.get("gate_timing"),
+        "send_at": isoformat(row.get("send_at")),
+        "scan_findings": list(row.get("scan_findings") or []),
+        "last_error": row.get("last_error"),
+        "metadata": row.get("metadata") or {},
+        "message_id_header": row.get("message_id_header"),
+        "in_reply_to": row.get("in_reply_to"),
+        "reply_to_email_id": row.get("reply_to_email_id"),
+        "test": bool(row.get("test")),
+        "created_at": isoformat(row.get("created_at")),
+        "idempotent": False,
+    }
+
+
+def _message_id_header(message_id: str, address: str) -> str:
+    """Stable and ours: the ULID of the message at the sending domain."""
+    return f"<{message_id.removeprefix('msg_')}@{domain_of(address)}>"
+
+
+def schedule_release(conn: Connection, message_id: str, send_at: datetime) -> None:
+    """Make sure a release job runs at ``send_at`` (approve-then-schedule uses this too)."""
+    moved = conn.execute(
+        update(job_rows)
+        .where(
+            job_rows.c.kind == "release_scheduled",
+            job_rows.c.dedupe_key.like(f"release:{message_id}%"),
+            job_rows.c.status == "pending",
+        )
+        .values(run_at=send_at, updated_at=utcnow())
+    )
+    if moved.rowcount:
+        return
+    # The first release job keeps the plain key; later ones (after edits) get the time too.
+    if (
+        jobs.enqueue(
+            conn,
+            "release_scheduled",
+            {"message_id": message_id},
+            run_at=send_at,
+            dedupe_key=f"release:{message_id}",
+        )
+        is None
+    ):
+        jobs.enqueue(
+            conn,
+            "release_scheduled",
+            {"message_id": message_id},
+            run_at=send_at,
+            dedupe_key=f"release:{message_id}:{int(send_at.timestamp() * 1000)}",
+        )
+
+
+def _enqueue_delivery(conn: Connection, message_id: str) -> None:
+    jobs.enqueue(conn, "deliver", {"message_id": message_id}, dedupe_key=f"deliver:{message_id}")
+
+
+_STATUS_ACTION = {
+    Status.QUEUED: "message.queued",
+    Status.PENDING_SEND_APPROVAL: "message.held_for_approval",
+    Status.SCHEDULED: "message.scheduled",
+    Status.SEND_FAILED: "message.scan_blocked",
+}
+
+
+def _submit(
+    services: Services,
+    actor: Actor,
+    *,
+    mailbox_refs: Sequence[str | None],
+    request: SendRequest,
+    reply_ref: str | None,
+) -> SendResult:
+    actor.require(Scope.SEND)
+    _refuse_unknown(services, actor, request.model_extra, "reply" if reply_ref else "send")
+    now = utcnow()
+    draft = _parse(request, now)
+    settings = services.settings
+    with services.db.write() as conn:
+        mailbox = _choose_mailbox(conn, actor, mailbox_refs)
+        original = None
+        if reply_ref is not None:
+            original = message_views.get_row(
+                conn, actor, reply_ref, mailbox_id=mailbox["id"] if mailbox else None
+            )
+            if mailbox is None:
+                mailbox = mailboxes.resolve(conn, actor, original["mailbox_id"])
+        if mailbox is None:
+            mailbox = _only_mailbox(conn, actor)
+        if conn.dialect.name == "postgresql":
+            # Serialises sends per mailbox so caps are counted against committed messages.
+            mailbox = mailboxes.resolve(conn, actor, mailbox["id"], for_update=True)
+        account_id = mailbox["account_id"]
+        if draft.idempotency_key:
+            request_hash = _request_hash(
+                request, mailbox["id"], original["id"] if original else None
+            )
+            replay = _claim_idempotency(conn, account_id, draft.idempotency_key, request_hash, now)
+            if replay is not None:
+                return SendResult(replay, created=False)
+        mode = effective_mode(OversightMode(mailbox["oversight_mode"]), draft.mode)
+        if mode is OversightMode.READ_ONLY:
+            raise Forbidden(
+                f"{mailbox['address']} is read_only: it cannot send. Ask the operator for an "
+                f"upgrade with POST /v1/mailboxes/{mailbox['id']}/request-upgrade (a one-time "
+                "code is mailed to the oversight address)",
+                code="mailbox_read_only",
+                mailbox_id=mailbox["id"],
+            )
+        _check_domain(conn, services, actor, mailbox)
+        to = draft.to or (_reply_recipients(original) if original else [])
+        if not to:
+            raise InvalidInput("give at least one recipient in 'to'", code="missing_recipient")
+        cc = _merge(draft.cc, mailbox.get("auto_cc") or [], to)
+        bcc = _merge(draft.bcc, mailbox.get("auto_bcc") or [], [*to, *cc])
+        recipients = [*to, *cc, *bcc]
+        if len(recipients) > settings.max_recipients:
+            raise InvalidInput(
+                f"{len(recipients)} recipients (auto_cc/auto_bcc included); at most "
+                f"{settings.max_recipients} are allowed",
+                code="too_many_recipients",
+                limit=settings.max_recipients,
+            )
+        subject = (
+            draft.subject
+            if draft.subject is not None
+            else (_reply_subject(original) if original else "")
+        )
+        markdown = draft.markdown or ""
+        if not subject and not markdown and not draft.attachments:
+            raise InvalidInput(
+                "the message has no subject, body or attachment", code="empty_message"
+            )
+        rendered = render_markdown(markdown)
+        size = _estimated_size(subject, markdown, rendered.html, draft.attachments, len(recipients))
+        if size > settings.max_message_bytes:
+            raise TooLarge(
+                f"the message would be about {size} bytes; at most "
+                f"{settings.max_message_bytes} are allowed",
+                code="message_too_large",
+                limit=settings.max_message_bytes,
+            )
+        _check_caps(conn, actor, mailbox, now)
+        _check_quota(conn, actor, account_id, now)
+        if original is not None and not draft.idempotency_key:
+            _check_duplicate_reply(conn, original["id"], now)
+
+        thread = threads.for_outbound(
+            conn,
+            account_id=account_id,
+            mailbox_id=mailbox["id"],
+            subject=subject,
+            external_id=draft.thread_id,
+            replying_to=original,
+        )
+        suppressed = directory.suppressed_among(conn, account_id, recipients)
+        findings = _scan_input(
+            services, recipients, subject, markdown, draft.attachments, suppressed, size
+        )
+        blockers = blocking(findings)
+        timing = draft.gate_timing or GateTiming(mailbox["gate_timing"])
+        allowlisted = mode is OversightMode.GATED_SEND and _all_allowlisted(
+            conn, mailbox["id"], recipients
+        )
+        if blockers:
+            status = Status.SEND_FAILED
+        else:
+            status = first_outbound_status(
+                mode, scheduled=draft.send_at is not None, timing=timing, allowlisted=allowlisted
+            )
+        check_transition(Status.PENDING_SCAN, status)
+
+        message_id = new_id("msg")
+        references: list[str] = []
+        in_reply_to = None
+        if original is not None and original.get("message_id_header"):
+            in_reply_to = original["message_id_header"]
+            references = [*list(original.get("references") or []), in_reply_to][-MAX_REFERENCES:]
+        row: dict[str, Any] = {
+            "id": message_id,
+            "account_id": account_id,
+            "mailbox_id": mailbox["id"],
+            "thread_id": thread["id"],
+            "direction": "outbound",
+            "status": status.value,
+            "test": actor.test_mode,
+            "message_id_header": _message_id_header(message_id, mailbox["address"]),
+            "in_reply_to": in_reply_to,
+            "references": references,
+            "reply_to_email_id": original["id"] if original else None,
+            "from_address": mailbox["address"],
+            "from_name": mailbox.get("display_name"),
+            "to": to,
+            "cc": cc,
+            "bcc": bcc,
+            "reply_to": draft.reply_to,
+            "subject": subject,
+            "markdown": markdown,
+            "html": rendered.html,
+            "text": rendered.text,
+            "metadata": draft.metadata,
+            "scan_findings": [f.as_dict() for f in findings],
+            "oversight_mode": mode.value,
+            "gate_timing": timing.value,
+            "send_at": draft.send_at,
+            "idempotency_key": draft.idempotency_key,
+            "created_by_key_id": actor.id if actor.type == "key" else None,
+            "created_by_key_name": actor.name,
+            "size_bytes": size,
+            "last_error": "; ".join(f.message for f in blockers) or None,
+            "created_at": now,
+            "updated_at": now,
+        }
+        conn.execute(insert(messages).values(**row))
+        for item in draft.attachments:
+            conn.execute(
+                insert(attachments).values(
+                    id=new_id("att"),
+                    message_id=message_id,
+                    filename=item.filename,
+                    content_type=item.content_type,
+                    size_bytes=len(item.data),
+                    sha256=hashlib.sha256(item.data).hexdigest(),
+                    inline=False,
+                    data=item.data,
+                )
+            )
+        threads.touch(conn, thread["id"], now)
+        thread_public = threads.public_thread_id(thread)
+        common = {
+            "subject_type": "message",
+            "subject_id": message_id,
+            "mailbox_id": mailbox["id"],
+            "oversight_mode": mode.value,
+        }
+        audit.append(
+            conn,
+            actor=actor,
+            action="message.created",
+            **common,
+            details={
+                "to": to,
+                "cc": cc,
+                "bcc": bcc,
+                "subject": subject,
+                "body_sha256": hashlib.sha256(markdown.encode()).hexdigest(),
+                "attachments": [a.filename for a in draft.attachments],
+                "mailbox_mode": mailbox["oversight_mode"],
+                "requested_mode": draft.mode.value if draft.mode else None,
+                "effective_mode": mode.value,
+                "gate_timing": timing.value,
+                "send_at": isoformat(draft.send_at),
+                "test": actor.test_mode,
+                "reply_to_email_id": row["reply_to_email_id"],
+                "thread_id": thread_public,
+                "idempotency_key": draft.idempotency_key,
+            },
+        )
+        audit.append(
+            conn,
+            actor=actor,
+            action="message.scanned",
+            **common,
+            details={
+                "findings": [{"code": f.code, "severity": f.severity} for f in findings],
+                "blocked": bool(blockers),
+            },
+        )
+        audit.append(
+            conn,
+            actor=actor,
+            action=_STATUS_ACTION[status],
+            **common,
+            details={
+                "status": status.value,
+                "allowlisted": allowlisted,
+                "reason": row["last_error"],
+            },
+        )
+        if status is Status.QUEUED:
+            _enqueue_delivery(conn, message_id)
+        elif status is Status.SCHEDULED:
+            assert draft.send_at is not None
+            schedule_release(conn, message_id, draft.send_at)
+        elif status is Status.PENDING_SEND_APPROVAL:
+            events.emit(
+                conn,
+                account_id=account_id,
+                event_type="oversight.pending",
+                mailbox_id=mailbox["id"],
+                message=message_views.full_view(conn, row),
+            )
+        response = _summary(row, thread_public)
+        if draft.idempotency_key:
+            conn.execute(
+                update(idempotency_keys)
+                .where(
+                    idempotency_keys.c.account_id == account_id,
+                    idempotency_keys.c.key == draft.idempotency_key,
+                )
+                .values(message_id=message_id, response=response)
+            )
+    return SendResult(response, created=True)
+
+
+def send(
+    services: Services, actor: Actor, *, mailbox_ref: str | None, request: SendRequest
+) -> SendResult:
+    """Create one outbound message from ``mailbox_ref`` (or the ``from``/``mailbox_id`` fields)."""
+    return _submit(
+        services,
+        actor,
+        mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
+        request=request,
+        reply_ref=None,
+    )
+
+
+def reply(
+    services: Services,
+    actor: Actor,
+    *,
+    mailbox_ref: str | None,
+    email_id: str,
+    request: SendRequest,
+) -> SendResult:
+    """Answer ``email_id`` in its thread (In-Reply-To, References); the mailbox defaults to its."""
+    return _submit(
+        services,
+        actor,
+        mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
+        request=request,
+        reply_ref=email_id,
+    )
+
+
+# --- after creation: release, cancel, edit --------------------------------------------------
+
+
+def _system(account_id: str, name: str) -> Actor:
+    return Actor(type="system", id=None, name=name, account_id=account_id)
+
+
+def _guarded_update(conn: Connection, row: Mapping[str, Any], new: Status, **values: Any) -> bool:
+    """Change status only if nobody else did since we read it."""
+    check_transition(Status(row["status"]), new)
+    result = conn.execute(
+        update(messages)
+        .where(messages.c.id == row["id"], messages.c.status == row["status"])
+        .values(status=new.value, updated_at=utcnow(), **values)
+    )
+    return bool(result.rowcount)
+
+
+def release_scheduled(services: Services, message_id: str) -> str | None:
+    """A scheduled message's time has come: queue it, or ask for approval (schedule_first).
+
+    Idempotent: anything not ``scheduled`` (cancelled, already released) is left alone, and a
+    message whose ``send_at`` was moved later waits for the job of its new time. Returns the
+    new status, or None when nothing changed.
+    """
+    with services.db.write() as conn:
+        query = select(messages).where(messages.c.id == message_id)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        found = conn.execute(query).mappings().first()
+        if found is None or found["status"] != Status.SCHEDULED.value:
+            return None
+        row = dict(found)
+        now = utcnow()
+        if row["send_at"] is not None and aware(row["send_at"]) > now + timedelta(seconds=1):
+            return None
+        mode = OversightMode(row["oversight_mode"] or OversightMode.GATED_SEND.value)
+        recipients = [*row["to"], *row["cc"], *row["bcc"]]
+        needs_approval = (
+            outbound_is_gated(mode)
+            and row["decision"] != "approve"
+            and not (
+                mode is OversightMode.GATED_SEND
+                and _all_allowlisted(conn, row["mailbox_id"], recipients)
+            )
+        )
+        new = Status.PENDING_SEND_APPROVAL if needs_approval else Status.QUEUED
+        if not _guarded_update(conn, row, new):
+            return None
+        row["status"] = new.value
+        actor = _system(row["account_id"], "scheduler")
+        audit.append(
+            conn,
+            actor=actor,
+            action=_STATUS_ACTION[new],
+            subject_type="message",
+            subject_id=message_id,
+            mailbox_id=row["mailbox_id"],
+            oversight_mode=mode.value,
+            details={"status": new.value, "released": True, "send_at": isoformat(row["send_at"])},
+        )
+        if new is Status.QUEUED:
+            _enqueue_delivery(conn, message_id)
+        else:
+            events.emit(
+                conn,
+                account_id=row["account_id"],
+                event_type="oversight.pending",
+                mailbox_id=row["mailbox_id"],
+                message=message_views.full_view(conn, row),
+            )
+    return new.value
+
+
+def _require_any(actor: Actor, *scopes: Scope) -> None:
+    if actor.is_operator or any(satisfies(actor.scopes, s) for s in scopes):
+        return
+    actor.require(scopes[0])
+
+
+def _mailbox_filter(conn: Connection, actor: Actor, mailbox_ref: str | None) -> str | None:
+    return mailboxes.resolve(conn, actor, mailbox_ref)["id"] if mailbox_ref else None
+
+
+def cancel(
+    services: Services,
+    actor: Actor,
+    message_ref: str,
+    reason: str | None = None,
+    *,
+    mailbox_ref: str | None = None,
+) -> dict[str, Any]:
+    """Cancel a message that has not passed the gate; cancelling twice answers the same."""
+    _require_any(actor, Scope.SEND, Scope.OVERSIGHT)
+    if reason is not None and len(reason) > 2000:
+        raise InvalidInput("reason may be at most 2000 characters", code="invalid_field")
+    with services.db.write() as conn:
+        mailbox_id = _mailbox_filter(conn, actor, mailbox_ref)
+        row = message_views.get_row(
+            conn, actor, message_ref, mailbox_id=mailbox_id, for_update=True
+        )
+        status = Status(row["status"])
+        thread_ids = message_views.public_thread_ids(conn, [row["thread_id"]])
+        if status is Status.CANCELLED:
+            return _summary(row, thread_ids.get(row["thread_id"] or "")) | {
+                "cancelled": True,
+                "already_cancelled": True,
+            }
+        if status not in CANCELLABLE or not _guarded_update(conn, row, Status.CANCELLED):
+            current = conn.execute(
+                select(messages.c.status).where(messages.c.id == row["id"])
+            ).scalar_one()
+            raise Conflict(
+                f"the message is {current} and can no longer be cancelled (only pending, "
+                "held or scheduled messages can)",
+                code="not_cancellable",
+                status=current,
+            )
+        row["status"] = Status.CANCELLED.value
+        audit.append(
+            conn,
+            actor=actor,
+            action="message.cancelled",
+            subject_type="message",
+            subject_id=row["id"],
+            mailbox_id=row["mailbox_id"],
+            oversight_mode=row["oversight_mode"],
+            details={"reason": reason, "previous_status": status.value},
+        )
+        events.emit(
+            conn,
+            account_id=row["account_id"],
+            event_type="message.cancelled",
+            mailbox_id=row["mailbox_id"],
+            message=message_views.full_view(conn, row),
+            extra={"reason": reason},
+        )
+        return _summary(row, thread_ids.get(row["thread_id"] or "")) | {
+            "cancelled": True,
+            "already_cancelled": False,
+            "previous_status": status.value,
+        }
+
+
+_EDITABLE = frozenset({Status.SCHEDULED, Status.PENDING_SEND_APPROVAL})
+
+
+def _edit_values(
+    services: Services,
+    row: Mapping[str, Any],
+    mailbox: Mapping[str, Any],
+    changes: ScheduleEdit,
+) -> dict[str, Any]:
+    """The new column values of a content edit (recipients, subject, body), validated."""
+    fields = changes.model_fields_set
+    values: dict[str, Any] = {}
+    to = _addresses(changes.to, "to") if "to" in fields else list(row["to"])
+    if not to:
+        raise InvalidInput("give at least one recipient in 'to'", code="missing_recipient")
+    cc = (
+        _merge(_addresses(changes.cc, "cc"), mailbox.get("auto_cc") or [], to)
+        if ("cc" in fields)
+        else list(row["cc"])
+    )
+    bcc = (
+        _merge(_addresses(changes.bcc, "bcc"), mailbox.get("auto_bcc") or [], [*to, *cc])
+        if ("bcc" in fields)
+        else list(row["bcc"])
+    )
+    values.update(to=to, cc=cc, bcc=bcc)
+    if len([*to, *cc, *bcc]) > services.settings.max_recipients:
+        raise InvalidInput(
+            f"at most {services.settings.max_recipients} recipients are allowed",
+            code="too_many_recipients",
+        )
+    if "subject" in fields:
+        values["subject"] = _check_subject(changes.subject) or ""
+    body = _check_body(_body_of(changes))
+    if body is not None:
+        values["markdown"] = body
+        rendered = render_markdown(body)
+        values.update(html=rendered.html, text=rendered.text)
+    return {k: v for k, v in values.items() if v != row.get(k)}
+
+
+def edit_scheduled(
+    services: Services,
+    actor: Actor,
+    message_ref: str,
+    changes: ScheduleEdit,
+    *,
+    mailbox_ref: str | None = None,
+) -> dict[str, Any]:
+    """Move ``send_at`` or change recipients/subject/body before the gate lets the message out.
+
+    Content edits are scanned again; gated mail goes (back) to a reviewer, because an approval
+    covers the content that was approved and nothing else.
+    """
+    actor.require(Scope.SEND)
+    _refuse_unknown(services, actor, changes.model_extra, "edit_scheduled")
+    now = utcnow()
+    new_send_at = _send_at(changes.send_at, now) if changes.send_at is not None else None
+    with services.db.write() as conn:
+        mailbox_id = _mailbox_filter(conn, actor, mailbox_ref)
+        row = message_views.get_row(
+            conn, actor, message_ref, mailbox_id=mailbox_id, for_update=True
+        )
+        status = Status(row["status"])
+        if row["direction"] != "outbound" or status not in _EDITABLE:
+            already = status in PAST_THE_GATE
+            raise Conflict(
+                f"the message is {status.value}; "
+                + (
+                    "it was already approved or sent and can no longer be edited"
+                    if already
+                    else "only scheduled or pending messages can be edited"
+                ),
+                code="already_approved" if already else "not_editable",
+                status=status.value,
+            )
+        mailbox = mailboxes.resolve(conn, actor, row["mailbox_id"])
+        content = _edit_values(services, row, mailbox, changes)
+        diff: dict[str, Any] = {
+            k: {"from": row.get(k), "to": v}
+            for k, v in content.items()
+            if k not in ("html", "text")
+        }
+        values: dict[str, Any] = dict(content)
+        if new_send_at is not None and (
+            row["send_at"] is None or aware(row["send_at"]) != new_send_at
+        ):
+            values["send_at"] = new_send_at
+            diff["send_at"] = {"from": isoformat(row["send_at"]), "to": isoformat(new_send_at)}
+        if not values:
+            thread_ids = message_views.public_thread_ids(conn, [row["thread_id"]])
+            return _summary(row, thread_ids.get(row["thread_id"] or "")) | {"changed": []}
+        mode = OversightMode(row["oversight_mode"] or mailbox["oversight_mode"])
+        new_status = status
+        merged = {**row, **values}
+        if content:
+            recipients = [*merged["to"], *merged["cc"], *merged["bcc"]]
+            files = [
+                _Attachment(a.filename, a.content_type, a.data)
+                for a in conn.execute(
+                    select(
+                        attachments.c.filename, attachments.c.content_type, attachments.c.data
+                    ).where(attachments.c.message_id == row["id"])
+                )
+            ]
+            size = _estimated_size(
+                merged["subject"], merged["markdown"], merged["html"] or "", files, len(recipients)
+            )
+            suppressed = directory.suppressed_among(conn, row["account_id"], recipients)
+            findings = _scan_input(
+                services, recipients, merged["subject"], merged["markdown"], files, suppressed, size
+            )
+            if blocking(findings):
+                raise InvalidInput(
+                    "the edited message fails the scan: "
+                    + "; ".join(f.message for f in blocking(findings)),
+                    code="scan_blocked",
+                    scan_findings=[f.as_dict() for f in findings],
+                )
+            values.update(scan_findings=[f.as_dict() for f in findings], size_bytes=size)
+            gated = outbound_is_gated(mode) and not (
+                mode is OversightMode.GATED_SEND
+                and _all_allowlisted(conn, row["mailbox_id"], recipients)
+            )
+            if gated and status is Status.SCHEDULED and row["decision"] == "approve":
+                # The approval covered the old content: a reviewer must see the new one.
+                new_status = Status.PENDING_SEND_APPROVAL
+                values.update(decision=None, reviewer=None, decision_note=None, decided_at=None)
+        if new_status is status:
+            result = conn.execute(
+                update(messages)
+                .where(messages.c.id == row["id"], messages.c.status == status.value)
+                .values(updated_at=utcnow(), **values)
+            )
+            changed = bool(result.rowcount)
+        else:
+            changed = _guarded_update(conn, row, new_status, **values)
+        if not changed:
+            raise Conflict(
+                "the message changed while it was being edited; read it and retry",
+                code="already_approved",
+                status=status.value,
+            )
+        fresh = dict(
+            conn.execute(select(messages).where(messages.c.id == row["id"])).mappings().one()
+        )
+        if fresh["status"] == Status.SCHEDULED.value and "send_at" in values:
+            schedule_release(conn, row["id"], fresh["send_at"] and aware(fresh["send_at"]))
+        audit.append(
+            conn,
+            actor=actor,
+            action="message.schedule_edited",
+            subject_type="message",
+            subject_id=row["id"],
+            mailbox_id=row["mailbox_id"],
+            oversight_mode=mode.value,
+            details={
+                "changes": diff,
+                "status_before": status.value,
+                "status_after": new_status.value,
+                "rescanned": bool(content),
+            },
+        )
+        if new_status is Status.PENDING_SEND_APPROVAL and content:
+            events.emit(
+                conn,
+                account_id=row["account_id"],
+                event_type="oversight.pending",
+                mailbox_id=row["mailbox_id"],
+                message=message_views.full_view(conn, fresh),
+                extra={"edited": True},
+            )
+        thread_ids = message_views.public_thread_ids(conn, [fresh["thread_id"]])
+        return _summary(fresh, thread_ids.get(fresh["thread_id"] or "")) | {"changed": sorted(diff)}
