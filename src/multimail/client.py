@@ -644,7 +644,11 @@ class MultimailClient(_Config, _Tools[dict[str, Any]]):
         super().__init__(api_key, base_url, **kw)
         transport = self._transport if isinstance(self._transport, httpx.BaseTransport) else None
         self._http = httpx.Client(
-            base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=self.timeout,
+            transport=transport,
+            trust_env=transport is None,
         )
 
     def close(self) -> None:
@@ -704,7 +708,11 @@ class AsyncMultimailClient(_Config, _Tools[Awaitable[dict[str, Any]]]):
             self._transport if isinstance(self._transport, httpx.AsyncBaseTransport) else None
         )
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=self.timeout,
+            transport=transport,
+            trust_env=transport is None,
         )
 
     async def aclose(self) -> None:
@@ -718,6 +726,13 @@ class AsyncMultimailClient(_Config, _Tools[Awaitable[dict[str, Any]]]):
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
         """Run any tool of the catalogue by name with its arguments."""
+        result, _status = await self.call_tool_with_status(name, arguments)
+        return result
+
+    async def call_tool_with_status(
+        self, name: str, arguments: Mapping[str, Any] | None = None
+    ) -> tuple[Any, int]:
+        """The tool's result and the HTTP status of the REST answer it came from (202, 201…)."""
         try:
             steps = plan(catalog.get(name), arguments, default_mailbox=self.mailbox_id)
             return await self._drive(steps)
@@ -731,13 +746,16 @@ class AsyncMultimailClient(_Config, _Tools[Awaitable[dict[str, Any]]]):
     def _tool(self, name: str, values: Mapping[str, Any]) -> Awaitable[dict[str, Any]]:
         return self._call(name, values)
 
-    async def _drive(self, steps: Plan) -> Any:
+    async def _drive(self, steps: Plan) -> tuple[Any, int]:
+        status = 200
         try:
             call = next(steps)
             while True:
-                call = steps.send(await self._send(call))
+                answer = await self._send(call)
+                status = answer.status
+                call = steps.send(answer)
         except StopIteration as done:
-            return done.value
+            return done.value, status
 
     async def _send(self, call: RestCall) -> RestResponse:
         attempt = 0

@@ -277,7 +277,9 @@ TOOLS: tuple[Tool, ...] = (
         "Marks an unread message read." + UNTRUSTED,
         i.MessageArg,
         Scope.READ,
-        Route("GET", "/v1/mailboxes/{mailbox}/emails/{message_id}", locate="message"),
+        # The tool-named form, not the REST read: only it re-verifies an outbound message's
+        # DKIM signature (dkim_verified), which needs the server's DNS resolver.
+        Route("GET", "/read_email", query=("message_id",), drop=("mailbox_id",)),
         read_only=True,
         idempotent=True,
         returns_content=True,
@@ -319,7 +321,12 @@ TOOLS: tuple[Tool, ...] = (
         "tags. Returns {tags: {...}}.",
         i.TagEmail,
         Scope.READ,
-        Route("PUT", "/v1/mailboxes/{mailbox}/emails/{message_id}/tags", locate="message"),
+        Route(
+            "PUT",
+            "/v1/mailboxes/{mailbox}/emails/{message_id}/tags",
+            locate="message",
+            body_key="tags",
+        ),
         idempotent=True,
     ),
     Tool(

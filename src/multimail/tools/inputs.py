@@ -92,6 +92,7 @@ class Draft(ToolInput):
     to: str | list[str] | None = Field(None, description="One address or a list.")
     cc: str | list[str] | None = None
     bcc: str | list[str] | None = None
+    reply_to: str | list[str] | None = Field(None, description="Where replies should go.")
     subject: str | None = Field(None, max_length=998)
     markdown: str | None = Field(None, description="The body in Markdown.")
     body: str | None = Field(None, description="Same as markdown.")
@@ -168,6 +169,7 @@ class EditScheduled(MessageArg):
     markdown: str | None = None
     body: str | None = Field(None, description="Same as markdown.")
     text: str | None = Field(None, description="Same as markdown.")
+    html: str | None = Field(None, description="An HTML body (converted to Markdown).")
 
     def merged(self) -> dict[str, Any]:
         data = super().merged()
@@ -188,7 +190,7 @@ class CheckInbox(MailboxArg):
     direction: Literal["inbound", "outbound"] | None = None
     has_attachments: bool | None = None
     since_id: str | None = None
-    limit: int | None = Field(None, ge=1, le=500)
+    limit: int | None = Field(None, ge=1, le=200)
     cursor: str | None = None
     offset: int | None = Field(None, ge=0)
 
@@ -267,7 +269,7 @@ class GetUsage(ToolInput):
 
 
 class ListPending(MailboxArg):
-    limit: int | None = Field(None, ge=1, le=500)
+    limit: int | None = Field(None, ge=1, le=200)
     cursor: str | None = None
 
 
@@ -297,8 +299,8 @@ class DecideEmail(MessageArg):
         return data
 
 
-class ListSpam(ToolInput):
-    limit: int | None = Field(None, ge=1, le=500)
+class ListSpam(MailboxArg):
+    limit: int | None = Field(None, ge=1, le=200)
     cursor: str | None = None
 
 

@@ -1,0 +1,112 @@
+"""Tool-named HTTP endpoints (SPEC §5.2), generated from the catalogue.
+
+Every tool is ``POST /{tool}`` with its arguments as JSON, and read-only tools are also
+``GET /{tool}?…``. Each endpoint runs the tool's plan against the REST routes of the same
+application, in-process, with the caller's own credentials: the behaviour (checks, errors,
+audit) is the REST API's, and the answer adds the short field names the guides read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from multimail.api.errors import error_response
+from multimail.client import AsyncMultimailClient, MultimailAPIError, RateLimitError
+from multimail.tools.catalog import TOOLS, Tool
+
+_FORWARDED = ("authorization", "x-api-key")
+INTERNAL_BASE_URL = "http://multimail.internal"
+
+
+def in_process_client(app: FastAPI, headers: Any) -> AsyncMultimailClient:
+    """A client of ``app`` itself that acts with the caller's credentials."""
+    forwarded = {name: headers[name] for name in _FORWARDED if name in headers}
+    return AsyncMultimailClient(
+        base_url=INTERNAL_BASE_URL,
+        headers=forwarded,
+        transport=httpx.ASGITransport(app=app),
+        max_retries=0,
+    )
+
+
+async def _arguments(request: Request) -> dict[str, Any] | JSONResponse:
+    if request.method == "GET":
+        args: dict[str, Any] = {}
+        for key in request.query_params:
+            values = request.query_params.getlist(key)
+            args[key] = values if len(values) > 1 else values[0]
+        return args
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return error_response(400, "the request body is not valid JSON", "malformed_json")
+    if not isinstance(data, dict):
+        return error_response(422, "send the tool's arguments as a JSON object", "invalid_body")
+    return data
+
+
+def _endpoint(tool: Tool) -> Any:
+    async def run_tool(request: Request) -> JSONResponse:
+        args = await _arguments(request)
+        if isinstance(args, JSONResponse):
+            return args
+        client = in_process_client(request.app, request.headers)
+        try:
+            result, status = await client.call_tool_with_status(tool.name, args)
+        except MultimailAPIError as exc:
+            headers = (
+                {"Retry-After": str(int(exc.retry_after))}
+                if isinstance(exc, RateLimitError)
+                else None
+            )
+            return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+        finally:
+            await client.aclose()
+        return JSONResponse(result, status_code=status)
+
+    run_tool.__name__ = f"tool_{tool.name}"
+    run_tool.__doc__ = tool.description
+    return run_tool
+
+
+def install_tool_routes(app: FastAPI) -> list[str]:
+    """Add ``/{tool}`` routes for every tool; call after the hand-written routers are included.
+
+    A method and path a hand-written route already serves is left to it (the first match
+    wins in Starlette anyway), and so is a tool whose plan itself uses its tool-named path.
+    Returns those skipped as ``"METHOD /path"`` so they can be listed and retired.
+    """
+    taken = {
+        (method, route.path)
+        for route in app.router.routes
+        if isinstance(route, APIRoute)
+        for method in route.methods or ()
+    }
+    skipped: list[str] = []
+    for tool in TOOLS:
+        path = f"/{tool.name}"
+        methods = ["POST", "GET"] if tool.read_only else ["POST"]
+        for method in methods:
+            if (method, path) in taken or tool.route.path == path:
+                skipped.append(f"{method} {path}")
+                continue
+            app.add_api_route(
+                path,
+                _endpoint(tool),
+                methods=[method],
+                name=f"{tool.name}_{method.lower()}",
+                summary=tool.title,
+                description=tool.description,
+                tags=["tools"],
+                response_class=JSONResponse,
+            )
+    return skipped
