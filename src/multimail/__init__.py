@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from multimail.client import (  # noqa: E402 - the client reads __version__ above
+# The client reads __version__, so it is imported after it is set.
+from multimail.client import (
     APIConnectionError,
     AsyncMultimailClient,
     AuthenticationError,
