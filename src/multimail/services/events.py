@@ -165,7 +165,8 @@ def notify_listeners() -> None:
         callback()
 
 
-def _nudge_after_commit(conn: Connection) -> None:
+def nudge_after_commit(conn: Connection) -> None:
+    """Wake this process's dispatchers once the caller's transaction commits."""
     if conn.info.get("multimail_events_nudge"):
         return
     conn.info["multimail_events_nudge"] = True
@@ -342,5 +343,5 @@ def emit(
         )
         queued += 1
     if queued:
-        _nudge_after_commit(conn)
+        nudge_after_commit(conn)
     return event_id

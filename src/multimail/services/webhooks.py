@@ -215,6 +215,7 @@ def enable_webhook(conn: Connection, actor: Actor, webhook_id: str) -> dict[str,
         "updated_at": utcnow(),
     }
     conn.execute(update(webhooks).where(webhooks.c.id == row["id"]).values(**changes))
+    events.nudge_after_commit(conn)
     audit.append(
         conn,
         actor=actor,
@@ -338,6 +339,7 @@ def redeliver(conn: Connection, actor: Actor, webhook_id: str, delivery_id: str)
         "created_at": now,
     }
     conn.execute(insert(webhook_deliveries).values(**record))
+    record.update(last_status_code=None, last_error=None, delivered_at=None)
     audit.append(
         conn,
         actor=actor,
@@ -353,7 +355,7 @@ def redeliver(conn: Connection, actor: Actor, webhook_id: str, delivery_id: str)
     )
     if not hook["enabled"]:
         record["warning"] = "the webhook is disabled: enable it for this delivery to be sent"
-    events.notify_listeners()
+    events.nudge_after_commit(conn)
     return delivery_view(record, []) | {"redelivery_of": delivery_id}
 
 
