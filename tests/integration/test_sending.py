@@ -27,7 +27,14 @@ from multimail.store.tables import (
     threads,
 )
 from tests.conftest import Api
-from tests.integration.test_foundation_api import assert_envelope
+
+
+def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    assert body["code"] == code and isinstance(body["error"], str) and body["error"], body
+    return body
+
 
 LATER = isoformat(utcnow() + timedelta(days=2))
 

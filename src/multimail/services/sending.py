@@ -740,6 +740,8 @@ def _submit(
     now = utcnow()
     draft = _parse(request, now)
     settings = services.settings
+    # Rendering is pure and the slowest step that needs no database: keep it out of the lock.
+    prerendered = render_markdown(draft.markdown or "")
     with services.db.write() as conn:
         mailbox = _choose_mailbox(conn, actor, mailbox_refs)
         original = None
@@ -795,7 +797,7 @@ def _submit(
             raise InvalidInput(
                 "the message has no subject, body or attachment", code="empty_message"
             )
-        rendered = render_markdown(markdown)
+        rendered = prerendered
         size = _estimated_size(subject, markdown, rendered.html, draft.attachments, len(recipients))
         if size > settings.max_message_bytes:
             raise TooLarge(
@@ -952,7 +954,18 @@ def _submit(
                 account_id=account_id,
                 event_type="oversight.pending",
                 mailbox_id=mailbox["id"],
-                message=message_views.full_view(conn, row),
+                message=message_views.view(
+                    row,
+                    attachment_list=[
+                        {
+                            "filename": a.filename,
+                            "content_type": a.content_type,
+                            "size_bytes": len(a.data),
+                        }
+                        for a in draft.attachments
+                    ],
+                    thread_public_id=thread_public,
+                ),
             )
         response = _summary(row, thread_public)
         if draft.idempotency_key:
