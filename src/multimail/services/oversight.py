@@ -305,14 +305,8 @@ def _decide_locked(
 
 def _attempt_delivery(services: Services, message_id: str) -> str:
     # Imported here: the delivery worker imports the services, not the other way round.
-    try:
-        from multimail.workers.delivery import deliver_now
-    except ModuleNotFoundError as exc:
-        # Interim only, until the delivery worker lands: the deliver job still sends it.
-        if exc.name != "multimail.workers.delivery":
-            raise
-        log.warning("multimail.workers.delivery is missing; %s waits for the worker", message_id)
-        return Status.QUEUED.value
+    from multimail.workers.delivery import deliver_now
+
     return str(deliver_now(services, message_id, timeout=APPROVE_DELIVERY_WAIT_S))
 
 
