@@ -298,6 +298,7 @@ class _Tools(Generic[R]):
         to: str | list[str] | None = None,
         cc: str | list[str] | None = None,
         bcc: str | list[str] | None = None,
+        reply_to: str | list[str] | None = None,
         subject: str | None = None,
         markdown: str | None = None,
         body: str | None = None,
@@ -323,6 +324,7 @@ class _Tools(Generic[R]):
         to: str | list[str] | None = None,
         cc: str | list[str] | None = None,
         bcc: str | list[str] | None = None,
+        reply_to: str | list[str] | None = None,
         subject: str | None = None,
         markdown: str | None = None,
         body: str | None = None,
@@ -354,6 +356,7 @@ class _Tools(Generic[R]):
         markdown: str | None = None,
         body: str | None = None,
         text: str | None = None,
+        html: str | None = None,
     ) -> R:
         """Change a scheduled or still-pending message's time, recipients, subject or body."""
         return self._tool("edit_scheduled_email", locals())
@@ -364,6 +367,7 @@ class _Tools(Generic[R]):
         to: str | list[str] | None = None,
         cc: str | list[str] | None = None,
         bcc: str | list[str] | None = None,
+        reply_to: str | list[str] | None = None,
         subject: str | None = None,
         markdown: str | None = None,
         body: str | None = None,
@@ -529,7 +533,9 @@ class _Tools(Generic[R]):
         """Release a message from the spam quarantine to the inbox."""
         return self._tool("not_spam", locals())
 
-    def list_spam(self, *, limit: int | None = None, cursor: str | None = None) -> R:
+    def list_spam(
+        self, *, mailbox_id: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> R:
         """Messages held as spam."""
         return self._tool("list_spam", locals())
 
