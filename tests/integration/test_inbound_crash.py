@@ -274,3 +274,15 @@ async def test_the_smtp_runner_stops_when_asked(settings: Settings) -> None:
     stop.set()
     await asyncio.wait_for(task, 10)
     svc.db.dispose()
+
+
+def test_nul_bytes_from_a_sender_do_not_stall_processing(
+    services: Services, boot: accounts.Bootstrap
+) -> None:
+    """A NUL in the subject or body is stored as U+FFFD on every database, never an error."""
+    _mailbox(services, boot.account["id"], "bot@mm.test")
+    raw = b"From: a@x.test\r\nTo: bot@mm.test\r\nSubject: a\x00b\r\n\r\nbody\x00end\r\n"
+    (created,) = inbound.process_inbound(services, _store(services, raw))
+    with services.db.read() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == created)).mappings().one()
+    assert "\x00" not in row["subject"] and "body\ufffdend" in row["text"]

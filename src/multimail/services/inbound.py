@@ -359,6 +359,17 @@ def _our_message(
     return dict(row) if row else None
 
 
+def _without_nul(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL; senders can put one anywhere, so it becomes U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
 def _insert_message(
     conn: Connection, mailbox: dict[str, Any], analysis: _Analysis, status: Status
 ) -> dict[str, Any]:
@@ -411,6 +422,7 @@ def _insert_message(
         "created_at": now,
         "updated_at": now,
     }
+    row = _without_nul(row)
     conn.execute(insert(messages_table).values(**row))
     if parsed.attachments:
         conn.execute(
@@ -419,12 +431,12 @@ def _insert_message(
                 {
                     "id": new_id("att"),
                     "message_id": row["id"],
-                    "filename": att.filename[:255],
-                    "content_type": att.content_type[:255],
+                    "filename": _without_nul(att.filename[:255]),
+                    "content_type": _without_nul(att.content_type[:255]),
                     "size_bytes": len(att.data),
                     "sha256": hashlib.sha256(att.data).hexdigest(),
                     "inline": att.inline,
-                    "content_id": (att.content_id or "")[:255] or None,
+                    "content_id": _without_nul((att.content_id or "")[:255]) or None,
                     "data": att.data,
                 }
                 for att in parsed.attachments

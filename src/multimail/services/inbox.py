@@ -297,9 +297,11 @@ def _tag_map(tags: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in tags.items():
         key = str(key).strip()
+        text = "" if value is None else str(value)
+        if "\x00" in key + text or not key.isprintable():
+            raise InvalidInput("tags may not contain NUL or control characters", field="tags")
         if not key or len(key) > 200:
             raise InvalidInput("a tag key must have 1 to 200 characters", field="tags")
-        text = "" if value is None else str(value)
         if len(text) > 2000:
             raise InvalidInput(f"the value of tag {key!r} is too long", field="tags")
         out[key] = text
