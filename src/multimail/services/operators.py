@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,10 +31,18 @@ from multimail.domain.addresses import AddressError, normalize_address
 from multimail.errors import AuthenticationFailed, Forbidden, RateLimited
 from multimail.ids import aware, isoformat, utcnow
 from multimail.services import accounts, audit
+from multimail.services import messages as message_views
+from multimail.services.common import jsonable
 from multimail.services.context import SYSTEM, Actor
 from multimail.store.db import Database
 from multimail.store.tables import accounts as accounts_table
-from multimail.store.tables import dashboard_sessions, operator_users, rate_limit_buckets
+from multimail.store.tables import (
+    dashboard_sessions,
+    operator_users,
+    rate_limit_buckets,
+)
+from multimail.store.tables import delivery_attempts as attempts_table
+from multimail.store.tables import messages as messages_table
 
 SESSION_LIFETIME = timedelta(hours=12)
 ATTEMPTS_PER_WINDOW = 5
@@ -314,3 +323,42 @@ def create_operator(
             conn, actor=actor, account_id=account_id, email=email, name=name, password=password
         )
     return record, password
+
+
+# --- what the console reads that no other service lists ---------------------------------------
+
+
+def delivery_attempts(conn: Connection, actor: Actor, message_id: str) -> list[dict[str, Any]]:
+    """Each SMTP hand-off of one of the operator's messages, oldest first."""
+    query = (
+        select(attempts_table)
+        .join(messages_table, messages_table.c.id == attempts_table.c.message_id)
+        .where(
+            messages_table.c.account_id == actor.account_id,
+            attempts_table.c.message_id == message_id,
+        )
+        .order_by(attempts_table.c.id)
+    )
+    return [jsonable(dict(r)) for r in conn.execute(query).mappings()]
+
+
+def captured_messages(
+    conn: Connection, actor: Actor, *, limit: int = 100, cursor: str | None = None
+) -> dict[str, Any]:
+    """The sandbox: messages sent with test keys, captured instead of handed to SMTP."""
+    query = select(messages_table).where(
+        messages_table.c.account_id == actor.account_id, messages_table.c.test.is_(True)
+    )
+    if cursor:
+        query = query.where(messages_table.c.id < cursor)
+    rows: list[Mapping[str, Any]] = [
+        dict(r)
+        for r in conn.execute(query.order_by(messages_table.c.id.desc()).limit(limit + 1))
+        .mappings()
+        .all()
+    ]
+    page = rows[:limit]
+    return {
+        "messages": message_views.views(conn, page),
+        "next_cursor": page[-1]["id"] if len(rows) > limit and page else None,
+    }
