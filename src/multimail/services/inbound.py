@@ -19,6 +19,7 @@ import errno
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -85,6 +86,7 @@ log = logging.getLogger(__name__)
 
 JOB_KIND = "process_inbound"
 _BATCH = 128  # stores per shared commit; bounds one transaction's size
+_VERDICT_TTL_S = 2.0
 
 
 class Signal:
@@ -216,9 +218,20 @@ class DatabaseSink:
         self._services = services
         self._pending: list[tuple[InboundEnvelope, asyncio.Future[str]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._verdicts: dict[str, tuple[float, RecipientVerdict]] = {}
 
     async def check_recipient(self, address: str) -> RecipientVerdict:
-        return await asyncio.to_thread(recipient_verdict, self._services, address)
+        # A short memory spares the database one query per RCPT under load; a mailbox
+        # deleted meanwhile is caught again when the message is processed.
+        now = time.monotonic()
+        cached = self._verdicts.get(address)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        verdict = await asyncio.to_thread(recipient_verdict, self._services, address)
+        if len(self._verdicts) > 10_000:
+            self._verdicts.clear()
+        self._verdicts[address] = (now + _VERDICT_TTL_S, verdict)
+        return verdict
 
     async def store(self, envelope: InboundEnvelope) -> str:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
