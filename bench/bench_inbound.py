@@ -86,7 +86,8 @@ async def multimail_rate(total: int, sessions: int, data_dir: Path) -> tuple[flo
     while "smtp_port" not in services.extras:
         await asyncio.sleep(0.01)
     try:
-        rate = await drive(int(services.extras["smtp_port"]), total, sessions)  # type: ignore[call-overload]
+        port = int(services.extras["smtp_port"])  # type: ignore[call-overload]
+        rate = await drive(port, total, sessions)
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
