@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         description="Signs one-click links and sessions; unset = generated once into the data dir.",
     )
     log_level: str = Field("info", description="Log level.")
+    audit_checkpoint_seconds: int = Field(
+        300, description="How often the worker signs a checkpoint of the audit log's head."
+    )
+    approval_sweep_seconds: int = Field(
+        60, description="How often pending approvals are checked for reminders and expiry."
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -52,7 +52,7 @@ from multimail.ids import aware, isoformat, new_id, parse_datetime, utcnow
 from multimail.mail.compose import MAX_SUBJECT_CHARS, safe_subject
 from multimail.mail.htmlmd import html_to_markdown
 from multimail.mail.markdown import render_markdown
-from multimail.services import audit, directory, events, mailboxes, threads
+from multimail.services import audit, directory, events, mailboxes, notify, threads
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
 from multimail.store import jobs
@@ -967,6 +967,7 @@ def _submit(
                     thread_public_id=thread_public,
                 ),
             )
+            notify.notify_pending(conn, services, row)
         response = _summary(row, thread_public)
         if draft.idempotency_key:
             conn.execute(
@@ -1082,6 +1083,7 @@ def release_scheduled(services: Services, message_id: str) -> str | None:
                 mailbox_id=row["mailbox_id"],
                 message=message_views.full_view(conn, row),
             )
+            notify.notify_pending(conn, services, row)
     return new.value
 
 
@@ -1327,5 +1329,6 @@ def edit_scheduled(
                 message=message_views.full_view(conn, fresh),
                 extra={"edited": True},
             )
+            notify.notify_pending(conn, services, fresh)
         thread_ids = message_views.public_thread_ids(conn, [fresh["thread_id"]])
         return _summary(fresh, thread_ids.get(fresh["thread_id"] or "")) | {"changed": sorted(diff)}

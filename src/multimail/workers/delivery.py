@@ -57,7 +57,7 @@ from multimail.errors import (
 )
 from multimail.ids import aware, new_id, utcnow
 from multimail.mail.compose import OutboundAttachment, OutboundDraft, build_message
-from multimail.services import audit, directory, events
+from multimail.services import audit, directory, events, notify
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
 from multimail.smtp.outbound import (
@@ -499,7 +499,9 @@ def _start(
             if accepted and _set_status(conn, row, Status.SENDING):
                 # The rest went earlier; those still waiting were suppressed meanwhile.
                 row["status"] = Status.SENDING.value
-                return _finish_in(conn, ctx, worker_id, [], {}, None, sent_before=accepted)
+                return _finish_in(
+                    services, conn, ctx, worker_id, [], {}, None, sent_before=accepted
+                )
             reason = (
                 "every recipient is on the suppression list"
                 if suppressed
@@ -528,7 +530,9 @@ def _start(
             )
         if row["test"]:
             _record_captured(conn, ctx, worker_id, to_send)
-            return _finish_in(conn, ctx, worker_id, [], {}, None, sent_before=set(to_send))
+            return _finish_in(
+                services, conn, ctx, worker_id, [], {}, None, sent_before=set(to_send)
+            )
         return _Plan(
             message_id=message_id,
             account_id=row["account_id"],
@@ -656,6 +660,7 @@ def _first_attempt(conn: Connection, message_id: str) -> datetime:
 
 
 def _finish_in(
+    services: Services,
     conn: Connection,
     ctx: _Context,
     worker_id: str,
@@ -746,6 +751,9 @@ def _finish_in(
         )
         _emit(conn, message_id, "message.sent")
         _emit(conn, message_id, "message.delivered")
+        if row.get("oversight_mode") == "monitored" and not row["test"]:
+            # monitored mode: the operator gets a copy of what went out.
+            notify.notify_monitored_copy(conn, services, row)
         if refused_now:
             _emit(conn, message_id, "message.bounced", bounced_recipients=refused_now, partial=True)
         return _Outcome(Status.DELIVERED.value)
@@ -796,7 +804,9 @@ def _finish(services: Services, plan: _Plan, worker_id: str, handover: _HandOver
             return _Outcome(str(ctx.row["status"]))
         # Count this attempt's results once: _finish_in reads earlier ones from the table.
         conn_results = dict(handover.results)
-        return _finish_in(conn, ctx, worker_id, handover.attempts, conn_results, handover.error)
+        return _finish_in(
+            services, conn, ctx, worker_id, handover.attempts, conn_results, handover.error
+        )
 
 
 # -- the entry points -------------------------------------------------------------------------

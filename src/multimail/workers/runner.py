@@ -111,9 +111,11 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def _load_builtin_handlers() -> None:
-    # Imported for its @register side effect; kept here so a bare runner can deliver.
-    import multimail.workers.delivery  # noqa: F401
+def _load_builtin_handlers(services: Services) -> None:
+    # Imported for their registrations; kept here so any runner handles every kind.
+    from multimail.workers import kinds
+
+    kinds.install(services)
 
 
 def _settle(services: Services, job: Job, worker_id: str, result: JobResult) -> None:
@@ -256,7 +258,7 @@ async def run_workers(
 ) -> None:
     """Claim and run jobs until ``stop`` is set; then let in-flight jobs finish for ``grace``
     seconds and hand back whatever is still running."""
-    _load_builtin_handlers()
+    _load_builtin_handlers(services)
     worker = worker_id or _default_worker_id()
     loop = asyncio.get_running_loop()
     wake_event = asyncio.Event()
