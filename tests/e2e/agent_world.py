@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from multimail.services import accounts, mailboxes
 from multimail.services.context import Actor, Services
 from multimail.testing import server as server_module
 from multimail.testing.server import LiveServer
-from multimail.testing.smtp import CapturingSMTPServer
+from multimail.testing.smtp import CapturedMessage, CapturingSMTPServer
 from multimail.tools.http_routes import install_tool_routes
 from multimail.workers.runner import run_workers
 
@@ -78,3 +79,16 @@ def live_world(
                 yield World(services, server, relay, boot, mailbox)
         finally:
             services.db.dispose()
+
+
+def delivered_to(
+    relay: CapturingSMTPServer, address: str, timeout: float = 15.0
+) -> CapturedMessage:
+    """The first message the relay received for ``address`` (operator notices also pass by)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for message in relay.messages:
+            if address in message.rcpt_tos:
+                return message
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing was delivered to {address} within {timeout} s")

@@ -21,7 +21,7 @@ from multimail import (
 )
 from multimail.config import Settings
 from multimail.tools import catalog
-from tests.e2e.agent_world import AGENT_ADDRESS, World, live_world
+from tests.e2e.agent_world import AGENT_ADDRESS, World, delivered_to, live_world
 
 COVERED: set[str] = set()
 
@@ -106,7 +106,7 @@ def test_every_client_method_against_a_live_server(
         assert decided["status"] in ("delivered", "queued")
         with pytest.raises(ConflictError):
             reviewer.decide_email(message_id=sent["message_id"], decision="reject", note="late")
-        world.relay.wait_for(1, timeout=15)
+        delivered_to(world.relay, "ana@example.com")
         read = agent.read_email(message_id=sent["message_id"])
         assert read["status"] == "delivered" and read["delivered_at"]
         assert "dkim_verified" in read
