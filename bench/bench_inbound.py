@@ -66,6 +66,12 @@ async def bare_rate(total: int, sessions: int) -> float:
         controller.stop()
 
 
+def wait_for_port(extras: dict[str, object]) -> None:
+    deadline = time.monotonic() + 10
+    while "smtp_port" not in extras and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 async def multimail_rate(total: int, sessions: int, data_dir: Path) -> tuple[float, int]:
     settings = Settings(data_dir=data_dir, domain="mm.test", smtp_port=0)
     services = build_services(settings)
@@ -83,8 +89,7 @@ async def multimail_rate(total: int, sessions: int, data_dir: Path) -> tuple[flo
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    while "smtp_port" not in services.extras:
-        await asyncio.sleep(0.01)
+    await asyncio.to_thread(wait_for_port, services.extras)
     try:
         port = int(services.extras["smtp_port"])  # type: ignore[call-overload]
         rate = await drive(port, total, sessions)
