@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from multimail import (
     AsyncMultimailClient,
@@ -18,6 +22,7 @@ from multimail import (
     NotFoundError,
     PermissionDeniedError,
     ValidationError,
+    cli_agent,
 )
 from multimail.config import Settings
 from multimail.tools import catalog
@@ -252,3 +257,27 @@ def test_tool_named_endpoints_answer_what_rest_answers(
         anon = httpx.post(f"{world.base_url}/list_webhooks", json={})
         assert anon.status_code == 401 and anon.json()["code"]
         http.close()
+
+
+def test_cli_review_loop_edits_in_the_editor_and_approves(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`review` shows the pending draft; [e]dit opens $EDITOR and the edit is what is sent."""
+    with live_world(settings, monkeypatch) as world:
+        monkeypatch.setenv("MULTIMAIL_API_URL", world.base_url)
+        agent = MultimailClient(api_key=world.boot.agent_key)
+        agent.send_email(to="ana@example.com", subject="Draft", body="first draft")
+        editor = tmp_path / "editor.sh"
+        editor.write_text('#!/bin/sh\necho "Edited by the reviewer" > "$1"\n')
+        editor.chmod(0o755)
+        monkeypatch.setenv("EDITOR", str(editor))
+        monkeypatch.setenv("MULTIMAIL_API_KEY", world.boot.reviewer_key)
+        app = typer.Typer()
+        cli_agent.register(app)
+        shown = CliRunner().invoke(app, ["review", "--reviewer", "ops"], input="e\n")
+        assert shown.exit_code == 0, shown.output
+        assert "first draft" in shown.output and "delivered" in shown.output
+        assert b"Edited by the reviewer" in delivered_to(world.relay, "ana@example.com").data
+        monkeypatch.setenv("MULTIMAIL_API_KEY", world.boot.agent_key)
+        listed = CliRunner().invoke(app, ["inbox", "--json"])
+        assert json.loads(listed.output)["emails"][0]["status"] == "delivered"
