@@ -121,10 +121,17 @@ def serve(
     svc = build_services(settings)
     if not accounts.has_accounts(svc.db):
         _print_bootstrap(accounts.bootstrap(svc.db), settings)
-    typer.echo(
-        f"MultiMail {settings.role}: HTTP on http://{settings.http_host}:{settings.http_port} "
-        f"(health: /health, API docs: /docs)"
-    )
+    parts = []
+    if settings.role in ("all", "api"):
+        parts.append(
+            f"HTTP on http://{settings.http_host}:{settings.http_port} "
+            "(health: /health, API docs: /docs)"
+        )
+    if settings.role in ("all", "smtp"):
+        parts.append(f"SMTP on {settings.smtp_host}:{settings.smtp_port}")
+    if settings.role in ("all", "worker"):
+        parts.append("workers running")
+    typer.echo(f"MultiMail ({settings.role}): " + "; ".join(parts))
     sys.stdout.flush()
     asyncio.run(run(svc, role=settings.role))
 

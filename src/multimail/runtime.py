@@ -8,8 +8,9 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -50,6 +51,24 @@ def build_services(settings: Settings, *, run_migrations: bool = True) -> Servic
     return services
 
 
+Component = Callable[[Services, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def components_for(role: str) -> list[tuple[str, Component]]:
+    """What each role runs; ``all`` is everything in one process."""
+    from multimail.workers import inbound as inbound_worker
+    from multimail.workers import runner, webhooks
+
+    parts: list[tuple[str, Component]] = []
+    if role in ("all", "smtp"):
+        parts.append(("smtp", inbound_worker.run_smtp))
+    if role in ("all", "worker"):
+        parts.append(("jobs", runner.run_workers))
+        parts.append(("inbound", inbound_worker.run_inbound_worker))
+        parts.append(("webhooks", webhooks.run_dispatcher))
+    return parts
+
+
 async def serve(services: Services, *, role: str = "all") -> None:
     """Run the parts of MultiMail this role asks for until SIGINT/SIGTERM."""
     from multimail.api.app import create_app
@@ -60,7 +79,7 @@ async def serve(services: Services, *, role: str = "all") -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    tasks: list[asyncio.Task[object]] = []
+    tasks: list[asyncio.Task[None]] = []
     server: EmbeddedServer | None = None
     if role in ("all", "api"):
         config = uvicorn.Config(
@@ -73,8 +92,24 @@ async def serve(services: Services, *, role: str = "all") -> None:
         )
         server = EmbeddedServer(config)
         tasks.append(asyncio.create_task(server.serve()))
-    await stop.wait()
+    for name, component in components_for(role):
+        log.info("starting %s", name)
+        tasks.append(asyncio.create_task(component(services, stop), name=name))
+    # A component that dies on its own (a port in use, say) stops the whole process rather
+    # than leaving a server that looks alive but does not work.
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in done if t is not stopper and t.exception() is not None]
+    stop.set()
     if server is not None:
         server.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)
+    if role in ("all", "worker"):
+        from multimail.services import checkpoints
+
+        # A signed head on shutdown: the log cannot be rolled back past this point unseen.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(checkpoints.make_checkpoint, services)
     services.db.dispose()
+    for task in failed:
+        raise RuntimeError(f"{task.get_name()} stopped unexpectedly") from task.exception()
