@@ -7,7 +7,11 @@ same HTTP requests in Python. What each snippet prints or returns is checked.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -318,3 +322,59 @@ def test_auto_reply_agent_with_the_python_client(
         )
     tags = client.read_email(message_id=payload["message_id"])["tags"]
     assert {"auto-replied", "resolved"} <= set(tags)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "salesforce_escalation.py",
+        "make_scenario.py",
+        "auto_reply_agent.py",
+        "intercom_followup.py",
+        "zendesk_reply.py",
+    ],
+)
+def test_examples_run_against_a_local_server(world: World, script: str) -> None:
+    """Each examples/ script reproduces its guide's flow with only env settings."""
+    raw = (
+        "From: Alex <alex@example.com>\r\nTo: " + AGENT_ADDRESS + "\r\nSubject: Hello\r\n"
+        "Message-ID: <ex1@example.com>\r\n\r\nA question.\r\n"
+    ).encode()
+    httpx.post(
+        f"{world.base_url}/v1/inbound",
+        content=raw,
+        params={"mail_from": "alex@example.com", "rcpt_to": AGENT_ADDRESS},
+        headers={
+            "Authorization": f"Bearer {world.boot.admin_key}",
+            "Content-Type": "message/rfc822",
+        },
+    ).raise_for_status()
+    env = {
+        **os.environ,
+        "MULTIMAIL_API_URL": world.base_url,
+        "MULTIMAIL_API_KEY": world.boot.agent_key,
+        "MULTIMAIL_REVIEWER_KEY": ""
+        if script == "auto_reply_agent.py"
+        else world.boot.reviewer_key,
+        "MULTIMAIL_FROM": AGENT_ADDRESS,
+    }
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = {
+        "salesforce_escalation.py": "cancelled",
+        "make_scenario.py": "decision:",
+        "auto_reply_agent.py": "queued reply",
+        "intercom_followup.py": "approved_by:",
+        "zendesk_reply.py": "in thread zd-4711",
+    }[script]
+    assert expected in done.stdout, done.stdout
