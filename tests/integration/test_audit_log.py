@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Connection, delete, insert, select, text, update
 
-from multimail.domain.audit import entry_hash
+from multimail.domain.audit import HASHED_FIELDS, entry_hash
 from multimail.services import accounts, audit, checkpoints, identity
 from multimail.services.context import Actor, Services
 from multimail.store.tables import audit_checkpoints, audit_entries
@@ -380,3 +382,36 @@ def test_cli_verify_export_and_checkpoint(services: Services, chain: int, tmp_pa
         "kind": "truncated",
         "explanation": json.loads(bad.stdout)["break"]["explanation"],
     }
+
+
+# --- the fast canonical encoding used by verification --------------------------------------
+
+_FIXED = ("seq", "details", "prev_hash")
+_text = st.one_of(st.none(), st.text(max_size=30))
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text()),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.fixed_dictionaries({name: _text for name in HASHED_FIELDS if name not in _FIXED}),
+    seq=st.integers(min_value=1, max_value=2**62),
+    details=st.dictionaries(st.text(max_size=8), _json, max_size=5),
+)
+def test_verification_hashes_any_stored_row_like_the_canonical_encoder(
+    fields: dict[str, Any], seq: int, details: dict[str, Any]
+) -> None:
+    """Whatever the text (quotes, controls, non-ASCII, nested details), the row-level hash used
+    by verification equals the domain's canonical hash, so no honest entry is ever flagged."""
+    entry = {**fields, "seq": seq, "details": details, "prev_hash": "a" * 64}
+    expected = entry_hash(entry)
+    stored_row = {**entry, "details": json.dumps(details, sort_keys=True, separators=(",", ":"))}
+    values = (*tuple(stored_row[name] for name in audit._CANONICAL_ORDER), expected)
+    assert audit._row_hash(values) == expected
+    tampered = (*values[:-1], "b" * 64)
+    assert audit._row_hash(tampered) == expected != tampered[-1]

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -238,6 +239,20 @@ def _batches(
             return
         yield rows
         last = rows[-1]["seq"]
+
+
+def _tuple_batches(db: Database, *, batch: int) -> Iterator[list[Sequence[Any]]]:
+    """Rows as plain tuples, columns in canonical order then ``hash`` (verification's diet)."""
+    columns = [audit_entries.c[name] for name in _CANONICAL_ORDER] + [audit_entries.c.hash]
+    seq = audit_entries.c.seq
+    last = 0
+    while True:
+        with db.read() as conn:
+            rows = conn.execute(select(*columns).where(seq > last).order_by(seq).limit(batch)).all()
+        if not rows:
+            return
+        yield [tuple(r) for r in rows]
+        last = rows[-1][_SEQ_AT]
 
 
 def iter_entries(
@@ -470,10 +485,56 @@ def stored_checkpoints(db: Database) -> list[dict[str, Any]]:
         return [checkpoint_document(r) for r in rows]
 
 
-def _fast_hash(values: tuple[Any, ...]) -> tuple[dict[str, Any], str]:
-    entry = dict(zip(HASHED_FIELDS, values, strict=True))
+# The canonical form has sorted keys; selecting the columns in that order lets verification
+# build it field by field instead of through a dict and a generic JSON encoder.
+_CANONICAL_ORDER = tuple(sorted(HASHED_FIELDS))
+_DETAILS_AT = _CANONICAL_ORDER.index("details")
+_PREV_AT = _CANONICAL_ORDER.index("prev_hash")
+_SEQ_AT = _CANONICAL_ORDER.index("seq")
+_PREFIXES = tuple(f'"{name}":' for name in _CANONICAL_ORDER)
+_encode_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
+
+
+def _canonical_fast(values: Sequence[Any]) -> bytes | None:
+    """``canonical_bytes`` of a stored row (columns in canonical order), or None when unsure.
+
+    Stored details are sorted, compact JSON; without an escape sequence they are byte for
+    byte what the canonical encoder writes, so they are spliced in as they are. A row this
+    cannot vouch for (other types, escapes) goes the slow way.
+    """
+    details = values[_DETAILS_AT]
+    if type(details) is not str or "\\u" in details:
+        return None
+    out = []
+    for prefix, value in zip(_PREFIXES, values, strict=False):  # values end with hash
+        if value is None:
+            out.append(prefix + "null")
+        elif type(value) is str:
+            out.append(prefix + _encode_text(value))
+        elif type(value) is int:
+            out.append(prefix + str(value))
+        else:
+            return None
+    out[_DETAILS_AT] = _PREFIXES[_DETAILS_AT] + (details or "{}")
+    return ("{" + ",".join(out) + "}").encode("utf-8")
+
+
+def _row_hash(values: Sequence[Any]) -> str:
+    """The hash an entry should have, from its stored columns (canonical order)."""
+    fast = _canonical_fast(values)
+    if fast is not None:
+        computed = hashlib.sha256(str(values[_PREV_AT]).encode("ascii") + fast).hexdigest()
+        if computed == values[-1]:
+            return computed
+    # Details re-serialised differently (spacing, escapes) still mean the same entry.
+    return entry_hash(_entry_of(values))
+
+
+def _entry_of(values: Sequence[Any]) -> dict[str, Any]:
+    entry = dict(zip(_CANONICAL_ORDER, values[:-1], strict=True))
     entry["details"] = json.loads(entry["details"] or "{}")
-    return entry, entry_hash(entry)
+    entry["hash"] = values[-1]
+    return entry
 
 
 def verify(
@@ -504,17 +565,13 @@ def verify(
                 result.checkpoint_problems.append(
                     {"source": source, "seq": doc.get("seq"), "problem": problem}
                 )
-    columns = [audit_entries.c[name] for name in HASHED_FIELDS] + [audit_entries.c.hash]
-    query = select(*columns)
     prev_seq, prev_hash = 0, GENESIS_HASH
-    for rows in _batches(db, query, batch=batch):
-        for row in rows:
-            values = tuple(row.values())
-            entry, computed = _fast_hash(values[:-1])
-            entry["hash"] = values[-1]
-            seq = entry["seq"]
-            if seq != prev_seq + 1 or entry["prev_hash"] != prev_hash or computed != values[-1]:
-                result.first_break = _classify(db, entry, prev_seq, prev_hash)
+    for rows in _tuple_batches(db, batch=batch):
+        for values in rows:
+            computed = _row_hash(values)
+            seq = values[_SEQ_AT]
+            if seq != prev_seq + 1 or values[_PREV_AT] != prev_hash or computed != values[-1]:
+                result.first_break = _classify(db, _entry_of(values), prev_seq, prev_hash)
                 return result
             for checkpoint in evidence.pop(seq, ()):
                 result.checkpoints_checked += 1
