@@ -267,7 +267,16 @@ async def test_events_of_one_message_arrive_in_order_even_when_the_first_is_retr
     box = make_mailbox(wsvc, acct, "agent@mm.test")
     msg = make_message(wsvc, acct.account_id or "", box)
     other = make_message(wsvc, acct.account_id or "", box)
-    with receiving(lambda n, _r: Reply(status=500 if n == 0 else 200)) as rx:
+    failed_once: list[bool] = []
+
+    def responder(_n: int, got: Any) -> Reply:
+        body = json.loads(got.body)
+        if body["message_id"] == msg["id"] and not failed_once:
+            failed_once.append(True)
+            return Reply(status=500)
+        return Reply()
+
+    with receiving(responder) as rx:
         subscribe(wsvc, acct, rx.url)
         async with dispatching(wsvc, concurrency=8):
             for name in ("oversight.pending", "oversight.approved", "message.delivered"):
