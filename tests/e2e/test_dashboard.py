@@ -162,6 +162,7 @@ def test_operator_reviews_a_live_queue_edits_approves_and_rejects(
     first = acme.send(live, "Your quote", "Hi Jane,\n\nThe price is **$120**. Let me know!")
     card = page.locator(f"article[data-message='{first}']")
     expect(card).to_be_visible(timeout=10_000)  # pushed by server-sent events, no reload
+    expect(page.locator("#first-steps")).to_have_count(0)
     expect(page).to_have_title(re.compile(r"^\(1\) Pending"))
     expect(card.locator(".body strong")).to_have_text("$120")
     shoot(page, "02-queue-one-pending")

@@ -61,6 +61,17 @@ def _pending(services: Services, actor: Actor, limit: int = 50) -> dict[str, Any
     return oversight.list_pending(services, actor, limit=limit)
 
 
+def _first_steps(services: Services, actor: Actor) -> dict[str, Any]:
+    """What the empty queue needs to tell a new operator how to send a first message."""
+    with services.db.read() as conn:
+        boxes = mailboxes.list_mailboxes(conn, actor)
+    return {
+        "first_mailbox": boxes[0] if boxes else None,
+        "domain": services.settings.domain,
+        "base_url": services.settings.base_url,
+    }
+
+
 @router.get("", response_class=Response)
 @router.get("/", response_class=Response)
 def home() -> Response:
@@ -71,26 +82,25 @@ def home() -> Response:
 def queue(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
     svc = services_of(request)
     pending = _pending(svc, actor)
-    with svc.db.read() as conn:
-        boxes = mailboxes.list_mailboxes(conn, actor)
     return render(
         request,
         "queue.html",
         nav="queue",
         pending=pending,
         pending_count=pending["pending_count"],
-        first_mailbox=boxes[0] if boxes else None,
-        domain=svc.settings.domain,
-        base_url=svc.settings.base_url,
         notice=_notice(request),
+        **_first_steps(svc, actor),
     )
 
 
 @router.get("/queue/items")
 def queue_items(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
     """The list alone, fetched by the page when the event stream says it changed."""
-    pending = _pending(services_of(request), actor)
-    return render(request, "_queue_items.html", pending=pending, nav="queue")
+    svc = services_of(request)
+    pending = _pending(svc, actor)
+    return render(
+        request, "_queue_items.html", nav="queue", pending=pending, **_first_steps(svc, actor)
+    )
 
 
 def _pending_state(services: Services, actor: Actor) -> dict[str, Any]:

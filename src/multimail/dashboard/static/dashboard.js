@@ -24,7 +24,7 @@
   function refreshQueue(state) {
     var queue = document.getElementById("queue");
     if (!queue) { return; }
-    if (queue.getAttribute("data-newest") === String(state.newest) &&
+    if (queue.getAttribute("data-newest") === String(state.newest || "") &&
         queue.getAttribute("data-count") === String(state.count)) {
       return;
     }
@@ -35,7 +35,7 @@
       })
       .then(function (html) {
         queue.innerHTML = html;
-        queue.setAttribute("data-newest", String(state.newest));
+        queue.setAttribute("data-newest", String(state.newest || ""));
         queue.setAttribute("data-count", String(state.count));
       })
       .catch(function () { /* the next event tries again */ });
