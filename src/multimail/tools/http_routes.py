@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 from multimail.api.errors import error_response
 from multimail.client import AsyncMultimailClient, MultimailAPIError, RateLimitError
@@ -78,6 +78,13 @@ def _endpoint(tool: Tool) -> Any:
     return run_tool
 
 
+def _served(app: FastAPI, method: str, path: str) -> bool:
+    """Whether a route already answers ``method path`` (asked the way Starlette routes, so
+    routes inside included routers count too)."""
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
+    return any(route.matches(scope)[0] is Match.FULL for route in app.router.routes)
+
+
 def install_tool_routes(app: FastAPI) -> list[str]:
     """Add ``/{tool}`` routes for every tool; call after the hand-written routers are included.
 
@@ -85,18 +92,12 @@ def install_tool_routes(app: FastAPI) -> list[str]:
     wins in Starlette anyway), and so is a tool whose plan itself uses its tool-named path.
     Returns those skipped as ``"METHOD /path"`` so they can be listed and retired.
     """
-    taken = {
-        (method, route.path)
-        for route in app.router.routes
-        if isinstance(route, APIRoute)
-        for method in route.methods or ()
-    }
     skipped: list[str] = []
     for tool in TOOLS:
         path = f"/{tool.name}"
         methods = ["POST", "GET"] if tool.read_only else ["POST"]
         for method in methods:
-            if (method, path) in taken or tool.route.path == path:
+            if _served(app, method, path) or tool.route.path == path:
                 skipped.append(f"{method} {path}")
                 continue
             app.add_api_route(
