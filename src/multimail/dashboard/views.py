@@ -24,6 +24,7 @@ from multimail.dashboard.auth import (
     services_of,
 )
 from multimail.dashboard.render import render
+from multimail.domain.oversight import Status
 from multimail.errors import InvalidInput
 from multimail.services import audit, inbox, mailboxes, messages, operators, oversight, sending
 from multimail.services.context import Actor, Services
@@ -167,7 +168,7 @@ def message_list(request: Request, actor: Actor = Depends(operator_actor)) -> Re
         next_cursor=found["next_cursor"],
         mailboxes=boxes,
         chosen=chosen,
-        statuses=sorted(inbox._STATUSES),
+        statuses=sorted(s.value for s in Status),
     )
 
 
