@@ -4,11 +4,13 @@ filters, export and verification over the live API; the proof CLI."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ from multimail.domain.audit import HASHED_FIELDS, entry_hash
 from multimail.services import accounts, audit, checkpoints, identity
 from multimail.services.context import Actor, Services
 from multimail.store.tables import audit_checkpoints, audit_entries
+from multimail.testing.server import LiveServer
 from tests.conftest import Api
 
 N = 12
@@ -415,3 +418,20 @@ def test_verification_hashes_any_stored_row_like_the_canonical_encoder(
     assert audit._row_hash(values) == expected
     tampered = (*values[:-1], "b" * 64)
     assert audit._row_hash(tampered) == expected != tampered[-1]
+
+
+def test_the_checkpoint_loop_signs_the_head_on_a_timer_and_at_shutdown(
+    services: Services, chain: int
+) -> None:
+    """Run as a server component: a checkpoint appears within the interval, and the entries
+    written just before shutdown are covered by a last checkpoint made while stopping."""
+    loop = functools.partial(checkpoints.checkpoint_loop, interval=0.2)
+    with LiveServer(services, components=[loop]):
+        deadline = time.monotonic() + 10
+        while (checkpoints.latest_checkpoint(services) or {}).get("seq") != chain:
+            assert time.monotonic() < deadline, "no checkpoint within the interval"
+            time.sleep(0.05)
+        fill(services, Actor("system", "late", "late", None), n=2)
+    final = checkpoints.latest_checkpoint(services)
+    assert final is not None and final["seq"] == chain + 2
+    assert checkpoints.verify_log(services).ok

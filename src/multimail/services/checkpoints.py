@@ -13,7 +13,10 @@ The worker calls :func:`make_checkpoint` every few minutes and once on shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +30,7 @@ from multimail.store.tables import audit_checkpoints, audit_entries
 
 __all__ = [
     "DEFAULT_INTERVAL_SECONDS",
+    "checkpoint_loop",
     "latest_checkpoint",
     "list_checkpoints",
     "make_checkpoint",
@@ -34,6 +38,7 @@ __all__ = [
 ]
 
 DEFAULT_INTERVAL_SECONDS = 300
+log = logging.getLogger("multimail.checkpoints")
 
 
 def _signed_now() -> tuple[str, datetime]:
@@ -106,3 +111,24 @@ def verify_log(
     """The full verification: the chain, stored checkpoints and any exported ones."""
     keys = keyring(services, reload=True).verification_keys()
     return audit.verify(services.db, keys=keys, external_checkpoints=external or ())
+
+
+async def checkpoint_loop(
+    services: Services, stop: asyncio.Event, *, interval: float | None = None
+) -> None:
+    """Checkpoint the head every ``interval`` seconds and once more when ``stop`` is set.
+
+    ``interval`` defaults to the setting ``audit_checkpoint_interval_seconds`` when the
+    settings have it, else :data:`DEFAULT_INTERVAL_SECONDS`. Fits ``LiveServer`` components
+    and the runtime's task list: ``checkpoint_loop(services, stop_event)``.
+    """
+    every = interval or float(
+        getattr(services.settings, "audit_checkpoint_interval_seconds", DEFAULT_INTERVAL_SECONDS)
+    )
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every)
+        try:
+            await asyncio.to_thread(make_checkpoint, services)
+        except Exception:  # a failed tick must not end the loop; the next one retries
+            log.exception("audit checkpoint failed")
