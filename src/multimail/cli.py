@@ -9,20 +9,23 @@ from typing import Annotated, Any
 
 import typer
 
+from multimail import cli_agent
+from multimail.cli_proof import audit_app, verify_command
 from multimail.config import Settings, load_settings
 from multimail.errors import MultimailError
-from multimail.services import accounts, audit, keys, mailboxes
+from multimail.services import accounts, keys, mailboxes
 from multimail.services.context import Actor, Services
 
 app = typer.Typer(help="MultiMail: email for AI agents with human oversight.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the local account.", no_args_is_help=True)
 mailbox_app = typer.Typer(help="Mailboxes of the local account.", no_args_is_help=True)
-audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(mailbox_app, name="mailbox")
 app.add_typer(audit_app, name="audit")
+app.command("verify")(verify_command)
+cli_agent.register(app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -281,24 +284,40 @@ def mailbox_configure(
     )
 
 
-@audit_app.command("verify")
-def audit_verify(as_json: JsonOpt = False) -> None:
-    """Recompute the hash chain and name the first broken entry."""
+@app.command()
+def mcp() -> None:
+    """Run the MCP server on stdio for an agent (Claude Desktop, Claude Code, Cursor, ...).
+
+    It talks to the MultiMail server at MULTIMAIL_API_URL with MULTIMAIL_API_KEY; the default
+    mailbox is MULTIMAIL_MAILBOX_ID (or the key's only mailbox).
+    """
+    from multimail.mcp.server import run_stdio
+
+    run_stdio()
+
+
+@app.command("user-create")
+def user_create(
+    email: str,
+    name: Annotated[str, typer.Option(help="Shown on decisions.")] = "Operator",
+    password: Annotated[
+        str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)
+    ] = "",
+) -> None:
+    """Create another dashboard operator for the local account."""
     svc = _services()
-    result = audit.verify(svc.db)
-    body: dict[str, Any] = {"intact": result.ok, "entries_checked": result.checked}
-    if result.first_break:
-        body["first_broken_seq"] = result.first_break.seq
-        body["explanation"] = result.first_break.explanation
-    if as_json:
-        typer.echo(json.dumps(body))
-    elif result.ok:
-        typer.echo(f"audit chain intact: {result.checked} entries, head seq {result.last_seq}")
-    else:
-        assert result.first_break is not None
-        typer.echo(
-            f"AUDIT CHAIN BROKEN at entry {result.first_break.seq}: "
-            f"{result.first_break.explanation}"
-        )
-    if not result.ok:
-        raise typer.Exit(1)
+    actor = _operator(svc)
+    try:
+        with svc.db.write() as conn:
+            user = accounts.create_operator(
+                conn,
+                actor=actor,
+                account_id=actor.account_id or "",
+                email=email,
+                name=name,
+                password=password,
+            )
+    except MultimailError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"{user['id']}  {user['email']}")

@@ -8,8 +8,20 @@ from multimail import __version__
 from multimail.api import errors
 from multimail.api.limits import BodySizeLimit
 from multimail.api.ratelimit import TokenBucketLimiter
-from multimail.api.routers import admin, inbox, links, outbound, oversight, system, webhooks
+from multimail.api.routers import (
+    admin,
+    identity,
+    inbox,
+    links,
+    outbound,
+    oversight,
+    system,
+    webhooks,
+)
+from multimail.dashboard import mount_dashboard
+from multimail.mcp.server import mount_mcp
 from multimail.services.context import Services
+from multimail.tools.http_routes import install_tool_routes
 
 
 def create_app(services: Services) -> FastAPI:
@@ -34,5 +46,10 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(inbox.router)
     app.include_router(webhooks.router)
     app.include_router(links.router)
+    app.include_router(identity.router)
+    # Tool-named endpoints come last: a hand-written short form with the same path wins.
+    install_tool_routes(app)
+    mount_mcp(app, services)
+    mount_dashboard(app, services)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.max_request_bytes)
     return app
