@@ -556,7 +556,8 @@ def verify(
             problem = checkpoint_problem(doc, keys) if keys is not None else None
             if problem is None:
                 try:
-                    evidence.setdefault(int(doc["seq"]), []).append({**doc, "source": source})
+                    usable = {**doc, "hash": str(doc["hash"]), "signed_at": doc["signed_at"]}
+                    evidence.setdefault(int(doc["seq"]), []).append(usable | {"source": source})
                 except (KeyError, TypeError, ValueError):
                     problem = (
                         "malformed checkpoint: needs seq, hash, signed_at, key_id and signature"
