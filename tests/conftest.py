@@ -99,6 +99,25 @@ def boot(services: Services) -> accounts.Bootstrap:
 
 
 @pytest.fixture
+def minted_admin_key(services: Services, boot: accounts.Bootstrap) -> str:
+    """An admin key minted through the API (not the operator's own): it needs approval codes."""
+    from multimail.services import keys
+    from multimail.services.context import Actor
+
+    admin = keys.authenticate(services.db, boot.admin_key)
+    assert isinstance(admin, Actor) and admin.operator_credential
+    with services.db.write() as conn:
+        created = keys.create_key(
+            conn,
+            actor=admin,
+            account_id=boot.account["id"],
+            name="integration",
+            scopes=["admin", "read"],
+        )
+    return created.raw_key
+
+
+@pytest.fixture
 def live(services: Services) -> Iterator[LiveServer]:
     with LiveServer(services) as server:
         yield server

@@ -189,14 +189,72 @@ def test_mailbox_bad_input_leaves_nothing_behind(api: Api, boot: accounts.Bootst
     assert [m["address"] for m in admin.get("/v1/mailboxes").json()["mailboxes"]] == ["dup@mm.test"]
 
 
-def test_api_keys_cannot_loosen_a_mailbox_but_can_tighten(
-    api: Api, boot: accounts.Bootstrap
-) -> None:
-    """Loosening needs the operator; tightening is immediate; creation clamps loose modes."""
+def _mailed_code(services: Services) -> str:
+    """The newest approval code mailed to the operator (read from the queued system mail)."""
+    import re
+
+    from multimail.store.tables import jobs
+
+    with services.db.read() as conn:
+        payloads = [
+            r.payload
+            for r in conn.execute(
+                select(jobs.c.payload).where(jobs.c.kind == "system_mail").order_by(jobs.c.id)
+            )
+        ]
+    codes = [
+        m.group(1)
+        for p in payloads
+        for m in [re.search(r"\*\*([A-Z0-9]{6,})\*\*", p["markdown"])]
+        if m
+    ]
+    assert codes, payloads
+    return codes[-1]
+
+
+def test_the_operators_own_admin_key_acts_directly(api: Api, boot: accounts.Bootstrap) -> None:
+    """The admin key printed on first start is the operator's: mailboxes at any mode, no code."""
     admin = api.client(boot.admin_key)
     box = admin.post(
-        "/v1/mailboxes", json={"address": "bot@mm.test", "oversight_mode": "autonomous"}
+        "/v1/mailboxes", json={"address": "ops-bot@mm.test", "oversight_mode": "autonomous"}
+    )
+    assert box.status_code == 201 and box.json()["oversight_mode"] == "autonomous"
+    loosened = admin.patch(
+        "/v1/mailboxes/ops-bot@mm.test", json={"oversight_mode": "read_only"}
     ).json()
+    assert loosened["oversight_mode"] == "read_only"
+    assert (
+        admin.patch("/v1/mailboxes/ops-bot@mm.test", json={"oversight_mode": "monitored"}).json()[
+            "oversight_mode"
+        ]
+        == "monitored"
+    )
+
+
+def test_api_minted_admin_keys_need_the_operators_code_and_cannot_loosen(
+    api: Api, boot: accounts.Bootstrap, services: Services
+) -> None:
+    """An admin key minted through the API gets 202 approval_required, completes with the
+    mailed code; creation clamps loose modes; tightening is immediate, loosening is not."""
+    minted = (
+        api.client(boot.admin_key)
+        .post("/v1/api-keys", json={"name": "integration", "scopes": ["admin", "read"]})
+        .json()
+    )
+    assert minted["operator_credential"] is False
+    admin = api.client(minted["key"])
+    request = {"address": "bot@mm.test", "oversight_mode": "autonomous"}
+    first = admin.post("/v1/mailboxes", json=request)
+    assert first.status_code == 202, first.text
+    assert first.json()["status"] == "approval_required"
+    assert first.json()["code"] == "approval_required"
+    assert admin.get("/v1/mailboxes").json()["mailboxes"] == []
+    code = _mailed_code(services)
+    wrong = admin.post("/v1/mailboxes", json=request | {"approval_code": "WRONG000"})
+    assert_envelope(wrong, 403, "invalid_approval_code")
+    done = admin.post("/v1/mailboxes", json=request | {"approval_code": code})
+    assert done.status_code == 201, done.text
+    box = done.json()
     assert box["oversight_mode"] == "gated_send"
     assert box["requested_oversight_mode"] == "autonomous"
     tightened = admin.patch(f"/v1/mailboxes/{box['id']}", json={"oversight_mode": "read_only"})
@@ -207,6 +265,8 @@ def test_api_keys_cannot_loosen_a_mailbox_but_can_tighten(
         "upgrade_requires_approval",
     )
     assert "request-upgrade" in body["error"]
+    reused = admin.post("/v1/mailboxes", json=request | {"approval_code": code})
+    assert reused.status_code == 403
 
 
 def test_contacts_and_suppressions(api: Api, boot: accounts.Bootstrap, services: Services) -> None:

@@ -24,6 +24,9 @@ class Actor:
     scopes: frozenset[Scope] = frozenset()
     test_mode: bool = False
     mailbox_ids: frozenset[str] | None = None  # a key restricted to some mailboxes
+    # An admin key the operator minted (printed on first start, or made in the CLI or the
+    # dashboard) is the operator's own credential; keys minted through the API are not.
+    operator_credential: bool = False
 
     def require(self, scope: Scope) -> None:
         """Scopes are checked here too, not only at the HTTP edge (defence in depth)."""
@@ -46,7 +49,8 @@ class Actor:
 
     @property
     def is_operator(self) -> bool:
-        return self.type in ("user", "system")
+        """The operator acts directly: no approval code, and may loosen a mailbox's mode."""
+        return self.type in ("user", "system") or self.operator_credential
 
 
 SYSTEM = Actor(type="system", id=None, name="system", account_id=None)

@@ -48,6 +48,7 @@ def key_public(row: Any) -> dict[str, Any]:
     data["scopes"] = sorted(data.get("scopes") or [])
     data["test"] = data.get("mode") == "test"
     data["revoked"] = data.get("revoked_at") is not None
+    data["operator_credential"] = bool(data.get("operator_credential"))
     return data
 
 
@@ -87,6 +88,9 @@ def create_key(
         "send_cap_hour": send_cap_hour,
         "send_cap_day": send_cap_day,
         "created_by": actor.label,
+        # Only keys minted by the operator in person (first start, CLI, dashboard) act as the
+        # operator; a key minted through the API never does, whoever asked for it.
+        "operator_credential": actor.type in ("user", "system") and Scope.ADMIN in parsed,
         "created_at": now,
         "last_used_at": None,
         "revoked_at": None,
@@ -174,4 +178,5 @@ def authenticate(db: Database, raw_key: str | None) -> Actor:
         scopes=frozenset(Scope(s) for s in row["scopes"]),
         test_mode=row["mode"] == "test",
         mailbox_ids=frozenset(row["mailbox_ids"]) if row["mailbox_ids"] else None,
+        operator_credential=bool(row["operator_credential"]),
     )

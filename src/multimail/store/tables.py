@@ -110,6 +110,13 @@ api_keys = Table(
     _ts("created_at", False),
     _ts("last_used_at"),
     _ts("revoked_at"),
+    Column(
+        "operator_credential",
+        Boolean,
+        nullable=False,
+        server_default=text("false"),
+        comment="minted by the operator with admin scope: acts as the operator",
+    ),
 )
 
 domains = Table(

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from multimail.api.deps import ADMIN, READ, get_services
-from multimail.services import accounts, directory, domains, keys, mailboxes
+from multimail.services import accounts, approvals, directory, domains, keys, mailboxes
 from multimail.services.context import Actor, Services
 
 router = APIRouter(prefix="/v1")
@@ -19,6 +19,7 @@ class Strict(BaseModel):
 
 
 class AccountUpdate(Strict):
+    approval_code: str | None = Field(None, max_length=64)
     name: str | None = Field(None, max_length=200)
     oversight_email: str | None = None
     postal_address: str | None = Field(None, max_length=1000)
@@ -26,6 +27,9 @@ class AccountUpdate(Strict):
 
 
 class MailboxSettings(Strict):
+    approval_code: str | None = Field(
+        None, max_length=64, description="The operator's one-time code (see approval_required)."
+    )
     display_name: str | None = Field(None, max_length=200)
     oversight_mode: str | None = None
     gate_timing: str | None = None
@@ -47,6 +51,7 @@ class MailboxCreate(MailboxSettings):
 
 
 class KeyCreate(Strict):
+    approval_code: str | None = Field(None, max_length=64)
     name: str = Field(..., max_length=200)
     scopes: list[str]
     mode: str = "live"
@@ -68,7 +73,9 @@ class DomainCreate(Strict):
 
 
 def _set(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(exclude_unset=True)
+    fields = model.model_dump(exclude_unset=True)
+    fields.pop("approval_code", None)
+    return fields
 
 
 # --- account ---------------------------------------------------------------------------------
@@ -84,10 +91,16 @@ def get_account(actor: Actor = Depends(READ), svc: Services = Depends(get_servic
 def patch_account(
     body: AccountUpdate, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
 ) -> Any:
-    with svc.db.write() as conn:
-        return accounts.update_account(
-            conn, actor=actor, account_id=actor.account_id or "", changes=_set(body)
-        )
+    changes = _set(body)
+    return approvals.guard_oversight_email(
+        svc,
+        actor,
+        changes,
+        body.approval_code,
+        lambda conn: accounts.update_account(
+            conn, actor=actor, account_id=actor.account_id or "", changes=changes
+        ),
+    )
 
 
 @router.delete("/account")
@@ -109,18 +122,7 @@ def list_mailboxes(actor: Actor = Depends(READ), svc: Services = Depends(get_ser
 def create_mailbox(
     body: MailboxCreate, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
 ) -> Any:
-    fields = _set(body)
-    address = fields.pop("address", None)
-    local = fields.pop("address_local_part", None)
-    with svc.db.write() as conn:
-        return mailboxes.create_mailbox(
-            conn,
-            actor=actor,
-            settings=svc.settings,
-            address=address,
-            address_local_part=local,
-            **fields,
-        )
+    return approvals.create_mailbox(svc, actor, _set(body), body.approval_code)
 
 
 @router.get("/mailboxes/{mailbox}")
@@ -138,8 +140,7 @@ def patch_mailbox(
     actor: Actor = Depends(ADMIN),
     svc: Services = Depends(get_services),
 ) -> Any:
-    with svc.db.write() as conn:
-        return mailboxes.update_mailbox(conn, actor=actor, ref=mailbox, changes=_set(body))
+    return approvals.update_mailbox(svc, actor, mailbox, _set(body), body.approval_code)
 
 
 @router.patch("/mailboxes/{mailbox}/configure")
@@ -149,8 +150,7 @@ def configure_mailbox(
     actor: Actor = Depends(ADMIN),
     svc: Services = Depends(get_services),
 ) -> Any:
-    with svc.db.write() as conn:
-        return mailboxes.update_mailbox(conn, actor=actor, ref=mailbox, changes=_set(body))
+    return approvals.update_mailbox(svc, actor, mailbox, _set(body), body.approval_code)
 
 
 @router.delete("/mailboxes/{mailbox}")
@@ -174,27 +174,7 @@ def list_keys(actor: Actor = Depends(ADMIN), svc: Services = Depends(get_service
 def create_key(
     body: KeyCreate, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
 ) -> Any:
-    with svc.db.write() as conn:
-        if body.mailbox_ids:
-            body.mailbox_ids = [
-                mailboxes.resolve(conn, actor, ref)["id"] for ref in body.mailbox_ids
-            ]
-        created = keys.create_key(
-            conn,
-            actor=actor,
-            account_id=actor.account_id or "",
-            name=body.name,
-            scopes=body.scopes,
-            mode=body.mode,
-            mailbox_ids=body.mailbox_ids,
-            send_cap_hour=body.send_cap_hour,
-            send_cap_day=body.send_cap_day,
-        )
-    return created.record | {
-        "key": created.raw_key,
-        "api_key": created.raw_key,
-        "warning": "store this key now: it is shown only once",
-    }
+    return approvals.create_api_key(svc, actor, _set(body), body.approval_code)
 
 
 @router.delete("/api-keys/{key_id}")

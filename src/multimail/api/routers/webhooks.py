@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from multimail.api.deps import ADMIN, get_services
 from multimail.errors import InvalidInput
-from multimail.services import webhooks
+from multimail.services import approvals, webhooks
 from multimail.services.context import Actor, Services
 
 router = APIRouter(prefix="/v1")
@@ -20,6 +20,7 @@ class Strict(BaseModel):
 
 
 class WebhookCreate(Strict):
+    approval_code: str | None = Field(None, max_length=64)
     url: str | None = Field(None, max_length=2048)
     endpoint: str | None = Field(None, max_length=2048)
     events: list[str] | str | None = None
@@ -41,10 +42,18 @@ def create_webhook(
     url = body.url or body.endpoint
     if not url:
         raise InvalidInput("give the endpoint as 'url' or 'endpoint'", code="missing_url")
-    with svc.db.write() as conn:
-        return webhooks.create_webhook(
+    params = body.model_dump(exclude={"approval_code"}, exclude_none=True)
+    return approvals.with_operator_approval(
+        svc,
+        actor,
+        purpose="webhook_create",
+        params=params,
+        code=body.approval_code,
+        summary=f"create a webhook to {url} for {body.events or 'all events'}",
+        action=lambda conn: webhooks.create_webhook(
             conn, svc, actor, url, body.events, body.mailbox_id, body.description
-        )
+        ),
+    )
 
 
 @router.get("/webhooks")
