@@ -435,3 +435,21 @@ def test_the_checkpoint_loop_signs_the_head_on_a_timer_and_at_shutdown(
     final = checkpoints.latest_checkpoint(services)
     assert final is not None and final["seq"] == chain + 2
     assert checkpoints.verify_log(services).ok
+
+
+def test_a_message_trail_lists_its_entries_in_order_for_its_account_only(
+    services: Services, boot: accounts.Bootstrap
+) -> None:
+    """trail_for_message: every entry about the message, oldest first; no other account's."""
+    steps = ("message.created", "message.scanned", "oversight.approved", "message.delivered")
+    for step in steps:
+        fill(services, agent(boot), n=1, action=step, subject_id="msg_trail")
+        fill(services, agent(boot), n=1, action="noise", subject_id="msg_other")
+    with services.db.read() as conn:
+        trail = audit.trail_for_message(conn, agent(boot), "msg_trail")
+        stranger = Actor(type="key", id="key_x", name="x", account_id="acct_someone_else")
+        hidden = audit.trail_for_message(conn, stranger, "msg_trail")
+    assert [e["action"] for e in trail] == list(steps)
+    assert [e["seq"] for e in trail] == sorted(e["seq"] for e in trail)
+    assert all(e["hash"] and e["actor_name"] == "agent" for e in trail)
+    assert hidden == []

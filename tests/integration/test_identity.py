@@ -260,11 +260,10 @@ def run_verify(svc: Services, path: Path) -> subprocess.CompletedProcess[str]:
         "MULTIMAIL_DNS_RESOLVER": svc.settings.dns_resolver or "",
         "MULTIMAIL_DOMAIN": svc.settings.domain,
     }
-    program = (
-        "import typer; from multimail.cli_proof import verify_command; typer.run(verify_command)"
-    )
+    # The installed `multimail` command, as an operator or a recipient would run it.
+    program = Path(sys.executable).with_name("multimail")
     return subprocess.run(
-        [sys.executable, "-c", program, str(path)],
+        [str(program), "verify", str(path)],
         env=env,
         capture_output=True,
         text=True,
