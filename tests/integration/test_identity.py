@@ -210,6 +210,13 @@ def test_identity_header_binds_what_was_sent(svc: Services, boot: accounts.Boots
     assert claims.approval.decided_at == int(decided.timestamp())
     assert claims.body_sha256 == "ab" * 32 and claims.message_id == row["message_id_header"]
     assert claims.issuer == svc.settings.base_url
+    unsent = {**row, "message_id_header": None}
+    with svc.db.read() as conn:
+        _, later = identity.identity_header_for(
+            conn, svc, unsent, body_sha256="cd" * 32, message_id="<x@y>"
+        )
+    token = token_from_header_value(later)
+    assert verify_identity_token(token, identity.keyring(svc)).message_id == "<x@y>"
 
 
 def test_a_delivered_message_verifies_end_to_end(

@@ -85,12 +85,18 @@ def _epoch(value: datetime | None) -> int | None:
 
 
 def identity_header_for(
-    conn: Connection, services: Services, message_row: Mapping[str, Any], *, body_sha256: str
+    conn: Connection,
+    services: Services,
+    message_row: Mapping[str, Any],
+    *,
+    body_sha256: str,
+    message_id: str | None = None,
 ) -> tuple[str, str]:
     """``(name, value)`` of the identity header for an outbound message about to be sent.
 
-    ``body_sha256`` is the hash of the body as built (``compose.draft_body_sha256`` or
-    ``compose.body_sha256`` of the built message), so it matches what the recipient gets.
+    ``body_sha256`` is the hash of the body as built (``compose.draft_body_sha256(draft)``),
+    so it matches what the recipient gets. ``message_id`` is the Message-ID going on the
+    wire when the row does not carry it yet.
     """
     row = conn.execute(
         select(mailboxes.c.address, mailboxes.c.oversight_mode, accounts.c.name)
@@ -99,7 +105,7 @@ def identity_header_for(
     ).first()
     if row is None:
         raise NotFound("the message's mailbox no longer exists", code="mailbox_not_found")
-    message_id = message_row.get("message_id_header")
+    message_id = message_id or message_row.get("message_id_header")
     if not message_id:
         raise InvalidInput("the message has no Message-ID yet", code="no_message_id")
     approval = None
