@@ -13,7 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import NullPool
 
 from multimail.config import Settings
 from multimail.runtime import build_services
@@ -60,14 +61,24 @@ def _db_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         raise pytest.UsageError(f"MULTIMAIL_TEST_DB must be sqlite or postgres, not {BACKEND!r}")
 
 
+_cleaners: dict[str, Engine] = {}
+
+
+def _pg_cleaner(url: str) -> Engine:
+    if url not in _cleaners:
+        _cleaners[url] = create_engine(url, poolclass=NullPool)
+    return _cleaners[url]
+
+
 @pytest.fixture
 def db_url(_db_template: str, tmp_path: Path) -> str:
     if BACKEND == "postgres":
-        engine = create_engine(_db_template)
-        names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
-        with engine.begin() as conn:
-            conn.execute(text(f"TRUNCATE {names} CASCADE"))
-        engine.dispose()
+        # DELETE is much cheaper than TRUNCATE for near-empty tables; the replica role skips
+        # the FK and append-only triggers for this clean-up only.
+        with _pg_cleaner(_db_template).begin() as conn:
+            conn.execute(text("SET LOCAL session_replication_role = replica"))
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(text(f'DELETE FROM "{table.name}"'))
         return _db_template
     target = tmp_path / "multimail.db"
     shutil.copyfile(_db_template, target)
@@ -87,7 +98,7 @@ def settings(db_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def services(settings: Settings) -> Iterator[Services]:
-    svc = build_services(settings)
+    svc = build_services(settings, run_migrations=False)  # the template is migrated
     yield svc
     svc.db.dispose()
 
