@@ -191,9 +191,12 @@ def test_deliveries_are_listed_with_attempts_and_can_be_redelivered(
         assert again.status_code == 202 and again.json()["redelivery_of"] == first["id"]
         wait_for(lambda: len(rx.received) == 2)
         listed = admin.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["deliveries"]
-        delivered = admin.get("/v1/webhook-deliveries", params={"status": "delivered"}).json()[
-            "deliveries"
-        ]
+        # The receiver has the POST before the dispatcher commits "delivered": wait for it.
+        delivered = wait_for(
+            lambda: admin.get("/v1/webhook-deliveries", params={"status": "delivered"}).json()[
+                "deliveries"
+            ]
+        )
     assert rx.received[0].headers["webhook-id"] == rx.received[1].headers["webhook-id"]
     assert len(listed) == 2 and [d["id"] for d in delivered] == [again.json()["id"]]
     bad = admin.get("/v1/webhook-deliveries", params={"status": "lost"})
