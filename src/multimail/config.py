@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         600, description="Requests per API key per minute (token bucket)."
     )
     rate_limit_burst: int = Field(120, description="Bucket size of the per-key request rate limit.")
+    rate_limit_backend: Literal["auto", "memory", "database"] = Field(
+        "auto",
+        description="Where request rate-limit buckets live: database (shared by every "
+        "process, survives restarts), memory (this process only), auto = database.",
+    )
     role: Role = Field("all", description="What `serve` runs: all, api, smtp or worker.")
     secret_key: SecretStr | None = Field(
         None,

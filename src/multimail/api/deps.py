@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from fastapi import Request, Response
 
-from multimail.api.ratelimit import TokenBucketLimiter
+from multimail.api.ratelimit import Limiter, make_limiter
 from multimail.domain.scopes import Scope
 from multimail.errors import RateLimited
 from multimail.services import keys
@@ -27,11 +28,36 @@ def _raw_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
+_limiter_lock = threading.Lock()
+
+
+def request_limiter(request: Request) -> Limiter:
+    """The app's per-key limiter, built once from the settings on first use (the backend
+    decides whether buckets are shared by every process on the database)."""
+    state = request.app.state
+    limiter: Limiter | None = getattr(state, "request_limiter", None)
+    if limiter is not None:
+        return limiter
+    with _limiter_lock:
+        built: Limiter | None = getattr(state, "request_limiter", None)
+        if built is not None:
+            return built
+        services = get_services(request)
+        settings = services.settings
+        limiter = make_limiter(
+            services.db,
+            backend=settings.rate_limit_backend,
+            per_minute=settings.rate_limit_per_minute,
+            burst=settings.rate_limit_burst,
+        )
+        state.request_limiter = limiter
+        return limiter
+
+
 def authenticated(request: Request, response: Response) -> Actor:
     services = get_services(request)
     actor = keys.authenticate(services.db, _raw_key(request))
-    limiter: TokenBucketLimiter = request.app.state.limiter
-    decision = limiter.take(actor.id or "")
+    decision = request_limiter(request).take(actor.id or "")
     if not decision.allowed:
         exc = RateLimited(
             f"too many requests for this API key; retry after {decision.retry_after} s",
