@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from multimail import cli_agent
-from multimail.cli_proof import audit_app, verify_command
+from multimail.cli_proof import audit_app, rotate_signing_command, verify_command
 from multimail.config import Settings, load_settings
 from multimail.errors import MultimailError
 from multimail.services import accounts, keys, mailboxes
@@ -25,6 +25,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(mailbox_app, name="mailbox")
 app.add_typer(audit_app, name="audit")
 app.command("verify")(verify_command)
+keys_app.command("rotate-signing")(rotate_signing_command)
 cli_agent.register(app)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
