@@ -56,6 +56,7 @@ Component = Callable[[Services, asyncio.Event], Coroutine[Any, Any, None]]
 
 def components_for(role: str) -> list[tuple[str, Component]]:
     """What each role runs; ``all`` is everything in one process."""
+    from multimail.services import checkpoints
     from multimail.workers import inbound as inbound_worker
     from multimail.workers import runner, webhooks
 
@@ -66,6 +67,7 @@ def components_for(role: str) -> list[tuple[str, Component]]:
         parts.append(("jobs", runner.run_workers))
         parts.append(("inbound", inbound_worker.run_inbound_worker))
         parts.append(("webhooks", webhooks.run_dispatcher))
+        parts.append(("audit checkpoints", checkpoints.checkpoint_loop))
     return parts
 
 
@@ -104,12 +106,6 @@ async def serve(services: Services, *, role: str = "all") -> None:
     if server is not None:
         server.should_exit = True
     await asyncio.gather(*tasks, return_exceptions=True)
-    if role in ("all", "worker"):
-        from multimail.services import checkpoints
-
-        # A signed head on shutdown: the log cannot be rolled back past this point unseen.
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(checkpoints.make_checkpoint, services)
     services.db.dispose()
     for task in failed:
         raise RuntimeError(f"{task.get_name()} stopped unexpectedly") from task.exception()

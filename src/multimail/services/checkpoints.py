@@ -118,13 +118,10 @@ async def checkpoint_loop(
 ) -> None:
     """Checkpoint the head every ``interval`` seconds and once more when ``stop`` is set.
 
-    ``interval`` defaults to the setting ``audit_checkpoint_interval_seconds`` when the
-    settings have it, else :data:`DEFAULT_INTERVAL_SECONDS`. Fits ``LiveServer`` components
-    and the runtime's task list: ``checkpoint_loop(services, stop_event)``.
+    ``interval`` defaults to the setting ``audit_checkpoint_seconds``. The worker role runs
+    it (``runtime.components_for``); several workers at once only sign the same head twice.
     """
-    every = interval or float(
-        getattr(services.settings, "audit_checkpoint_interval_seconds", DEFAULT_INTERVAL_SECONDS)
-    )
+    every = interval or float(services.settings.audit_checkpoint_seconds)
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every)

@@ -6,16 +6,15 @@ this module adds the kinds whose logic lives in a service, plus their timers.
 
 from __future__ import annotations
 
-from multimail.services import checkpoints, oversight, sending
+from multimail.services import oversight, sending
 from multimail.services.context import Services
 from multimail.store.jobs import Job
 from multimail.workers import delivery, runner
 
-__all__ = ["RELEASE_SCHEDULED", "SIGN_CHECKPOINT", "SWEEP_PENDING", "install"]
+__all__ = ["RELEASE_SCHEDULED", "SWEEP_PENDING", "install"]
 
 RELEASE_SCHEDULED = "release_scheduled"
 SWEEP_PENDING = "sweep_pending"
-SIGN_CHECKPOINT = "audit_checkpoint"
 
 
 def _release(services: Services, job: Job, worker_id: str) -> None:
@@ -28,15 +27,9 @@ def _sweep(services: Services, job: Job, worker_id: str) -> None:
     oversight.sweep_pending(services)
 
 
-def _checkpoint(services: Services, job: Job, worker_id: str) -> None:
-    checkpoints.make_checkpoint(services)
-
-
 def install(services: Services) -> None:
     """Register every service-owned kind and its timer (idempotent)."""
     assert delivery.DELIVER in runner.HANDLERS
     runner.register(RELEASE_SCHEDULED)(_release)
     runner.register(SWEEP_PENDING)(_sweep)
-    runner.register(SIGN_CHECKPOINT)(_checkpoint)
     runner.every(SWEEP_PENDING, services.settings.approval_sweep_seconds)
-    runner.every(SIGN_CHECKPOINT, services.settings.audit_checkpoint_seconds)
