@@ -4,6 +4,9 @@ A job is enqueued in the same transaction as the state change that needs it, so 
 exactly when the change does. A worker claims a due job by setting ``locked_by`` and a lease
 (``locked_until``); a worker that dies leaves a lease that expires, and another worker picks
 the job up. On SQLite (one writer at a time) the claim is one ``BEGIN IMMEDIATE`` transaction.
+
+Each commit is an fsync (``synchronous=FULL``), so batches are claimed in one statement and
+:func:`claim_in` lets a caller start the claimed work in that same commit.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy import Connection, Select, and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from multimail.ids import aware, new_id, utcnow
@@ -79,58 +82,88 @@ def claim(
     lease: timedelta = DEFAULT_LEASE,
 ) -> list[Job]:
     """Take up to ``limit`` due jobs (or jobs whose lease ran out) for this worker."""
-    now = utcnow()
     with db.write() as conn:
-        query = (
-            select(jobs)
-            .where(
-                jobs.c.run_at <= now,
-                or_(
-                    jobs.c.status == "pending",
-                    and_(jobs.c.status == "running", jobs.c.locked_until < now),
-                ),
-            )
-            .order_by(jobs.c.run_at)
-            .limit(limit)
+        return claim_in(conn, worker, kinds=kinds, limit=limit, lease=lease)
+
+
+def _due(kinds: list[str] | None, limit: int, now: datetime) -> Select[Any]:
+    query = (
+        select(jobs)
+        .where(
+            jobs.c.run_at <= now,
+            or_(
+                jobs.c.status == "pending",
+                and_(jobs.c.status == "running", jobs.c.locked_until < now),
+            ),
         )
-        if kinds:
-            query = query.where(jobs.c.kind.in_(kinds))
-        if conn.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        rows = conn.execute(query).mappings().all()
-        claimed: list[Job] = []
-        for row in rows:
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id == row["id"])
-                .values(
-                    status="running",
-                    locked_by=worker,
-                    locked_until=now + lease,
-                    attempts=jobs.c.attempts + 1,
-                    updated_at=now,
-                )
-            )
-            payload = row["payload"]
-            if not isinstance(payload, dict):
-                # A corrupt row must not stop the queue: quarantine it and move on.
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == row["id"])
-                    .values(status="quarantined", last_error="payload is not an object")
-                )
-                continue
-            claimed.append(
-                Job(
-                    id=row["id"],
-                    kind=row["kind"],
-                    payload=payload,
-                    attempts=row["attempts"] + 1,
-                    max_attempts=row["max_attempts"],
-                    created_at=aware(row["created_at"]),
-                )
-            )
+        .order_by(jobs.c.run_at)
+        .limit(limit)
+    )
+    if kinds:
+        query = query.where(jobs.c.kind.in_(kinds))
+    return query
+
+
+def peek(conn: Connection, *, kinds: list[str] | None = None, limit: int = 10) -> list[Job]:
+    """The jobs :func:`claim` would take now, without taking them (to prepare work early)."""
+    rows = conn.execute(_due(kinds, limit, utcnow())).mappings().all()
+    return [_job(row, attempts=row["attempts"]) for row in rows if isinstance(row["payload"], dict)]
+
+
+def claim_in(
+    conn: Connection,
+    worker: str,
+    *,
+    kinds: list[str] | None = None,
+    limit: int = 10,
+    lease: timedelta = DEFAULT_LEASE,
+) -> list[Job]:
+    """:func:`claim` inside the caller's write transaction, so the caller can start the
+    claimed work in the same commit (group commit)."""
+    now = utcnow()
+    query = _due(kinds, limit, now)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = conn.execute(query).mappings().all()
+    if not rows:
+        return []
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id.in_([row["id"] for row in rows]))
+        .values(
+            status="running",
+            locked_by=worker,
+            locked_until=now + lease,
+            attempts=jobs.c.attempts + 1,
+            updated_at=now,
+        )
+    )
+    claimed: list[Job] = []
+    corrupt: list[str] = []
+    for row in rows:
+        if isinstance(row["payload"], dict):
+            claimed.append(_job(row, attempts=row["attempts"] + 1))
+        else:
+            corrupt.append(row["id"])
+    if corrupt:
+        # A corrupt row must not stop the queue: quarantine it and move on.
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id.in_(corrupt))
+            .values(status="quarantined", last_error="payload is not an object")
+        )
     return claimed
+
+
+def _job(row: Any, *, attempts: int) -> Job:
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        payload=row["payload"],
+        attempts=attempts,
+        max_attempts=row["max_attempts"],
+        created_at=aware(row["created_at"]),
+    )
 
 
 def complete(conn: Connection, job_id: str, worker: str) -> bool:
@@ -173,10 +206,19 @@ def fail(conn: Connection, job_id: str, worker: str, *, error: str) -> None:
 
 
 def extend_lease(db: Database, job_id: str, worker: str, lease: timedelta = DEFAULT_LEASE) -> bool:
+    return bool(extend_leases(db, [job_id], worker, lease))
+
+
+def extend_leases(
+    db: Database, job_ids: list[str], worker: str, lease: timedelta = DEFAULT_LEASE
+) -> int:
+    """Renew this worker's leases on ``job_ids`` in one commit; how many it still holds."""
+    if not job_ids:
+        return 0
     with db.write() as conn:
         result = conn.execute(
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.locked_by == worker, jobs.c.status == "running")
+            .where(jobs.c.id.in_(job_ids), jobs.c.locked_by == worker, jobs.c.status == "running")
             .values(locked_until=utcnow() + lease)
         )
-    return bool(result.rowcount)
+    return int(result.rowcount)

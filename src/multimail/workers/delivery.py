@@ -25,13 +25,15 @@ there so a test can SIGKILL it. Unset (production) it does nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -118,6 +120,11 @@ SYSTEM_SENDER_LOCAL = "multimail"
 _SWEEP_AFTER = timedelta(minutes=2)
 _SWEEP_BATCH = 500
 _POLL_S = 0.02
+# SMTP sessions one batch keeps open at once.
+_MAX_SESSIONS = 16
+_PREPARE_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
 
 _log = logging.getLogger(__name__)
 
@@ -459,102 +466,101 @@ def _record_captured(conn: Connection, ctx: _Context, worker_id: str, rcpts: lis
     )
 
 
-def _start(
+def _start_in(
+    conn: Connection,
     services: Services,
     message_id: str,
     worker_id: str,
     job_id: str | None,
     prebuilt: bytes | None,
 ) -> _Plan | _Outcome:
-    with services.db.write() as conn:
-        ctx = _load(conn, message_id, lock=True)
-        if ctx is None:
-            return _Outcome("missing")
-        row = ctx.row
-        status = Status(row["status"])
-        if row["direction"] != "outbound" or status not in DELIVERABLE:
+    ctx = _load(conn, message_id, lock=True)
+    if ctx is None:
+        return _Outcome("missing")
+    row = ctx.row
+    status = Status(row["status"])
+    if row["direction"] != "outbound" or status not in DELIVERABLE:
+        return _Outcome(status.value)
+    refusal = _gate_refusal(conn, ctx)
+    if refusal is not None:
+        # Should be impossible: something upstream queued an unapproved gated message.
+        _log.error("refusing to deliver %s: %s", message_id, refusal)
+        return _fail(conn, ctx, worker_id, "delivery.refused_ungated", refusal)
+    if _held(ctx):
+        _log.info("delivery of %s held: the account or mailbox is paused", message_id)
+        return _Outcome(status.value)
+    if status is Status.SENDING:
+        if _other_live_job(conn, message_id, job_id):
             return _Outcome(status.value)
-        refusal = _gate_refusal(conn, ctx)
-        if refusal is not None:
-            # Should be impossible: something upstream queued an unapproved gated message.
-            _log.error("refusing to deliver %s: %s", message_id, refusal)
-            return _fail(conn, ctx, worker_id, "delivery.refused_ungated", refusal)
-        if _held(ctx):
-            _log.info("delivery of %s held: the account or mailbox is paused", message_id)
-            return _Outcome(status.value)
-        if status is Status.SENDING:
-            if _other_live_job(conn, message_id, job_id):
-                return _Outcome(status.value)
-            # Its worker died mid-delivery (lease expired): take it over. The stored bytes
-            # go again, same Message-ID, which is the one duplicate DUR-3 allows.
-            if not _set_status(conn, row, Status.QUEUED):
-                return _Outcome(_current_status(conn, message_id))
-            _audit(conn, ctx, worker_id, "delivery.recovered", {"from_status": "sending"})
-            row["status"] = Status.QUEUED.value
-        accepted, refused = _previous_results(conn, message_id)
-        remaining = [r for r in _recipients(row) if r not in accepted and r not in refused]
-        suppressed = directory.suppressed_among(conn, row["account_id"], remaining)
-        to_send = [r for r in remaining if r not in suppressed]
-        if not to_send:
-            if accepted and _set_status(conn, row, Status.SENDING):
-                # The rest went earlier; those still waiting were suppressed meanwhile.
-                row["status"] = Status.SENDING.value
-                return _finish_in(
-                    services, conn, ctx, worker_id, [], {}, None, sent_before=accepted
-                )
-            reason = (
-                "every recipient is on the suppression list"
-                if suppressed
-                else ("the message has no deliverable recipient")
-            )
-            return _fail(conn, ctx, worker_id, "message.send_failed", reason)
-        raw = row["raw"]
-        if raw is None:
-            try:
-                raw = prebuilt if prebuilt is not None else _compose(conn, services, ctx)
-            except (InvalidInput, PermanentDeliveryError) as exc:
-                return _fail(conn, ctx, worker_id, "message.send_failed", exc.message)
-        values: dict[str, Any] = {"raw": raw, "size_bytes": len(raw)}
-        if row["message_id_header"] is None:
-            values["message_id_header"] = _message_id_header(ctx, services.settings)
-        if not _set_status(conn, row, Status.SENDING, **values):
+        # Its worker died mid-delivery (lease expired): take it over. The stored bytes
+        # go again, same Message-ID, which is the one duplicate DUR-3 allows.
+        if not _set_status(conn, row, Status.QUEUED):
             return _Outcome(_current_status(conn, message_id))
-        row.update(values, status=Status.SENDING.value)
-        if suppressed:
-            _audit(
-                conn,
-                ctx,
-                worker_id,
-                "message.recipients_suppressed",
-                {"recipients": sorted(suppressed)},
-            )
-        if row["test"]:
-            _record_captured(conn, ctx, worker_id, to_send)
-            return _finish_in(
-                services, conn, ctx, worker_id, [], {}, None, sent_before=set(to_send)
-            )
-        return _Plan(
-            message_id=message_id,
-            account_id=row["account_id"],
-            mailbox_id=row["mailbox_id"],
-            mail_from=row["from_address"] or ctx.mailbox["address"],
-            recipients=to_send,
-            raw=raw,
+        _audit(conn, ctx, worker_id, "delivery.recovered", {"from_status": "sending"})
+        row["status"] = Status.QUEUED.value
+    accepted, refused = _previous_results(conn, message_id)
+    remaining = [r for r in _recipients(row) if r not in accepted and r not in refused]
+    suppressed = directory.suppressed_among(conn, row["account_id"], remaining)
+    to_send = [r for r in remaining if r not in suppressed]
+    if not to_send:
+        if accepted and _set_status(conn, row, Status.SENDING):
+            # The rest went earlier; those still waiting were suppressed meanwhile.
+            row["status"] = Status.SENDING.value
+            return _finish_in(services, conn, ctx, worker_id, [], {}, None, sent_before=accepted)
+        reason = (
+            "every recipient is on the suppression list"
+            if suppressed
+            else ("the message has no deliverable recipient")
         )
-
-
-def _prebuild(services: Services, message_id: str) -> bytes | None:
-    """Compose and sign outside the write transaction when the message will need it."""
-    with services.db.read() as conn:
-        ctx = _load(conn, message_id)
-        if ctx is None or ctx.row["raw"] is not None or _held(ctx):
-            return None
-        if Status(ctx.row["status"]) not in DELIVERABLE or ctx.row["direction"] != "outbound":
-            return None
+        return _fail(conn, ctx, worker_id, "message.send_failed", reason)
+    raw = row["raw"]
+    if raw is None:
         try:
-            return _compose(conn, services, ctx)
-        except MultimailError:
-            return None  # the start step composes again and records the reason
+            raw = prebuilt if prebuilt is not None else _compose(conn, services, ctx)
+        except (InvalidInput, PermanentDeliveryError) as exc:
+            return _fail(conn, ctx, worker_id, "message.send_failed", exc.message)
+    values: dict[str, Any] = {"raw": raw, "size_bytes": len(raw)}
+    if row["message_id_header"] is None:
+        values["message_id_header"] = _message_id_header(ctx, services.settings)
+    if not _set_status(conn, row, Status.SENDING, **values):
+        return _Outcome(_current_status(conn, message_id))
+    row.update(values, status=Status.SENDING.value)
+    if suppressed:
+        _audit(
+            conn,
+            ctx,
+            worker_id,
+            "message.recipients_suppressed",
+            {"recipients": sorted(suppressed)},
+        )
+    if row["test"]:
+        _record_captured(conn, ctx, worker_id, to_send)
+        return _finish_in(services, conn, ctx, worker_id, [], {}, None, sent_before=set(to_send))
+    return _Plan(
+        message_id=message_id,
+        account_id=row["account_id"],
+        mailbox_id=row["mailbox_id"],
+        mail_from=row["from_address"] or ctx.mailbox["address"],
+        recipients=to_send,
+        raw=raw,
+    )
+
+
+def _prebuild(services: Services, message_ids: Sequence[str]) -> dict[str, bytes]:
+    """Compose and sign outside the write transaction the messages that will need it."""
+    built: dict[str, bytes] = {}
+    with services.db.read() as conn:
+        for message_id in message_ids:
+            ctx = _load(conn, message_id)
+            if ctx is None or ctx.row["raw"] is not None or _held(ctx):
+                continue
+            if Status(ctx.row["status"]) not in DELIVERABLE or ctx.row["direction"] != "outbound":
+                continue
+            try:
+                built[message_id] = _compose(conn, services, ctx)
+            except MultimailError:
+                continue  # the start step composes again and records the reason
+    return built
 
 
 # -- step 2: hand over -----------------------------------------------------------------------
@@ -789,58 +795,247 @@ def _fail_sending(
     return _Outcome(Status.SEND_FAILED.value)
 
 
-def _finish(services: Services, plan: _Plan, worker_id: str, handover: _HandOver) -> _Outcome:
-    with services.db.write() as conn:
-        _record_attempts(conn, plan.message_id, worker_id, handover)
-        ctx = _load(conn, plan.message_id, lock=True)
-        if ctx is None:
-            return _Outcome("missing")
-        if ctx.row["status"] != Status.SENDING.value:
-            _log.warning(
-                "message %s left 'sending' while we delivered it (now %s)",
-                plan.message_id,
-                ctx.row["status"],
-            )
-            return _Outcome(str(ctx.row["status"]))
-        # Count this attempt's results once: _finish_in reads earlier ones from the table.
-        conn_results = dict(handover.results)
-        return _finish_in(
-            services, conn, ctx, worker_id, handover.attempts, conn_results, handover.error
-        )
-
-
-# -- the entry points -------------------------------------------------------------------------
-
-
-async def _deliver(
-    services: Services, message_id: str, worker_id: str, job_id: str | None
+def _finish(
+    conn: Connection, services: Services, plan: _Plan, worker_id: str, handover: _HandOver
 ) -> _Outcome:
-    prebuilt = await asyncio.to_thread(_prebuild, services, message_id)
-    started = await asyncio.to_thread(_start, services, message_id, worker_id, job_id, prebuilt)
-    if isinstance(started, _Outcome):
-        return started
-    _crash_point("before_connect")
-    handover = await _hand_over(outbound_transport(services), started)
-    if any(r.ok for r in handover.results.values()):
-        _crash_point("after_smtp_250")
-    outcome = await asyncio.to_thread(_finish, services, started, worker_id, handover)
+    _record_attempts(conn, plan.message_id, worker_id, handover)
+    ctx = _load(conn, plan.message_id, lock=True)
+    if ctx is None:
+        return _Outcome("missing")
+    if ctx.row["status"] != Status.SENDING.value:
+        _log.warning(
+            "message %s left 'sending' while we delivered it (now %s)",
+            plan.message_id,
+            ctx.row["status"],
+        )
+        return _Outcome(str(ctx.row["status"]))
+    # Count this attempt's results once: _finish_in reads earlier ones from the table.
+    conn_results = dict(handover.results)
+    return _finish_in(
+        services, conn, ctx, worker_id, handover.attempts, conn_results, handover.error
+    )
+
+
+# -- the entry points: a batch in two commits -------------------------------------------------
+
+
+@dataclass
+class _Item:
+    """One message of a batch, and the job (if any) that this batch must settle."""
+
+    message_id: str
+    job: Job | None = None
+    live_job_id: str | None = None
+    plan: _Plan | None = None
+    outcome: _Outcome | None = None
+    handover: _HandOver | None = None
+    failure: BaseException | None = None
+
+
+# Called inside the claim-and-start transaction; returns what this batch works on.
+_Claimer = Callable[[Connection], list[_Item]]
+
+
+def _settle(conn: Connection, item: _Item, worker_id: str) -> None:
+    """Record the job's outcome in the same commit as the message's (runner semantics)."""
+    job = item.job
+    if job is None:
+        return
+    if item.failure is not None:
+        runner.record_failure(conn, job, worker_id, item.failure)
+    elif item.outcome is None or item.outcome.retry_at is None:
+        jobs.complete(conn, job.id, worker_id)
+    else:
+        jobs.retry(conn, job.id, worker_id, run_at=item.outcome.retry_at, error="rescheduled")
+
+
+def _claim_and_start(
+    services: Services, worker_id: str, claimer: _Claimer, prebuilt: Mapping[str, bytes]
+) -> list[_Item]:
+    """Commit 1: claim the jobs and move each message to ``sending`` (or settle it now)."""
+    with services.db.write() as conn:
+        items = claimer(conn)
+        # One lock order for every worker, so PostgreSQL row locks never deadlock.
+        for item in sorted(items, key=lambda i: i.message_id):
+            job_id = item.job.id if item.job is not None else item.live_job_id
+            try:
+                with conn.begin_nested():
+                    started = _start_in(
+                        conn,
+                        services,
+                        item.message_id,
+                        worker_id,
+                        job_id,
+                        prebuilt.get(item.message_id),
+                    )
+            except Exception as exc:  # one bad message must not sink the batch
+                _log.exception("starting the delivery of %s failed", item.message_id)
+                item.failure = exc
+            else:
+                if isinstance(started, _Plan):
+                    item.plan = started
+                    continue
+                item.outcome = started
+            _settle(conn, item, worker_id)
+    return items
+
+
+def _finish_all(services: Services, worker_id: str, items: list[_Item]) -> None:
+    """Commit 2: every attempt, status change, audit entry, event and job outcome at once."""
+    with services.db.write() as conn:
+        for item in items:
+            plan, handover = item.plan, item.handover
+            if plan is not None and handover is not None:
+                try:
+                    with conn.begin_nested():
+                        item.outcome = _finish(conn, services, plan, worker_id, handover)
+                except Exception as exc:
+                    # Left in 'sending': the job's retry recovers it and re-sends the stored
+                    # bytes, the duplicate DUR-3 allows after an unrecorded 250.
+                    _log.exception("recording the delivery of %s failed", item.message_id)
+                    item.failure = exc
+            _settle(conn, item, worker_id)
+
+
+def _hand_back(services: Services, worker_id: str, items: list[_Item]) -> None:
+    now = utcnow()
+    with services.db.write() as conn:
+        for item in items:
+            if item.job is not None:
+                jobs.retry(conn, item.job.id, worker_id, run_at=now, error="worker stopping")
+
+
+async def _hand_over_all(transport: OutboundTransport, items: list[_Item]) -> None:
+    gate = asyncio.Semaphore(_MAX_SESSIONS)
+
+    async def one(item: _Item, plan: _Plan) -> None:
+        async with gate:
+            try:
+                item.handover = await _hand_over(transport, plan)
+            except Exception as exc:  # a bug, not an SMTP answer: we cannot know what went out
+                _log.exception("handing %s to SMTP failed", item.message_id)
+                item.failure = exc
+
+    await asyncio.gather(*(one(i, i.plan) for i in items if i.plan is not None))
+
+
+async def _keep_leases(
+    services: Services, items: list[_Item], worker_id: str, lease: timedelta
+) -> None:
+    job_ids = [i.job.id for i in items if i.job is not None]
+    while job_ids:
+        await asyncio.sleep(max(0.05, lease.total_seconds() / 3))
+        try:
+            await asyncio.to_thread(jobs.extend_leases, services.db, job_ids, worker_id, lease)
+        except Exception:  # a database hiccup: try again next round
+            _log.warning("could not renew delivery leases", exc_info=True)
+
+
+async def _prepare(
+    services: Services, worker_id: str, claimer: _Claimer, prebuild: Sequence[str]
+) -> list[_Item]:
+    """Compose and sign outside any transaction, then claim-and-start (commit 1)."""
+    prebuilt = await asyncio.to_thread(_prebuild, services, prebuild) if prebuild else {}
+    return await asyncio.to_thread(_claim_and_start, services, worker_id, claimer, prebuilt)
+
+
+async def _complete(
+    services: Services, worker_id: str, items: list[_Item], lease: timedelta = DEFAULT_LEASE
+) -> None:
+    """Hand every started message over concurrently, then record it all (commit 2)."""
+    working = [i for i in items if i.plan is not None]
+    if not working:
+        return
+    keeper = asyncio.create_task(_keep_leases(services, working, worker_id, lease))
+    try:
+        _crash_point("before_connect")
+        await _hand_over_all(outbound_transport(services), working)
+        if any(i.handover and any(r.ok for r in i.handover.results.values()) for i in working):
+            _crash_point("after_smtp_250")
+        await asyncio.to_thread(_finish_all, services, worker_id, working)
+    except asyncio.CancelledError:
+        # Stopping: hand the jobs back now rather than make the next worker wait out a lease.
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(_hand_back, services, worker_id, working)
+        raise
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
     _crash_point("after_commit")
-    return outcome
+
+
+async def _run_batch(
+    services: Services, worker_id: str, claimer: _Claimer, prebuild: Sequence[str]
+) -> list[_Item]:
+    items = await _prepare(services, worker_id, claimer, prebuild)
+    await _complete(services, worker_id, items)
+    return items
+
+
+def _one(item: _Item) -> _Claimer:
+    return lambda conn: [item]
 
 
 async def deliver(
     services: Services, message_id: str, worker_id: str, *, job_id: str | None = None
 ) -> str:
     """Deliver one message now if it may go; returns its status afterwards."""
-    return (await _deliver(services, message_id, worker_id, job_id)).status
+    item = _Item(message_id, live_job_id=job_id)
+    await _run_batch(services, worker_id, _one(item), [message_id])
+    if item.failure is not None:
+        raise item.failure
+    return item.outcome.status if item.outcome is not None else "sending"
 
 
 @runner.register(DELIVER)
 async def _deliver_job(services: Services, job: Job, worker_id: str) -> datetime | None:
+    """One already-claimed deliver job (``runner.execute``); the runner settles the job."""
     message_id = job.payload.get("message_id")
     if not isinstance(message_id, str):
         raise InvalidInput("a deliver job needs a message_id", code="invalid_job")
-    return (await _deliver(services, message_id, worker_id, job.id)).retry_at
+    item = _Item(message_id, live_job_id=job.id)
+    await _run_batch(services, worker_id, _one(item), [message_id])
+    if item.failure is not None:
+        raise item.failure
+    return item.outcome.retry_at if item.outcome is not None else None
+
+
+def _claim_due(worker_id: str, limit: int, lease: timedelta) -> _Claimer:
+    def claim(conn: Connection) -> list[_Item]:
+        items: list[_Item] = []
+        for job in jobs.claim_in(conn, worker_id, kinds=[DELIVER], limit=limit, lease=lease):
+            message_id = job.payload.get("message_id")
+            if isinstance(message_id, str):
+                items.append(_Item(message_id, job))
+            else:
+                jobs.fail(conn, job.id, worker_id, error="a deliver job needs a message_id")
+        return items
+
+    return claim
+
+
+def _peek(services: Services, limit: int) -> list[str]:
+    with services.db.read() as conn:
+        due = jobs.peek(conn, kinds=[DELIVER], limit=limit)
+    return [m for m in (j.payload.get("message_id") for j in due) if isinstance(m, str)]
+
+
+@runner.register_batch(DELIVER)
+async def _deliver_batch(services: Services, worker_id: str, limit: int, lease: timedelta) -> int:
+    """The runner's deliver loop: up to ``limit`` due messages per two commits."""
+    # Pipelines of one worker take turns preparing and claiming (so they never compose the
+    # same messages twice) and overlap only while talking SMTP and recording.
+    lock = _PREPARE_LOCKS.setdefault(asyncio.get_running_loop(), {}).setdefault(
+        worker_id, asyncio.Lock()
+    )
+    async with lock:
+        peeked = await asyncio.to_thread(_peek, services, limit)
+        if not peeked:
+            return 0
+        items = await _prepare(services, worker_id, _claim_due(worker_id, limit, lease), peeked)
+    await _complete(services, worker_id, items, lease)
+    return len(items)
 
 
 def enqueue_delivery(conn: Connection, message_id: str, *, run_at: datetime | None = None) -> None:
@@ -871,13 +1066,14 @@ def enqueue_delivery(conn: Connection, message_id: str, *, run_at: datetime | No
         )
 
 
-def _claim_for_now(services: Services, message_id: str, worker: str) -> Job | None:
+def _claim_for_now(message_id: str, worker: str) -> _Claimer:
     """Take this message's deliver job (creating it if needed) unless someone holds it."""
-    now = utcnow()
-    with services.db.write() as conn:
+
+    def claim(conn: Connection) -> list[_Item]:
+        now = utcnow()
         status = _current_status(conn, message_id)
         if status not in {s.value for s in DELIVERABLE}:
-            return None
+            return []
         query = select(jobs_table).where(jobs_table.c.dedupe_key == job_key(message_id))
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()
@@ -886,7 +1082,7 @@ def _claim_for_now(services: Services, message_id: str, worker: str) -> Job | No
             jobs.enqueue(conn, DELIVER, {"message_id": message_id}, dedupe_key=job_key(message_id))
             row = conn.execute(query).mappings().one()
         if row["status"] == "running" and aware(row["locked_until"]) > now:
-            return None
+            return []
         conn.execute(
             update(jobs_table)
             .where(jobs_table.c.id == row["id"])
@@ -898,7 +1094,7 @@ def _claim_for_now(services: Services, message_id: str, worker: str) -> Job | No
                 updated_at=now,
             )
         )
-        return Job(
+        job = Job(
             id=row["id"],
             kind=DELIVER,
             payload={"message_id": message_id},
@@ -906,6 +1102,9 @@ def _claim_for_now(services: Services, message_id: str, worker: str) -> Job | No
             max_attempts=int(row["max_attempts"]),
             created_at=aware(row["created_at"]),
         )
+        return [_Item(message_id, job)]
+
+    return claim
 
 
 def _status(services: Services, message_id: str) -> str:
@@ -919,22 +1118,25 @@ def deliver_now(services: Services, message_id: str, *, timeout: float = 3.0) ->
     Call it after the caller's transaction has committed. Returns the message's status:
     ``delivered`` when the relay accepted it in time, else ``queued``/``sending``/
     ``deferred``/... A slower relay loses nothing: the attempt goes on in the background,
-    and the job stays leased to it, so no background worker sends it a second time.
+    and the job stays leased to it, so no background worker sends it a second time. The
+    claim and the start share one commit, and so do the outcome and the job's completion.
     """
     deadline = time.monotonic() + timeout
     worker = f"deliver-now:{os.getpid()}:{threading.get_ident()}:{new_id('job')[-6:]}"
-    job = _claim_for_now(services, message_id, worker)
-    if job is not None:
-        finished = threading.Event()
+    finished = threading.Event()
 
-        def run() -> None:
-            try:
-                asyncio.run(runner.execute(services, job, worker))
-            finally:
-                finished.set()
+    def run() -> None:
+        try:
+            asyncio.run(
+                _run_batch(services, worker, _claim_for_now(message_id, worker), [message_id])
+            )
+        except Exception:
+            _log.exception("delivering %s right away failed; the job will retry", message_id)
+        finally:
+            finished.set()
 
-        threading.Thread(target=run, name=f"deliver-now-{message_id}", daemon=True).start()
-        finished.wait(max(0.0, deadline - time.monotonic()))
+    threading.Thread(target=run, name=f"deliver-now-{message_id}", daemon=True).start()
+    finished.wait(max(0.0, deadline - time.monotonic()))
     status = _status(services, message_id)
     while status in ("queued", "sending") and time.monotonic() < deadline:
         time.sleep(_POLL_S)

@@ -5,6 +5,11 @@ Modules add kinds without touching this file::
     @register("deliver")
     async def handle(services: Services, job: Job, worker_id: str) -> datetime | None: ...
 
+A kind whose work gains from group commit registers a batch runner instead
+(:func:`register_batch`): it claims up to ``limit`` of its jobs itself, inside the transaction
+that starts their work, and records every outcome in one more commit. The runner keeps
+``pipelines`` of them going, so one batch talks to the network while another commits.
+
 A handler returns None when the job is done, or a time to run it again. It raises
 ``TemporaryDeliveryError`` (or any unexpected error) to be retried with backoff, and any
 other ``MultimailError`` to fail the job for good. Synchronous handlers run in a thread.
@@ -30,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete
+from sqlalchemy import Connection, delete
 
 from multimail.errors import MultimailError, TemporaryDeliveryError
 from multimail.ids import utcnow
@@ -40,14 +45,18 @@ from multimail.store.jobs import DEFAULT_LEASE, Job
 from multimail.store.tables import jobs as jobs_table
 
 __all__ = [
+    "BATCHES",
     "HANDLERS",
     "RECURRING",
+    "BatchRunner",
     "Handler",
     "JobResult",
     "every",
     "execute",
     "job_backoff",
+    "record_failure",
     "register",
+    "register_batch",
     "run_workers",
     "wake",
 ]
@@ -56,6 +65,9 @@ JobResult = datetime | None
 Handler = Callable[[Services, Job, str], Awaitable[JobResult] | JobResult]
 
 HANDLERS: dict[str, Handler] = {}
+#: ``(services, worker_id, limit, lease) -> jobs claimed``; see :func:`register_batch`.
+BatchRunner = Callable[[Services, str, int, timedelta], Awaitable[int]]
+BATCHES: dict[str, BatchRunner] = {}
 RECURRING: dict[str, float] = {}
 
 _log = logging.getLogger(__name__)
@@ -81,6 +93,24 @@ def register(kind: str) -> Callable[[Handler], Handler]:
             raise ValueError(f"a handler for job kind {kind!r} is already registered")
         HANDLERS[kind] = handler
         return handler
+
+    return decorate
+
+
+def register_batch(kind: str) -> Callable[[BatchRunner], BatchRunner]:
+    """Decorator: ``run_workers`` claims ``kind`` only through this batch runner.
+
+    The batch runner claims (``jobs.claim_in``), works and settles its jobs itself and
+    returns how many it claimed; a plain handler for the same kind may still exist for
+    callers that run one job on their own (:func:`execute`).
+    """
+
+    def decorate(batch: BatchRunner) -> BatchRunner:
+        existing = BATCHES.get(kind)
+        if existing is not None and existing is not batch:
+            raise ValueError(f"a batch runner for job kind {kind!r} is already registered")
+        BATCHES[kind] = batch
+        return batch
 
     return decorate
 
@@ -126,15 +156,22 @@ def _settle(services: Services, job: Job, worker_id: str, result: JobResult) -> 
             jobs.retry(conn, job.id, worker_id, run_at=result, error="rescheduled")
 
 
-def _retry_or_fail(services: Services, job: Job, worker_id: str, exc: BaseException) -> None:
+def record_failure(conn: Connection, job: Job, worker_id: str, exc: BaseException) -> None:
+    """In the caller's transaction: retry ``job`` with backoff, or fail it for good when the
+    error is permanent (a ``MultimailError`` other than a temporary delivery error) or its
+    attempts are spent."""
     error = f"{type(exc).__name__}: {exc}"
     permanent = isinstance(exc, MultimailError) and not isinstance(exc, TemporaryDeliveryError)
+    if permanent or job.attempts >= job.max_attempts:
+        jobs.fail(conn, job.id, worker_id, error=error)
+    else:
+        run_at = utcnow() + job_backoff(job.attempts)
+        jobs.retry(conn, job.id, worker_id, run_at=run_at, error=error)
+
+
+def _retry_or_fail(services: Services, job: Job, worker_id: str, exc: BaseException) -> None:
     with services.db.write() as conn:
-        if permanent or job.attempts >= job.max_attempts:
-            jobs.fail(conn, job.id, worker_id, error=error)
-        else:
-            run_at = utcnow() + job_backoff(job.attempts)
-            jobs.retry(conn, job.id, worker_id, run_at=run_at, error=error)
+        record_failure(conn, job, worker_id, exc)
 
 
 async def _keep_lease(services: Services, job: Job, worker_id: str, lease: timedelta) -> None:
@@ -246,6 +283,37 @@ async def _wait_for_work(
     wake_event.clear()
 
 
+async def _run_batches(
+    services: Services,
+    stop: asyncio.Event,
+    kind: str,
+    worker: str,
+    *,
+    limit: int,
+    lease: timedelta,
+    poll: float,
+) -> None:
+    """One pipeline of ``kind``: claim a batch, work it, repeat; sleep when nothing is due."""
+    loop = asyncio.get_running_loop()
+    wake_event = asyncio.Event()
+    with _wakers_lock:
+        _wakers.append((loop, wake_event))
+    try:
+        while not stop.is_set():
+            claimed = 0
+            try:
+                claimed = await BATCHES[kind](services, worker, limit, lease)
+            except Exception:
+                _log.warning(
+                    "a %s batch failed; its jobs return after their lease", kind, exc_info=True
+                )
+            if claimed < limit:
+                await _wait_for_work(stop, wake_event, set(), poll)
+    finally:
+        with _wakers_lock:
+            _wakers.remove((loop, wake_event))
+
+
 async def run_workers(
     services: Services,
     stop: asyncio.Event,
@@ -255,9 +323,15 @@ async def run_workers(
     poll_interval: float = 0.2,
     lease: timedelta = DEFAULT_LEASE,
     grace: float = 30.0,
+    batch_size: int = 32,
+    pipelines: int = 2,
 ) -> None:
     """Claim and run jobs until ``stop`` is set; then let in-flight jobs finish for ``grace``
-    seconds and hand back whatever is still running."""
+    seconds and hand back whatever is still running.
+
+    Kinds with a batch runner get ``pipelines`` loops of up to ``batch_size`` jobs each;
+    the others share ``concurrency`` slots, one job per slot.
+    """
     _load_builtin_handlers(services)
     worker = worker_id or _default_worker_id()
     loop = asyncio.get_running_loop()
@@ -265,10 +339,20 @@ async def run_workers(
     with _wakers_lock:
         _wakers.append((loop, wake_event))
     scheduler = asyncio.create_task(_schedule(services, stop, wake_event))
-    inflight: set[asyncio.Task[None]] = set()
+    inflight: set[asyncio.Task[None]] = {
+        asyncio.create_task(
+            _run_batches(
+                services, stop, kind, worker, limit=batch_size, lease=lease, poll=poll_interval
+            )
+        )
+        for kind in sorted(BATCHES)
+        for _ in range(max(1, pipelines))
+    }
+    batch_loops = len(inflight)
+    single_kinds = sorted(set(HANDLERS) - set(BATCHES))
     try:
         while not stop.is_set():
-            free = concurrency - len(inflight)
+            free = concurrency + batch_loops - len(inflight)
             claimed: list[Job] = []
             if free > 0:
                 try:
@@ -276,7 +360,7 @@ async def run_workers(
                         jobs.claim,
                         services.db,
                         worker,
-                        kinds=sorted(HANDLERS),
+                        kinds=single_kinds,
                         limit=free,
                         lease=lease,
                     )
@@ -286,7 +370,7 @@ async def run_workers(
                 task = asyncio.create_task(execute(services, job, worker, lease=lease))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
-            if claimed and len(inflight) < concurrency:
+            if claimed and len(inflight) < concurrency + batch_loops:
                 continue  # a full batch may mean more work is due right now
             await _wait_for_work(stop, wake_event, inflight, poll_interval)
     finally:

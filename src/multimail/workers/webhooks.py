@@ -9,6 +9,11 @@ refused targets) is retried on :data:`SCHEDULE` with ±20 % jitter until three d
 delivery was queued, then ``failed``. An endpoint failing continuously for ``disable_after``
 (5 days) is disabled and the operator is mailed.
 
+Attempts are recorded by group commit: each POST's outcome joins a queue, and one recorder
+writes every outcome waiting (attempt rows, status changes, audit) in one transaction, so the
+disk's commit rate does not cap the delivery rate. Claims are batched the same way: the
+dispatcher claims again once half its slots are free, not once per finished request.
+
 Order per message: a delivery is not started while an earlier event of the same message for
 the same subscription is still pending, so ``oversight.pending`` arrives before
 ``oversight.approved`` before ``message.delivered``.
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy import Connection, and_, exists, insert, or_, select, update
 
 from multimail.domain.netguard import Resolver
 from multimail.ids import aware, isoformat, utcnow
@@ -109,7 +114,7 @@ class Dispatcher:
         services: Services,
         *,
         worker_id: str | None = None,
-        concurrency: int = 8,
+        concurrency: int = 16,
         lease: timedelta = DEFAULT_LEASE,
         poll_interval: float = POLL_INTERVAL_S,
         max_age: timedelta = MAX_AGE,
@@ -130,6 +135,9 @@ class Dispatcher:
         self.attempt_timeout = min(30.0, lease.total_seconds() / 2)
         self.pool = ClientPool(max_connections=self.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._outcomes: list[tuple[Claimed, AttemptResult]] = []
+        self._outcome_ready = asyncio.Event()
+        self._closing = False
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -148,12 +156,14 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         events.add_commit_listener(self._nudge)
         stopper = asyncio.create_task(self._stop_wakes(stop))
+        recorder = asyncio.create_task(self._recorder())
         recheck = False
         try:
             while not stop.is_set():
                 free = self.concurrency - len(self._tasks)
                 claimed: list[Claimed] = []
-                if free > 0:
+                # Claim in batches (one commit each), not one delivery per freed slot.
+                if free > 0 and (not self._tasks or free * 2 >= self.concurrency):
                     try:
                         claimed = await asyncio.to_thread(self._claim, free)
                     except Exception:
@@ -177,6 +187,12 @@ class Dispatcher:
                 await asyncio.wait(self._tasks, timeout=5)
                 for task in self._tasks:
                     task.cancel()
+            # Record what was posted before leaving; unrecorded deliveries are re-sent with
+            # the same webhook-id once their lease runs out.
+            self._closing = True
+            self._outcome_ready.set()
+            await asyncio.wait({recorder}, timeout=10)
+            recorder.cancel()
             await self.pool.aclose()
 
     async def _stop_wakes(self, stop: asyncio.Event) -> None:
@@ -308,93 +324,115 @@ class Dispatcher:
                 None,
                 f"timeout: no answer within {self.attempt_timeout:.0f} s",
             )
-        try:
-            await asyncio.to_thread(self._record, item, outcome)
-        except Exception:
-            log.exception("recording webhook delivery %s failed", item.delivery_id)
+        self._outcomes.append((item, outcome))
+        self._outcome_ready.set()
 
-    def _record(self, item: Claimed, outcome: AttemptResult) -> None:
+    # --- recording (group commit) ---------------------------------------------------------------
+
+    async def _recorder(self) -> None:
+        while True:
+            if not self._outcomes:
+                if self._closing:
+                    return
+                await self._outcome_ready.wait()
+                self._outcome_ready.clear()
+                continue
+            batch, self._outcomes = self._outcomes, []
+            try:
+                await asyncio.to_thread(self._record_all, batch)
+            except Exception:
+                log.exception("recording %d webhook deliveries failed", len(batch))
+            # A recorded delivery may let a later event of the same message go.
+            self._wakeup.set()
+
+    def _record_all(self, batch: list[tuple[Claimed, AttemptResult]]) -> None:
+        with self.services.db.write() as conn:
+            for item, outcome in batch:
+                try:
+                    with conn.begin_nested():
+                        self._record(conn, item, outcome)
+                except Exception:  # one bad row must not lose the others' records
+                    log.exception("recording webhook delivery %s failed", item.delivery_id)
+
+    def _record(self, conn: Connection, item: Claimed, outcome: AttemptResult) -> None:
         now = utcnow()
         d = webhook_deliveries
-        with self.services.db.write() as conn:
+        conn.execute(
+            insert(webhook_attempts).values(
+                delivery_id=item.delivery_id,
+                at=now,
+                status_code=outcome.status_code,
+                latency_ms=outcome.latency_ms,
+                response_excerpt=outcome.response_excerpt,
+                error=outcome.error,
+            )
+        )
+        mine = and_(
+            d.c.id == item.delivery_id, d.c.locked_by == self.worker_id, d.c.status == "pending"
+        )
+        common = {
+            "locked_by": None,
+            "locked_until": None,
+            "last_status_code": outcome.status_code,
+            "last_error": outcome.error,
+        }
+        hook = conn.execute(select(webhooks).where(webhooks.c.id == item.webhook_id))
+        hook_row = hook.mappings().first()
+        if outcome.delivered:
             conn.execute(
-                insert(webhook_attempts).values(
-                    delivery_id=item.delivery_id,
-                    at=now,
-                    status_code=outcome.status_code,
-                    latency_ms=outcome.latency_ms,
-                    response_excerpt=outcome.response_excerpt,
-                    error=outcome.error,
-                )
+                update(d).where(mine).values(**common, status="delivered", delivered_at=now)
             )
-            mine = and_(
-                d.c.id == item.delivery_id, d.c.locked_by == self.worker_id, d.c.status == "pending"
-            )
-            common = {
-                "locked_by": None,
-                "locked_until": None,
-                "last_status_code": outcome.status_code,
-                "last_error": outcome.error,
-            }
-            hook = conn.execute(select(webhooks).where(webhooks.c.id == item.webhook_id))
-            hook_row = hook.mappings().first()
-            if outcome.delivered:
-                conn.execute(
-                    update(d).where(mine).values(**common, status="delivered", delivered_at=now)
-                )
-                if hook_row is not None and hook_row["failing_since"] is not None:
-                    conn.execute(
-                        update(webhooks)
-                        .where(webhooks.c.id == item.webhook_id)
-                        .values(failing_since=None, updated_at=now)
-                    )
-                return
-            if outcome.status_code == 410:
-                conn.execute(update(d).where(mine).values(**common, status="failed"))
-                self._disable(conn, item, hook_row, "the endpoint answered 410 Gone", now)
-                return
-            retry_at = now + timedelta(seconds=retry_delay(item.attempt, self.rng))
-            if retry_at > item.created_at + self.max_age:
-                result = conn.execute(update(d).where(mine).values(**common, status="failed"))
-                if result.rowcount:
-                    audit.append(
-                        conn,
-                        actor=self._system(item),
-                        action="webhook.delivery_failed",
-                        subject_type="webhook",
-                        subject_id=item.webhook_id,
-                        details={
-                            "delivery_id": item.delivery_id,
-                            "event_id": item.event_id,
-                            "attempts": item.attempt,
-                            "last_error": outcome.error,
-                            "last_status_code": outcome.status_code,
-                        },
-                    )
-            else:
-                conn.execute(
-                    update(d)
-                    .where(mine)
-                    .values(**common, status="pending", next_attempt_at=retry_at)
-                )
-            if hook_row is None:
-                return
-            failing_since = hook_row["failing_since"]
-            if failing_since is None:
+            if hook_row is not None and hook_row["failing_since"] is not None:
                 conn.execute(
                     update(webhooks)
                     .where(webhooks.c.id == item.webhook_id)
-                    .values(failing_since=now, updated_at=now)
+                    .values(failing_since=None, updated_at=now)
                 )
-            elif hook_row["enabled"] and aware(failing_since) <= now - self.disable_after:
-                days = (now - aware(failing_since)).total_seconds() / 86400
-                self._disable(
+            return
+        if outcome.status_code == 410:
+            conn.execute(update(d).where(mine).values(**common, status="failed"))
+            self._disable(conn, item, hook_row, "the endpoint answered 410 Gone", now)
+            return
+        retry_at = now + timedelta(seconds=retry_delay(item.attempt, self.rng))
+        if retry_at > item.created_at + self.max_age:
+            result = conn.execute(update(d).where(mine).values(**common, status="failed"))
+            if result.rowcount:
+                audit.append(
                     conn,
-                    item,
-                    hook_row,
-                    f"the endpoint has failed every delivery for {days:.1f} days",
-                    now,
+                    actor=self._system(item),
+                    action="webhook.delivery_failed",
+                    subject_type="webhook",
+                    subject_id=item.webhook_id,
+                    details={
+                        "delivery_id": item.delivery_id,
+                        "event_id": item.event_id,
+                        "attempts": item.attempt,
+                        "last_error": outcome.error,
+                        "last_status_code": outcome.status_code,
+                    },
                 )
+        else:
+            conn.execute(
+                update(d).where(mine).values(**common, status="pending", next_attempt_at=retry_at)
+            )
+        if hook_row is None:
+            return
+        failing_since = hook_row["failing_since"]
+        if failing_since is None:
+            conn.execute(
+                update(webhooks)
+                .where(webhooks.c.id == item.webhook_id)
+                .values(failing_since=now, updated_at=now)
+            )
+        elif hook_row["enabled"] and aware(failing_since) <= now - self.disable_after:
+            days = (now - aware(failing_since)).total_seconds() / 86400
+            self._disable(
+                conn,
+                item,
+                hook_row,
+                f"the endpoint has failed every delivery for {days:.1f} days",
+                now,
+            )
 
     def _system(self, item: Claimed) -> Actor:
         return Actor(
@@ -455,7 +493,7 @@ async def run_dispatcher(
     stop: asyncio.Event,
     *,
     worker_id: str | None = None,
-    concurrency: int = 8,
+    concurrency: int = 16,
     lease: timedelta = DEFAULT_LEASE,
     poll_interval: float = POLL_INTERVAL_S,
     max_age: timedelta = MAX_AGE,
