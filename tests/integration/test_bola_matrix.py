@@ -102,6 +102,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/audit-log/verify"): own(),
     ("GET", "/v1/audit-log/checkpoints"): own(),
     ("POST", "/v1/audit-log/checkpoints"): own(),
+    ("GET", "/v1/sandbox/messages"): own(),
     ("POST", "/v1/verify"): own(body={"raw": RAW.replace("@addr", "x@example.org")}),
     # mailboxes
     ("GET", "/v1/mailboxes"): own(),
@@ -256,7 +257,11 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/get_audit_log"): filt(query={"subject_id": "@msg"}),
     ("POST", "/get_audit_log"): filt(body={"mailbox_id": "@mbx"}),
     ("POST", "/create_webhook"): obj(
-        body={"url": "https://hooks.example.org/y", "mailbox_id": "@mbx"}
+        body={
+            "url": "https://hooks.example.org/y",
+            "mailbox_id": "@mbx",
+            "events": ["message.received"],
+        }
     ),
     ("GET", "/list_webhooks"): own(),
     ("POST", "/list_webhooks"): own(body={}),
