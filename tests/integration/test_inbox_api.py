@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from typing import Any
@@ -193,9 +194,12 @@ def test_tool_named_forms_and_usage(api: Api, services: Services, boot: accounts
     assert thread["message_count"] == 1 and thread["unanswered"] is True
     file = agent.get(
         "/download_attachment", params={"message_id": message_id, "filename": "data.csv"}
-    )
-    assert file.content == b"a,b\r\n1,2"  # the CRLF before a boundary belongs to it
-    assert file.headers["content-type"].startswith("text/csv")
+    ).json()
+    # The CRLF before a boundary belongs to it.
+    assert base64.b64decode(file["content_base64"]) == b"a,b\r\n1,2"
+    assert file["content_type"].startswith("text/csv") and file["size_bytes"] == 8
+    raw = agent.get(f"/v1/emails/{message_id}/attachments/data.csv")
+    assert raw.content == b"a,b\r\n1,2" and raw.headers["content-type"].startswith("text/csv")
     assert agent.get("/list_spam").json()["emails"] == []
     usage = agent.get("/v1/usage").json()
     assert usage["received"] == 1 and usage["storage_bytes"] > 0

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from hypothesis import given
 from hypothesis import strategies as st
 
 import multimail
+from multimail.api import routers
 from multimail.client import AsyncMultimailClient, MultimailClient, ValidationError
 from multimail.errors import InvalidInput
 from multimail.mcp.server import fence_body, mcp_tools
 from multimail.tools import catalog
 from multimail.tools.execute import RestCall, RestResponse, plan
+from multimail.tools.http_routes import install_tool_routes
 
 SPEC_TOOLS = [
     "list_mailboxes",
@@ -173,26 +178,41 @@ def test_send_short_forms_map_to_the_rest_send() -> None:
     assert result["message_id"] == "msg_1"
 
 
-def test_message_tools_find_the_mailbox_holding_the_message() -> None:
-    """Without a mailbox, a message tool asks each mailbox the key sees (404 = not here)."""
+def test_message_tools_go_account_wide_in_one_call() -> None:
+    """Without a mailbox, a message or thread tool makes one account-wide call (no probing of
+    each mailbox); a given mailbox_id travels along as a filter."""
     calls, result = _run(
         "tag_email",
         {"email_id": "msg_9", "tags": ["resolved"]},
-        [
-            RestResponse(200, {"mailboxes": [{"id": "mbx_a"}, {"id": "mbx_b"}]}),
-            RestResponse(404, {"error": "no", "code": "message_not_found"}),
-            RestResponse(200, {"tags": {}}),
-            RestResponse(200, {"tags": {"resolved": ""}}),
-        ],
+        [RestResponse(200, {"tags": {"resolved": ""}})],
+        default="mbx_default",
     )
-    assert [c.path for c in calls] == [
-        "/v1/mailboxes",
-        "/v1/mailboxes/mbx_a/emails/msg_9/tags",
-        "/v1/mailboxes/mbx_b/emails/msg_9/tags",
-        "/v1/mailboxes/mbx_b/emails/msg_9/tags",
-    ]
-    assert calls[1].probe and calls[-1].method == "PUT" and calls[-1].json == ["resolved"]
+    assert calls == [RestCall("PUT", "/v1/emails/msg_9/tags", None, ["resolved"])]
     assert result == {"tags": {"resolved": ""}}
+    calls, _ = _run(
+        "read_email",
+        {"message_id": "<a/b@x.test>", "mailbox_id": "bot@mm.test"},
+        [RestResponse(200, {"id": "msg_1"})],
+    )
+    assert calls == [
+        RestCall("GET", "/v1/emails/%3Ca%2Fb@x.test%3E", {"mailbox_id": "bot@mm.test"})
+    ]
+    calls, _ = _run("get_thread", {"thread_id": "zd-1"}, [RestResponse(200, {})])
+    assert [c.path for c in calls] == ["/v1/threads/zd-1"]
+    calls, _ = _run(
+        "reply_email", {"message_id": "msg_9", "body": "ok"}, [RestResponse(202, {"id": "m"})]
+    )
+    assert calls == [RestCall("POST", "/v1/emails/msg_9/reply", None, {"markdown": "ok"})]
+
+
+def test_inbox_lists_use_the_default_mailbox_or_every_mailbox() -> None:
+    """check_inbox filters on the client's default mailbox if any, else lists every mailbox,
+    and answers with ``messages`` beside ``emails``."""
+    calls, result = _run("check_inbox", {"filter": "unread"}, [RestResponse(200, {"emails": []})])
+    assert calls == [RestCall("GET", "/v1/emails", {"status": "unread"})]
+    assert result["messages"] == []
+    calls, _ = _run("check_inbox", {}, [RestResponse(200, {"emails": []})], default="mbx_a")
+    assert calls == [RestCall("GET", "/v1/emails", {"mailbox_id": "mbx_a"})]
 
 
 def test_pending_queue_gets_its_short_fields() -> None:
@@ -226,3 +246,31 @@ def test_a_body_cannot_close_its_fence(body: str) -> None:
     fenced = fence_body({"id": "msg_1", "from": "x@y", "body": {"markdown": body}})
     assert fenced.count("</untrusted_email_body>") == 1
     assert fenced.endswith("</untrusted_email_body>")
+
+
+def test_schedule_and_decide_refuse_with_the_rest_codes() -> None:
+    """A schedule without send_at is send_at_required; a decision may be spelled 'approved'
+    (the service knows the synonyms) but must be given (invalid_decision)."""
+    with pytest.raises(InvalidInput) as caught:
+        _run("schedule_email", {"to": "b@y.test", "body": "x"}, [])
+    assert caught.value.code == "send_at_required"
+    calls, _ = _run(
+        "decide_email", {"message_id": "msg_1", "decision": "approved"}, [RestResponse(200, {})]
+    )
+    assert calls[0].json == {"email_id": "msg_1", "action": "approved"}
+    with pytest.raises(InvalidInput) as missing:
+        _run("decide_email", {"message_id": "msg_1"}, [])
+    assert missing.value.code == "invalid_decision"
+
+
+def test_no_router_hand_writes_a_tool_named_path() -> None:
+    """Each tool has one definition: no hand-written route serves ``/{tool}``, and no tool's
+    plan points at its own tool-named path (install_tool_routes skips nothing)."""
+    app = FastAPI()
+    for module in pkgutil.iter_modules(routers.__path__):
+        router = importlib.import_module(f"{routers.__name__}.{module.name}").router
+        app.include_router(router)
+        tool_paths = {f"/{t.name}" for t in catalog.TOOLS}
+        written = {getattr(r, "path", None) for r in router.routes}
+        assert not written & tool_paths, (module.name, written & tool_paths)
+    assert install_tool_routes(app) == []

@@ -43,7 +43,7 @@ __all__ = [
     "list_emails",
     "mark_not_spam",
     "read_email",
-    "read_email_tool",
+    "read_email_verified",
     "report_spam",
     "set_tags",
     "usage",
@@ -236,10 +236,16 @@ def _dkim_verified(services: Services, row: Mapping[str, Any]) -> bool | None:
         return False
 
 
-def read_email_tool(services: Services, actor: Actor, ref: str) -> dict[str, Any]:
-    """``read_email`` as the guides read it: plus ``delivered_at``, reviewer, ``dkim_verified``."""
+def read_email_verified(
+    services: Services, actor: Actor, ref: str, *, mailbox: str | None = None
+) -> dict[str, Any]:
+    """:func:`read_email` plus ``dkim_verified`` and the top-level ``reviewer`` (SPEC §5.2).
+
+    An outbound message's own DKIM signature is checked again against DNS, so this takes the
+    services (for the resolver) and runs the lookup after the transaction commits.
+    """
     with services.db.write() as conn:
-        data = read_email(conn, actor, ref)
+        data = read_email(conn, actor, ref, mailbox=mailbox)
         row = messages.get_row(conn, actor, data["id"])
     # DNS is asked outside the transaction: a slow resolver must not hold the write lock.
     data["dkim_verified"] = _dkim_verified(services, row)

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from pydantic import ValidationError as PydanticValidationError
 
-from multimail.errors import InvalidInput, NotFound
+from multimail.errors import InvalidInput, MultimailError
 from multimail.tools.catalog import Tool
 from multimail.tools.inputs import ToolInput
 
@@ -29,7 +29,9 @@ class RestCall:
     params: dict[str, Any] | None = None
     json: Any = None
     raw: bool = False  # the answer is bytes (an attachment), not JSON
-    probe: bool = False  # a 404 is an answer here (looking for a message's mailbox)
+    # A 404 is an answer, not an error. No plan asks for it since the message tools went
+    # account-wide; it stays because the clients' drivers (multimail.client) still read it.
+    probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ def parse_arguments(tool: Tool, arguments: Mapping[str, Any] | None) -> ToolInpu
     try:
         return tool.input.model_validate(dict(arguments or {}))
     except PydanticValidationError as exc:
+        for error in exc.errors():
+            # A validator that raised our own error (with its stable code) is answered as is.
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, MultimailError):
+                raise cause from None
         details = [
             {"field": ".".join(str(p) for p in e["loc"]) or None, "problem": e["msg"]}
             for e in exc.errors()
@@ -70,15 +77,11 @@ def _fill(template: str, values: Mapping[str, Any]) -> str:
     return out
 
 
-def _mailboxes(default: str | None) -> Generator[RestCall, RestResponse, list[str]]:
-    if default:
-        return [default]
-    answer = yield RestCall("GET", "/v1/mailboxes")
-    return [m["id"] for m in (answer.data or {}).get("mailboxes", [])]
-
-
 def _one_mailbox(default: str | None) -> Generator[RestCall, RestResponse, str]:
-    found = yield from _mailboxes(default)
+    if default:
+        return default
+    answer = yield RestCall("GET", "/v1/mailboxes")
+    found: list[str] = [m["id"] for m in (answer.data or {}).get("mailboxes", [])]
     if len(found) != 1:
         raise InvalidInput(
             f"this key sees {len(found)} mailboxes: say which one with 'mailbox_id' "
@@ -86,25 +89,6 @@ def _one_mailbox(default: str | None) -> Generator[RestCall, RestResponse, str]:
             code="mailbox_required",
         )
     return found[0]
-
-
-def _locate(
-    probe_template: str, values: Mapping[str, Any], default: str | None, what: str
-) -> Generator[RestCall, RestResponse, str]:
-    """The mailbox holding a message or thread, found by asking each mailbox the key sees."""
-    candidates = yield from _mailboxes(None)
-    if default in candidates:
-        candidates.remove(default)
-        candidates.insert(0, default)
-    for mailbox in candidates:
-        if len(candidates) == 1:
-            return mailbox
-        answer = yield RestCall(
-            "GET", _fill(probe_template, {**values, "mailbox": mailbox}), probe=True
-        )
-        if answer.status != 404:
-            return mailbox
-    raise NotFound(f"{what} was not found in any mailbox this key can see")
 
 
 def plan(tool: Tool, arguments: Mapping[str, Any] | None, *, default_mailbox: str | None) -> Plan:
@@ -118,20 +102,6 @@ def plan(tool: Tool, arguments: Mapping[str, Any] | None, *, default_mailbox: st
         given = args.pop("mailbox_id", None)
         if given:
             values["mailbox"] = given
-        elif route.locate == "message":
-            values["mailbox"] = yield from _locate(
-                "/v1/mailboxes/{mailbox}/emails/{message_id}/tags",
-                values,
-                default_mailbox,
-                f"message {values.get('message_id')!r}",
-            )
-        elif route.locate == "thread":
-            values["mailbox"] = yield from _locate(
-                "/v1/mailboxes/{mailbox}/threads/{thread_id}",
-                values,
-                default_mailbox,
-                f"thread {values.get('thread_id')!r}",
-            )
         else:
             values["mailbox"] = yield from _one_mailbox(default_mailbox)
     elif route.default_mailbox_query and "mailbox_id" not in args and default_mailbox:

@@ -88,9 +88,10 @@ def _served(app: FastAPI, method: str, path: str) -> bool:
 def install_tool_routes(app: FastAPI) -> list[str]:
     """Add ``/{tool}`` routes for every tool; call after the hand-written routers are included.
 
-    A method and path a hand-written route already serves is left to it (the first match
-    wins in Starlette anyway), and so is a tool whose plan itself uses its tool-named path.
-    Returns those skipped as ``"METHOD /path"`` so they can be listed and retired.
+    No router should hand-write a tool-named path (a unit test keeps it so: one definition per
+    tool). Should one appear, it is left to answer (the first match wins in Starlette anyway),
+    and so is a tool whose plan itself uses its tool-named path; both are returned as
+    ``"METHOD /path"`` so that test can name them.
     """
     skipped: list[str] = []
     for tool in TOOLS:

@@ -142,6 +142,14 @@ class SendEmail(Draft):
 class ScheduleEmail(SendEmail):
     send_at: str = Field(..., description="ISO 8601 UTC time to send at.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_send_at(cls, data: Any) -> Any:
+        # Its own code rather than a generic validation error: the guides test for it.
+        if isinstance(data, dict) and not data.get("send_at"):
+            raise InvalidInput("schedule_email needs 'send_at' (ISO 8601)", code="send_at_required")
+        return data
+
 
 class ReplyEmail(Draft):
     message_id: str | None = Field(None, max_length=998, description="The message replied to.")
@@ -274,8 +282,10 @@ class ListPending(MailboxArg):
 
 
 class DecideEmail(MessageArg):
-    decision: Literal["approve", "reject"] | None = None
-    action: Literal["approve", "reject"] | None = Field(None, description="Same as decision.")
+    # Free text, not an enum: reviewers write "approved" or "deny" too, and the service knows
+    # every spelling (an unknown one is its 422 invalid_decision, as on the REST route).
+    decision: str | None = Field(None, max_length=20, description="'approve' or 'reject'.")
+    action: str | None = Field(None, max_length=20, description="Same as decision.")
     reason: str | None = Field(None, max_length=5000)
     note: str | None = Field(None, max_length=5000, description="Same as reason.")
     rejection_note: str | None = Field(None, max_length=5000, description="Same as reason.")
@@ -287,7 +297,9 @@ class DecideEmail(MessageArg):
     @model_validator(mode="after")
     def _needs_decision(self) -> DecideEmail:
         if not (self.decision or self.action):
-            raise ValueError("give decision: 'approve' or 'reject'")
+            raise InvalidInput(
+                "give 'decision' (or 'action') as 'approve' or 'reject'", code="invalid_decision"
+            )
         return self
 
     def merged(self) -> dict[str, Any]:

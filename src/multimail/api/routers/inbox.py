@@ -1,4 +1,9 @@
-"""The agent's inbox (SPEC §5.1) and its tool-named forms (§5.2), plus ``POST /v1/inbound``.
+"""The agent's inbox (SPEC §5.1), plus ``POST /v1/inbound``.
+
+Each message route exists twice: under ``/v1/mailboxes/{mailbox}/…`` and account-wide under
+``/v1/emails/{email_id}/…`` (``?mailbox_id=`` optional), which the tools use so an agent never
+has to know which mailbox holds a message. The tool-named forms (``/read_email`` …) are
+generated from the tool catalogue (``multimail.tools.http_routes``), not written here.
 
 Thin: each route parses its input and calls one function of ``services.inbox`` or
 ``services.inbound``.
@@ -17,7 +22,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
 from multimail.api.deps import ADMIN, READ, get_services
-from multimail.errors import InvalidInput, MalformedRequest
+from multimail.errors import MalformedRequest
 from multimail.services import inbound, inbox
 from multimail.services.context import Actor, Services
 
@@ -34,25 +39,6 @@ class InboundJSON(Strict):
     rcpt_to: list[str] | str | None = None
     peer_ip: str | None = None
     helo: str | None = None
-
-
-class TagRequest(Strict):
-    message_id: str | None = None
-    email_id: str | None = None
-    tags: dict[str, Any] | list[str] | str
-
-
-class MessageRef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    message_id: str | None = None
-    email_id: str | None = None
-    id: str | None = None
-
-    def ref(self) -> str:
-        value = self.message_id or self.email_id or self.id
-        if not value:
-            raise InvalidInput("message_id is required", field="message_id")
-        return value
 
 
 def _filters(
@@ -236,6 +222,68 @@ def list_account_emails(
         return inbox.list_emails(conn, actor, mailbox=mailbox_id, filters=filters)
 
 
+@router.get("/v1/emails/wait")
+async def wait_in_account(
+    mailbox_id: str | None = Query(None, max_length=320),
+    wait_s: float = Query(30.0, alias="timeout", ge=0, le=inbox.MAX_WAIT_SECONDS),
+    since_id: str | None = None,
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    return await inbox.wait_for_email(
+        svc, actor, mailbox=mailbox_id, timeout_s=wait_s, since_id=since_id
+    )
+
+
+@router.get("/v1/emails/{email_id}")
+def read_account_email(
+    email_id: str,
+    mailbox_id: str | None = Query(None, max_length=320),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    """The full message with ``dkim_verified`` and ``reviewer`` (marks unread as read)."""
+    return inbox.read_email_verified(svc, actor, email_id, mailbox=mailbox_id)
+
+
+@router.put("/v1/emails/{email_id}/tags")
+def put_account_tags(
+    email_id: str,
+    tags: dict[str, Any] | list[str],
+    mailbox_id: str | None = Query(None, max_length=320),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    if isinstance(tags, dict) and set(tags) == {"tags"}:
+        tags = tags["tags"]
+    with svc.db.write() as conn:
+        return inbox.set_tags(conn, actor, email_id, tags, mailbox=mailbox_id)
+
+
+@router.get("/v1/emails/{email_id}/attachments/{filename}")
+def get_account_attachment(
+    email_id: str,
+    filename: str,
+    mailbox_id: str | None = Query(None, max_length=320),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Response:
+    with svc.db.read() as conn:
+        item = inbox.download_attachment(conn, actor, email_id, filename, mailbox=mailbox_id)
+    return _attachment_response(item)
+
+
+@router.get("/v1/threads/{thread_id}")
+def get_account_thread(
+    thread_id: str,
+    mailbox_id: str | None = Query(None, max_length=320),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    with svc.db.read() as conn:
+        return inbox.get_thread(conn, actor, thread_id, mailbox=mailbox_id)
+
+
 @router.post("/v1/emails/{email_id}/report-spam")
 def report_spam(
     email_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
@@ -254,118 +302,6 @@ def not_spam(
 
 @router.get("/v1/usage")
 def get_usage(
-    period: str = "summary", actor: Actor = Depends(READ), svc: Services = Depends(get_services)
-) -> Any:
-    with svc.db.read() as conn:
-        return inbox.usage(conn, actor, svc, period=period)
-
-
-# --- tool-named forms (SPEC §5.2) --------------------------------------------------------------
-
-
-@router.get("/check_inbox")
-def check_inbox(
-    mailbox_id: str | None = None,
-    filter: str | None = None,
-    filters: inbox.EmailFilters = Depends(_filters),
-    actor: Actor = Depends(READ),
-    svc: Services = Depends(get_services),
-) -> Any:
-    if filter and not filters.status:
-        filters = inbox.EmailFilters(**{**filters.__dict__, "status": filter})
-    with svc.db.read() as conn:
-        result = inbox.list_emails(conn, actor, mailbox=mailbox_id, filters=filters)
-    result["messages"] = result["emails"]
-    return result
-
-
-@router.get("/read_email")
-def read_email_tool(
-    message_id: str, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
-) -> Any:
-    return inbox.read_email_tool(svc, actor, message_id)
-
-
-@router.get("/get_thread")
-def get_thread_tool(
-    thread_id: str,
-    mailbox_id: str | None = None,
-    actor: Actor = Depends(READ),
-    svc: Services = Depends(get_services),
-) -> Any:
-    with svc.db.read() as conn:
-        return inbox.get_thread(conn, actor, thread_id, mailbox=mailbox_id)
-
-
-@router.post("/tag_email")
-def tag_email(
-    body: TagRequest, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
-) -> Any:
-    ref = body.message_id or body.email_id
-    if not ref:
-        raise InvalidInput("message_id is required", field="message_id")
-    with svc.db.write() as conn:
-        return inbox.set_tags(conn, actor, ref, body.tags)
-
-
-@router.get("/download_attachment")
-def download_attachment_tool(
-    message_id: str,
-    filename: str,
-    actor: Actor = Depends(READ),
-    svc: Services = Depends(get_services),
-) -> Response:
-    with svc.db.read() as conn:
-        item = inbox.download_attachment(conn, actor, message_id, filename)
-    return _attachment_response(item)
-
-
-@router.get("/wait_for_email")
-async def wait_for_email_tool(
-    mailbox_id: str | None = None,
-    wait_s: float = Query(30.0, alias="timeout", ge=0, le=inbox.MAX_WAIT_SECONDS),
-    since_id: str | None = None,
-    actor: Actor = Depends(READ),
-    svc: Services = Depends(get_services),
-) -> Any:
-    return await inbox.wait_for_email(
-        svc, actor, mailbox=mailbox_id, timeout_s=wait_s, since_id=since_id
-    )
-
-
-@router.post("/report_spam")
-def report_spam_tool(
-    body: MessageRef, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
-) -> Any:
-    with svc.db.write() as conn:
-        return inbox.report_spam(conn, actor, body.ref())
-
-
-@router.post("/not_spam")
-def not_spam_tool(
-    body: MessageRef, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
-) -> Any:
-    with svc.db.write() as conn:
-        return inbox.mark_not_spam(conn, actor, body.ref())
-
-
-@router.get("/list_spam")
-def list_spam_tool(
-    mailbox_id: str | None = None,
-    limit: int | None = Query(None, ge=1, le=200),
-    cursor: str | None = None,
-    actor: Actor = Depends(READ),
-    svc: Services = Depends(get_services),
-) -> Any:
-    filters = inbox.EmailFilters(status="spam", limit=limit, cursor=cursor)
-    with svc.db.read() as conn:
-        result = inbox.list_emails(conn, actor, mailbox=mailbox_id, filters=filters)
-    result["messages"] = result["emails"]
-    return result
-
-
-@router.get("/get_usage")
-def get_usage_tool(
     period: str = "summary", actor: Actor = Depends(READ), svc: Services = Depends(get_services)
 ) -> Any:
     with svc.db.read() as conn:

@@ -2,20 +2,22 @@
 
 Cancel takes any key and lets the service decide: agents (send) and reviewers (oversight) may.
 
-The canonical routes name the mailbox in the path; the short forms (``/v1/send``) and the
-tool-named routes (``/send_email`` …) take ``from`` or ``mailbox_id`` instead. A new message
-answers 202; an idempotent replay answers 200 with the original response.
+The canonical routes name the mailbox in the path; the short forms (``/v1/send``,
+``/v1/cancel/{id}``) and the account-wide message routes (``/v1/emails/{id}/reply`` …, which the
+tools use) take ``from`` or ``mailbox_id`` instead, a reply defaulting to the mailbox of the
+message answered. The tool-named routes (``/send_email`` …) are generated from the tool
+catalogue. A new message answers 202; an idempotent replay answers 200 with the original
+response.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Response
+from fastapi import APIRouter, Body, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from multimail.api.deps import SEND, authenticated, get_services
-from multimail.errors import InvalidInput
 from multimail.services import sending
 from multimail.services.context import Actor, Services
 from multimail.services.sending import ScheduleEdit, SendRequest, SendResult
@@ -30,47 +32,9 @@ class CancelBody(BaseModel):
     note: str | None = Field(None, max_length=2000)
 
 
-class ToolReply(SendRequest):
-    """``reply_email``: the message answered is ``message_id`` (or ``email_id``)."""
-
-    message_id: str | None = None
-    email_id: str | None = None
-
-
-class ToolEdit(ScheduleEdit):
-    message_id: str | None = None
-    email_id: str | None = None
-    from_: str | None = Field(None, alias="from")
-    mailbox_id: str | None = None
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-
-class ToolCancel(CancelBody):
-    message_id: str | None = None
-    email_id: str | None = None
-    from_: str | None = Field(None, alias="from")
-    mailbox_id: str | None = None
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
 def _answer(result: SendResult, response: Response) -> dict[str, Any]:
     response.status_code = 202 if result.created else 200
     return result.response
-
-
-def _target(message_id: str | None, email_id: str | None) -> str:
-    ref = message_id or email_id
-    if not ref:
-        raise InvalidInput("give the 'message_id' of the message", code="message_id_required")
-    return ref
-
-
-def _strip(model: BaseModel, cls: type[BaseModel], *names: str) -> Any:
-    """The same request without the routing fields the tool-named forms add."""
-    data = model.model_dump(by_alias=True, exclude_unset=True, exclude=set(names))
-    return cls.model_validate(data)
 
 
 # --- canonical REST --------------------------------------------------------------------------
@@ -148,58 +112,24 @@ def short_cancel(
     return sending.cancel(svc, actor, email_id, reason)
 
 
-# --- tool-named routes (the MCP tools' names) -----------------------------------------------
-
-
-@router.post("/send_email", status_code=202)
-def send_email(
+@router.post("/v1/emails/{email_id}/reply", status_code=202)
+def account_reply(
+    email_id: str,
     body: SendRequest,
     response: Response,
     actor: Actor = Depends(SEND),
     svc: Services = Depends(get_services),
 ) -> Any:
-    return _answer(sending.send(svc, actor, mailbox_ref=None, request=body), response)
-
-
-@router.post("/schedule_email", status_code=202)
-def schedule_email(
-    body: SendRequest,
-    response: Response,
-    actor: Actor = Depends(SEND),
-    svc: Services = Depends(get_services),
-) -> Any:
-    if not body.send_at:
-        raise InvalidInput("schedule_email needs 'send_at' (ISO 8601)", code="send_at_required")
-    return _answer(sending.send(svc, actor, mailbox_ref=None, request=body), response)
-
-
-@router.post("/reply_email", status_code=202)
-def reply_email(
-    body: ToolReply,
-    response: Response,
-    actor: Actor = Depends(SEND),
-    svc: Services = Depends(get_services),
-) -> Any:
-    target = _target(body.message_id, body.email_id)
-    request = _strip(body, SendRequest, "message_id", "email_id")
-    result = sending.reply(svc, actor, mailbox_ref=None, email_id=target, request=request)
+    result = sending.reply(svc, actor, mailbox_ref=None, email_id=email_id, request=body)
     return _answer(result, response)
 
 
-@router.post("/edit_scheduled_email")
-def edit_scheduled_email(
-    body: ToolEdit, actor: Actor = Depends(SEND), svc: Services = Depends(get_services)
+@router.patch("/v1/emails/{email_id}/schedule")
+def account_edit_schedule(
+    email_id: str,
+    body: ScheduleEdit,
+    mailbox_id: str | None = Query(None, max_length=320),
+    actor: Actor = Depends(SEND),
+    svc: Services = Depends(get_services),
 ) -> Any:
-    target = _target(body.message_id, body.email_id)
-    changes = _strip(body, ScheduleEdit, "message_id", "email_id", "from_", "mailbox_id")
-    mailbox = body.from_ or body.mailbox_id
-    return sending.edit_scheduled(svc, actor, target, changes, mailbox_ref=mailbox)
-
-
-@router.post("/cancel_message")
-def cancel_message(
-    body: ToolCancel, actor: Actor = Depends(authenticated), svc: Services = Depends(get_services)
-) -> Any:
-    target = _target(body.message_id, body.email_id)
-    mailbox = body.from_ or body.mailbox_id
-    return sending.cancel(svc, actor, target, body.reason or body.note, mailbox_ref=mailbox)
+    return sending.edit_scheduled(svc, actor, email_id, body, mailbox_ref=mailbox_id)

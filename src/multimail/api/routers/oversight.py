@@ -1,5 +1,8 @@
 """Oversight routes: the pending queue, decisions, the kill switch, the trust ladder and the
-recipient allowlist (SPEC §2, §5.1, §5.2). Each route calls one service function."""
+recipient allowlist (SPEC §2, §5.1, §5.2). Each route calls one service function.
+
+The tool-named forms (``/list_pending``, ``/decide_email`` …) are generated from the tool
+catalogue and land on these routes."""
 
 from __future__ import annotations
 
@@ -52,14 +55,6 @@ class UpgradeApply(Strict):
     approval_code: str | None = Field(None, max_length=40)
 
 
-class ToolUpgradeRequest(UpgradeRequest):
-    mailbox_id: str = Field(..., max_length=320)
-
-
-class ToolUpgradeApply(UpgradeApply):
-    mailbox_id: str = Field(..., max_length=320)
-
-
 class AllowlistAdd(Strict):
     pattern: str | None = Field(None, max_length=320)
     address: str | None = Field(None, max_length=320)
@@ -94,24 +89,6 @@ def pending_short(
     return _pending(svc, actor, mailbox_id, limit, cursor)
 
 
-@router.get("/list_pending")
-def list_pending_tool(
-    mailbox_id: str | None = Query(None, max_length=320),
-    limit: int | None = Query(None, ge=1, le=200),
-    cursor: str | None = Query(None, max_length=60),
-    actor: Actor = Depends(READ),
-    svc: Services = Depends(get_services),
-) -> Any:
-    return _pending(svc, actor, mailbox_id, limit, cursor)
-
-
-@router.post("/list_pending")
-def list_pending_tool_post(
-    body: KillSwitch, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
-) -> Any:
-    return _pending(svc, actor, body.mailbox_id, None, None)
-
-
 def _decide(svc: Services, actor: Actor, body: Decision) -> Any:
     action = body.action or body.decision or ""
     fields: dict[str, Any] = {
@@ -134,13 +111,6 @@ def _decide(svc: Services, actor: Actor, body: Decision) -> Any:
 
 @router.post("/v1/oversight/decide")
 def decide(
-    body: Decision, actor: Actor = Depends(authenticated), svc: Services = Depends(get_services)
-) -> Any:
-    return _decide(svc, actor, body)
-
-
-@router.post("/decide_email")
-def decide_email(
     body: Decision, actor: Actor = Depends(authenticated), svc: Services = Depends(get_services)
 ) -> Any:
     return _decide(svc, actor, body)
@@ -178,13 +148,6 @@ def request_upgrade(
     return approvals.request_upgrade(svc, actor, mailbox, _mode(body))
 
 
-@router.post("/request_upgrade", status_code=202)
-def request_upgrade_tool(
-    body: ToolUpgradeRequest, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
-) -> Any:
-    return approvals.request_upgrade(svc, actor, body.mailbox_id, _mode(body))
-
-
 @router.post("/v1/mailboxes/{mailbox}/upgrade")
 def apply_upgrade(
     mailbox: str,
@@ -193,13 +156,6 @@ def apply_upgrade(
     svc: Services = Depends(get_services),
 ) -> Any:
     return approvals.apply_upgrade(svc, actor, mailbox, body.code or body.approval_code)
-
-
-@router.post("/apply_upgrade")
-def apply_upgrade_tool(
-    body: ToolUpgradeApply, actor: Actor = Depends(READ), svc: Services = Depends(get_services)
-) -> Any:
-    return approvals.apply_upgrade(svc, actor, body.mailbox_id, body.code or body.approval_code)
 
 
 @router.get("/v1/mailboxes/{mailbox}/allowlist")
