@@ -141,6 +141,43 @@ def test_reading_marks_read_once_and_separates_the_untrusted_body(
     assert stranger.get("/read_email", params={"message_id": message_id}).status_code == 404
 
 
+def test_message_tools_find_the_message_in_any_mailbox_with_rest_errors(
+    api: Api, services: Services, boot: accounts.Bootstrap
+) -> None:
+    """With several mailboxes and none named, /read_email, /tag_email and /get_thread find the
+    message or thread in one account-wide call; /read_email adds status, delivered_at,
+    decision, reviewer and dkim_verified; a wrong mailbox or an unknown id is the REST 404."""
+    _setup(services, boot)
+    actor = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
+    with services.db.write() as conn:
+        mailboxes.create_mailbox(
+            conn, actor=actor, settings=services.settings, address="other@mm.test"
+        )
+    message_id = deliver(services, boot, "Where am I")
+    agent = api.client(boot.agent_key)
+    read = agent.get("/read_email", params={"message_id": message_id})
+    assert read.status_code == 200, read.text
+    body = read.json()
+    assert body["message_id"] == body["email_id"] == message_id and body["status"] == "read"
+    assert {"delivered_at", "decision", "reviewer", "dkim_verified"} <= set(body)
+    assert body["dkim_verified"] is None  # the test message was never signed
+    rest = agent.get(f"/v1/emails/{message_id}").json()
+    assert rest["dkim_verified"] is None and rest["untrusted_body"]["untrusted"] is True
+    tagged = agent.post("/tag_email", json={"message_id": message_id, "tags": {"n": 7}})
+    assert tagged.status_code == 200 and tagged.json()["tags"] == {"n": "7"}
+    thread = agent.post("/get_thread", json={"thread_id": body["thread_id"]}).json()
+    assert [m["id"] for m in thread["messages"]] == [message_id]
+    elsewhere = agent.get(
+        "/read_email", params={"message_id": message_id, "mailbox_id": "other@mm.test"}
+    )
+    assert elsewhere.status_code == 404 and elsewhere.json()["code"] == "message_not_found"
+    missing = agent.post("/tag_email", json={"message_id": "msg_nope", "tags": ["x"]})
+    assert missing.status_code == 404 and missing.json()["code"] == "message_not_found"
+    assert agent.get("/get_thread", params={"thread_id": "thr_nope"}).status_code == 404
+    everything = agent.get("/check_inbox").json()
+    assert [m["id"] for m in everything["messages"]] == [message_id]
+
+
 def test_tags_merge_delete_and_accept_label_lists(
     api: Api, services: Services, boot: accounts.Bootstrap
 ) -> None:

@@ -221,7 +221,8 @@ class CancelMessage(MessageArg):
 
 
 class TagEmail(MessageArg):
-    tags: list[str] | dict[str, str] = Field(
+    # Values may be numbers or booleans too: the REST route stores each as text.
+    tags: list[str] | dict[str, str | int | float | bool | None] = Field(
         ..., description="Labels (a list) or key-value pairs (an object); merged into existing."
     )
 
