@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -11,6 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from multimail.errors import MultimailError, RateLimited
+from multimail.services import audit
+from multimail.services.context import Actor
 
 log = logging.getLogger("multimail.api")
 
@@ -53,9 +56,39 @@ def _describe_validation(
     return 422, message, "validation_error", details
 
 
+# A refused attempt to change something (another account's object, a missing scope, a decision
+# already taken, a bypass field) is itself evidence: it goes in the audit log (APP-2).
+_AUDITED_REFUSALS = frozenset({403, 404, 409})
+
+
+async def _audit_refusal(request: Request, exc: MultimailError) -> None:
+    actor = getattr(request.state, "actor", None)
+    if not isinstance(actor, Actor) or exc.code == "unknown_fields":
+        return  # anonymous callers are not recorded; unknown_fields is audited by its service
+    services = request.app.state.services
+
+    def record() -> None:
+        with services.db.write() as conn:
+            audit.append(
+                conn,
+                actor=actor,
+                action="request.refused",
+                subject_type="request",
+                subject_id=f"{request.method} {request.url.path}"[:200],
+                details={"status": exc.status, "code": exc.code, "error": exc.message[:300]},
+            )
+
+    try:
+        await asyncio.to_thread(record)
+    except Exception:  # the refusal must still be answered if the log write fails
+        log.exception("could not audit a refused request")
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(MultimailError)
     async def _multimail_error(request: Request, exc: MultimailError) -> JSONResponse:
+        if exc.status in _AUDITED_REFUSALS and request.method not in ("GET", "HEAD", "OPTIONS"):
+            await _audit_refusal(request, exc)
         headers: dict[str, str] = {}
         if isinstance(exc, RateLimited):
             headers["Retry-After"] = str(exc.retry_after)

@@ -8,7 +8,15 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from multimail.api.deps import ADMIN, READ, get_services
-from multimail.services import accounts, approvals, directory, domains, keys, mailboxes
+from multimail.services import (
+    accounts,
+    approvals,
+    directory,
+    domains,
+    keys,
+    mailboxes,
+    operators,
+)
 from multimail.services.context import Actor, Services
 
 router = APIRouter(prefix="/v1")
@@ -301,3 +309,18 @@ def delete_domain(
 ) -> Any:
     with svc.db.write() as conn:
         return domains.delete_domain(conn, actor=actor, ref=domain_id)
+
+
+# --- the test-mode sandbox -------------------------------------------------------------------
+
+
+@router.get("/sandbox/messages")
+def sandbox_messages(
+    limit: int = Query(50, ge=1, le=200),
+    cursor: str | None = Query(None, max_length=40),
+    actor: Actor = Depends(READ),
+    svc: Services = Depends(get_services),
+) -> Any:
+    """Messages sent with mm_test_ keys: the whole pipeline ran, nothing went to SMTP."""
+    with svc.db.read() as conn:
+        return operators.captured_messages(conn, actor, limit=limit, cursor=cursor)
