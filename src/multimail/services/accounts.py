@@ -112,6 +112,12 @@ def update_account(
             f"these account fields cannot be changed here: {', '.join(sorted(unknown))}",
             code="unknown_fields",
         )
+    cleared = sorted(k for k, v in changes.items() if v is None and not accounts.c[k].nullable)
+    if cleared:
+        raise InvalidInput(
+            f"these account fields cannot be cleared: {', '.join(cleared)}",
+            code="required_fields",
+        )
     current = get_account(conn, account_id)
     values = dict(changes)
     if values.get("oversight_email"):

@@ -21,6 +21,9 @@ from multimail.services.context import Actor, Services
 
 router = APIRouter(prefix="/v1")
 
+# The columns are 32-bit integers: larger numbers are invalid input, not a database error.
+INT32_MAX = 2**31 - 1
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -31,7 +34,7 @@ class AccountUpdate(Strict):
     name: str | None = Field(None, max_length=200)
     oversight_email: str | None = None
     postal_address: str | None = Field(None, max_length=1000)
-    daily_send_quota: int | None = Field(None, ge=0)
+    daily_send_quota: int | None = Field(None, ge=0, le=INT32_MAX)
 
 
 class MailboxSettings(Strict):
@@ -46,10 +49,10 @@ class MailboxSettings(Strict):
     auto_bcc: list[str] | None = None
     webhook_url: str | None = None
     ai_disclosure: bool | None = None
-    approval_timeout_seconds: int | None = None
-    approval_expiry_seconds: int | None = None
-    send_cap_hour: int | None = None
-    send_cap_day: int | None = None
+    approval_timeout_seconds: int | None = Field(None, le=INT32_MAX)
+    approval_expiry_seconds: int | None = Field(None, le=INT32_MAX)
+    send_cap_hour: int | None = Field(None, le=INT32_MAX)
+    send_cap_day: int | None = Field(None, le=INT32_MAX)
     metadata: dict[str, Any] | None = None
 
 
@@ -64,8 +67,8 @@ class KeyCreate(Strict):
     scopes: list[str]
     mode: str = "live"
     mailbox_ids: list[str] | None = None
-    send_cap_hour: int | None = Field(None, ge=0)
-    send_cap_day: int | None = Field(None, ge=0)
+    send_cap_hour: int | None = Field(None, ge=0, le=INT32_MAX)
+    send_cap_day: int | None = Field(None, ge=0, le=INT32_MAX)
 
 
 class ContactCreate(Strict):
@@ -201,7 +204,7 @@ def list_contacts(
     q: str | None = Query(None, max_length=320),
     tag: str | None = Query(None, max_length=200),
     limit: int | None = Query(None, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=1_000_000_000),  # beyond bigint the database errs
     actor: Actor = Depends(READ),
     svc: Services = Depends(get_services),
 ) -> Any:
@@ -237,7 +240,7 @@ def delete_contact(
 def list_suppressions(
     address: str | None = Query(None, max_length=320),
     limit: int | None = Query(None, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=1_000_000_000),  # beyond bigint the database errs
     actor: Actor = Depends(READ),
     svc: Services = Depends(get_services),
 ) -> Any:

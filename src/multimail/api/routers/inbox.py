@@ -51,7 +51,7 @@ def _filters(
     has_attachments: bool | None = None,
     since_id: str | None = None,
     cursor: str | None = None,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=1_000_000_000),  # beyond bigint the database errs
     limit: int | None = Query(None, ge=1, le=200),
 ) -> inbox.EmailFilters:
     return inbox.EmailFilters(
