@@ -16,7 +16,7 @@ from typing import Any
 import dns.resolver
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import event, func, insert, select, update
 
 from multimail.config import Settings
 from multimail.ids import aware, new_id, utcnow
@@ -721,3 +721,111 @@ async def test_system_mail_goes_from_the_null_sender_and_skips_suppressed(
     with world.services.db.read() as conn:
         assert conn.execute(select(func.count()).select_from(jobs_table).where(
             jobs_table.c.kind == delivery.SYSTEM_MAIL)).scalar_one() == 1  # fmt: skip
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+
+def _count_write_commits(services: Services) -> list[int]:
+    """A counter of committed write transactions (each one an fsync on SQLite)."""
+    count = [0]
+
+    def on_commit(conn: Any) -> None:
+        if conn.get_execution_options().get("immediate", False):
+            count[0] += 1
+
+    event.listen(services.db.engine, "commit", on_commit)
+    return count
+
+
+async def test_a_batch_is_claimed_started_and_recorded_in_two_write_commits(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """Group commit: one batch of deliveries claims its jobs and starts its messages in one
+    commit and records every outcome (attempts, statuses, audit, events, job completions) in
+    one more; a message that cannot go is settled in the first commit and sinks nobody."""
+    good = [world.message(to=[f"r{i}@example.test"]) for i in range(12)]
+    nobody = world.message(to=[])
+    commits = _count_write_commits(world.services)
+    batch = runner.BATCHES[delivery.DELIVER]
+    claimed = await batch(world.services, "batch-worker", 50, timedelta(minutes=2))
+    assert claimed == 13
+    assert commits[0] == 2
+    assert len(relay.wait_for(12)) == 12
+    for message_id in good:
+        assert world.row(message_id)["status"] == "delivered"
+        assert [a["outcome"] for a in world.attempts(message_id)] == ["delivered"]
+        assert "message.delivered" in world.audit_actions(message_id)
+        assert world.event_types(message_id) == ["message.sent", "message.delivered"]
+    assert world.row(nobody)["status"] == "send_failed"
+    assert "message.send_failed" in world.audit_actions(nobody)
+    with world.services.db.read() as conn:
+        left = conn.execute(
+            select(func.count()).where(jobs_table.c.kind == delivery.DELIVER,
+                                       jobs_table.c.status != "done")
+        ).scalar_one()  # fmt: skip
+    assert left == 0
+    await asyncio.sleep(0.2)
+    assert len(relay.messages) == 12
+
+
+async def test_batch_deliveries_each_go_once_and_keep_their_own_outcome(
+    world: World, relay: CapturingSMTPServer, workers: None
+) -> None:
+    """Under the runner's pipelines, a burst of messages reaches the relay exactly once each;
+    a recipient the relay refuses bounces only its own message, a suppressed one is dropped."""
+    with world.services.db.write() as conn:
+        directory.suppress(
+            conn, actor=world.actor, account_id=world.account_id,
+            address="gone@example.test", reason="manual",
+        )  # fmt: skip
+    relay.fail_with(550, "no such user", stage="rcpt", only_for=["nobody@example.test"])
+    ids = [world.message(to=[f"p{i}@example.test"]) for i in range(40)]
+    bounced = world.message(to=["nobody@example.test"])
+    suppressed = world.message(to=["gone@example.test"])
+    runner.wake()
+    for message_id in ids:
+        await until(status_is(world, message_id, "delivered"), within=20)
+    await until(status_is(world, bounced, "bounced"))
+    await until(status_is(world, suppressed, "send_failed"))
+    await asyncio.sleep(0.2)
+    tos = sorted(r for m in relay.messages for r in m.rcpt_tos)
+    assert tos == sorted(f"p{i}@example.test" for i in range(40))
+    ids_seen = [m.as_email()["Message-ID"] for m in relay.messages]
+    assert len(ids_seen) == len(set(ids_seen)) == 40
+
+
+async def test_runner_gives_batch_kinds_only_to_their_batch_runner(svc: Services) -> None:
+    """A kind with a batch runner is claimed by that runner alone, in batches, and never by
+    the one-job-per-slot loop, even when a plain handler exists for it too."""
+    batches: list[int] = []
+
+    @runner.register("test_batched")
+    async def single(services: Services, job: jobs.Job, worker_id: str) -> None:
+        raise AssertionError("the plain handler must not be used for a batch kind")
+
+    @runner.register_batch("test_batched")
+    async def batch(services: Services, worker_id: str, limit: int, lease: timedelta) -> int:
+        with services.db.write() as conn:
+            claimed = jobs.claim_in(conn, worker_id, kinds=["test_batched"], limit=limit)
+            for job in claimed:
+                jobs.complete(conn, job.id, worker_id)
+        if claimed:
+            batches.append(len(claimed))
+        return len(claimed)
+
+    with svc.db.write() as conn:
+        for i in range(10):
+            jobs.enqueue(conn, "test_batched", {"i": i})
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        runner.run_workers(svc, stop, poll_interval=0.05, batch_size=4, pipelines=1)
+    )
+    try:
+        await until(lambda: sum(batches) == 10, within=5)
+        assert max(batches) <= 4 and len(batches) >= 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        runner.HANDLERS.pop("test_batched", None)
+        runner.BATCHES.pop("test_batched", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from sqlalchemy import event as sa_event
 from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError as StandardVerificationError
@@ -502,3 +504,52 @@ async def test_killed_dispatcher_loses_nothing(wsvc: Services, acct: Actor) -> N
     assert len(rx.received) == 2
     assert rx.received[0].headers["webhook-id"] == rx.received[1].headers["webhook-id"]
     assert deliveries(wsvc)[0]["attempts"] == 2
+
+
+async def test_a_burst_is_recorded_by_group_commit_each_event_once(
+    wsvc: Services, acct: Actor
+) -> None:
+    """Outcomes that finish together are recorded together: eight events answered at the same
+    moment are claimed and recorded in fewer commits than one per delivery (each an fsync), and
+    each arrives once with its attempt logged."""
+    gate = threading.Event()
+
+    def responder(index: int, _got: Any) -> Reply:
+        if index >= 7:  # the whole claimed batch is in flight: answer all at once
+            gate.set()
+        return Reply(hold=gate)
+
+    with svc_events(wsvc) as (rx, commits):
+        rx.responder = responder
+        subscribe(wsvc, acct, rx.url, ["*"])
+        async with dispatching(wsvc, concurrency=8):
+            with wsvc.db.write() as conn:
+                ids = [
+                    events.emit(
+                        conn, account_id=acct.account_id or "", event_type="message.received"
+                    )
+                    for _ in range(8)
+                ]
+            commits[0] = 0
+            await wait_until(lambda: all(d["status"] == "delivered" for d in deliveries(wsvc)))
+            writes = commits[0]
+    assert sorted(r.headers["webhook-id"] for r in rx.received) == sorted(ids)
+    assert all(len(attempts_of(wsvc, d["id"])) == 1 for d in deliveries(wsvc))
+    assert writes < 8, writes  # one claim + one record per delivery would be 9
+
+
+@contextlib.contextmanager
+def svc_events(svc: Services) -> Iterator[tuple[Any, list[int]]]:
+    """A receiver and a counter of write commits (each an fsync on SQLite)."""
+    commits = [0]
+
+    def on_commit(conn: Any) -> None:
+        if conn.get_execution_options().get("immediate", False):
+            commits[0] += 1
+
+    sa_event.listen(svc.db.engine, "commit", on_commit)
+    try:
+        with receiving() as rx:
+            yield rx, commits
+    finally:
+        sa_event.remove(svc.db.engine, "commit", on_commit)

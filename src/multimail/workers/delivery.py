@@ -422,16 +422,19 @@ def _audit(
     )
 
 
-def _emit(conn: Connection, message_id: str, event_type: str, **extra: Any) -> None:
+def _emit(conn: Connection, message_id: str, *event_types: str, **extra: Any) -> None:
+    """Emit ``event_types`` for the message as it now stands (its view is built once)."""
     fresh = dict(conn.execute(select(messages).where(messages.c.id == message_id)).mappings().one())
-    events.emit(
-        conn,
-        account_id=fresh["account_id"],
-        event_type=event_type,
-        mailbox_id=fresh["mailbox_id"],
-        message=message_views.full_view(conn, fresh),
-        extra=extra or None,
-    )
+    view = message_views.full_view(conn, fresh)
+    for event_type in event_types:
+        events.emit(
+            conn,
+            account_id=fresh["account_id"],
+            event_type=event_type,
+            mailbox_id=fresh["mailbox_id"],
+            message=view,
+            extra=extra or None,
+        )
 
 
 def _fail(conn: Connection, ctx: _Context, worker_id: str, action: str, reason: str) -> _Outcome:
@@ -755,8 +758,7 @@ def _finish_in(
                 "test": bool(row["test"]),
             },
         )
-        _emit(conn, message_id, "message.sent")
-        _emit(conn, message_id, "message.delivered")
+        _emit(conn, message_id, "message.sent", "message.delivered")
         if row.get("oversight_mode") == "monitored" and not row["test"]:
             # monitored mode: the operator gets a copy of what went out.
             notify.notify_monitored_copy(conn, services, row)
