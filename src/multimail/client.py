@@ -458,7 +458,13 @@ class _Tools(Generic[R]):
         """Add tags to a message: labels or key-value pairs, merged into its existing tags."""
         return self._tool("tag_email", locals())
 
-    def wait_for_email(self, *, mailbox_id: str | None = None, timeout: float | None = None) -> R:
+    def wait_for_email(
+        self,
+        *,
+        mailbox_id: str | None = None,
+        timeout: float | None = None,
+        since_id: str | None = None,
+    ) -> R:
         """Wait up to timeout seconds (≤ 120) for a new message; returns as soon as one arrives."""
         return self._tool("wait_for_email", locals())
 

@@ -229,6 +229,9 @@ class TagEmail(MessageArg):
 
 class WaitForEmail(MailboxArg):
     timeout: float | None = Field(None, ge=0, le=120, description="Seconds to wait (≤ 120).")
+    since_id: str | None = Field(
+        None, max_length=40, description="Only messages newer than this one (the last you saw)."
+    )
 
 
 class MailboxSettings(ToolInput):
@@ -260,9 +263,25 @@ class CreateMailbox(MailboxSettings):
 class RequestUpgrade(MailboxArg):
     target_mode: Mode = Field(..., description="The looser mode wanted.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            _first(data, "target_mode", "target_mode", "oversight_mode", "mode")
+        return data
+
 
 class ApplyUpgrade(MailboxArg):
     code: str = Field(..., max_length=64, description="The code mailed to the operator.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            _first(data, "code", "code", "approval_code")
+        return data
 
 
 class UpdateAccount(ToolInput):
