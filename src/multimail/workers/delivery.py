@@ -13,6 +13,12 @@ One delivery runs in three steps, so the SMTP conversation never holds a transac
    ``delivered`` / ``deferred`` (backoff, up to three days) / ``bounced`` (hard bounce,
    recipients suppressed) / ``send_failed``, with audit entries and events.
 
+Deliveries go in batches (group commit, since each commit is an fsync): the runner's
+pipelines claim up to ``batch_size`` due jobs and *start* all their messages in one commit,
+hand them over concurrently, and *finish* them all, job completions included, in one more.
+Each message gets its own savepoint, so one that fails is settled alone. ``deliver_now`` is a
+batch of one: two commits between an approval and the relay.
+
 The only duplicate window is a worker dying between the relay's final 250 and step 3; the
 next worker then re-sends the stored bytes, Message-ID included, so receivers can drop it.
 A message in ``sending`` is taken over only when no live job still holds it.
