@@ -161,3 +161,40 @@ def test_no_way_around_the_gate(stack: Stack, boot: accounts.Bootstrap) -> None:
     assert {"already_decided", "already_approved", "message_not_found"} <= set(codes), codes
     for client in (admin, agent, reviewer):
         client.close()
+
+
+def test_a_message_read_shows_its_audit_trail_in_order(
+    stack: Stack, boot: accounts.Bootstrap
+) -> None:
+    """GET …/emails/{id} carries the message's audit trail: created → scanned → held →
+    approved (with the reviewer) → delivered, so a compliance reviewer sees it in one place."""
+    admin = stack.client(boot.admin_key)
+    agent = stack.client(boot.agent_key)
+    reviewer = stack.client(boot.reviewer_key)
+    box = admin.post("/v1/mailboxes", json={"address": "agent@mm.test"}).json()
+    sent = agent.post(
+        f"/v1/mailboxes/{box['id']}/send",
+        json={"to": "jane@example.com", "subject": "Hi", "markdown": "Hello Jane"},
+    ).json()
+    reviewer.post("/v1/oversight/decide", json={"email_id": sent["id"], "action": "approve"})
+    deadline = time.monotonic() + 15
+    while not agent_mail(stack) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        read = agent.get(f"/v1/mailboxes/{box['id']}/emails/{sent['id']}").json()
+        if read["status"] == "delivered":
+            break
+        time.sleep(0.05)
+    trail = [entry["action"] for entry in read["audit_trail"]]
+    assert trail[0] == "message.created"
+    for earlier, later in [
+        ("message.created", "message.scanned"),
+        ("message.scanned", "message.approved"),
+        ("message.approved", "message.delivered"),
+    ]:
+        assert trail.index(earlier) < trail.index(later), trail
+    approval = next(e for e in read["audit_trail"] if e["action"] == "message.approved")
+    assert approval["actor_name"] == "reviewer"
+    for client in (admin, agent, reviewer):
+        client.close()

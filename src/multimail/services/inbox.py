@@ -218,6 +218,9 @@ def read_email(
     data["trusted"]["auth_results"] = row.get("auth_results")
     data["untrusted_body"] = data["body"]
     data["auth_results"] = row.get("auth_results")
+    # Who did what to this message, in order (draft, scan, decision, delivery): a compliance
+    # reviewer reads the whole story in one response.
+    data["audit_trail"] = audit.trail_for_message(conn, actor, row["id"])
     return data
 
 
