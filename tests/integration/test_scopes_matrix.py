@@ -56,7 +56,7 @@ PINNED: dict[tuple[str, str], frozenset[Scope]] = {
 # The catalogue (what MCP clients are told) asks for admin where the REST route lets any key
 # with read *ask* for an upgrade or apply the operator's mailed code (the code is the
 # operator's consent). Reported to the catalogue's owner; listed so any new drift fails.
-CATALOGUE_DRIFT = {"request_upgrade", "apply_upgrade"}
+CATALOGUE_DRIFT: set[str] = set()
 
 _DEPENDENCY_SCOPE = {f"require_{scope.value}": scope for scope in Scope}
 

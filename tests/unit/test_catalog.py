@@ -274,3 +274,28 @@ def test_no_router_hand_writes_a_tool_named_path() -> None:
         written = {getattr(r, "path", None) for r in router.routes}
         assert not written & tool_paths, (module.name, written & tool_paths)
     assert install_tool_routes(app) == []
+
+
+def test_tool_routes_check_the_key_before_the_arguments() -> None:
+    """A tool call without a valid key is a 401 even when its arguments are wrong too."""
+    import tempfile
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from multimail.api.app import create_app
+    from multimail.config import Settings
+    from multimail.runtime import build_services
+
+    with tempfile.TemporaryDirectory() as tmp:
+        services = build_services(Settings(data_dir=Path(tmp)))
+        with TestClient(create_app(services)) as http:
+            no_key = http.post("/send_email", json={"nonsense": True})
+            assert no_key.status_code == 401 and no_key.json()["code"] == "missing_api_key"
+            bad_key = http.post(
+                "/decide_email",
+                json={"wrong": 1},
+                headers={"Authorization": "Bearer mm_live_" + "x" * 43},
+            )
+            assert bad_key.status_code == 401 and bad_key.json()["code"] == "invalid_api_key"
+        services.db.dispose()

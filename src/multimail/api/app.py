@@ -7,7 +7,6 @@ from fastapi import FastAPI
 from multimail import __version__
 from multimail.api import errors
 from multimail.api.limits import BodySizeLimit
-from multimail.api.ratelimit import TokenBucketLimiter
 from multimail.api.routers import (
     admin,
     identity,
@@ -35,9 +34,6 @@ def create_app(services: Services) -> FastAPI:
         ),
     )
     app.state.services = services
-    app.state.limiter = TokenBucketLimiter(
-        services.settings.rate_limit_per_minute, services.settings.rate_limit_burst
-    )
     errors.install(app)
     app.include_router(system.router)
     app.include_router(admin.router)

@@ -19,7 +19,7 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def _raw_key(request: Request) -> str | None:
+def raw_api_key(request: Request) -> str | None:
     auth = request.headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
@@ -56,7 +56,7 @@ def request_limiter(request: Request) -> Limiter:
 
 def authenticated(request: Request, response: Response) -> Actor:
     services = get_services(request)
-    actor = keys.authenticate(services.db, _raw_key(request))
+    actor = keys.authenticate(services.db, raw_api_key(request))
     decision = request_limiter(request).take(actor.id or "")
     if not decision.allowed:
         exc = RateLimited(

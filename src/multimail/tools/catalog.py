@@ -180,7 +180,7 @@ TOOLS: tuple[Tool, ...] = (
         "Ask the operator to loosen a mailbox's oversight mode: a one-time code is mailed to "
         "the operator, who gives it to apply_upgrade. Returns {status: approval_required}.",
         i.RequestUpgrade,
-        Scope.ADMIN,
+        Scope.READ,  # any key may ask; only the operator's mailed code loosens anything
         Route("POST", "/v1/mailboxes/{mailbox}/request-upgrade"),
     ),
     Tool(
@@ -188,7 +188,7 @@ TOOLS: tuple[Tool, ...] = (
         "Apply an oversight upgrade",
         "Loosen a mailbox's mode with the operator's one-time code. Returns the mailbox.",
         i.ApplyUpgrade,
-        Scope.ADMIN,
+        Scope.READ,  # the code is the operator's authorisation, whoever carries it
         Route("POST", "/v1/mailboxes/{mailbox}/upgrade"),
     ),
     Tool(

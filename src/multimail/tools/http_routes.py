@@ -8,6 +8,7 @@ audit) is the REST API's, and the answer adds the short field names the guides r
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -16,8 +17,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
+from multimail.api.deps import get_services, raw_api_key
 from multimail.api.errors import error_response
 from multimail.client import AsyncMultimailClient, MultimailAPIError, RateLimitError
+from multimail.errors import AuthenticationFailed
+from multimail.services import keys
 from multimail.tools.catalog import TOOLS, Tool
 
 _FORWARDED = ("authorization", "x-api-key")
@@ -56,6 +60,12 @@ async def _arguments(request: Request) -> dict[str, Any] | JSONResponse:
 
 def _endpoint(tool: Tool) -> Any:
     async def run_tool(request: Request) -> JSONResponse:
+        # Who is asking comes first: a missing or revoked key is a 401 whatever the arguments.
+        services = get_services(request)
+        try:
+            await asyncio.to_thread(keys.authenticate, services.db, raw_api_key(request))
+        except AuthenticationFailed as exc:
+            return JSONResponse(exc.to_dict(), status_code=exc.status)
         args = await _arguments(request)
         if isinstance(args, JSONResponse):
             return args
