@@ -180,8 +180,14 @@ def _is_storage_full(exc: BaseException) -> bool:
     return False
 
 
-def store_envelopes(services: Services, envelopes: Sequence[InboundEnvelope]) -> list[str]:
-    """Store raw messages and their jobs in one committed transaction; return their ids."""
+def store_envelopes(
+    services: Services, envelopes: Sequence[InboundEnvelope], *, actor: Actor | None = None
+) -> list[str]:
+    """Store raw messages and their jobs in one committed transaction; return their ids.
+
+    ``actor`` is the API key that handed the messages over (``POST /v1/inbound``): the
+    hand-over is its act, so it is audited as such; SMTP arrivals are the system's and are
+    audited when processed (``message.received``)."""
     ids = [new_id("inb") for _ in envelopes]
     try:
         with services.db.write() as conn:
@@ -202,8 +208,17 @@ def store_envelopes(services: Services, envelopes: Sequence[InboundEnvelope]) ->
                     for inbound_id, env in zip(ids, envelopes, strict=True)
                 ],
             )
-            for inbound_id in ids:
+            for inbound_id, env in zip(ids, envelopes, strict=True):
                 jobs.enqueue(conn, JOB_KIND, {"inbound_id": inbound_id})
+                if actor is not None:
+                    audit.append(
+                        conn,
+                        actor=actor,
+                        action="inbound.accepted",
+                        subject_type="inbound",
+                        subject_id=inbound_id,
+                        details={"mail_from": env.mail_from, "rcpt_to": list(env.rcpt_tos)},
+                    )
     except (OperationalError, OSError) as exc:
         if _is_storage_full(exc):
             raise StorageFull("no space left to store the message") from exc
@@ -734,7 +749,7 @@ def accept_raw(
         received_at=received_at or utcnow(),
         tls=False,
     )
-    (inbound_id,) = store_envelopes(services, [envelope])
+    (inbound_id,) = store_envelopes(services, [envelope], actor=actor)
     created = process_inbound(services, inbound_id)
     with services.db.read() as conn:
         rows: list[Mapping[str, Any]] = [

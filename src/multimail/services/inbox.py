@@ -30,6 +30,7 @@ from multimail.services.common import clamp_limit
 from multimail.services.context import Actor, Services
 from multimail.services.inbound import signals
 from multimail.store.tables import attachments, message_tags
+from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.store.tables import messages as messages_table
 
 __all__ = [
@@ -78,6 +79,15 @@ def _fetch(conn: Connection, query: Select[Any]) -> list[Mapping[str, Any]]:
 
 def _mailbox_id(conn: Connection, actor: Actor, ref: str | None) -> str | None:
     return mailboxes.resolve(conn, actor, ref)["id"] if ref else None
+
+
+def _mode(conn: Connection, mailbox_id: str) -> str | None:
+    """The mailbox's oversight mode now: a message's audit entries record the mode in effect."""
+    found = conn.execute(
+        select(mailboxes_table.c.oversight_mode).where(mailboxes_table.c.id == mailbox_id)
+    )
+    mode: str | None = found.scalar_one_or_none()
+    return mode
 
 
 # --------------------------------------------------------------------------- listing
@@ -195,6 +205,7 @@ def read_email(
                 subject_type="message",
                 subject_id=row["id"],
                 mailbox_id=row["mailbox_id"],
+                oversight_mode=_mode(conn, row["mailbox_id"]),
             )
     data = messages.full_view(conn, row)
     data["trusted"] = {
@@ -351,6 +362,7 @@ def set_tags(
         subject_type="message",
         subject_id=row["id"],
         mailbox_id=row["mailbox_id"],
+        oversight_mode=_mode(conn, row["mailbox_id"]),
         details={"tags": wanted},
     )
     return {"message_id": row["id"], "tags": {**current, **wanted}}
@@ -375,6 +387,7 @@ def delete_tag(
         subject_type="message",
         subject_id=row["id"],
         mailbox_id=row["mailbox_id"],
+        oversight_mode=_mode(conn, row["mailbox_id"]),
         details={"key": key},
     )
     return {"message_id": row["id"], "tags": messages.tags_for(conn, [row["id"]])[row["id"]]}
@@ -518,6 +531,7 @@ def _move(
         subject_type="message",
         subject_id=row["id"],
         mailbox_id=row["mailbox_id"],
+        oversight_mode=_mode(conn, row["mailbox_id"]),
         details={"from_status": current.value, "to_status": target.value},
     )
     row["status"] = target.value
