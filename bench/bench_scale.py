@@ -1,0 +1,436 @@
+"""How cost grows with data, and delivery with 1 vs 2 worker processes.
+
+    .venv/bin/python bench/bench_scale.py [--sizes 10000] [--samples 200]
+        [--worker-messages 1000] [--no-postgres] [--json FILE]
+    .venv/bin/python bench/bench_scale.py --sizes 10000,1000000      # the full run
+
+Part 1 (indexes): a database made with the real schema (``migrate.upgrade``) is seeded
+directly with an account's mail (one mailbox, threads of five, mostly read/unread inbound and
+delivered outbound, 1% waiting for approval), then the real HTTP routes are timed one request
+at a time through the real app under uvicorn: ``check_inbox`` (``GET /v1/mailboxes/{id}/emails``,
+newest 20; and with ``status=unread``) and ``list_pending`` (``GET /v1/oversight/pending``).
+The baseline is the same route on the same database holding 100 messages, measured in the
+same run, so the ratio says how much the cost grew with the data. The database grows in place
+from one size to the next. SQLite always; PostgreSQL too when it is reachable.
+
+Part 2 (scale-out): ``--worker-messages`` autonomous sends are queued for delivery (message
+rows plus their jobs, one commit) while 1, then 2, ``multimail serve --role worker``
+processes wait on the same database; the figure is delivered messages/s from that commit until
+the last one is handed to a local SMTP sink (DKIM-signed, full worker path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope, Session
+from pydantic import SecretStr
+from sqlalchemy import create_engine, func, insert, select, text
+
+from multimail.config import Settings
+from multimail.ids import new_id, utcnow
+from multimail.runtime import build_services
+from multimail.services import accounts, mailboxes
+from multimail.services.context import Actor, Services
+from multimail.store.tables import messages, threads
+from multimail.testing.server import LiveServer
+from multimail.workers import delivery
+
+PG_ADMIN_URL = os.environ.get(
+    "MULTIMAIL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+BASELINE_SIZE = 100
+THREAD_SIZE = 5
+BODY = "Hello,\n\nthanks for your order. It **has shipped** and should arrive on Friday.\n\n- Acme"
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Databases:
+    """Fresh databases per run: a data dir's own SQLite file, or a throw-away PostgreSQL one."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self.admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def postgres_reachable(self) -> bool:
+        try:
+            self.url("postgresql", "probe")
+        except Exception as exc:  # PostgreSQL is optional; say why it is absent
+            print(f"(PostgreSQL skipped: {exc.__class__.__name__})")
+            return False
+        return True
+
+    def url(self, backend: str, label: str) -> str | None:
+        if backend == "sqlite":
+            return None
+        name = f"mm_bench_{label}_{uuid.uuid4().hex[:8]}".replace("-", "_")
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        self.created.append(name)
+        return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    def close(self) -> None:
+        for name in self.created:
+            with self.admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        self.admin.dispose()
+
+
+@contextmanager
+def databases() -> Iterator[Databases]:
+    found = Databases()
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+def _services(data_dir: Path, database_url: str | None, **extra: Any) -> Services:
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        domain="bench.test",
+        rate_limit_per_minute=10_000_000,
+        rate_limit_burst=10_000_000,
+        **extra,
+    )
+    return build_services(settings)
+
+
+# --------------------------------------------------------------------------- part 1: indexes
+
+
+@dataclass
+class Mailbox:
+    services: Services
+    account_id: str
+    mailbox_id: str
+    agent_key: str
+    reviewer_key: str
+
+
+def _setup_mailbox(services: Services, mode: str) -> Mailbox:
+    boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
+    actor = Actor(type="system", id=None, name="bench", account_id=boot.account["id"])
+    with services.db.write() as conn:
+        box = mailboxes.create_mailbox(
+            conn,
+            actor=actor,
+            settings=services.settings,
+            address="agent@bench.test",
+            oversight_mode=mode,
+        )
+    return Mailbox(services, boot.account["id"], box["id"], boot.agent_key, boot.reviewer_key)
+
+
+def _seed_rows(box: Mailbox, start: int, stop: int) -> Iterator[tuple[list[Any], list[Any]]]:
+    """Batches of (threads, messages) rows for message numbers ``start`` .. ``stop - 1``."""
+    now = utcnow()
+    thread_rows: list[dict[str, Any]] = []
+    message_rows: list[dict[str, Any]] = []
+    thread_id = ""
+    for n in range(start, stop):
+        created = now - timedelta(seconds=stop - n)
+        if n % THREAD_SIZE == 0 or not thread_id:
+            thread_id = new_id("thr")
+            thread_rows.append(
+                {
+                    "id": thread_id,
+                    "account_id": box.account_id,
+                    "mailbox_id": box.mailbox_id,
+                    "subject": f"Order {n // THREAD_SIZE}",
+                    "normalized_subject": f"order {n // THREAD_SIZE}",
+                    "message_count": THREAD_SIZE,
+                    "created_at": created,
+                    "last_activity_at": created,
+                }
+            )
+        # A realistic mix: 1% waiting for a reviewer, the rest split between inbox and sent.
+        if n % 100 == 7:
+            direction, status = "outbound", "pending_send_approval"
+        elif n % 2:
+            direction, status = "inbound", "unread" if n % 3 == 0 else "read"
+        else:
+            direction, status = "outbound", "delivered"
+        inbound = direction == "inbound"
+        message_rows.append(
+            {
+                "id": new_id("msg"),
+                "account_id": box.account_id,
+                "mailbox_id": box.mailbox_id,
+                "thread_id": thread_id,
+                "direction": direction,
+                "status": status,
+                "message_id_header": f"<seed-{n}@bench.test>",
+                "from_address": f"customer{n % 500}@example.com" if inbound else "agent@bench.test",
+                "to": ["agent@bench.test"] if inbound else [f"customer{n % 500}@example.com"],
+                "subject": f"Re: Order {n // THREAD_SIZE}",
+                "markdown": BODY,
+                "text": BODY,
+                "oversight_mode": "gated_send",
+                "size_bytes": 2_000,
+                "created_at": created,
+                "updated_at": created,
+            }
+        )
+        if len(message_rows) == 5_000:
+            yield thread_rows, message_rows
+            thread_rows, message_rows = [], []
+    if message_rows:
+        yield thread_rows, message_rows
+
+
+def seed(box: Mailbox, start: int, stop: int) -> float:
+    """Insert messages ``start`` .. ``stop - 1``; returns rows/s."""
+    began = time.perf_counter()
+    for thread_rows, message_rows in _seed_rows(box, start, stop):
+        with box.services.db.write() as conn:
+            conn.execute(insert(threads), thread_rows)
+            conn.execute(insert(messages), message_rows)
+    if box.services.db.dialect == "postgresql":
+        # A table that has lived a while has been analysed and vacuumed; measure that state.
+        with box.services.db.engine.connect().execution_options(
+            isolation_level="AUTOCOMMIT"
+        ) as conn:
+            conn.execute(text("VACUUM ANALYZE messages"))
+            conn.execute(text("VACUUM ANALYZE threads"))
+    else:
+        with box.services.db.write() as conn:
+            conn.execute(text("ANALYZE"))
+    return (stop - start) / (time.perf_counter() - began)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_route(client: httpx.Client, path: str, key: str, samples: int) -> dict[str, float]:
+    """p50/p99 in ms of ``samples`` sequential GETs (after a few warm-up requests)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    for _ in range(5):
+        client.get(path, headers=headers).raise_for_status()
+    timings = []
+    for _ in range(samples):
+        began = time.perf_counter()
+        response = client.get(path, headers=headers)
+        timings.append((time.perf_counter() - began) * 1000)
+        response.raise_for_status()
+    return {"p50_ms": statistics.median(timings), "p99_ms": percentile(timings, 0.99)}
+
+
+def measure_routes(box: Mailbox, samples: int) -> dict[str, dict[str, float]]:
+    routes = {
+        "check_inbox": (f"/v1/mailboxes/{box.mailbox_id}/emails?limit=20", box.agent_key),
+        "check_inbox_unread": (
+            f"/v1/mailboxes/{box.mailbox_id}/emails?limit=20&status=unread",
+            box.agent_key,
+        ),
+        "list_pending": ("/v1/oversight/pending?limit=20", box.reviewer_key),
+    }
+    with LiveServer(box.services) as live, httpx.Client(base_url=live.base_url) as client:
+        return {
+            name: time_route(client, path, key, samples) for name, (path, key) in routes.items()
+        }
+
+
+def scale_run(
+    dbs: Databases, backend: str, sizes: list[int], samples: int, tmp: Path
+) -> dict[str, Any]:
+    services = _services(tmp / f"scale-{backend}", dbs.url(backend, "scale"))
+    box = _setup_mailbox(services, "gated_send")
+    stored = 0
+    results: dict[str, Any] = {"backend": backend, "sizes": {}}
+    try:
+        for size in [BASELINE_SIZE, *sizes]:
+            rate = seed(box, stored, size)
+            stored = size
+            figures = measure_routes(box, samples)
+            results["sizes"][str(size)] = {"seed_rows_per_s": rate, "routes": figures}
+            line = "  ".join(
+                f"{name} p50 {f['p50_ms']:6.1f} p99 {f['p99_ms']:6.1f} ms"
+                for name, f in figures.items()
+            )
+            print(f"{backend:10} {size:>9,} messages: {line}", flush=True)
+    finally:
+        services.db.dispose()
+    return results
+
+
+# --------------------------------------------------------------------------- part 2: workers
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        self.count += 1
+        return "250 OK"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _queue_sends(box: Mailbox, count: int) -> None:
+    now = utcnow()
+    rows: list[dict[str, Any]] = [
+        {
+            "id": new_id("msg"),
+            "account_id": box.account_id,
+            "mailbox_id": box.mailbox_id,
+            "direction": "outbound",
+            "status": "queued",
+            "message_id_header": f"<w-{uuid.uuid4().hex}@bench.test>",
+            "from_address": "agent@bench.test",
+            "to": [f"customer{n % 50}@example.org"],
+            "subject": f"Order update {n}",
+            "markdown": BODY,
+            "oversight_mode": "autonomous",
+            "created_at": now,
+            "updated_at": now,
+        }
+        for n in range(count)
+    ]
+    with box.services.db.write() as conn:
+        conn.execute(insert(messages), rows)
+        for row in rows:
+            delivery.enqueue_delivery(conn, row["id"])
+
+
+def _delivered(services: Services) -> int:
+    with services.db.read() as conn:
+        query = select(func.count()).where(messages.c.status == "delivered")
+        return int(conn.execute(query).scalar_one())
+
+
+def _start_workers(count: int, services: Services) -> list[subprocess.Popen[bytes]]:
+    settings = services.settings
+    env = {
+        **os.environ,
+        "MULTIMAIL_DATA_DIR": str(settings.data_dir),
+        "MULTIMAIL_DATABASE_URL": settings.effective_database_url,
+        "MULTIMAIL_DOMAIN": settings.domain,
+        "MULTIMAIL_SMTP_URL": settings.smtp_url.get_secret_value() if settings.smtp_url else "",
+        "MULTIMAIL_LOG_LEVEL": "warning",
+    }
+    command = [str(Path(sys.executable).parent / "multimail"), "serve", "--role", "worker"]
+    return [
+        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(count)
+    ]
+
+
+def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def worker_rate(dbs: Databases, backend: str, processes: int, count: int, tmp: Path) -> float:
+    sink = _Sink()
+    port = _free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    label = f"workers{processes}"
+    services = _services(
+        tmp / f"{label}-{backend}",
+        dbs.url(backend, label),
+        smtp_url=SecretStr(f"smtp://127.0.0.1:{port}"),
+    )
+    box = _setup_mailbox(services, "autonomous")
+    procs = _start_workers(processes, services)
+    try:
+        time.sleep(4.0)  # imports, the migration check and the first poll, outside the clock
+        for proc in procs:
+            if proc.poll() is not None:
+                stderr = proc.stderr.read().decode() if proc.stderr else ""
+                raise SystemExit(f"worker exited early:\n{stderr[-2000:]}")
+        began = time.perf_counter()
+        _queue_sends(box, count)
+        deadline = began + 300
+        while (done := _delivered(services)) < count and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - began
+        if done < count:
+            raise SystemExit(f"only {done} of {count} delivered with {processes} worker(s)")
+    finally:
+        _stop_workers(procs)
+        services.db.dispose()
+        controller.stop()
+    return count / elapsed
+
+
+def workers_run(dbs: Databases, backend: str, count: int, tmp: Path) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for processes in (1, 2):
+        rates[str(processes)] = rate = worker_rate(dbs, backend, processes, count, tmp)
+        print(
+            f"{backend:10} {processes} worker process(es): {rate:8.1f} delivered/s"
+            f" ({count} messages)",
+            flush=True,
+        )
+    return rates
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000", help="comma-separated stored messages")
+    parser.add_argument("--samples", type=int, default=200, help="requests per route and size")
+    parser.add_argument("--worker-messages", type=int, default=1000, help="0 skips part 2")
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
+    args = parser.parse_args()
+    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} - {BASELINE_SIZE})
+
+    report: dict[str, Any] = {"baseline_size": BASELINE_SIZE, "scale": [], "workers": {}}
+    with tempfile.TemporaryDirectory(prefix="mm-bench-scale-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        with databases() as dbs:
+            found = ["sqlite"]
+            if not args.no_postgres and dbs.postgres_reachable():
+                found.append("postgresql")
+            for backend in found:
+                report["scale"].append(scale_run(dbs, backend, sizes, args.samples, tmp))
+            if args.worker_messages > 0:
+                for backend in found:
+                    report["workers"][backend] = workers_run(
+                        dbs, backend, args.worker_messages, tmp
+                    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
