@@ -236,7 +236,14 @@ def main() -> None:
     parser.add_argument(
         "--export-entries", type=int, default=200_000, help="1000000 for the target"
     )
+    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
     args = parser.parse_args()
+    figures: dict[str, Any] = {
+        "appends_per_writer": args.appends,
+        "verify_entries": args.verify_entries,
+        "export_entries": args.export_entries,
+        "backends": {},
+    }
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for backend in backends(tmp):
@@ -249,6 +256,15 @@ def main() -> None:
                     f"append, 4 writers:  {four:10,.0f} entries/s  ({four / one:.2f}x of 1 writer)"
                 )
                 verify_rate, encode_rate, raw_rate = verification(backend, args.verify_entries)
+                found: dict[str, Any] = {
+                    "append_1_per_s": one,
+                    "append_4_per_s": four,
+                    "verify_per_s": verify_rate,
+                    "entry_hash_per_s": encode_rate,
+                    "raw_hashlib_per_s": raw_rate,
+                    "export": {},
+                }
+                figures["backends"][backend.name] = found
                 print(
                     f"verify {args.verify_entries:,} entries: {verify_rate:10,.0f} entries/s"
                     f"  (target 100,000: {'met' if verify_rate >= 100_000 else 'MISSED'})"
@@ -261,6 +277,7 @@ def main() -> None:
                 formats: tuple[audit.ExportFormat, ...] = ("jsonl", "csv")
                 for fmt in formats:
                     rate, base, peak = export(backend, args.export_entries, fmt, tmp)
+                    found["export"][fmt] = {"per_s": rate, "before_mb": base, "peak_mb": peak}
                     print(
                         f"export {args.export_entries:,} as {fmt:<5}: {rate:10,.0f} entries/s,"
                         f" peak RSS {peak:5.0f} MB (process before export: {base:.0f} MB;"
@@ -269,6 +286,8 @@ def main() -> None:
             finally:
                 backend.cleanup()
     print(f"\nbench process peak RSS: {_peak_rss_mb():.0f} MB (holds the baselines' data)")
+    if args.json:
+        args.json.write_text(json.dumps(figures))
     sys.stdout.flush()
 
 

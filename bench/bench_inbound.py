@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import socket
 import tempfile
 import threading
@@ -107,6 +108,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
     args = parser.parse_args()
     bare = await bare_rate(args.messages, args.sessions)
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +117,15 @@ async def main() -> None:
     print(f"bare aiosmtpd (discard):            {bare:8.0f} msg/s")
     print(f"multimail (SQLite FULL, stored):    {ours:8.0f} msg/s  ({stored} stored)")
     print(f"ratio: {ours / bare:.0%} of the bare server (target >= 50%, >= 1000 msg/s)")
+    if args.json:
+        figures = {
+            "messages": args.messages,
+            "sessions": args.sessions,
+            "bare_per_s": bare,
+            "ours_per_s": ours,
+            "stored": stored,
+        }
+        args.json.write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,28 @@
 """Accepted sends per second through the real API, beside a bare FastAPI insert endpoint.
 
-    .venv/bin/python bench/bench_send.py [--seconds 5] [--clients 8]
+    .venv/bin/python bench/bench_send.py [--seconds 5] [--clients 8] [--approvals 100]
+        [--json FILE]
 
 Three runs in one process, each for ``--seconds`` with ``--clients`` concurrent httpx clients:
 the baseline (a FastAPI route that inserts one row into SQLite, WAL, synchronous=FULL, under
 uvicorn), then ``POST /v1/mailboxes/{id}/send`` on a gated_send mailbox and on an autonomous
 one (a full send: scan, thread, message, audit entries, event or delivery job, one commit).
 The issue's target: sends at ≥ 50% of the baseline's rate.
+
+Then approve → received: ``--approvals`` gated sends, each approved with
+``POST /v1/oversight/decide`` by the reviewer key, timed from the decide request until the
+local SMTP sink has the message (p50/p99), beside bare aiosmtplib sends of the same signed
+bytes to the same sink. Target: p50 under 50 ms on loopback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import socket
 import sqlite3
+import statistics
 import tempfile
 import threading
 import time
@@ -22,14 +31,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import httpx
 import uvicorn
+from aiosmtpd.controller import Controller
 from fastapi import FastAPI
+from pydantic import SecretStr
+from sqlalchemy import select
 
 from multimail.config import Settings
 from multimail.runtime import build_services
 from multimail.services import accounts, mailboxes
 from multimail.services.context import Actor
+from multimail.store.tables import messages
 from multimail.testing.server import LiveServer
 
 
@@ -116,11 +130,85 @@ def _load(
     return sum(counts) / elapsed
 
 
+class _Sink:
+    """Accepts and discards, noting when each message arrived (same clock as the client)."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[float] = []
+        self.arrived = threading.Condition()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.arrived:
+            self.arrivals.append(time.perf_counter())
+            self.arrived.notify_all()
+        return "250 OK"
+
+    def wait_for(self, count: int, timeout: float = 30) -> float:
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: len(self.arrivals) >= count, timeout):
+                raise SystemExit(f"only {len(self.arrivals)} of {count} messages arrived")
+            return self.arrivals[count - 1]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {"p50_ms": statistics.median(ordered), "p99_ms": p99}
+
+
+def _approve_latencies(
+    client: httpx.Client, box: str, agent: str, reviewer: str, sink: _Sink, count: int
+) -> list[float]:
+    """Milliseconds from the decide request to the sink's 250, one message at a time."""
+    latencies = []
+    for n in range(count):
+        sent = client.post(
+            f"/v1/mailboxes/{box}/send",
+            json={"to": "customer@example.com", "subject": f"Refund {n}", "markdown": "Done."},
+            headers={"Authorization": f"Bearer {agent}"},
+        )
+        sent.raise_for_status()
+        expected = len(sink.arrivals) + 1
+        began = time.perf_counter()
+        decided = client.post(
+            "/v1/oversight/decide",
+            json={"email_id": sent.json()["id"], "action": "approve"},
+            headers={"Authorization": f"Bearer {reviewer}"},
+        )
+        decided.raise_for_status()
+        latencies.append((sink.wait_for(expected) - began) * 1000)
+    return latencies
+
+
+async def _bare_smtp_latencies(raw: bytes, port: int, count: int) -> list[float]:
+    latencies = []
+    for _ in range(count):
+        began = time.perf_counter()
+        await aiosmtplib.send(
+            raw,
+            sender="gated-send@bench.test",
+            recipients=["customer@example.com"],
+            hostname="127.0.0.1",
+            port=port,
+        )
+        latencies.append((time.perf_counter() - began) * 1000)
+    return latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--approvals", type=int, default=100, help="0 skips approve → received")
+    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
     args = parser.parse_args()
+    figures: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "sends": {}}
+    sink = _Sink()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        sink_port = int(probe.getsockname()[1])
+    controller = Controller(sink, hostname="127.0.0.1", port=sink_port)
+    controller.start()
 
     def message(n: int) -> dict[str, Any]:
         return {
@@ -134,12 +222,14 @@ def main() -> None:
         with _serve_bare(_baseline_app(Path(tmp) / "bare.db")) as url:
             baseline = _load(url, "/items", message, {}, args.clients, args.seconds)
         print(f"bare FastAPI insert (SQLite WAL, FULL):  {baseline:8.1f} req/s")
+        figures["baseline_per_s"] = baseline
 
         settings = Settings(
             data_dir=Path(tmp) / "mm",
             domain="bench.test",
             rate_limit_per_minute=10_000_000,
             rate_limit_burst=10_000_000,
+            smtp_url=SecretStr(f"smtp://127.0.0.1:{sink_port}"),
         )
         services = build_services(settings)
         boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
@@ -169,7 +259,36 @@ def main() -> None:
                     f"POST /send ({mode:<10}):               {rate:8.1f} sends/s"
                     f"   = {rate / baseline:5.1%} of the bare endpoint (target >= 50%)"
                 )
+                figures["sends"][mode] = rate
+            if args.approvals > 0:
+                with httpx.Client(base_url=live.base_url, timeout=60) as client:
+                    ours = _approve_latencies(
+                        client,
+                        boxes["gated_send"],
+                        boot.agent_key,
+                        boot.reviewer_key,
+                        sink,
+                        args.approvals,
+                    )
+                with services.db.read() as conn:
+                    query = select(messages.c.raw).where(messages.c.raw.is_not(None)).limit(1)
+                    raw = conn.execute(query).scalar_one()
+                bare = asyncio.run(_bare_smtp_latencies(raw, sink_port, args.approvals))
+                figures["approve"] = {
+                    "count": args.approvals,
+                    "ours": _percentiles(ours),
+                    "bare_smtp": _percentiles(bare),
+                }
+                for label, values in (("approve → received", ours), ("bare aiosmtplib", bare)):
+                    p = _percentiles(values)
+                    print(
+                        f"{label:<19} ({args.approvals}): p50 {p['p50_ms']:6.1f} ms,"
+                        f" p99 {p['p99_ms']:6.1f} ms"
+                    )
         services.db.dispose()
+    controller.stop()
+    if args.json:
+        args.json.write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":
