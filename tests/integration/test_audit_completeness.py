@@ -672,7 +672,8 @@ class Walk:
         self.boot = boot
         account_id = boot.account["id"]
         self.clients = {
-            who: self._client(getattr(boot, f"{who}_key")) for who in ("admin", "agent", "reviewer")
+            who: self.client_for(getattr(boot, f"{who}_key"))
+            for who in ("admin", "agent", "reviewer")
         }
         self.browser = httpx.Client(base_url=server.base_url, timeout=30)
         self.anonymous = httpx.Client(base_url=server.base_url, timeout=30)
@@ -683,7 +684,7 @@ class Walk:
         self.csrf = ""
         self.ids: dict[str, str] = {"acc": account_id}
 
-    def _client(self, key: str) -> httpx.Client:
+    def client_for(self, key: str) -> httpx.Client:
         return httpx.Client(
             base_url=self.server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
@@ -986,7 +987,7 @@ def test_every_state_change_is_audited_and_nothing_else_is(walk: Walk) -> None:
 
     # The account is gone; another account's operator verifies the one chain.
     other = accounts.bootstrap(walk.services.db, account_name="Other", operator_email="o@x.test")
-    with walk._client(other.admin_key) as client:
+    with walk.client_for(other.admin_key) as client:
         verdict = walk.ok(client.get("/v1/audit-log/verify"))
     assert verdict["ok"] is True, verdict
 
