@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -64,8 +65,13 @@ from multimail.errors import (
     TemporaryDeliveryError,
 )
 from multimail.ids import aware, new_id, utcnow
-from multimail.mail.compose import OutboundAttachment, OutboundDraft, build_message
-from multimail.services import audit, directory, events, notify
+from multimail.mail.compose import (
+    OutboundAttachment,
+    OutboundDraft,
+    build_message,
+    draft_body_sha256,
+)
+from multimail.services import audit, directory, events, identity, notify
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
 from multimail.smtp.outbound import (
@@ -307,6 +313,15 @@ def _compose(conn: Connection, services: Services, ctx: _Context) -> bytes:
         extra_headers=headers,
         attachments=[OutboundAttachment(f.filename, f.content_type, f.data) for f in files],
     )
+    # The identity token binds this exact body and Message-ID; DKIM then covers the header.
+    identity_header = identity.identity_header_for(
+        conn,
+        services,
+        row,
+        body_sha256=draft_body_sha256(draft),
+        message_id=draft.message_id,
+    )
+    draft = dataclasses.replace(draft, extra_headers=[*headers, identity_header])
     raw = build_message(draft)
     key = signing.key_for_sender(conn, settings, account_id=row["account_id"], from_address=sender)
     if key is None:
