@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from multimail.api import app as app_module
 from multimail.config import Settings
@@ -22,10 +22,14 @@ from multimail.dashboard import mount_dashboard
 from multimail.runtime import build_services
 from multimail.services import accounts, mailboxes, operators
 from multimail.services.context import SYSTEM, Actor, Services
+from multimail.store.tables import accounts as accounts_table
 from multimail.store.tables import audit_entries, dashboard_sessions, messages
+from multimail.store.tables import mailboxes as mailboxes_table
+from multimail.store.tables import webhooks as webhooks_table
 from multimail.testing import server as server_module
 from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturingSMTPServer
+from multimail.workers.signing import default_dkim_record
 
 PASSWORD = "correct horse battery staple"
 
@@ -485,3 +489,319 @@ def test_event_stream_reports_the_pending_count(live: LiveServer, acme: Tenant) 
 
 def SYSTEM_OF(tenant: Tenant) -> Actor:
     return Actor(type="system", id=None, name=SYSTEM.name, account_id=tenant.account_id)
+
+
+# --- the controls added for operators: mailbox settings, kill switches, allowlist, webhooks,
+# --- batch decisions, the default domain's DKIM record, the sandbox ---------------------------
+
+
+def _row(services: Services, table: Any, row_id: str) -> dict[str, Any]:
+    with services.db.read() as conn:
+        found = conn.execute(select(table).where(table.c.id == row_id)).mappings().one()
+    return dict(found)
+
+
+def test_mailbox_settings_form_changes_only_what_differs(
+    live: LiveServer, acme: Tenant, svc: Services
+) -> None:
+    """Every setting is editable; the audit entry names the operator and lists only the fields
+    that changed; posting the same values again changes nothing and audits nothing."""
+    client, token = signed_in(live, acme)
+    box = acme.mailbox["id"]
+    form = {
+        "csrf_token": token,
+        "display_name": "Acme Support",
+        "signature": "-- \r\nAcme Support\r\nacme.example",
+        "auto_cc": "Boss@Example.com, ",
+        "auto_bcc": "archive@example.com",
+        "gate_timing": "schedule_first",
+        "approval_timeout_hours": "2",
+        "approval_expiry_hours": "48.5",
+        "send_cap_hour": "10",
+        "send_cap_day": "",
+        "webhook_url": "https://hooks.example.test/acme",
+        "ai_disclosure": "off",
+    }
+    with closing(client):
+        page = client.get(f"/dashboard/mailboxes/{box}")
+        assert page.status_code == 200 and 'action="/dashboard/mailboxes/' in page.text
+        saved = client.post(f"/dashboard/mailboxes/{box}/settings", data=form)
+        assert saved.status_code == 303
+        assert "Settings saved" in client.get(saved.headers["location"]).text
+        again = client.post(f"/dashboard/mailboxes/{box}/settings", data=form)
+        assert again.headers["location"].endswith("?ok=unchanged")
+    row = _row(svc, mailboxes_table, box)
+    assert row["display_name"] == "Acme Support"
+    assert row["signature"] == "-- \nAcme Support\nacme.example"
+    assert row["auto_cc"] == ["boss@example.com"] and row["auto_bcc"] == ["archive@example.com"]
+    assert row["gate_timing"] == "schedule_first"
+    assert (row["approval_timeout_seconds"], row["approval_expiry_seconds"]) == (7200, 174600)
+    assert (row["send_cap_hour"], row["send_cap_day"]) == (10, None)
+    assert row["webhook_url"] == "https://hooks.example.test/acme"
+    assert row["ai_disclosure"] is False
+    updates = _actions(svc, "mailbox.updated")
+    assert len(updates) == 1
+    assert updates[0]["actor_name"] == acme.email
+    assert "send_cap_day" not in updates[0]["details"]["changes"]
+
+
+def test_mailbox_settings_form_refuses_bad_values(
+    live: LiveServer, acme: Tenant, svc: Services
+) -> None:
+    """A cap that is not a number, or an address that is not one, is a 422 and saves nothing."""
+    client, token = signed_in(live, acme)
+    box = acme.mailbox["id"]
+    with closing(client):
+        cap = client.post(
+            f"/dashboard/mailboxes/{box}/settings",
+            data={"csrf_token": token, "send_cap_day": "lots", "display_name": "X"},
+        )
+        cc = client.post(
+            f"/dashboard/mailboxes/{box}/settings",
+            data={"csrf_token": token, "auto_cc": "not an address", "display_name": "X"},
+        )
+    assert cap.status_code == 422 and "whole number" in cap.text
+    assert cc.status_code == 422
+    assert _row(svc, mailboxes_table, box)["display_name"] is None
+    assert _actions(svc, "mailbox.updated") == []
+
+
+def test_kill_switches_pause_and_resume_the_mailbox_and_the_account(
+    live: LiveServer, acme: Tenant, svc: Services
+) -> None:
+    """The mailbox and the account switch each way, audited with the operator as actor."""
+    client, token = signed_in(live, acme)
+    box = acme.mailbox["id"]
+    with closing(client):
+        paused = client.post(
+            f"/dashboard/mailboxes/{box}/pause",
+            data={"csrf_token": token, "paused": "yes", "back": "mailbox"},
+        )
+        assert paused.headers["location"] == f"/dashboard/mailboxes/{box}?ok=paused"
+        assert "Resume sending" in client.get(paused.headers["location"]).text
+        assert _row(svc, mailboxes_table, box)["paused"] is True
+        client.post(f"/dashboard/mailboxes/{box}/pause", data={"csrf_token": token})
+        assert _row(svc, mailboxes_table, box)["paused"] is False
+
+        stopped = client.post(
+            "/dashboard/account/pause", data={"csrf_token": token, "paused": "yes"}
+        )
+        assert stopped.status_code == 303
+        assert "All sending is paused" in client.get(stopped.headers["location"]).text
+        assert _row(svc, accounts_table, acme.account_id)["paused"] is True
+        client.post("/dashboard/account/pause", data={"csrf_token": token, "paused": "no"})
+        assert _row(svc, accounts_table, acme.account_id)["paused"] is False
+    for action in ("mailbox.paused", "mailbox.resumed", "account.paused", "account.resumed"):
+        entries = _actions(svc, action)
+        assert [e["actor_name"] for e in entries] == [acme.email], action
+
+
+def test_operator_adds_and_removes_allowlist_entries_directly(
+    live: LiveServer, acme: Tenant, svc: Services
+) -> None:
+    """The operator adds without an approval code (audited under their name) and removes."""
+    client, token = signed_in(live, acme)
+    box = acme.mailbox["id"]
+    with closing(client):
+        added = client.post(
+            f"/dashboard/mailboxes/{box}/allowlist",
+            data={"csrf_token": token, "pattern": "*@Partner.example"},
+        )
+        assert added.status_code == 303
+        page = client.get(f"/dashboard/mailboxes/{box}").text
+        assert "*@partner.example" in page
+        entry = re.search(r"/allowlist/(alw_[A-Za-z0-9_]+)/remove", page)
+        assert entry
+        twice = client.post(
+            f"/dashboard/mailboxes/{box}/allowlist",
+            data={"csrf_token": token, "pattern": "*@partner.example"},
+        )
+        assert twice.status_code == 409
+        removed = client.post(
+            f"/dashboard/mailboxes/{box}/allowlist/{entry.group(1)}/remove",
+            data={"csrf_token": token},
+        )
+        assert removed.status_code == 303
+        assert "*@partner.example" not in client.get(f"/dashboard/mailboxes/{box}").text
+    assert [e["actor_name"] for e in _actions(svc, "allowlist.added")] == [acme.email]
+    assert [e["actor_name"] for e in _actions(svc, "allowlist.removed")] == [acme.email]
+    assert _actions(svc, "approval_code.issued") == []
+
+
+def _create_webhook(client: httpx.Client, token: str) -> tuple[str, str]:
+    created = client.post(
+        "/dashboard/webhooks",
+        data={"csrf_token": token, "url": "https://hooks.example.test/in", "events": "*"},
+    )
+    assert created.status_code == 200, created.text
+    secret = re.search(r'id="new-secret">(whsec_[^<]+)<', created.text)
+    hook = re.search(r'href="/dashboard/webhooks/(whk_[^"]+)"', created.text)
+    assert secret and hook
+    return hook.group(1), secret.group(1)
+
+
+def test_webhook_secret_rotation_enable_and_delete(
+    live: LiveServer, acme: Tenant, svc: Services
+) -> None:
+    """Create shows the secret once; rotate shows a new one once and keeps the old one signing
+    for a while; a disabled webhook is enabled again; delete removes it; all audited."""
+    client, token = signed_in(live, acme)
+    with closing(client):
+        hook, first = _create_webhook(client, token)
+        assert first not in client.get("/dashboard/webhooks").text
+        rotated = client.post(f"/dashboard/webhooks/{hook}/rotate", data={"csrf_token": token})
+        assert rotated.status_code == 200
+        second = re.search(r'id="new-secret">(whsec_[^<]+)<', rotated.text)
+        assert second and second.group(1) != first
+        assert second.group(1) not in client.get(f"/dashboard/webhooks/{hook}").text
+        row = _row(svc, webhooks_table, hook)
+        assert (row["secret"], row["previous_secret"]) == (second.group(1), first)
+
+        with svc.db.write() as conn:
+            conn.execute(
+                update(webhooks_table)
+                .where(webhooks_table.c.id == hook)
+                .values(enabled=False, disabled_reason="the endpoint answered 410 Gone")
+            )
+        page = client.get(f"/dashboard/webhooks/{hook}").text
+        assert "410 Gone" in page and 'data-action="enable"' in page
+        enabled = client.post(f"/dashboard/webhooks/{hook}/enable", data={"csrf_token": token})
+        assert enabled.status_code == 303
+        assert _row(svc, webhooks_table, hook)["enabled"] is True
+
+        deleted = client.post(f"/dashboard/webhooks/{hook}/delete", data={"csrf_token": token})
+        assert deleted.headers["location"] == "/dashboard/webhooks?ok=deleted"
+        assert client.get(f"/dashboard/webhooks/{hook}").status_code == 404
+    for action in (
+        "webhook.created",
+        "webhook.secret_rotated",
+        "webhook.enabled",
+        "webhook.deleted",
+    ):
+        assert [e["actor_name"] for e in _actions(svc, action)] == [acme.email], action
+
+
+def test_batch_decisions_on_the_queue(
+    live: LiveServer, acme: Tenant, svc: Services, relay: CapturingSMTPServer
+) -> None:
+    """Ticked drafts are approved or rejected together; a reject needs a note; another
+    account's message in the batch is reported as not found and left alone."""
+    globex = Tenant(svc, "Globex", "ops@globex.test")
+    first, second, third = (send_gated(live, acme, subject=f"Draft {n}") for n in range(3))
+    foreign = send_gated(live, globex, subject="Globex draft")
+    client, token = signed_in(live, acme)
+    with closing(client):
+        queue = client.get("/dashboard/queue").text
+        assert 'form="batch"' in queue and 'action="/dashboard/queue/batch"' in queue
+        assert f'action="/dashboard/messages/{first}/cancel"' in queue
+        approved = client.post(
+            "/dashboard/queue/batch",
+            data={"csrf_token": token, "op": "approve", "ids": [first, second, foreign]},
+        )
+        assert approved.status_code == 200
+        assert "Approved 2 of 3" in approved.text
+        assert "not found" in approved.text
+        no_note = client.post(
+            "/dashboard/queue/batch", data={"csrf_token": token, "op": "reject", "ids": [third]}
+        )
+        assert no_note.status_code == 422
+        rejected = client.post(
+            "/dashboard/queue/batch",
+            data={"csrf_token": token, "op": "reject", "ids": [third], "note": "Not now."},
+        )
+        assert "Rejected 1 of 1" in rejected.text
+    assert _status(svc, first)["reviewer"] == acme.email
+    assert _status(svc, third)["status"] == "rejected"
+    assert _status(svc, third)["decision_note"] == "Not now."
+    assert _status(svc, foreign)["status"] == "pending_send_approval"
+    relay.wait_for(2, timeout=10)
+
+
+def test_domains_page_shows_the_default_domains_dkim_record(
+    live: LiveServer, acme: Tenant, svc: Services
+) -> None:
+    """The server's own domain is listed with the DKIM TXT record to publish."""
+    name, value = default_dkim_record(svc)
+    client, _token = signed_in(live, acme)
+    with closing(client):
+        page = client.get("/dashboard/domains").text
+    assert f'id="default-dkim-name">{name}<' in page
+    assert f'id="default-dkim-value">{value}<' in page
+    assert name.endswith("._domainkey.mm.test") and "p=" in value
+
+
+def test_sandbox_lists_messages_sent_with_a_test_key(
+    live: LiveServer, acme: Tenant, svc: Services
+) -> None:
+    """A message sent with a test key (made in the dashboard) is in the sandbox; live ones
+    are not."""
+    live_id = send_gated(live, acme, subject="Live draft")
+    client, token = signed_in(live, acme)
+    with closing(client):
+        created = client.post(
+            "/dashboard/keys",
+            data={"csrf_token": token, "name": "tester", "scope_send": "on", "mode": "test"},
+        )
+        key = re.search(r'id="new-key">(mm_test_[^<]+)<', created.text)
+        assert key
+        with httpx.Client(base_url=live.base_url, timeout=30) as agent:
+            sent = agent.post(
+                f"/v1/mailboxes/{acme.mailbox['id']}/send",
+                headers={"Authorization": f"Bearer {key.group(1)}"},
+                json={"to": ["jane@example.com"], "subject": "Sandbox draft", "markdown": "Hi"},
+            )
+        assert sent.status_code in (200, 201, 202), sent.text
+        page = client.get("/dashboard/sandbox").text
+    assert f"/dashboard/messages/{sent.json()['id']}" in page and "Sandbox draft" in page
+    assert live_id not in page and "Live draft" not in page
+
+
+def test_new_forms_refuse_csrf_less_posts_and_other_accounts(
+    live: LiveServer, acme: Tenant, svc: Services
+) -> None:
+    """Each new form is 403 without its CSRF token, and 404 for another account's operator;
+    neither changes anything."""
+    box = acme.mailbox["id"]
+    message_id = send_gated(live, acme)
+    owner, owner_token = signed_in(live, acme)
+    with closing(owner):
+        hook, _secret = _create_webhook(owner, owner_token)
+        owner.post(
+            f"/dashboard/mailboxes/{box}/allowlist",
+            data={"csrf_token": owner_token, "pattern": "kept@example.com"},
+        )
+        entry = re.search(
+            r"/allowlist/(alw_[A-Za-z0-9_]+)/remove", owner.get(f"/dashboard/mailboxes/{box}").text
+        )
+        assert entry
+        forms = {
+            f"/dashboard/mailboxes/{box}/settings": {"display_name": "Hijacked"},
+            f"/dashboard/mailboxes/{box}/pause": {"paused": "yes"},
+            f"/dashboard/mailboxes/{box}/allowlist": {"pattern": "evil@example.com"},
+            f"/dashboard/mailboxes/{box}/allowlist/{entry.group(1)}/remove": {},
+            f"/dashboard/webhooks/{hook}/rotate": {},
+            f"/dashboard/webhooks/{hook}/enable": {},
+            f"/dashboard/webhooks/{hook}/delete": {},
+        }
+        for path, data in forms.items():
+            assert owner.post(path, data=data).status_code == 403, path
+        assert owner.post("/dashboard/account/pause", data={"paused": "yes"}).status_code == 403
+        batch = {"op": "approve", "ids": [message_id]}
+        assert owner.post("/dashboard/queue/batch", data=batch).status_code == 403
+        assert owner.get(f"/dashboard/mailboxes/{box}").status_code == 200
+    before = (_row(svc, mailboxes_table, box), _row(svc, webhooks_table, hook))
+
+    globex = Tenant(svc, "Globex", "ops@globex.test")
+    other, other_token = signed_in(live, globex)
+    with closing(other):
+        assert other.get(f"/dashboard/mailboxes/{box}").status_code == 404
+        for path, data in forms.items():
+            response = other.post(path, data={"csrf_token": other_token, **data})
+            assert response.status_code == 404, path
+        other.post("/dashboard/account/pause", data={"csrf_token": other_token, "paused": "yes"})
+        other.post("/dashboard/queue/batch", data={"csrf_token": other_token, **batch})
+    assert (_row(svc, mailboxes_table, box), _row(svc, webhooks_table, hook)) == before
+    assert _row(svc, accounts_table, acme.account_id)["paused"] is False
+    assert _row(svc, accounts_table, globex.account_id)["paused"] is True
+    assert _status(svc, message_id)["status"] == "pending_send_approval"
+    assert len(_actions(svc, "allowlist.added")) == 1

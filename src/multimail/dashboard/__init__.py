@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from multimail.dashboard import auth, pages, views
+from multimail.dashboard import auth, mailbox_pages, pages, views
 from multimail.services.context import Services
 
 __all__ = ["mount_dashboard"]
@@ -22,6 +22,7 @@ def mount_dashboard(app: FastAPI, services: Services) -> None:
     app.state.services = getattr(app.state, "services", None) or services
     app.include_router(auth.router)
     app.include_router(views.router)
+    app.include_router(mailbox_pages.router)
     app.include_router(pages.router)
     app.mount(
         f"{auth.PREFIX}/static",

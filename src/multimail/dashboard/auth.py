@@ -74,6 +74,20 @@ async def checked_form(
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
+async def checked_choices(
+    request: Request, session: OperatorSession = Depends(current_session)
+) -> dict[str, list[str]]:
+    """Like :func:`checked_form`, keeping every value of a repeated field (checkboxes)."""
+    form = await request.form()
+    submitted = form.get("csrf_token") or request.headers.get("x-csrf-token")
+    operators.check_csrf(session, submitted if isinstance(submitted, str) else None)
+    fields: dict[str, list[str]] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, str):
+            fields.setdefault(key, []).append(value)
+    return fields
+
+
 def set_session_cookie(response: Response, services: Services, token: str) -> None:
     response.set_cookie(
         SESSION_COOKIE,

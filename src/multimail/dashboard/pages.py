@@ -1,4 +1,6 @@
-"""The operator's other pages: mailboxes, API keys, webhooks, domains, audit, sandbox, usage.
+"""The operator's other pages: API keys, webhooks, domains, audit, sandbox, usage.
+
+Mailboxes have their own module (``mailbox_pages``).
 
 An operator signed in here acts directly: the approval-code step that API keys go through
 for sensitive admin actions is for keys, not for the person the codes are mailed to.
@@ -14,8 +16,6 @@ from fastapi.responses import RedirectResponse, Response
 from multimail.dashboard.auth import PREFIX, DashboardRoute, checked_form, operator_actor
 from multimail.dashboard.auth import services_of as _svc
 from multimail.dashboard.render import render
-from multimail.domain.oversight import OversightMode, is_loosening
-from multimail.errors import InvalidInput
 from multimail.services import (
     approvals,
     audit,
@@ -25,111 +25,19 @@ from multimail.services import (
     keys,
     mailboxes,
     operators,
-    oversight,
     webhooks,
 )
-from multimail.services.context import Actor
+from multimail.services.context import Actor, Services
+from multimail.workers.signing import default_dkim_record
 
 router = APIRouter(prefix=PREFIX, route_class=DashboardRoute, include_in_schema=False)
 
-MODES = [m.value for m in OversightMode]
-MODE_HELP = {
-    "read_only": "cannot send at all",
-    "gated_all": "every outbound message and every inbound message waits for a person",
-    "gated_send": "every outbound message waits for a person",
-    "monitored": "sends at once; the operator gets a copy",
-    "autonomous": "sends at once; recorded only",
-}
 SCOPES = ["read", "send", "oversight", "admin"]
 
 
 def _to(path: str, **query: str) -> RedirectResponse:
     suffix = "&".join(f"{k}={v}" for k, v in query.items())
     return RedirectResponse(f"{PREFIX}{path}{'?' + suffix if suffix else ''}", status_code=303)
-
-
-# --- mailboxes -------------------------------------------------------------------------------
-
-
-@router.get("/mailboxes")
-def mailbox_list(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
-    svc = _svc(request)
-    with svc.db.read() as conn:
-        boxes = mailboxes.list_mailboxes(conn, actor)
-    return render(
-        request,
-        "mailboxes.html",
-        nav="mailboxes",
-        mailboxes=boxes,
-        modes=MODES,
-        mode_help=MODE_HELP,
-        domain=svc.settings.domain,
-        changed=request.query_params.get("changed"),
-    )
-
-
-@router.post("/mailboxes")
-def mailbox_create(
-    request: Request,
-    actor: Actor = Depends(operator_actor),
-    form: dict[str, str] = Depends(checked_form),
-) -> Response:
-    fields: dict[str, Any] = {
-        "address": form.get("address", "").strip() or None,
-        "display_name": form.get("display_name", "").strip() or None,
-        "oversight_mode": form.get("oversight_mode") or None,
-    }
-    if not fields["address"]:
-        raise InvalidInput("give the mailbox an address", code="missing_address")
-    if fields["address"] and "@" not in fields["address"]:
-        fields["address_local_part"] = fields.pop("address")
-    created = approvals.create_mailbox(_svc(request), actor, fields, None)
-    return _to("/mailboxes", changed=created["id"])
-
-
-@router.post("/mailboxes/{mailbox_id}/mode")
-def mailbox_mode(
-    mailbox_id: str,
-    request: Request,
-    actor: Actor = Depends(operator_actor),
-    form: dict[str, str] = Depends(checked_form),
-) -> Response:
-    """Tightening applies at once; loosening shows a confirmation page first."""
-    svc = _svc(request)
-    wanted = form.get("oversight_mode", "")
-    with svc.db.read() as conn:
-        box = mailboxes.resolve(conn, actor, mailbox_id)
-    if wanted not in MODES:
-        raise InvalidInput(f"unknown oversight mode {wanted!r}", code="invalid_oversight_mode")
-    loosening = is_loosening(OversightMode(box["oversight_mode"]), OversightMode(wanted))
-    if loosening and form.get("confirm") != "yes":
-        return render(
-            request,
-            "confirm_mode.html",
-            nav="mailboxes",
-            mailbox=mailboxes.mailbox_view(box),
-            wanted=wanted,
-            mode_help=MODE_HELP,
-        )
-    with svc.db.write() as conn:
-        mailboxes.update_mailbox(
-            conn, actor=actor, ref=box["id"], changes={"oversight_mode": wanted}
-        )
-    return _to("/mailboxes", changed=box["id"])
-
-
-@router.post("/mailboxes/{mailbox_id}/pause")
-def mailbox_pause(
-    mailbox_id: str,
-    request: Request,
-    actor: Actor = Depends(operator_actor),
-    form: dict[str, str] = Depends(checked_form),
-) -> Response:
-    if form.get("paused") == "yes":
-        oversight.pause(_svc(request), actor, mailbox_id)
-    else:
-        oversight.resume(_svc(request), actor, mailbox_id)
-    return _to("/mailboxes", changed=mailbox_id)
 
 
 # --- API keys --------------------------------------------------------------------------------
@@ -177,37 +85,18 @@ def key_revoke(
 
 # --- webhooks --------------------------------------------------------------------------------
 
+WEBHOOK_NOTICES = {
+    "enabled": "Enabled again: its waiting deliveries resume.",
+    "deleted": "Deleted: nothing more is sent to that endpoint.",
+}
 
-@router.get("/webhooks")
-def webhook_list(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
+
+def _webhook_list(
+    request: Request, actor: Actor, *, created: dict[str, Any] | None = None
+) -> Response:
     svc = _svc(request)
     # A write transaction: listing brings mailbox webhook_url subscriptions into step.
     with svc.db.write() as conn:
-        hooks = webhooks.list_webhooks(conn, actor)
-        recent = webhooks.list_deliveries(conn, actor, limit=20)["deliveries"]
-    return render(
-        request, "webhooks.html", nav="webhooks", webhooks=hooks, deliveries=recent, created=None
-    )
-
-
-@router.post("/webhooks")
-def webhook_create(
-    request: Request,
-    actor: Actor = Depends(operator_actor),
-    form: dict[str, str] = Depends(checked_form),
-) -> Response:
-    svc = _svc(request)
-    names = [n.strip() for n in form.get("events", "").split(",") if n.strip()] or None
-    with svc.db.write() as conn:
-        created = webhooks.create_webhook(
-            conn,
-            svc,
-            actor,
-            form.get("url", "").strip(),
-            names,
-            form.get("mailbox", "").strip() or None,
-            form.get("description", "").strip() or None,
-        )
         hooks = webhooks.list_webhooks(conn, actor)
         recent = webhooks.list_deliveries(conn, actor, limit=20)["deliveries"]
     return render(
@@ -217,12 +106,12 @@ def webhook_create(
         webhooks=hooks,
         deliveries=recent,
         created=created,
+        notice=WEBHOOK_NOTICES.get(request.query_params.get("ok", "")),
     )
 
 
-@router.get("/webhooks/{webhook_id}")
-def webhook_page(
-    webhook_id: str, request: Request, actor: Actor = Depends(operator_actor)
+def _webhook_page(
+    request: Request, actor: Actor, webhook_id: str, *, rotated: dict[str, Any] | None = None
 ) -> Response:
     svc = _svc(request)
     with svc.db.read() as conn:
@@ -241,7 +130,80 @@ def webhook_page(
         webhook=hook,
         deliveries=found["deliveries"],
         next_cursor=found["next_cursor"],
+        rotated=rotated,
+        notice=WEBHOOK_NOTICES.get(request.query_params.get("ok", "")),
     )
+
+
+@router.get("/webhooks")
+def webhook_list(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
+    return _webhook_list(request, actor)
+
+
+@router.post("/webhooks")
+def webhook_create(
+    request: Request,
+    actor: Actor = Depends(operator_actor),
+    form: dict[str, str] = Depends(checked_form),
+) -> Response:
+    """The signing secret is on this response only."""
+    svc = _svc(request)
+    names = [n.strip() for n in form.get("events", "").split(",") if n.strip()] or None
+    with svc.db.write() as conn:
+        created = webhooks.create_webhook(
+            conn,
+            svc,
+            actor,
+            form.get("url", "").strip(),
+            names,
+            form.get("mailbox", "").strip() or None,
+            form.get("description", "").strip() or None,
+        )
+    return _webhook_list(request, actor, created=created)
+
+
+@router.get("/webhooks/{webhook_id}")
+def webhook_page(
+    webhook_id: str, request: Request, actor: Actor = Depends(operator_actor)
+) -> Response:
+    return _webhook_page(request, actor, webhook_id)
+
+
+@router.post("/webhooks/{webhook_id}/rotate")
+def webhook_rotate(
+    webhook_id: str,
+    request: Request,
+    actor: Actor = Depends(operator_actor),
+    form: dict[str, str] = Depends(checked_form),
+) -> Response:
+    """The new secret is shown on this response only; the old one signs for a while longer."""
+    with _svc(request).db.write() as conn:
+        rotated = webhooks.rotate_secret(conn, actor, webhook_id)
+    return _webhook_page(request, actor, rotated["id"], rotated=rotated)
+
+
+@router.post("/webhooks/{webhook_id}/enable")
+def webhook_enable(
+    webhook_id: str,
+    request: Request,
+    actor: Actor = Depends(operator_actor),
+    form: dict[str, str] = Depends(checked_form),
+) -> Response:
+    with _svc(request).db.write() as conn:
+        enabled = webhooks.enable_webhook(conn, actor, webhook_id)
+    return _to(f"/webhooks/{enabled['id']}", ok="enabled")
+
+
+@router.post("/webhooks/{webhook_id}/delete")
+def webhook_delete(
+    webhook_id: str,
+    request: Request,
+    actor: Actor = Depends(operator_actor),
+    form: dict[str, str] = Depends(checked_form),
+) -> Response:
+    with _svc(request).db.write() as conn:
+        webhooks.delete_webhook(conn, actor, webhook_id)
+    return _to("/webhooks", ok="deleted")
 
 
 @router.post("/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver")
@@ -260,8 +222,15 @@ def webhook_redeliver(
 # --- domains ---------------------------------------------------------------------------------
 
 
-@router.get("/domains")
-def domain_list(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
+def _default_domain(services: Services) -> dict[str, str]:
+    """The DKIM record that lets receivers verify mail sent from the server's own domain."""
+    name, value = default_dkim_record(services)
+    return {"name": services.settings.domain, "dkim_name": name, "dkim_value": value}
+
+
+def _domains_page(
+    request: Request, actor: Actor, *, checked: dict[str, Any] | None = None
+) -> Response:
     svc = _svc(request)
     with svc.db.read() as conn:
         found = domains.list_domains(conn, actor=actor, settings=svc.settings)
@@ -271,8 +240,14 @@ def domain_list(request: Request, actor: Actor = Depends(operator_actor)) -> Res
         nav="domains",
         domains=found,
         server_domain=svc.settings.domain,
-        checked=None,
+        default_domain=_default_domain(svc),
+        checked=checked,
     )
+
+
+@router.get("/domains")
+def domain_list(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
+    return _domains_page(request, actor)
 
 
 @router.post("/domains")
@@ -303,15 +278,7 @@ def domain_verify(
         checked = domains.verify_domain(
             conn, actor=actor, settings=svc.settings, ref=row["id"], results=results
         )
-        found = domains.list_domains(conn, actor=actor, settings=svc.settings)
-    return render(
-        request,
-        "domains.html",
-        nav="domains",
-        domains=found,
-        server_domain=svc.settings.domain,
-        checked=checked,
-    )
+    return _domains_page(request, actor, checked=checked)
 
 
 # --- audit -----------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ _TONES = {
     "failed": "bad",
     "revoked": "muted",
     "active": "good",
+    "disabled": "bad",
+    "paused": "bad",
 }
 
 

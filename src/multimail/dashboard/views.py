@@ -18,6 +18,7 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from multimail.dashboard.auth import (
     PREFIX,
     DashboardRoute,
+    checked_choices,
     checked_form,
     current_session,
     operator_actor,
@@ -90,6 +91,7 @@ def queue(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
         pending=pending,
         pending_count=pending["pending_count"],
         notice=_notice(request),
+        batch=None,
         **_first_steps(svc, actor),
     )
 
@@ -101,6 +103,40 @@ def queue_items(request: Request, actor: Actor = Depends(operator_actor)) -> Res
     pending = _pending(svc, actor)
     return render(
         request, "_queue_items.html", nav="queue", pending=pending, **_first_steps(svc, actor)
+    )
+
+
+@router.post("/queue/batch")
+def queue_batch(
+    request: Request,
+    actor: Actor = Depends(operator_actor),
+    form: dict[str, list[str]] = Depends(checked_choices),
+) -> Response:
+    """Approve or reject the ticked drafts; each is decided on its own, so one that another
+    reviewer already decided is reported beside the others instead of undoing them."""
+    svc = services_of(request)
+    action = (form.get("op") or [""])[-1]
+    if action not in ("approve", "reject"):
+        raise InvalidInput("choose Approve or Reject for the selection", code="invalid_decision")
+    ids = [i for i in form.get("ids", []) if i]
+    if not ids:
+        raise InvalidInput("tick at least one message first", code="nothing_selected")
+    note = (form.get("note") or [""])[-1].strip() or None
+    if action == "reject" and note is None:
+        raise InvalidInput(
+            "say why in the note: the agents read it to revise their messages",
+            code="note_required",
+        )
+    outcome = oversight.decide_many(svc, actor, email_ids=ids, action=action, note=note)
+    pending = _pending(svc, actor)
+    return render(
+        request,
+        "queue.html",
+        nav="queue",
+        pending=pending,
+        pending_count=pending["pending_count"],
+        batch={"action": action, "results": outcome["results"]},
+        **_first_steps(svc, actor),
     )
 
 

@@ -13,6 +13,8 @@
       badges[i].textContent = String(count);
       badges[i].classList.toggle("zero", count === 0);
     }
+    var batch = document.getElementById("batch");
+    if (batch) { batch.hidden = count === 0; }
     var base = body.getAttribute("data-title") || document.title;
     if (document.getElementById("queue")) {
       document.title = "(" + count + ") Pending — MultiMail";
@@ -49,6 +51,14 @@
       refreshQueue(state);
     });
   }
+
+  document.addEventListener("change", function (event) {
+    var all = event.target.closest("[data-select-all]");
+    if (!all) { return; }
+    var boxes = document.querySelectorAll(
+      "input[type=checkbox][name='" + all.getAttribute("data-select-all") + "']");
+    for (var i = 0; i < boxes.length; i++) { boxes[i].checked = all.checked; }
+  });
 
   document.addEventListener("click", function (event) {
     var button = event.target.closest("[data-copy]");
