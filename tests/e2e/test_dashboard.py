@@ -103,10 +103,11 @@ class Tenant:
         operators.create_operator(
             services.db, account_id=self.account_id, email=email, password=PASSWORD
         )
+        self.system = Actor(type="system", id=None, name="test", account_id=self.account_id)
         with services.db.write() as conn:
             self.mailbox = mailboxes.create_mailbox(
                 conn,
-                actor=Actor(type="system", id=None, name="test", account_id=self.account_id),
+                actor=self.system,
                 settings=services.settings,
                 address=f"agent-{name.lower()}@mm.test",
                 display_name=f"{name} Support",
@@ -265,4 +266,76 @@ def test_second_accounts_operator_cannot_see_the_first_accounts_messages(
     assert response is not None and response.status == 404
     page.goto(f"{live.base_url}/dashboard/messages")
     expect(page.locator("body")).not_to_contain_text("Acme internal")
+    context.close()
+
+
+def test_operator_edits_a_mailbox_signature_and_pauses_and_resumes_it(
+    browser: Browser, live: LiveServer, svc: Services
+) -> None:
+    """From the mailbox list the operator opens a mailbox, saves a new signature, pauses
+    sending and resumes it; the page shows each state and the database agrees."""
+    acme = Tenant(svc, "Acme", "ops@acme.test")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    sign_in(page, live, acme.email)
+    page.goto(f"{live.base_url}/dashboard/mailboxes")
+    page.click(f"text={acme.mailbox['address']}")
+    expect(page).to_have_url(re.compile(rf"/dashboard/mailboxes/{acme.mailbox['id']}$"))
+    shoot(page, "17-mailbox-settings")
+
+    page.fill("#signature", "-- \nJane at Acme\nacme.example")
+    page.fill("#send_cap_day", "200")
+    page.click("[data-action=save-settings]")
+    expect(page.locator(".notice")).to_contain_text("Settings saved")
+    expect(page.locator("#signature")).to_have_value("-- \nJane at Acme\nacme.example")
+    expect(page.locator("#send_cap_day")).to_have_value("200")
+
+    page.click("[data-action=pause]")
+    expect(page.locator(".notice")).to_contain_text("Paused")
+    expect(page.locator("#mailbox-switch h2")).to_have_text("Sending is paused")
+    shoot(page, "18-mailbox-paused")
+    with svc.db.read() as conn:
+        box = mailboxes.resolve(conn, acme.system, acme.mailbox["id"])
+    assert box["paused"] is True
+    assert box["signature"] == "-- \nJane at Acme\nacme.example" and box["send_cap_day"] == 200
+
+    page.click("[data-action=resume]")
+    expect(page.locator(".notice")).to_contain_text("Resumed")
+    expect(page.locator("#mailbox-switch h2")).to_have_text("Sending is on")
+    with svc.db.read() as conn:
+        assert mailboxes.resolve(conn, acme.system, acme.mailbox["id"])["paused"] is False
+
+    page.locator("#allowlist input[name=pattern]").fill("*@partner.example")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("[data-action=allow]")
+    expect(page.locator(".allowlist")).to_contain_text("*@partner.example")
+
+    acme.send(live, "Batch one", "First of two.")
+    acme.send(live, "Batch two", "Second of two.")
+    page.goto(f"{live.base_url}/dashboard/queue")
+    expect(page.locator("#batch")).to_be_visible()
+    page.check("[data-select-all]")
+    shoot(page, "19-queue-batch")
+    page.click("[data-action=batch-approve]")
+    expect(page.locator("#batch-results h2")).to_have_text("Approved 2 of 2")
+
+    page.goto(f"{live.base_url}/dashboard/webhooks")
+    page.fill("#wh-url", "https://hooks.example.test/acme")
+    page.click("button:has-text('Subscribe')")
+    expect(page.locator("#new-secret")).to_contain_text("whsec_")
+    page.click("text=Manage")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("[data-action=rotate]")
+    expect(page.locator("#new-secret")).to_contain_text("whsec_")
+    shoot(page, "20-webhook-rotated")
+    page.goto(f"{live.base_url}/dashboard/domains")
+    expect(page.locator("#default-dkim-name")).to_contain_text("._domainkey.mm.test")
+    shoot(page, "21-domains-default-dkim")
+
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    small = phone.new_page()
+    sign_in(small, live, acme.email)
+    small.goto(f"{live.base_url}/dashboard/mailboxes/{acme.mailbox['id']}")
+    shoot(small, "22-phone-mailbox-settings")
+    phone.close()
     context.close()

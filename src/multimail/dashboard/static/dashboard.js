@@ -36,7 +36,13 @@
         return response.text();
       })
       .then(function (html) {
+        // Keep the operator's ticks for the batch form across the refresh.
+        var ticked = {};
+        var boxes = queue.querySelectorAll("input[name=ids]:checked");
+        for (var i = 0; i < boxes.length; i++) { ticked[boxes[i].value] = true; }
         queue.innerHTML = html;
+        boxes = queue.querySelectorAll("input[name=ids]");
+        for (var j = 0; j < boxes.length; j++) { boxes[j].checked = !!ticked[boxes[j].value]; }
         queue.setAttribute("data-newest", String(state.newest || ""));
         queue.setAttribute("data-count", String(state.count));
       })
