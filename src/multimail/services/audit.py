@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import ColumnElement, Connection, Select, func, insert, select, text
+from sqlalchemy import ColumnElement, Connection, Select, func, select, text
 
 from multimail.domain.addresses import AddressError, normalize_address
 from multimail.domain.audit import GENESIS_HASH, HASHED_FIELDS, entry_hash
@@ -46,6 +46,27 @@ ExportFormat = Literal["jsonl", "csv"]
 _RENUMBER_SEARCH = 100
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One entry to append: what ``append`` takes, minus the actor (shared by a batch)."""
+
+    action: str
+    account_id: str | None = None
+    subject_type: str | None = None
+    subject_id: str | None = None
+    mailbox_id: str | None = None
+    oversight_mode: str | None = None
+    details: Mapping[str, Any] | None = None
+
+
+# Built once: constructing and coercing a statement per call costs more than running it.
+_HEAD = (
+    select(audit_entries.c.seq, audit_entries.c.hash).order_by(audit_entries.c.seq.desc()).limit(1)
+)
+_INSERT = audit_entries.insert()
+_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+
+
 def append(
     conn: Connection,
     *,
@@ -58,36 +79,53 @@ def append(
     oversight_mode: str | None = None,
     details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Append one entry to the chain in the caller's transaction; returns it as hashed."""
+    entry = Entry(action, account_id, subject_type, subject_id, mailbox_id, oversight_mode, details)
+    return append_many(conn, actor=actor, entries=[entry])[0]
+
+
+def append_many(
+    conn: Connection, *, actor: Actor, entries: Sequence[Entry]
+) -> list[dict[str, Any]]:
+    """Append ``entries`` in order, chained one to the next, with one head read and one insert.
+
+    The same entries as that many ``append`` calls would write; only the round trips differ.
+    """
+    if not entries:
+        return []
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK})
-    head = conn.execute(
-        select(audit_entries.c.seq, audit_entries.c.hash)
-        .order_by(audit_entries.c.seq.desc())
-        .limit(1)
-    ).first()
-    seq = (head.seq + 1) if head else 1
+        conn.execute(_LOCK, {"k": _AUDIT_LOCK})
+    head = conn.execute(_HEAD).first()
+    seq = head.seq if head else 0
     prev_hash = head.hash if head else GENESIS_HASH
-    clean_details = json.loads(json.dumps(dict(details or {}), default=str))
-    entry: dict[str, Any] = {
-        "seq": seq,
-        "at": isoformat(utcnow()),
-        "account_id": account_id or actor.account_id,
-        "actor_type": actor.type,
-        "actor_id": actor.id,
-        "actor_name": actor.name,
-        "action": action,
-        "subject_type": subject_type,
-        "subject_id": subject_id,
-        "mailbox_id": mailbox_id,
-        "oversight_mode": oversight_mode,
-        "details": clean_details,
-        "prev_hash": prev_hash,
-    }
-    entry["hash"] = entry_hash(entry)
-    row = dict(entry)
-    row["details"] = json.dumps(clean_details, sort_keys=True, separators=(",", ":"))
-    conn.execute(insert(audit_entries).values(**row))
-    return entry
+    at = isoformat(utcnow())
+    written: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for item in entries:
+        seq += 1
+        clean_details = json.loads(json.dumps(dict(item.details or {}), default=str))
+        entry: dict[str, Any] = {
+            "seq": seq,
+            "at": at,
+            "account_id": item.account_id or actor.account_id,
+            "actor_type": actor.type,
+            "actor_id": actor.id,
+            "actor_name": actor.name,
+            "action": item.action,
+            "subject_type": item.subject_type,
+            "subject_id": item.subject_id,
+            "mailbox_id": item.mailbox_id,
+            "oversight_mode": item.oversight_mode,
+            "details": clean_details,
+            "prev_hash": prev_hash,
+        }
+        entry["hash"] = prev_hash = entry_hash(entry)
+        written.append(entry)
+        rows.append(
+            entry | {"details": json.dumps(clean_details, sort_keys=True, separators=(",", ":"))}
+        )
+    conn.execute(_INSERT, rows)
+    return written
 
 
 def row_to_entry(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -619,8 +657,10 @@ __all__ = [
     "CHECKPOINT_TYPE",
     "AuditBreak",
     "AuditVerification",
+    "Entry",
     "EntryFilter",
     "append",
+    "append_many",
     "checkpoint_document",
     "checkpoint_problem",
     "checkpoint_signing_input",

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy import Connection, event, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, event, insert, or_, select, update
 
 from multimail.errors import InvalidInput
 from multimail.ids import isoformat, new_id, utcnow
@@ -272,6 +272,51 @@ def sync_mailbox_subscription(
 
 # --- emitting ---------------------------------------------------------------------------------
 
+# Built once: constructing and coercing a statement per call costs more than running it.
+_INSERT_EVENT = events.insert()
+_INSERT_DELIVERY = webhook_deliveries.insert()
+_SUBSCRIBERS = (
+    select(webhooks.c.id, webhooks.c.events)
+    .where(
+        webhooks.c.account_id == bindparam("account_id"),
+        webhooks.c.enabled.is_(True),
+        or_(webhooks.c.mailbox_id.is_(None), webhooks.c.mailbox_id == bindparam("mailbox_id")),
+    )
+    .order_by(webhooks.c.id)
+)
+_MAILBOX_SUBSCRIPTION = (
+    select(
+        mailboxes.c.webhook_url,
+        mailboxes.c.deleted_at,
+        webhooks.c.id.label("webhook_id"),
+        webhooks.c.url,
+        webhooks.c.enabled,
+    )
+    .select_from(
+        mailboxes.outerjoin(
+            webhooks,
+            and_(webhooks.c.mailbox_id == mailboxes.c.id, webhooks.c.source == "mailbox"),
+        )
+    )
+    .where(mailboxes.c.id == bindparam("mailbox_id"))
+)
+
+
+def _subscription_in_step(conn: Connection, mailbox_id: str) -> bool:
+    """True when :func:`sync_mailbox_subscription` would change nothing (one query, not two).
+
+    Every emit must see the mailbox's current ``webhook_url``, but it almost never changed
+    since the last one: checking costs one joined read, syncing is left for when it differs.
+    """
+    rows = conn.execute(_MAILBOX_SUBSCRIPTION, {"mailbox_id": mailbox_id}).all()
+    if len(rows) != 1:
+        return not rows  # no such mailbox: nothing to sync; several subscriptions: let sync pick
+    row = rows[0]
+    url = row.webhook_url if row.deleted_at is None else None
+    if row.webhook_id is None:
+        return not url
+    return (not url or url == row.url) and (bool(url) or not row.enabled)
+
 
 def emit(
     conn: Connection,
@@ -303,45 +348,40 @@ def emit(
         extra=extra,
     )
     conn.execute(
-        insert(events).values(
-            id=event_id,
-            account_id=account_id,
-            mailbox_id=mailbox_id,
-            message_id=message.get("id") if message else None,
-            type=event_type,
-            payload=payload,
-            created_at=now,
-        )
+        _INSERT_EVENT,
+        {
+            "id": event_id,
+            "account_id": account_id,
+            "mailbox_id": mailbox_id,
+            "message_id": message.get("id") if message else None,
+            "type": event_type,
+            "payload": payload,
+            "created_at": now,
+        },
     )
-    if mailbox_id is not None:
+    if mailbox_id is not None and not _subscription_in_step(conn, mailbox_id):
         sync_mailbox_subscription(conn, mailbox_id)
-    subs = conn.execute(
-        select(webhooks.c.id, webhooks.c.events)
-        .where(
-            webhooks.c.account_id == account_id,
-            webhooks.c.enabled.is_(True),
-            or_(webhooks.c.mailbox_id.is_(None), webhooks.c.mailbox_id == mailbox_id),
-        )
-        .order_by(webhooks.c.id)
-    ).all()
-    queued = 0
+    subs = conn.execute(_SUBSCRIBERS, {"account_id": account_id, "mailbox_id": mailbox_id})
+    deliveries = []
     for sub in subs:
         name = delivered_name(sub.events or [], event_type)
         if name is None:
             continue
-        conn.execute(
-            insert(webhook_deliveries).values(
-                id=new_id("dlv"),
-                webhook_id=sub.id,
-                event_id=event_id,
-                event_name=name,
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
+        deliveries.append(
+            {
+                "id": new_id("dlv"),
+                "webhook_id": sub.id,
+                "event_id": event_id,
+                "event_name": name,
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
         )
-        queued += 1
+    if deliveries:
+        conn.execute(_INSERT_DELIVERY, deliveries)
+    queued = len(deliveries)
     if queued:
         nudge_after_commit(conn)
     return event_id

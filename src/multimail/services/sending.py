@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from multimail.domain.addresses import AddressError, domain_of, matches_pattern, normalize_address
@@ -480,7 +480,39 @@ def _enforce_window(
     )
 
 
-def _check_caps(conn: Connection, actor: Actor, mailbox: Mapping[str, Any], now: datetime) -> None:
+@dataclass(frozen=True)
+class _Limits:
+    """The account's and the sending key's numbers a send needs, read in one query."""
+
+    daily_send_quota: int | None
+    oversight_email: str | None
+    key_cap_hour: int | None
+    key_cap_day: int | None
+
+
+_LIMITS = (
+    select(
+        accounts.c.daily_send_quota,
+        accounts.c.oversight_email,
+        api_keys.c.send_cap_hour,
+        api_keys.c.send_cap_day,
+    )
+    .select_from(accounts.outerjoin(api_keys, api_keys.c.id == bindparam("key_id")))
+    .where(accounts.c.id == bindparam("account_id"))
+)
+
+
+def _limits(conn: Connection, actor: Actor, account_id: str) -> _Limits:
+    key_id = actor.id if actor.type == "key" else None
+    row = conn.execute(_LIMITS, {"account_id": account_id, "key_id": key_id}).first()
+    if row is None:
+        return _Limits(None, None, None, None)
+    return _Limits(row.daily_send_quota, row.oversight_email, row.send_cap_hour, row.send_cap_day)
+
+
+def _check_caps(
+    conn: Connection, actor: Actor, mailbox: Mapping[str, Any], limits: _Limits, now: datetime
+) -> None:
     windows = (("hour", timedelta(hours=1)), ("day", timedelta(days=1)))
     for label, window in windows:
         cap = mailbox.get(f"send_cap_{label}")
@@ -495,13 +527,8 @@ def _check_caps(conn: Connection, actor: Actor, mailbox: Mapping[str, Any], now:
             )
     if actor.type != "key" or not actor.id:
         return
-    key = conn.execute(
-        select(api_keys.c.send_cap_hour, api_keys.c.send_cap_day).where(api_keys.c.id == actor.id)
-    ).first()
-    if key is None:
-        return
-    for label, window in windows:
-        cap = getattr(key, f"send_cap_{label}")
+    key_caps = (("hour", limits.key_cap_hour), ("day", limits.key_cap_day))
+    for (label, window), (_, cap) in zip(windows, key_caps, strict=True):
         if cap is not None:
             _enforce_window(
                 conn,
@@ -513,12 +540,12 @@ def _check_caps(conn: Connection, actor: Actor, mailbox: Mapping[str, Any], now:
             )
 
 
-def _check_quota(conn: Connection, actor: Actor, account_id: str, now: datetime) -> None:
+def _check_quota(
+    conn: Connection, actor: Actor, account_id: str, limits: _Limits, now: datetime
+) -> None:
     if actor.test_mode:
         return  # captured test mail never leaves the server
-    quota = conn.execute(
-        select(accounts.c.daily_send_quota).where(accounts.c.id == account_id)
-    ).scalar_one_or_none()
+    quota = limits.daily_send_quota
     if quota is None:
         return
     midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -719,6 +746,10 @@ def _enqueue_delivery(conn: Connection, message_id: str) -> None:
     jobs.enqueue(conn, "deliver", {"message_id": message_id}, dedupe_key=f"deliver:{message_id}")
 
 
+# Built once: constructing and coercing an INSERT per call costs more than running it.
+_INSERT_MESSAGE = messages.insert()
+_INSERT_ATTACHMENT = attachments.insert()
+
 _STATUS_ACTION = {
     Status.QUEUED: "message.queued",
     Status.PENDING_SEND_APPROVAL: "message.held_for_approval",
@@ -806,8 +837,9 @@ def _submit(
                 code="message_too_large",
                 limit=settings.max_message_bytes,
             )
-        _check_caps(conn, actor, mailbox, now)
-        _check_quota(conn, actor, account_id, now)
+        limits = _limits(conn, actor, account_id)
+        _check_caps(conn, actor, mailbox, limits, now)
+        _check_quota(conn, actor, account_id, limits, now)
         if original is not None and not draft.idempotency_key:
             _check_duplicate_reply(conn, original["id"], now)
 
@@ -819,6 +851,8 @@ def _submit(
             external_id=draft.thread_id,
             replying_to=original,
         )
+        # No message has joined it yet: the operator's mail has no earlier ones to quote.
+        first_in_thread = thread.get("message_count") == 0
         suppressed = directory.suppressed_among(conn, account_id, recipients)
         findings = _scan_input(
             services, recipients, subject, markdown, draft.attachments, suppressed, size
@@ -877,19 +911,23 @@ def _submit(
             "created_at": now,
             "updated_at": now,
         }
-        conn.execute(insert(messages).values(**row))
-        for item in draft.attachments:
+        conn.execute(_INSERT_MESSAGE, row)
+        if draft.attachments:
             conn.execute(
-                insert(attachments).values(
-                    id=new_id("att"),
-                    message_id=message_id,
-                    filename=item.filename,
-                    content_type=item.content_type,
-                    size_bytes=len(item.data),
-                    sha256=hashlib.sha256(item.data).hexdigest(),
-                    inline=False,
-                    data=item.data,
-                )
+                _INSERT_ATTACHMENT,
+                [
+                    {
+                        "id": new_id("att"),
+                        "message_id": message_id,
+                        "filename": item.filename,
+                        "content_type": item.content_type,
+                        "size_bytes": len(item.data),
+                        "sha256": hashlib.sha256(item.data).hexdigest(),
+                        "inline": False,
+                        "data": item.data,
+                    }
+                    for item in draft.attachments
+                ],
             )
         threads.touch(conn, thread["id"], now)
         thread_public = threads.public_thread_id(thread)
@@ -899,49 +937,36 @@ def _submit(
             "mailbox_id": mailbox["id"],
             "oversight_mode": mode.value,
         }
-        audit.append(
+        created = {
+            "to": to,
+            "cc": cc,
+            "bcc": bcc,
+            "subject": subject,
+            "body_sha256": hashlib.sha256(markdown.encode()).hexdigest(),
+            "attachments": [a.filename for a in draft.attachments],
+            "mailbox_mode": mailbox["oversight_mode"],
+            "requested_mode": draft.mode.value if draft.mode else None,
+            "effective_mode": mode.value,
+            "gate_timing": timing.value,
+            "send_at": isoformat(draft.send_at),
+            "test": actor.test_mode,
+            "reply_to_email_id": row["reply_to_email_id"],
+            "thread_id": thread_public,
+            "idempotency_key": draft.idempotency_key,
+        }
+        scanned = {
+            "findings": [{"code": f.code, "severity": f.severity} for f in findings],
+            "blocked": bool(blockers),
+        }
+        outcome = {"status": status.value, "allowlisted": allowlisted, "reason": row["last_error"]}
+        audit.append_many(
             conn,
             actor=actor,
-            action="message.created",
-            **common,
-            details={
-                "to": to,
-                "cc": cc,
-                "bcc": bcc,
-                "subject": subject,
-                "body_sha256": hashlib.sha256(markdown.encode()).hexdigest(),
-                "attachments": [a.filename for a in draft.attachments],
-                "mailbox_mode": mailbox["oversight_mode"],
-                "requested_mode": draft.mode.value if draft.mode else None,
-                "effective_mode": mode.value,
-                "gate_timing": timing.value,
-                "send_at": isoformat(draft.send_at),
-                "test": actor.test_mode,
-                "reply_to_email_id": row["reply_to_email_id"],
-                "thread_id": thread_public,
-                "idempotency_key": draft.idempotency_key,
-            },
-        )
-        audit.append(
-            conn,
-            actor=actor,
-            action="message.scanned",
-            **common,
-            details={
-                "findings": [{"code": f.code, "severity": f.severity} for f in findings],
-                "blocked": bool(blockers),
-            },
-        )
-        audit.append(
-            conn,
-            actor=actor,
-            action=_STATUS_ACTION[status],
-            **common,
-            details={
-                "status": status.value,
-                "allowlisted": allowlisted,
-                "reason": row["last_error"],
-            },
+            entries=[
+                audit.Entry("message.created", **common, details=created),
+                audit.Entry("message.scanned", **common, details=scanned),
+                audit.Entry(_STATUS_ACTION[status], **common, details=outcome),
+            ],
         )
         if status is Status.QUEUED:
             _enqueue_delivery(conn, message_id)
@@ -967,7 +992,14 @@ def _submit(
                     thread_public_id=thread_public,
                 ),
             )
-            notify.notify_pending(conn, services, row)
+            notify.notify_pending(
+                conn,
+                services,
+                row,
+                mailbox_address=mailbox["address"],
+                oversight_email=limits.oversight_email,
+                first_in_thread=first_in_thread,
+            )
         response = _summary(row, thread_public)
         if draft.idempotency_key:
             conn.execute(
