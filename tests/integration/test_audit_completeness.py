@@ -567,6 +567,59 @@ CASES: dict[tuple[str, str], Call] = {
         form={},
         subject="@whk",
     ),
+    ("POST", "/dashboard/mailboxes/{mailbox_id}/settings"): Call(
+        "operator",
+        "/dashboard/mailboxes/@spare/settings",
+        does("mailbox.updated"),
+        form={"display_name": "Spare desk", "signature": "-- \nThe desk"},
+        subject="@spare",
+    ),
+    ("POST", "/dashboard/mailboxes/{mailbox_id}/allowlist"): Call(
+        "operator",
+        "/dashboard/mailboxes/@spare/allowlist",
+        does("allowlist.added"),
+        form={"pattern": "dash@partner.test"},
+        subject="@spare",
+    ),
+    ("POST", "/dashboard/mailboxes/{mailbox_id}/allowlist/{entry_id}/remove"): Call(
+        "operator",
+        "/dashboard/mailboxes/@spare/allowlist/dash@partner.test/remove",
+        does("allowlist.removed"),
+        form={},
+        subject="@spare",
+    ),
+    # Resuming (not pausing) the account: a paused account would hold the delivery below.
+    ("POST", "/dashboard/account/pause"): Call(
+        "operator", "/dashboard/account/pause", does("account.resumed"), form={"paused": "no"}
+    ),
+    ("POST", "/dashboard/queue/batch"): Call(
+        "operator",
+        "/dashboard/queue/batch",
+        does("message.rejected"),
+        form={"op": "reject", "ids": "@p9", "note": "Not in a batch."},
+        subject="@p9",
+    ),
+    ("POST", "/dashboard/webhooks/{webhook_id}/rotate"): Call(
+        "operator",
+        "/dashboard/webhooks/@whk_dash/rotate",
+        does("webhook.secret_rotated"),
+        form={},
+        subject="@whk_dash",
+    ),
+    ("POST", "/dashboard/webhooks/{webhook_id}/enable"): Call(
+        "operator",
+        "/dashboard/webhooks/@whk_dash/enable",
+        does("webhook.enabled"),
+        form={},
+        subject="@whk_dash",
+    ),
+    ("POST", "/dashboard/webhooks/{webhook_id}/delete"): Call(
+        "operator",
+        "/dashboard/webhooks/@whk_dash/delete",
+        does("webhook.deleted"),
+        form={},
+        subject="@whk_dash",
+    ),
     ("POST", "/dashboard/domains"): Call(
         "operator",
         "/dashboard/domains",
@@ -887,6 +940,11 @@ def setup(walk: Walk) -> None:
         )
     )
     ids["whk"] = hook["id"]
+    ids["whk_dash"] = walk.ok(
+        admin.post(
+            "/v1/webhooks", json={"url": "http://127.0.0.1:9/dash", "events": ["message.received"]}
+        )
+    )["id"]
     for name in ("spare", "ladder"):
         box = walk.ok(
             admin.post(
@@ -899,7 +957,7 @@ def setup(walk: Walk) -> None:
         admin.post(f"/v1/mailboxes/{ids['spare']}/allowlist", json={"pattern": "*@second.test"})
     )
     attachment = {"filename": "numbers.txt", "content_base64": "MTIz", "content_type": "text/plain"}
-    for n in range(1, 9):
+    for n in range(1, 10):
         sent = walk.ok(
             agent.post(
                 f"/v1/mailboxes/{ids['mbx']}/send",
