@@ -98,24 +98,86 @@ def test_composed_message_verifies_with_plain_dkimpy(
     assert verify_message(signed, dnsfunc=lambda name: dnsfunc(name, 5))
 
 
-def test_signature_is_byte_identical_to_dkimpy(keypair: DkimKeyPair) -> None:
-    """Only the RSA step changed: for the same second the header equals dkim.sign's."""
-    raw = build_message(DRAFT)
-    signer = our_dkim._OpenSSLDKIM(raw, our_dkim._load_private_key(keypair.private_pem))
-    include = [b"from", b"to", b"subject", b"date", b"message-id", b"from"]
-    for _ in range(3):
+def _ours_and_dkimpys(
+    raw: bytes, keypair: DkimKeyPair, include: Sequence[bytes]
+) -> tuple[bytes, bytes]:
+    """Our DKIM-Signature header and dkim.sign's, both made within the same second."""
+    headers, body = our_dkim._split_message(raw)
+    key = our_dkim._load_private_key(keypair.private_pem)
+    while True:
         before = int(time.time())
-        theirs = dkim.sign(
+        theirs: bytes = dkim.sign(
             raw,
             SELECTOR.encode(),
             DOMAIN.encode(),
             keypair.private_pem,
             canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=include,
+            include_headers=list(include),
+        )
+        ours = our_dkim._signature_header(
+            headers,
+            body,
+            key,
+            selector=SELECTOR.encode(),
+            domain=DOMAIN.encode(),
+            include=include,
+            timestamp=before,
         )
         if int(time.time()) == before:
-            break
-    ours = signer.sign_rsa(SELECTOR.encode(), DOMAIN.encode(), include, before)
+            return ours, theirs
+
+
+def test_signature_is_byte_identical_to_dkimpy(keypair: DkimKeyPair) -> None:
+    """For the same message and second our header equals dkim.sign's, byte for byte."""
+    raw = build_message(DRAFT)
+    include = [b"from", b"to", b"subject", b"date", b"message-id", b"from"]
+    ours, theirs = _ours_and_dkimpys(raw, keypair, include)
+    assert ours == theirs
+
+
+@pytest.fixture(scope="module")
+def small_keypair() -> DkimKeyPair:
+    # dkimpy signs in pure Python: a short key keeps the comparison below quick.
+    return generate_rsa_keypair(1024)
+
+
+_header_values = st.lists(
+    st.text(st.sampled_from("ab =;:\t"), max_size=30)
+    | st.sampled_from(["  spaced   out  ", "\t", "", "x" * 90]),
+    min_size=1,
+    max_size=3,
+).map(lambda parts: "\r\n ".join(parts))
+_body_lines = st.lists(
+    st.text(st.sampled_from("ab .\t"), max_size=40) | st.sampled_from(["", " ", "\t \t"]),
+    max_size=8,
+)
+
+
+@given(
+    fields=st.lists(
+        st.tuples(st.sampled_from(["To", "Subject", "X-A", "SUBJECT", "to"]), _header_values),
+        max_size=5,
+    ),
+    from_value=_header_values,
+    lines=_body_lines,
+    separator=st.sampled_from(["\r\n", "\n"]),
+    body_end=st.sampled_from(["", "\r\n", "\r\n\r\n", "\n\n", "\r\n \r\n"]),
+    include=st.lists(st.sampled_from([b"to", b"subject", b"x-a", b"cc", b"from"]), max_size=6),
+)
+@settings(max_examples=40, deadline=None)
+def test_any_message_gets_dkimpys_signature(
+    small_keypair: DkimKeyPair,
+    fields: list[tuple[str, str]],
+    from_value: str,
+    lines: list[str],
+    separator: str,
+    body_end: str,
+    include: list[bytes],
+) -> None:
+    """Odd whitespace, folding, bare LF, trailing blank lines: our header equals dkimpy's."""
+    head = "".join(f"{name}:{value}\r\n" for name, value in [("From", from_value), *fields])
+    text = head.replace("\r\n", separator) + separator + separator.join(lines) + body_end
+    ours, theirs = _ours_and_dkimpys(text.encode(), small_keypair, [b"from", *include])
     assert ours == theirs
 
 
