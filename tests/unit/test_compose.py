@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email
+import email.errors
 import email.policy
 import smtplib
 from collections.abc import Iterator
@@ -630,3 +631,51 @@ def test_values_without_encoded_words_decode_to_themselves(value: str) -> None:
         assert compose._decode_like_email_package(value) == value
     else:
         assert compose._SURROGATES.search(value)
+
+
+def _reference_address(value: str) -> str | None:
+    """The address check as written with the idna codec and the email package only."""
+    value = compose._refuse_breaks(value, "to").strip()
+    if "@" not in value:
+        return None
+    local, _, domain = value.rpartition("@")
+    try:
+        ascii_domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_domain = ""
+    spec = f"{local}@{ascii_domain.lower()}"
+    try:
+        parsed = Address(addr_spec=spec)
+    except (ValueError, IndexError, email.errors.HeaderParseError):
+        return None
+    valid = (
+        parsed.addr_spec == spec
+        and spec.isascii()
+        and len(spec) <= 254
+        and bool(parsed.username)
+        and compose._HOSTNAME.fullmatch(ascii_domain) is not None
+    )
+    return spec if valid else None
+
+
+@given(
+    st.emails()
+    | st.text(max_size=60)
+    | st.builds(
+        lambda a, b: f"{a}@{b}",
+        st.text(st.sampled_from('ab.+"\\ (),:;<>[]=?é'), max_size=12),
+        st.sampled_from(["example.org", "Example.ORG", "bücher.example", "a..b", "-a.b", "x"]),
+    )
+)
+@settings(max_examples=400, deadline=None)
+def test_address_check_agrees_with_the_email_package(value: str) -> None:
+    """The shortcut for plain dot-atom addresses accepts and rewrites exactly as before."""
+    try:
+        ours: str | None = compose._address(value, "to")
+    except InvalidInput:
+        ours = None
+    try:
+        expected = _reference_address(value)
+    except InvalidInput:
+        expected = None
+    assert ours == expected

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import dkim
 import dns.resolver
 import pytest
+from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import parse_tag_value
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -344,3 +345,20 @@ def test_any_composed_message_verifies(
         return  # encoded line breaks in a name are refused before signing
     signed = _sign(raw, keypair)
     assert dkim.verify(signed, dnsfunc=dnsfunc)
+
+
+_wire_bytes = st.lists(
+    st.sampled_from([b"a", b" ", b"\t", b"\r\n", b"\n", b"\r", b"  ", b"\r\n\r\n", b"."]),
+    max_size=40,
+).map(b"".join)
+
+
+@given(_wire_bytes)
+@settings(max_examples=500)
+def test_relaxed_canonicalisation_matches_dkimpys(data: bytes) -> None:
+    """Body and header-value canonicalisation give dkimpy's bytes for any whitespace mix."""
+    relaxed = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    body = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert our_dkim._relaxed_body(body) == relaxed.canonicalize_body(body)
+    [(_, value)] = relaxed.canonicalize_headers([(b"X", data)])
+    assert our_dkim._relaxed_value(data) + b"\r\n" == value

@@ -65,6 +65,8 @@ _MSG_ID = re.compile(r"<[!-;=?-~]+>")
 _HOSTNAME = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 )
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_DOT_ATOM_ADDRESS = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[A-Za-z0-9.-]+")
 _MIME_TYPE = re.compile(r"([a-z0-9][a-z0-9!#$&^_.+-]*)/([a-z0-9][a-z0-9!#$&^_.+-]*)")
 
 _RESERVED_HEADERS = frozenset(
@@ -164,29 +166,32 @@ def _refuse_breaks(value: str, what: str) -> str:
 
 def _address(value: str, what: str) -> str:
     value = _refuse_breaks(value, what).strip()
-    if "@" not in value:
+    local, at, domain = value.rpartition("@")
+    if not at:
         raise InvalidInput(f"invalid email address in {what}", code="invalid_address", field=what)
-    local, _, domain = value.rpartition("@")
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        ascii_domain = ""
+    if domain.isascii() and _HOSTNAME.fullmatch(domain):
+        ascii_domain = domain  # what the idna codec returns for it, without the codec's cost
+    else:
+        try:
+            ascii_domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_domain = ""
     spec = f"{local}@{ascii_domain.lower()}"
+    if not _valid_addr_spec(spec, ascii_domain):
+        raise InvalidInput(f"invalid email address in {what}", code="invalid_address", field=what)
+    return spec
+
+
+def _valid_addr_spec(spec: str, ascii_domain: str) -> bool:
+    if len(spec) > 254 or not spec.isascii() or _HOSTNAME.fullmatch(ascii_domain) is None:
+        return False
+    if _DOT_ATOM_ADDRESS.fullmatch(spec):
+        return True  # a dot-atom local part: the parser below would give it back unchanged
     try:
         parsed = Address(addr_spec=spec)
     except (ValueError, IndexError, email_errors.HeaderParseError):
-        parsed = None
-    valid = (
-        parsed is not None
-        and parsed.addr_spec == spec
-        and spec.isascii()
-        and len(spec) <= 254
-        and bool(parsed.username)
-        and _HOSTNAME.fullmatch(ascii_domain) is not None
-    )
-    if not valid:
-        raise InvalidInput(f"invalid email address in {what}", code="invalid_address", field=what)
-    return spec
+        return False
+    return parsed.addr_spec == spec and bool(parsed.username)
 
 
 def _display_name(value: str | None) -> str:
@@ -331,13 +336,11 @@ def _html_document(fragment: str) -> str:
 # alphabets below is handed, one header or one attachment at a time, to the email package,
 # which stays the reference (tests check both give the same headers and decoded parts).
 
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
 # A display name that is a run of atoms needs no quoting (RFC 5322 3.2.5 phrase).
 _ATOM_PHRASE = re.compile(rf"[{_ATEXT}]+(?: [{_ATEXT}]+)*")
 # Printable ASCII words separated by single spaces: safe as a quoted string or as
 # unstructured text folded at its spaces.
 _PLAIN_WORDS = re.compile(r"[!-~]+(?: [!-~]+)*")
-_DOT_ATOM_ADDRESS = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[A-Za-z0-9.-]+")
 _FILENAME_CHARS = re.compile(r"[ !#-\[\]-~]+")  # printable ASCII but " and \
 _ASCII_BYTES = bytes(range(128))
 _TEXT_LINE_OCTETS = 78  # longer lines are encoded, as the email package does

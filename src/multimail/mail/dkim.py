@@ -125,6 +125,9 @@ _EOL = re.compile(rb"\r?\n")
 _FIELD = re.compile(rb"([\x21-\x7e]+?):")
 # dkimpy's relaxed canonicalisation (dkim.canonicalization.Relaxed).
 _WSP = re.compile(rb"[\t ]+")
+# Only the runs that change (a tab, or two or more blanks): rewriting every single space
+# of a body as itself costs more than the rest of the signature but RSA.
+_WSP_TO_COMPRESS = re.compile(rb"\t[\t ]*| [\t ]+")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 _SHOULD_NOT_SIGN = frozenset(dkim.DKIM.SHOULD_NOT)
 _CRLF = b"\r\n"
@@ -135,38 +138,62 @@ def _split_message(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
 
     Reads CRLF or bare LF like dkimpy, but leaves the body alone unless it has a bare LF.
     """
-    headers: list[tuple[bytes, bytes]] = []
+    end = raw.find(b"\r\n\r\n")
+    if end > 0 and raw.count(b"\n", 0, end) == raw.count(_CRLF, 0, end):
+        # The usual message: CRLF only up to the first empty line.
+        return _header_fields(raw[:end].split(_CRLF)), _crlf_body(raw[end + 4 :])
+    lines: list[bytes] = []
     pos = 0
     while True:
         eol = _EOL.search(raw, pos)
-        end = eol.start() if eol else len(raw)
-        line = raw[pos:end]
+        line = raw[pos : eol.start() if eol else len(raw)]
         if not line:
-            body = raw[eol.end() :] if eol else b""
-            break
+            return _header_fields(lines), _crlf_body(raw[eol.end() :] if eol else b"")
+        lines.append(line)
+        if eol is None:
+            return _header_fields(lines), b""
+        pos = eol.end()
+
+
+def _header_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines:
         if line[0] in (0x09, 0x20):
             if not headers:
-                raise InvalidInput("the message starts with a continuation line")
+                raise InvalidInput(
+                    "the message starts with a continuation line", code="invalid_message"
+                )
             name, value = headers[-1]
             headers[-1] = (name, value + line + _CRLF)
         elif field := _FIELD.match(line):
             headers.append((field.group(1), line[field.end() :] + _CRLF))
         elif not line.startswith(b"From "):
             raise InvalidInput("the message has a malformed header line", code="invalid_message")
-        if eol is None:
-            return headers, b""
-        pos = eol.end()
+    return headers
+
+
+def _crlf_body(body: bytes) -> bytes:
     if body.count(b"\n") != body.count(_CRLF):
         body = _EOL.sub(_CRLF, body)
-    return headers, body
+    return body
 
 
 def _relaxed_value(value: bytes) -> bytes:
-    return _WSP.sub(b" ", _EOL.sub(b"", value)).strip()
+    # Unfold, compress blanks, strip; each step skipped when it would change nothing.
+    if value.count(b"\n") == value.count(_CRLF):
+        value = value.replace(_CRLF, b"")
+    else:
+        value = _EOL.sub(b"", value)
+    if b"\t" in value or b"  " in value:
+        value = _WSP_TO_COMPRESS.sub(b" ", value)
+    return value.strip()
 
 
 def _relaxed_body(body: bytes) -> bytes:
-    body = _WSP.sub(b" ", _TRAILING_WSP.sub(_CRLF, body))
+    if b" \r\n" in body or b"\t\r\n" in body:
+        body = _TRAILING_WSP.sub(_CRLF, body)
+    if b"  " in body or b"\t" in body:
+        body = _WSP_TO_COMPRESS.sub(b" ", body)
     # Ignore empty lines at the end; a non-empty body ends in exactly one CRLF.
     end = len(body)
     while body.endswith(_CRLF, 0, end):
