@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from multimail.errors import NotFound
 from multimail.ids import utcnow
-from multimail.services import inbound
+from multimail.services import health, inbound
 from multimail.services.context import Services
 from multimail.smtp.inbound import InboundLimits, InboundSMTPServer
 from multimail.store import jobs
@@ -55,7 +55,7 @@ async def run_smtp(services: Services, stop: asyncio.Event) -> None:
     )
     async with server:
         services.extras["smtp_port"] = server.port
-        await stop.wait()
+        await health.beat_until(services.db, "smtp", f"smtp-{os.getpid()}-{id(stop):x}", stop)
 
 
 def handle_job(services: Services, job: jobs.Job, worker: str) -> None:
@@ -94,7 +94,9 @@ async def run_inbound_worker(services: Services, stop: asyncio.Event) -> None:
     """Process stored messages until ``stop`` is set."""
     worker = f"inbound-{os.getpid()}-{id(stop):x}"
     stored = inbound.signals(services).stored
+    pulse = health.Heartbeat(services.db, "inbound", worker)
     while not stop.is_set():
+        pulse.tick()
         with stored.listen() as wake:
             try:
                 done = await asyncio.to_thread(_work_once, services, worker)
@@ -110,3 +112,4 @@ async def run_inbound_worker(services: Services, stop: asyncio.Event) -> None:
             )
             stopping.cancel()
             woken.cancel()
+    await pulse.stop()

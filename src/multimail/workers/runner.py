@@ -39,6 +39,7 @@ from sqlalchemy import Connection, delete
 
 from multimail.errors import MultimailError, TemporaryDeliveryError
 from multimail.ids import utcnow
+from multimail.services import health
 from multimail.services.context import Services
 from multimail.store import jobs
 from multimail.store.jobs import DEFAULT_LEASE, Job
@@ -339,6 +340,7 @@ async def run_workers(
     with _wakers_lock:
         _wakers.append((loop, wake_event))
     scheduler = asyncio.create_task(_schedule(services, stop, wake_event))
+    pulse = health.Heartbeat(services.db, "jobs", worker)
     inflight: set[asyncio.Task[None]] = {
         asyncio.create_task(
             _run_batches(
@@ -352,6 +354,7 @@ async def run_workers(
     single_kinds = sorted(set(HANDLERS) - set(BATCHES))
     try:
         while not stop.is_set():
+            pulse.tick()
             free = concurrency + batch_loops - len(inflight)
             claimed: list[Job] = []
             if free > 0:
@@ -383,3 +386,4 @@ async def run_workers(
             await asyncio.gather(*pending, return_exceptions=True)
         scheduler.cancel()
         await asyncio.gather(scheduler, return_exceptions=True)
+        await pulse.stop()

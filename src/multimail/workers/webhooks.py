@@ -35,7 +35,7 @@ from sqlalchemy import Connection, and_, exists, insert, or_, select, update
 
 from multimail.domain.netguard import Resolver
 from multimail.ids import aware, isoformat, utcnow
-from multimail.services import audit, events
+from multimail.services import audit, events, health
 from multimail.services.context import Actor, Services
 from multimail.services.webhooks import (
     AttemptResult,
@@ -157,9 +157,11 @@ class Dispatcher:
         events.add_commit_listener(self._nudge)
         stopper = asyncio.create_task(self._stop_wakes(stop))
         recorder = asyncio.create_task(self._recorder())
+        pulse = health.Heartbeat(self.services.db, "webhooks", self.worker_id)
         recheck = False
         try:
             while not stop.is_set():
+                pulse.tick()
                 free = self.concurrency - len(self._tasks)
                 claimed: list[Claimed] = []
                 # Claim in batches (one commit each), not one delivery per freed slot.
@@ -194,6 +196,7 @@ class Dispatcher:
             await asyncio.wait({recorder}, timeout=10)
             recorder.cancel()
             await self.pool.aclose()
+            await pulse.stop()
 
     async def _stop_wakes(self, stop: asyncio.Event) -> None:
         await stop.wait()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from multimail.api.deps import get_services
 from multimail.api.routers import audit as audit_routes
+from multimail.services import health as health_service
 from multimail.services.context import Services
 
 router = APIRouter()
@@ -24,16 +22,10 @@ def health() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def ready(request: Request, svc: Services = Depends(get_services)) -> JSONResponse:
-    checks: dict[str, Any] = {}
-    try:
-        with svc.db.read() as conn:
-            conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:  # readiness reports any failure instead of raising
-        checks["database"] = f"unavailable: {exc.__class__.__name__}"
-    ok = all(v == "ok" for v in checks.values())
+def ready(svc: Services = Depends(get_services)) -> JSONResponse:
+    """503 while the database is unreachable or an expected worker role has gone quiet."""
+    verdict = health_service.readiness(svc.db)
     return JSONResponse(
-        {"status": "ready" if ok else "unavailable", "checks": checks},
-        status_code=200 if ok else 503,
+        {"status": "ready" if verdict.ready else "unavailable", "checks": verdict.checks},
+        status_code=200 if verdict.ready else 503,
     )
