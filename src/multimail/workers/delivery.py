@@ -1161,7 +1161,9 @@ def deliver_now(services: Services, message_id: str, *, timeout: float = 3.0) ->
     threading.Thread(target=run, name=f"deliver-now-{message_id}", daemon=True).start()
     finished.wait(max(0.0, deadline - time.monotonic()))
     status = _status(services, message_id)
-    while status in ("queued", "sending") and time.monotonic() < deadline:
+    # Only another worker's attempt in flight is worth waiting for; a message still queued
+    # after our attempt ended is held (paused account or mailbox) and will not move soon.
+    while status == "sending" and time.monotonic() < deadline:
         time.sleep(_POLL_S)
         status = _status(services, message_id)
     return status
