@@ -23,8 +23,9 @@ import hashlib
 import json
 import math
 import mimetypes
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -56,6 +57,7 @@ from multimail.services import audit, directory, events, mailboxes, notify, thre
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
 from multimail.store import jobs
+from multimail.store.db import Database
 from multimail.store.tables import (
     accounts,
     api_keys,
@@ -758,6 +760,80 @@ _STATUS_ACTION = {
 }
 
 
+@dataclass
+class _Work:
+    """One send waiting for a shared commit; ``done`` is set once the outcome is final."""
+
+    write: Callable[[Connection], SendResult]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: SendResult | None = None
+    error: Exception | None = None
+
+
+class _SharedCommits:
+    """Concurrent sends in this process share one SQLite transaction and one commit.
+
+    On SQLite a commit is an fsync under the database's single write lock, so sends that
+    arrive together queue for it anyway; here the first of them (the leader) runs every
+    queued send in the same transaction, each in its own savepoint, and commits once. A send
+    that fails rolls back to its savepoint and raises in its own caller; the others stand.
+    Nobody is answered before the commit that holds their message, so durability is that
+    of one transaction per send. PostgreSQL keeps one transaction per send: its row locks
+    (the mailbox, then the audit chain) would be taken out of order across a shared batch.
+    """
+
+    MAX_BATCH = 32
+
+    def __init__(self) -> None:
+        self._queue: list[_Work] = []
+        self._queue_lock = threading.Lock()
+        self._leader = threading.Lock()
+
+    def run(self, db: Database, write: Callable[[Connection], SendResult]) -> SendResult:
+        if not db.is_sqlite:
+            with db.write() as conn:
+                return write(conn)
+        work = _Work(write)
+        with self._queue_lock:
+            self._queue.append(work)
+        while not work.done.is_set():
+            with self._leader:
+                if work.done.is_set():
+                    break
+                with self._queue_lock:
+                    batch = self._queue[: self.MAX_BATCH]
+                    del self._queue[: self.MAX_BATCH]
+                self._commit(db, batch)
+        if work.error is not None:
+            raise work.error
+        assert work.result is not None
+        return work.result
+
+    @staticmethod
+    def _commit(db: Database, batch: list[_Work]) -> None:
+        try:
+            with db.write() as conn:
+                if len(batch) == 1:
+                    # Alone: a failure rolls the whole transaction back, no savepoint needed.
+                    batch[0].result = batch[0].write(conn)
+                    return
+                for work in batch:
+                    try:
+                        with conn.begin_nested():
+                            work.result = work.write(conn)
+                    except Exception as exc:
+                        work.error = exc
+        except Exception as exc:
+            for work in batch:
+                work.result, work.error = None, work.error or exc
+        finally:
+            for work in batch:
+                work.done.set()
+
+
+_SENDS = _SharedCommits()
+
+
 def _submit(
     services: Services,
     actor: Actor,
@@ -773,7 +849,8 @@ def _submit(
     settings = services.settings
     # Rendering is pure and the slowest step that needs no database: keep it out of the lock.
     prerendered = render_markdown(draft.markdown or "")
-    with services.db.write() as conn:
+
+    def write(conn: Connection) -> SendResult:
         mailbox = _choose_mailbox(conn, actor, mailbox_refs)
         original = None
         if reply_ref is not None:
@@ -1010,7 +1087,9 @@ def _submit(
                 )
                 .values(message_id=message_id, response=response)
             )
-    return SendResult(response, created=True)
+        return SendResult(response, created=True)
+
+    return _SENDS.run(services.db, write)
 
 
 def send(

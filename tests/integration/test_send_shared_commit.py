@@ -1,0 +1,112 @@
+"""Sends that arrive together may share a commit; each still stands or falls on its own."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import func, select
+
+from multimail.errors import Forbidden
+from multimail.services import accounts, audit, keys, mailboxes, sending
+from multimail.services.context import Actor, Services
+from multimail.store.tables import audit_entries, idempotency_keys, messages
+
+SENDERS = 16
+
+
+def _mailbox(services: Services, boot: accounts.Bootstrap, name: str, mode: str) -> str:
+    operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
+    with services.db.write() as conn:
+        created = mailboxes.create_mailbox(
+            conn,
+            actor=operator,
+            settings=services.settings,
+            address=f"{name}@mm.test",
+            oversight_mode=mode,
+        )
+    return str(created["id"])
+
+
+def _send_together(
+    services: Services, actor: Actor, requests: list[tuple[str, dict[str, Any]]]
+) -> list[Any]:
+    """Run every (mailbox, body) send at once; each slot gets its SendResult or exception."""
+    outcomes: list[Any] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(index: int) -> None:
+        mailbox, body = requests[index]
+        start.wait()
+        try:
+            request = sending.SendRequest.model_validate(body)
+            outcomes[index] = sending.send(services, actor, mailbox_ref=mailbox, request=request)
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcomes
+
+
+def test_concurrent_sends_are_each_stored_with_their_audit_entries(
+    services: Services, boot: accounts.Bootstrap
+) -> None:
+    """16 sends at once: every caller gets its own message id, every message is stored once
+    with its three audit entries, and the audit chain verifies."""
+    box = _mailbox(services, boot, "together", "gated_send")
+    agent = keys.authenticate(services.db, boot.agent_key)
+    requests = [
+        (box, {"to": f"c{n}@example.com", "subject": f"Order {n}", "markdown": "Shipped."})
+        for n in range(SENDERS)
+    ]
+    outcomes = _send_together(services, agent, requests)
+    assert all(isinstance(o, sending.SendResult) and o.created for o in outcomes), outcomes
+    ids = [o.response["id"] for o in outcomes]
+    assert len(set(ids)) == SENDERS
+    with services.db.read() as conn:
+        stored = conn.execute(select(messages.c.id, messages.c.subject)).all()
+        per_message = Counter(
+            conn.execute(
+                select(audit_entries.c.subject_id).where(audit_entries.c.subject_id.in_(ids))
+            ).scalars()
+        )
+    assert {row.id for row in stored} == set(ids)
+    subjects = {o.response["id"]: o.response["subject"] for o in outcomes}
+    assert all(subjects[row.id] == row.subject for row in stored)
+    assert all(per_message[i] == 3 for i in ids), per_message
+    assert audit.verify(services.db).ok
+
+
+def test_a_refused_send_leaves_nothing_and_does_not_undo_its_neighbours(
+    services: Services, boot: accounts.Bootstrap
+) -> None:
+    """Half the sends claim an idempotency key and are then refused (read_only mailbox):
+    those callers get their own 403 and leave no key behind; the other half are stored."""
+    open_box = _mailbox(services, boot, "open", "autonomous")
+    closed_box = _mailbox(services, boot, "closed", "read_only")
+    agent = keys.authenticate(services.db, boot.agent_key)
+    requests = [
+        (
+            closed_box if n % 2 else open_box,
+            {"to": "c@example.com", "subject": f"N {n}", "text": "Hi", "idempotency_key": f"k{n}"},
+        )
+        for n in range(SENDERS)
+    ]
+    outcomes = _send_together(services, agent, requests)
+    for n, outcome in enumerate(outcomes):
+        if n % 2:
+            assert isinstance(outcome, Forbidden), outcome
+            assert outcome.code == "mailbox_read_only"
+        else:
+            assert isinstance(outcome, sending.SendResult) and outcome.created, outcome
+    with services.db.read() as conn:
+        kept_keys = set(conn.execute(select(idempotency_keys.c.key)).scalars())
+        stored = conn.execute(select(func.count()).select_from(messages)).scalar_one()
+    assert kept_keys == {f"k{n}" for n in range(0, SENDERS, 2)}
+    assert stored == SENDERS // 2
+    assert audit.verify(services.db).ok
