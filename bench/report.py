@@ -1,7 +1,8 @@
 """Run every benchmark with bounded settings and write one Markdown report (``bench/run``).
 
-    bench/run            # the default profile, under ~10 minutes on 2 cores
-    bench/run --quick    # smaller runs, ~3 minutes
+    bench/run            # the default profile, ~25 minutes on 2 cores (the reliability
+                         # benches, load/crash/chaos, wait out worker leases)
+    bench/run --quick    # smaller runs, ~10 minutes
     bench/run --full     # the issues' sizes: 1,000,000 stored messages and audit entries
 
 Each bench is its own process (so one crash or leak cannot skew the next) and prints its
@@ -43,6 +44,9 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "webhooks": ["--events", "100", "--burst", "500"],
         "audit": ["--appends", "100", "--verify-entries", "30000", "--export-entries", "50000"],
         "scale": ["--sizes", "10000", "--samples", "50", "--worker-messages", "300"],
+        "load": ["--seconds", "15", "--clients", "50"],
+        "crash": ["--messages", "200", "--kill-seconds", "15"],
+        "chaos": ["--minutes", "0.5", "--kill-every", "10", "--warmup", "5"],
     },
     "default": {
         "dkim": ["--seconds", "2"],
@@ -52,6 +56,9 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "webhooks": ["--events", "300", "--burst", "1000"],
         "audit": ["--appends", "400", "--verify-entries", "100000", "--export-entries", "200000"],
         "scale": ["--sizes", "10000", "--samples", "200", "--worker-messages", "1000"],
+        "load": ["--seconds", "60", "--clients", "50"],
+        "crash": ["--messages", "1000", "--kill-seconds", "30"],
+        "chaos": ["--minutes", "1", "--kill-every", "20"],
     },
     "full": {
         "dkim": ["--seconds", "3"],
@@ -61,9 +68,12 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "webhooks": ["--events", "500", "--burst", "3000"],
         "audit": ["--appends", "400", "--verify-entries", "100000", "--export-entries", "1000000"],
         "scale": ["--sizes", "10000,1000000", "--samples", "200", "--worker-messages", "2000"],
+        "load": ["--seconds", "60", "--clients", "50"],
+        "crash": ["--messages", "1000", "--kill-seconds", "60"],
+        "chaos": ["--minutes", "10", "--kill-every", "60"],
     },
 }
-JSON_BENCHES = {"dkim", "send", "inbound", "audit", "scale"}
+JSON_BENCHES = {"dkim", "send", "inbound", "audit", "scale", "load", "crash", "chaos"}
 TIMEOUT_S = {"quick": 300, "default": 900, "full": 3600}
 
 
@@ -372,6 +382,115 @@ def scale_areas(run: Run) -> list[Area]:
     return [indexes, workers] if workers.rows else [indexes]
 
 
+def load_area(run: Run) -> Area:
+    f = run.figures or {}
+    area = Area(
+        f"Load: {f['clients']} concurrent clients for {f['seconds']:.0f} s against"
+        f" `multimail serve` ({f['backend']})"
+    )
+    area.notes.append(
+        "Baseline: `GET /health` (no database work) timed the same way on the same server."
+    )
+    health = f["health"]
+    for call, c in f["calls"].items():
+        for q in ("p50", "p99"):
+            area.rows.append(
+                Row(
+                    f"`{call}` {q} ({c['count']:,} calls, 5xx {c['server_errors']})",
+                    num(c[f"{q}_ms"], "ms"),
+                    num(health[f"{q}_ms"], "ms"),
+                    ratio(c[f"{q}_ms"], health[f"{q}_ms"]),
+                )
+            )
+    area.rows.append(
+        Row("5xx answers", str(f["server_errors"]), target="0", met=verdict(not f["server_errors"]))
+    )
+    area.rows.append(
+        Row(
+            f"autonomous/approved messages lost of {f['expected_deliveries']:,}"
+            f" (duplicates {f['duplicates']})",
+            str(f["lost"]),
+            target="0, none twice",
+            met=verdict(f["lost"] == 0 and f["duplicates"] == 0 and f["drained"]),
+        )
+    )
+    return area
+
+
+def crash_area(run: Run) -> Area:
+    f = run.figures or {}
+    area = Area(
+        f"DUR-3 at scale: {f['messages']:,} gated messages approved while"
+        f" {f['workers']} worker processes are SIGKILLed ({f['backend']})"
+    )
+    area.rows += [
+        Row("worker kills (SIGKILL, restarted)", str(f["kills"])),
+        Row(
+            "messages lost",
+            str(f["lost"]),
+            target="0",
+            met=verdict(f["lost"] == 0 and f["drained"]),
+        ),
+        Row(
+            f"duplicates ({f['duplicates']}) not explained by a `delivery.recovered` entry,"
+            f" or resent with other bytes ({f['changed_bytes']})",
+            str(f["duplicates_unexplained"]),
+            target="0",
+            met=verdict(f["duplicates_unexplained"] == 0 and f["changed_bytes"] == 0),
+        ),
+        Row(
+            "gated messages received without an earlier approval",
+            str(f["gated_without_approval"]),
+            target="0",
+            met=verdict(f["gated_without_approval"] == 0),
+        ),
+        Row("wall time (the drain includes the 2-minute lease)", num(f["wall_s"], "s")),
+    ]
+    return area
+
+
+def chaos_area(run: Run) -> Area:
+    f = run.figures or {}
+    checks: dict[str, bool] = f["checks"]
+    area = Area(
+        f"LOAD-1: {f['minutes_per_phase']:g} min of inbound + API sends with a worker"
+        f" SIGKILLed every {f['kill_every_s']:g} s, then without kills ({f['backend']})"
+    )
+    chaos, base = f["chaos"], f["baseline"]
+    area.rows.append(
+        Row(
+            "completed/s in the window (stored inbound + relayed outbound), kills vs none",
+            num(chaos["throughput_per_s"], "/s"),
+            num(base["throughput_per_s"], "/s"),
+            ratio(chaos["throughput_per_s"], base["throughput_per_s"]),
+            "≥ 0.8x",
+            verdict(checks["throughput with kills ≥ 80% of without"]),
+        )
+    )
+    for name, growth in f["rss_growth"].items():
+        area.rows.append(
+            Row(
+                f"RSS of the `{name}` process, end vs after warm-up",
+                num(f["rss_kib"]["end"][name] / 1024, "MiB"),
+                num(f["rss_kib"]["start"][name] / 1024, "MiB"),
+                f"{1 + growth:.2f}x",
+                "< 1.10x",
+                verdict(growth < 0.10),
+            )
+        )
+    phases = (chaos, base)
+    counts = {
+        "nothing lost": sum(p["inbound_lost"] + p["outbound_lost"] for p in phases),
+        "no duplicate outside DUR-3's window": sum(
+            p["duplicates_outside_dur3"] + p["inbound_duplicates"] for p in phases
+        ),
+        "queues drained": sum(p["open_queue_jobs"] for p in phases),
+    }
+    for name, count in counts.items():
+        area.rows.append(Row(f"{name} (count)", str(count), target="0", met=verdict(checks[name])))
+    return area
+
+
 AREAS: dict[str, Callable[[Run], list[Area]]] = {
     "dkim": lambda r: [dkim_area(r)],
     "send": lambda r: [send_area(r)],
@@ -380,6 +499,9 @@ AREAS: dict[str, Callable[[Run], list[Area]]] = {
     "webhooks": lambda r: [webhooks_area(r)],
     "audit": lambda r: [audit_area(r)],
     "scale": scale_areas,
+    "load": lambda r: [load_area(r)],
+    "crash": lambda r: [crash_area(r)],
+    "chaos": lambda r: [chaos_area(r)],
 }
 
 
