@@ -23,7 +23,9 @@ from multimail.ids import aware, new_id, utcnow
 from multimail.store.db import Database
 from multimail.store.tables import jobs
 
-DEFAULT_LEASE = timedelta(minutes=2)
+# Workers renew a lease every third of it while they work, so a short lease only shortens
+# how long a dead worker's jobs wait for another worker.
+DEFAULT_LEASE = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
