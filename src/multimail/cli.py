@@ -24,6 +24,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(mailbox_app, name="mailbox")
 app.add_typer(audit_app, name="audit")
+user_app = typer.Typer(help="Dashboard operators of the local account.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
 app.command("verify")(verify_command)
 keys_app.command("rotate-signing")(rotate_signing_command)
 cli_agent.register(app)
@@ -297,7 +299,7 @@ def mcp() -> None:
     run_stdio()
 
 
-@app.command("user-create")
+@user_app.command("create")
 def user_create(
     email: str,
     name: Annotated[str, typer.Option(help="Shown on decisions.")] = "Operator",

@@ -101,7 +101,8 @@ def test_serve_on_a_fresh_machine_prints_keys_and_serves(tmp_path: Path, db_url:
 
 
 def test_local_cli_commands(tmp_path: Path, db_url: str) -> None:
-    """init, keys create/list/revoke, mailbox create/list/configure, audit verify, db upgrade."""
+    """init, keys create/list/revoke, mailbox create/list/configure, audit verify, db upgrade,
+    user create."""
     env = env_for(tmp_path, db_url)
     init = run(["init", "--account-name", "Acme"], env)
     assert init.returncode == 0, init.stderr
@@ -128,3 +129,7 @@ def test_local_cli_commands(tmp_path: Path, db_url: str) -> None:
     verify = run(["audit", "verify"], env)
     assert verify.returncode == 0 and "intact" in verify.stdout
     assert run(["db", "upgrade"], env).returncode == 0
+    operator = run(["user", "create", "second@localhost", "--password", "a-long-password"], env)
+    assert operator.returncode == 0 and "second@localhost" in operator.stdout
+    duplicate = run(["user", "create", "second@localhost", "--password", "a-long-password"], env)
+    assert duplicate.returncode == 2 and "operator_exists" in duplicate.stderr
