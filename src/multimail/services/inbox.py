@@ -341,8 +341,11 @@ def get_tags(
 def set_tags(
     conn: Connection, actor: Actor, ref: str, tags: Any, *, mailbox: str | None = None
 ) -> dict[str, Any]:
-    """Merge key-value tags (a list of labels becomes ``{label: ""}``)."""
+    """Merge key-value tags (a list of labels becomes ``{label: ""}``); the tags may also
+    come wrapped as ``{"tags": ...}``."""
     actor.require(Scope.READ)
+    if isinstance(tags, dict) and set(tags) == {"tags"}:
+        tags = tags["tags"]
     wanted = _tag_map(tags)
     row = _row(conn, actor, ref, _mailbox_id(conn, actor, mailbox))
     current = messages.tags_for(conn, [row["id"]])[row["id"]]

@@ -168,9 +168,6 @@ def put_tags(
     actor: Actor = Depends(READ),
     svc: Services = Depends(get_services),
 ) -> Any:
-    # Accept both {"tags": {...}} and the bare object/list.
-    if isinstance(tags, dict) and set(tags) == {"tags"}:
-        tags = tags["tags"]
     with svc.db.write() as conn:
         return inbox.set_tags(conn, actor, email_id, tags, mailbox=mailbox)
 
@@ -254,8 +251,6 @@ def put_account_tags(
     actor: Actor = Depends(READ),
     svc: Services = Depends(get_services),
 ) -> Any:
-    if isinstance(tags, dict) and set(tags) == {"tags"}:
-        tags = tags["tags"]
     with svc.db.write() as conn:
         return inbox.set_tags(conn, actor, email_id, tags, mailbox=mailbox_id)
 
