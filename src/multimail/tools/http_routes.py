@@ -95,6 +95,27 @@ def _served(app: FastAPI, method: str, path: str) -> bool:
     return any(route.matches(scope)[0] is Match.FULL for route in app.router.routes)
 
 
+def _body(tool: Tool, components: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of ``POST /{tool}``: the tool's input model, so generated
+    clients and schemathesis see the same arguments MCP advertises."""
+    schema = tool.input.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    return {"required": False, "content": {"application/json": {"schema": schema}}}
+
+
+def _with_components(app: FastAPI, components: dict[str, Any]) -> None:
+    """Add the input models' nested schemas to the document FastAPI generates."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_tool_routes(app: FastAPI) -> list[str]:
     """Add ``/{tool}`` routes for every tool; call after the hand-written routers are included.
 
@@ -104,6 +125,7 @@ def install_tool_routes(app: FastAPI) -> list[str]:
     ``"METHOD /path"`` so that test can name them.
     """
     skipped: list[str] = []
+    components: dict[str, Any] = {}
     for tool in TOOLS:
         path = f"/{tool.name}"
         methods = ["POST", "GET"] if tool.read_only else ["POST"]
@@ -120,5 +142,9 @@ def install_tool_routes(app: FastAPI) -> list[str]:
                 description=tool.description,
                 tags=["tools"],
                 response_class=JSONResponse,
+                openapi_extra={"requestBody": _body(tool, components)}
+                if method == "POST"
+                else None,
             )
+    _with_components(app, components)
     return skipped
