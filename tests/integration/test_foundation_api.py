@@ -464,3 +464,31 @@ def test_account_endpoints(api: Api, boot: accounts.Bootstrap) -> None:
         ]
         == "boss@x.example"
     )
+
+
+def test_nul_characters_are_a_clear_422_and_store_nothing(
+    api: Api, boot: accounts.Bootstrap
+) -> None:
+    """PostgreSQL text cannot hold NUL: a %00 in a query (schemathesis found GET /v1/emails
+    answering 500 on PostgreSQL) or a \\u0000 in a JSON body is refused up front on both
+    databases, while the same six characters as plain text are accepted."""
+    agent = api.client(boot.agent_key)
+    assert_envelope(agent.get("/v1/emails", params={"status": "un\x00read"}), 422, "nul_character")
+    assert_envelope(agent.get("/v1/emails?q=%00"), 422, "nul_character")
+    assert_envelope(
+        agent.post("/v1/contacts", json={"email": "nul@x.example", "name": "a\x00b"}),
+        422,
+        "nul_character",
+    )
+    assert agent.get("/v1/contacts").json()["contacts"] == []
+    literal = agent.post("/v1/contacts", json={"email": "lit@x.example", "name": "a\\u0000b"})
+    assert literal.status_code in (200, 201), literal.text
+    form = httpx.post(
+        f"{api.base_url}/v1/contacts",
+        content=b"email=f%00@x.example",
+        headers={
+            "Authorization": f"Bearer {boot.agent_key}",
+            "content-type": "application/x-www-form-urlencoded",
+        },
+    )
+    assert_envelope(form, 422, "nul_character")
