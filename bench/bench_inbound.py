@@ -1,10 +1,24 @@
 """Inbound messages/s accepted and durably stored, beside a bare aiosmtpd that discards.
 
     .venv/bin/python bench/bench_inbound.py [--messages 4000] [--sessions 20]
+        [--no-postgres] [--json FILE] [--profile FILE]
 
-Both servers run in this process's loop and are driven by the same aiosmtplib generator
-(20 concurrent sessions, 5 KB messages). Ours stores each message in SQLite
-(WAL, synchronous=FULL) with its processing job before answering 250.
+One aiosmtplib load generator (20 concurrent sessions, 5 KB messages) drives, in turn:
+
+* a bare aiosmtpd ``Controller`` that answers 250 and discards (the baseline);
+* our SMTP server (``run_smtp``, what ``multimail serve --role smtp`` runs) on SQLite
+  (WAL, ``synchronous=FULL``): each message and its processing job committed before 250;
+* on PostgreSQL (a fresh database, dropped afterwards; skipped when unreachable): one, then
+  two ``multimail serve --role smtp`` processes on their own ports, the sessions split
+  between them.
+
+The generator runs in a process of its own, so it never shares an interpreter lock with a
+server; on a 2-core machine it still shares the cores, and the output says so. The bare and
+SQLite servers run in a thread of this (otherwise idle) process. Beside each rate the
+server's CPU time per message is printed (this process's, or the serve processes' from
+/proc): unlike the rate it hardly depends on what else the machine is doing. PostgreSQL's own
+backends are not in that figure. ``--profile FILE`` writes a yappi (CPU clock) profile of the
+SQLite server's run there.
 """
 
 from __future__ import annotations
@@ -12,41 +26,121 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 from aiosmtpd.controller import Controller
+from sqlalchemy import create_engine, text
 
 from multimail.config import Settings
 from multimail.runtime import build_services
 from multimail.services import accounts, mailboxes
-from multimail.services.context import Actor
+from multimail.services.context import Actor, Services
 from multimail.workers.inbound import run_smtp
 
 BODY = ("x" * 76 + "\r\n") * 64  # ≈ 5 KB
+PG_ADMIN_URL = os.environ.get(
+    "MULTIMAIL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+DOMAIN = "mm.test"
+MAILBOX = f"bot@{DOMAIN}"
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def message(n: int) -> bytes:
     return (
-        f"From: load@sender.test\r\nTo: bot@mm.test\r\nSubject: load {n}\r\n"
-        f"Message-ID: <load-{n}@sender.test>\r\n\r\n{BODY}"
+        f"From: load@sender.test\r\nTo: {MAILBOX}\r\nSubject: load {n}\r\n"
+        f"Message-ID: <load-{n}-{uuid.uuid4().hex[:8]}@sender.test>\r\n\r\n{BODY}"
     ).encode()
 
 
-async def drive(port: int, total: int, sessions: int) -> float:
+# --------------------------------------------------------------------------- load generator
+
+
+async def drive(ports: list[int], total: int, sessions: int) -> float:
+    """Send ``total`` messages over ``sessions`` connections spread over ``ports``; msg/s."""
+
     async def session(first: int) -> None:
-        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port) as client:
+        port = ports[first % len(ports)]
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=120) as client:
             for n in range(first, total, sessions):
-                await client.sendmail("load@sender.test", ["bot@mm.test"], message(n))
+                await client.sendmail("load@sender.test", [MAILBOX], message(n))
 
     started = time.perf_counter()
     await asyncio.gather(*(session(i) for i in range(sessions)))
     return total / (time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class Drive:
+    rate: float  # msg/s seen by the generator, connection set-up included
+    generator_cpu_s: float  # the generator process's own CPU time
+
+
+def run_generator(ports: list[int], total: int, sessions: int) -> Drive:
+    """The generator in a process of its own (this script with ``--drive``)."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--drive",
+        ",".join(str(p) for p in ports),
+        "--messages",
+        str(total),
+        "--sessions",
+        str(sessions),
+    ]
+    done = subprocess.run(command, capture_output=True, check=False, timeout=900)
+    if done.returncode != 0:
+        raise SystemExit(f"load generator failed:\n{done.stderr.decode()[-3000:]}")
+    figures = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return Drive(rate=float(figures["rate"]), generator_cpu_s=float(figures["cpu_s"]))
+
+
+def generator_main(ports: str, total: int, sessions: int) -> None:
+    rate = asyncio.run(drive([int(p) for p in ports.split(",")], total, sessions))
+    print(json.dumps({"rate": rate, "cpu_s": time.process_time()}))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class Run:
+    rate: float
+    server_cpu_us: float  # server CPU per message
+    generator_cpu_us: float
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+
+
+def measure(ports: list[int], total: int, sessions: int, cpu: Callable[[], float]) -> Run:
+    before = cpu()
+    drove = run_generator(ports, total, sessions)
+    used = cpu() - before
+    return Run(drove.rate, used / total * 1e6, drove.generator_cpu_s / total * 1e6)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 class Discard:
@@ -54,32 +148,60 @@ class Discard:
         return "250 OK"
 
 
-async def bare_rate(total: int, sessions: int) -> float:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def bare_run(total: int, sessions: int) -> Run:
+    port = _free_port()
     controller = Controller(Discard(), hostname="127.0.0.1", port=port)
-    controller.start()
+    controller.start()  # its own loop in a thread of this process
     try:
-        # Controller runs its own loop in a thread, like a separate server process would.
-        return await drive(port, total, sessions)
+        return measure([port], total, sessions, time.process_time)
     finally:
         controller.stop()
 
 
-def wait_for_port(extras: dict[str, object]) -> None:
-    deadline = time.monotonic() + 10
-    while "smtp_port" not in extras and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-async def multimail_rate(total: int, sessions: int, data_dir: Path) -> tuple[float, int]:
-    settings = Settings(data_dir=data_dir, domain="mm.test", smtp_port=0)
+def _setup(settings: Settings) -> Services:
     services = build_services(settings)
-    boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="b@mm.test")
+    boot = accounts.bootstrap(services.db, account_name="Bench", operator_email=f"b@{DOMAIN}")
     actor = Actor(type="system", id=None, name="bench", account_id=boot.account["id"])
     with services.db.write() as conn:
-        mailboxes.create_mailbox(conn, actor=actor, settings=settings, address="bot@mm.test")
+        mailboxes.create_mailbox(conn, actor=actor, settings=settings, address=MAILBOX)
+    return services
+
+
+def _stored(services: Services) -> int:
+    with services.db.read() as conn:
+        return int(conn.exec_driver_sql("SELECT count(*) FROM inbound_raw").scalar_one())
+
+
+@contextmanager
+def _profiling(path: Path | None, total: int) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    import yappi  # type: ignore[import-untyped]
+
+    yappi.set_clock_type("cpu")
+    yappi.start()
+    try:
+        yield
+    finally:
+        yappi.stop()
+        stats = yappi.get_func_stats()
+        with path.open("w") as out:
+            out.write(f"yappi cpu clock, all threads, {total} messages\n\n")
+            for key in ("tsub", "ttot"):
+                out.write(f"--- top 60 by {key} (µs per message) ---\n")
+                stats.sort(key, "desc")
+                for stat in list(stats)[:60]:
+                    value = getattr(stat, key) / total * 1e6
+                    where = f"{Path(stat.module).name}:{stat.lineno} {stat.name}"
+                    out.write(f"{value:9.1f}  {stat.ncall:9d}  {where}\n")
+                out.write("\n")
+        yappi.clear_stats()
+
+
+def sqlite_run(total: int, sessions: int, data_dir: Path, profile: Path | None) -> tuple[Run, int]:
+    settings = Settings(data_dir=data_dir, domain=DOMAIN, smtp_port=0)
+    services = _setup(settings)
     # Like the bare Controller, the server gets its own loop in a thread.
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -90,43 +212,191 @@ async def multimail_rate(total: int, sessions: int, data_dir: Path) -> tuple[flo
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    await asyncio.to_thread(wait_for_port, services.extras)
+    deadline = time.monotonic() + 10
+    while "smtp_port" not in services.extras and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         port = int(services.extras["smtp_port"])  # type: ignore[call-overload]
-        rate = await drive(port, total, sessions)
+        with _profiling(profile, total):
+            run = measure([port], total, sessions, time.process_time)
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
         loop.close()
-    with services.db.read() as conn:
-        stored = conn.exec_driver_sql("SELECT count(*) FROM inbound_raw").scalar_one()
+    stored = _stored(services)
     services.db.dispose()
-    return rate, int(stored)
+    return run, stored
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@contextmanager
+def pg_database() -> Iterator[str | None]:
+    """A fresh database for this run (dropped afterwards), or None when unreachable."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"mm_bench_inbound_{uuid.uuid4().hex[:8]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # PostgreSQL is optional; say why it is absent
+        print(f"(PostgreSQL skipped: {exc.__class__.__name__})")
+        admin.dispose()
+        yield None
+        return
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _wait_for_greeting(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stderr = proc.stderr.read().decode() if proc.stderr else ""
+            raise SystemExit(f"serve --role smtp exited early:\n{stderr[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                if conn.recv(64).startswith(b"220"):
+                    conn.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"serve --role smtp did not greet on port {port}")
+
+
+@contextmanager
+def smtp_processes(settings: Settings, count: int) -> Iterator[list[tuple[int, int]]]:
+    """``count`` ``multimail serve --role smtp`` processes; yields (pid, port) pairs."""
+    procs: list[subprocess.Popen[bytes]] = []
+    ports = [_free_port() for _ in range(count)]
+    command = [str(Path(sys.executable).parent / "multimail"), "serve", "--role", "smtp"]
+    try:
+        for port in ports:
+            env = {
+                **os.environ,
+                "MULTIMAIL_DATA_DIR": str(settings.data_dir),
+                "MULTIMAIL_DATABASE_URL": settings.effective_database_url,
+                "MULTIMAIL_DOMAIN": DOMAIN,
+                "MULTIMAIL_SMTP_HOST": "127.0.0.1",
+                "MULTIMAIL_SMTP_PORT": str(port),
+                "MULTIMAIL_LOG_LEVEL": "warning",
+            }
+            procs.append(
+                subprocess.Popen(
+                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                )
+            )
+        for proc, port in zip(procs, ports, strict=True):
+            _wait_for_greeting(port, proc)
+        yield [(proc.pid, port) for proc, port in zip(procs, ports, strict=True)]
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def pg_runs(total: int, sessions: int, url: str, data_dir: Path) -> tuple[dict[int, Run], int]:
+    settings = Settings(data_dir=data_dir, database_url=url, domain=DOMAIN)
+    services = _setup(settings)
+    runs: dict[int, Run] = {}
+    try:
+        for count in (1, 2):
+            with smtp_processes(settings, count) as servers:
+                pids = [pid for pid, _ in servers]
+
+                def cpu(pids: list[int] = pids) -> float:
+                    return sum(_proc_cpu_s(pid) for pid in pids)
+
+                runs[count] = measure([port for _, port in servers], total, sessions, cpu)
+        stored = _stored(services)
+    finally:
+        services.db.dispose()
+    return runs, stored
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _line(label: str, run: Run, bare: Run, note: str = "") -> str:
+    return (
+        f"{label:38} {run.rate:7.0f} msg/s  {run.rate / bare.rate:5.0%} of bare"
+        f"   server CPU {run.server_cpu_us:6.0f} µs/msg{note}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write figures here")
+    parser.add_argument("--profile", type=Path, default=None, help="yappi profile of SQLite run")
+    parser.add_argument("--drive", default=None, help=argparse.SUPPRESS)  # generator mode
     args = parser.parse_args()
-    bare = await bare_rate(args.messages, args.sessions)
+    if args.drive:
+        generator_main(args.drive, args.messages, args.sessions)
+        return
+    total, sessions = args.messages, args.sessions
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    bare = bare_run(total, sessions)
     with tempfile.TemporaryDirectory() as tmp:
-        ours, stored = await multimail_rate(args.messages, args.sessions, Path(tmp))
-    print(f"messages: {args.messages} x 5 KB, {args.sessions} concurrent sessions")
-    print(f"bare aiosmtpd (discard):            {bare:8.0f} msg/s")
-    print(f"multimail (SQLite FULL, stored):    {ours:8.0f} msg/s  ({stored} stored)")
-    print(f"ratio: {ours / bare:.0%} of the bare server (target >= 50%, >= 1000 msg/s)")
+        ours, stored = sqlite_run(total, sessions, Path(tmp) / "sqlite", args.profile)
+        pg: dict[int, Run] = {}
+        pg_stored = 0
+        if not args.no_postgres:
+            with pg_database() as url:
+                if url is not None:
+                    pg, pg_stored = pg_runs(total, sessions, url, Path(tmp) / "pg")
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"messages: {total} x 5 KB per run, {sessions} concurrent sessions")
+    print(
+        f"load generator: aiosmtplib in a process of its own, sharing the machine's "
+        f"{os.cpu_count()} cores with the servers; load average {' '.join(load_before)}"
+        f" before, {' '.join(load_after)} after"
+    )
+    print(_line("bare aiosmtpd (discard)", bare, bare))
+    print(_line("multimail SQLite FULL, stored", ours, bare, f"  ({stored} stored)"))
+    for count, run in pg.items():
+        print(_line(f"multimail PostgreSQL, {count}x serve --role smtp", run, bare))
+    if pg:
+        print(f"PostgreSQL: {pg_stored} of {total * len(pg)} stored after both runs")
+    generator = max([bare, ours, *pg.values()], key=lambda r: r.generator_cpu_us)
+    print(f"load generator CPU: up to {generator.generator_cpu_us:.0f} µs/msg")
+    print(
+        f"ratio: {ours.rate / bare.rate:.0%} of the bare server on SQLite "
+        "(target >= 50%, >= 1000 msg/s)"
+    )
     if args.json:
-        figures = {
-            "messages": args.messages,
-            "sessions": args.sessions,
-            "bare_per_s": bare,
-            "ours_per_s": ours,
+        figures: dict[str, Any] = {
+            "messages": total,
+            "sessions": sessions,
+            "bare_per_s": bare.rate,
+            "ours_per_s": ours.rate,
             "stored": stored,
+            "bare_cpu_us": bare.server_cpu_us,
+            "ours_cpu_us": ours.server_cpu_us,
+            "loadavg": [float(x) for x in load_before],
         }
+        if pg:
+            figures.update(
+                pg1_per_s=pg[1].rate,
+                pg2_per_s=pg[2].rate,
+                pg1_cpu_us=pg[1].server_cpu_us,
+                pg2_cpu_us=pg[2].server_cpu_us,
+                pg_stored=pg_stored,
+                pg_sessions=sessions,
+            )
         args.json.write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
