@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, literal, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, literal, select, update
 
 from multimail.config import Settings
 from multimail.domain.addresses import AddressError, matches_pattern, normalize_address
@@ -139,6 +139,34 @@ _PREPARE_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, a
 )
 
 _log = logging.getLogger(__name__)
+
+# Built once: constructing and compiling a statement costs more than SQLite running it.
+_INSERT_ATTEMPT = insert(delivery_attempts)
+_ROWS = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
+_ROWS_LOCKED = _ROWS.order_by(messages.c.id).with_for_update()
+_PREVIOUS_MANY = (
+    select(delivery_attempts.c.message_id, delivery_attempts.c.recipients)
+    .where(delivery_attempts.c.message_id.in_(bindparam("ids", expanding=True)))
+    .order_by(delivery_attempts.c.id)
+)
+_MARK_DELIVERED = (
+    update(messages)
+    .where(messages.c.id == bindparam("m_id"), messages.c.status == Status.SENDING.value)
+    .values(
+        status=Status.DELIVERED.value,
+        attempts=bindparam("m_attempts"),
+        delivered_at=bindparam("m_now"),
+        next_attempt_at=None,
+        last_error=None,
+        updated_at=bindparam("m_now"),
+    )
+)
+# What jobs.complete does, for many jobs in one executemany.
+_COMPLETE_JOB = (
+    update(jobs_table)
+    .where(jobs_table.c.id == bindparam("j_id"), jobs_table.c.locked_by == bindparam("j_worker"))
+    .values(status="done", locked_by=None, locked_until=None, updated_at=bindparam("j_now"))
+)
 
 
 # -- schedule ------------------------------------------------------------------------------
@@ -638,9 +666,8 @@ def _result_json(result: RecipientResult) -> dict[str, Any]:
     }
 
 
-def _record_attempts(
-    conn: Connection, message_id: str, worker_id: str, handover: _HandOver
-) -> None:
+def _attempt_rows(message_id: str, worker_id: str, handover: _HandOver) -> list[dict[str, Any]]:
+    """The ``delivery_attempts`` rows of one hand-over: one per SMTP session."""
     rows = [
         {
             "message_id": message_id,
@@ -675,8 +702,15 @@ def _record_attempts(
                 "worker": worker_id,
             }
         )
+    return rows
+
+
+def _record_attempts(
+    conn: Connection, message_id: str, worker_id: str, handover: _HandOver
+) -> None:
+    rows = _attempt_rows(message_id, worker_id, handover)
     if rows:
-        conn.execute(insert(delivery_attempts), rows)
+        conn.execute(_INSERT_ATTEMPT, rows)
 
 
 def _first_attempt(conn: Connection, message_id: str) -> datetime:
@@ -903,12 +937,173 @@ def _claim_and_start(
     return items
 
 
+def _all_accepted(item: _Item) -> bool:
+    handover = item.handover
+    return (
+        item.plan is not None
+        and handover is not None
+        and item.failure is None
+        and handover.error is None
+        and bool(handover.results)
+        and all(r.ok for r in handover.results.values())
+    )
+
+
+def _previous_results_many(
+    conn: Connection, message_ids: Sequence[str]
+) -> dict[str, tuple[set[str], set[str]]]:
+    """:func:`_previous_results` for many messages in one query."""
+    found: dict[str, tuple[set[str], set[str]]] = {m: (set(), set()) for m in message_ids}
+    for message_id, results in conn.execute(_PREVIOUS_MANY, {"ids": list(message_ids)}):
+        accepted, refused = found[message_id]
+        for item in results or []:
+            if isinstance(item, dict) and item.get("ok"):
+                accepted.add(item["address"])
+            elif isinstance(item, dict) and item.get("permanent"):
+                refused.add(item["address"])
+    return found
+
+
+def _rows_by_id(conn: Connection, message_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The messages' rows in one query; on PostgreSQL locked, in id order (as one by one)."""
+    query = _ROWS_LOCKED if conn.dialect.name == "postgresql" else _ROWS
+    return {
+        row["id"]: dict(row) for row in conn.execute(query, {"ids": sorted(message_ids)}).mappings()
+    }
+
+
+def _deliver_many(
+    conn: Connection, services: Services, worker_id: str, items: Sequence[_Item]
+) -> list[tuple[_Item, _Outcome]]:
+    """Record, at once, messages whose every recipient the server accepted this attempt.
+
+    Writes exactly what :func:`_finish` would for each (attempt rows, ``delivered``, audit
+    entry, ``message.sent`` + ``message.delivered`` events, monitored copy), with one
+    statement per kind of write for the whole batch instead of several per message.
+    """
+    attempt_rows: list[dict[str, Any]] = []
+    for item in items:
+        assert item.handover is not None
+        attempt_rows.extend(_attempt_rows(item.message_id, worker_id, item.handover))
+    if attempt_rows:
+        conn.execute(_INSERT_ATTEMPT, attempt_rows)
+    ids = [i.message_id for i in items]
+    rows = _rows_by_id(conn, ids)
+    previous = _previous_results_many(conn, ids)
+    check_transition(Status.SENDING, Status.DELIVERED)
+    now = utcnow()
+    outcomes: list[tuple[_Item, _Outcome]] = []
+    updates: list[dict[str, Any]] = []
+    entries: list[audit.Entry] = []
+    delivered: list[dict[str, Any]] = []
+    for item in items:
+        assert item.handover is not None
+        row = rows.get(item.message_id)
+        if row is None:
+            outcomes.append((item, _Outcome("missing")))
+            continue
+        if row["status"] != Status.SENDING.value:
+            _log.warning(
+                "message %s left 'sending' while we delivered it (now %s)",
+                item.message_id,
+                row["status"],
+            )
+            outcomes.append((item, _Outcome(str(row["status"]))))
+            continue
+        accepted_all = previous[item.message_id][0] | set(item.handover.results)
+        last = item.handover.attempts[-1] if item.handover.attempts else None
+        updates.append(
+            {"m_id": row["id"], "m_attempts": int(row.get("attempts") or 0) + 1, "m_now": now}
+        )
+        entries.append(
+            audit.Entry(
+                "message.delivered",
+                account_id=row["account_id"],
+                subject_type="message",
+                subject_id=row["id"],
+                mailbox_id=row["mailbox_id"],
+                oversight_mode=row.get("oversight_mode"),
+                details={
+                    "host": last.host if last else ("sandbox" if row["test"] else None),
+                    "reply": (last.reply if last else "")[:500],
+                    "recipients": sorted(accepted_all),
+                    "bounced": [],
+                    "test": bool(row["test"]),
+                },
+            )
+        )
+        delivered.append(row)
+        outcomes.append((item, _Outcome(Status.DELIVERED.value)))
+    if not updates:
+        return outcomes
+    changed = conn.execute(_MARK_DELIVERED, updates).rowcount
+    if conn.dialect.supports_sane_multi_rowcount and changed != len(updates):
+        # The rows are ours (write lock / FOR UPDATE) so this cannot happen; if it does,
+        # the caller rolls this back and records each message on its own.
+        raise RuntimeError(f"{len(updates) - changed} message(s) left 'sending' meanwhile")
+    audit.append_many(conn, actor=_actor(worker_id, None), entries=entries)
+    fresh = _rows_by_id(conn, [r["id"] for r in delivered])
+    views = message_views.views(conn, [fresh[r["id"]] for r in delivered])
+    for row, view in zip(delivered, views, strict=True):
+        for event_type in ("message.sent", "message.delivered"):
+            events.emit(
+                conn,
+                account_id=row["account_id"],
+                event_type=event_type,
+                mailbox_id=row["mailbox_id"],
+                message=view,
+            )
+        if row.get("oversight_mode") == "monitored" and not row["test"]:
+            # monitored mode: the operator gets a copy of what went out.
+            notify.notify_monitored_copy(conn, services, row)
+    return outcomes
+
+
+def _finish_fast(
+    conn: Connection, services: Services, worker_id: str, items: list[_Item]
+) -> set[str]:
+    """The plain deliveries of a batch recorded together; returns the message ids done."""
+    plain = [i for i in items if _all_accepted(i)]
+    if not plain:
+        return set()
+    try:
+        with conn.begin_nested():
+            outcomes = _deliver_many(conn, services, worker_id, plain)
+    except Exception:
+        _log.exception("recording %d deliveries at once failed; one by one instead", len(plain))
+        return set()
+    for item, outcome in outcomes:
+        item.outcome = outcome
+    return {i.message_id for i in plain}
+
+
+def _settle_all(conn: Connection, items: Sequence[_Item], worker_id: str) -> None:
+    """:func:`_settle` for a batch: the usual completions in one statement."""
+    now = utcnow()
+    completions = [
+        {"j_id": i.job.id, "j_worker": worker_id, "j_now": now}
+        for i in items
+        if i.job is not None
+        and i.failure is None
+        and (i.outcome is None or i.outcome.retry_at is None)
+    ]
+    if completions:
+        conn.execute(_COMPLETE_JOB, completions)
+    for item in items:
+        if item.job is not None and (
+            item.failure is not None
+            or (item.outcome is not None and item.outcome.retry_at is not None)
+        ):
+            _settle(conn, item, worker_id)
+
+
 def _finish_all(services: Services, worker_id: str, items: list[_Item]) -> None:
     """Commit 2: every attempt, status change, audit entry, event and job outcome at once."""
     with services.db.write() as conn:
+        done = _finish_fast(conn, services, worker_id, items)
         for item in items:
             plan, handover = item.plan, item.handover
-            if plan is not None and handover is not None:
+            if plan is not None and handover is not None and item.message_id not in done:
                 try:
                     with conn.begin_nested():
                         item.outcome = _finish(conn, services, plan, worker_id, handover)
@@ -917,7 +1112,7 @@ def _finish_all(services: Services, worker_id: str, items: list[_Item]) -> None:
                     # bytes, the duplicate DUR-3 allows after an unrecorded 250.
                     _log.exception("recording the delivery of %s failed", item.message_id)
                     item.failure = exc
-            _settle(conn, item, worker_id)
+        _settle_all(conn, items, worker_id)
 
 
 def _hand_back(services: Services, worker_id: str, items: list[_Item]) -> None:
