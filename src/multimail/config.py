@@ -87,7 +87,10 @@ class Settings(BaseSettings):
     role: Role = Field("all", description="What `serve` runs: all, api, smtp or worker.")
     secret_key: SecretStr | None = Field(
         None,
-        description="Signs one-click links and sessions; unset = generated once into the data dir.",
+        description=(
+            "Signs one-click links and sessions; unset = generated once and kept in the "
+            "database, so every node shares it."
+        ),
     )
     log_level: str = Field("info", description="Log level.")
     audit_checkpoint_seconds: int = Field(

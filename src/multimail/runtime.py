@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import signal
 from collections.abc import Callable, Coroutine, Iterator
@@ -16,7 +15,7 @@ import uvicorn
 
 from multimail.config import Settings
 from multimail.services.context import Services
-from multimail.store import migrate
+from multimail.store import keystore, migrate
 from multimail.store.db import Database
 
 log = logging.getLogger("multimail")
@@ -30,14 +29,15 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def _secret_file(data_dir: Path) -> bytes:
-    path = data_dir / "secret.key"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
+def _shared_secret(db: Database, data_dir: Path) -> bytes:
+    """The approval-link secret, shared by every node through the database. An install from
+    before it moved there keeps the one in its data dir, so links already mailed still work."""
+
+    def make() -> str:
+        legacy = data_dir / "secret.key"
+        return legacy.read_text().strip() if legacy.exists() else secrets.token_hex(32)
+
+    return keystore.create_once(db, "link-secret", make).encode()
 
 
 def build_services(settings: Settings, *, run_migrations: bool = True) -> Services:
@@ -47,7 +47,7 @@ def build_services(settings: Settings, *, run_migrations: bool = True) -> Servic
         migrate.upgrade(db)
     services = Services(db=db, settings=settings)
     secret = settings.secret_key.get_secret_value().encode() if settings.secret_key else None
-    services.extras["secret_key"] = secret or _secret_file(settings.data_dir)
+    services.extras["secret_key"] = secret or _shared_secret(db, settings.data_dir)
     return services
 
 

@@ -19,10 +19,11 @@ A token has no whitespace, so it cannot be folded as is; :func:`identity_header_
 splits it with spaces so mail generators fold it into short lines, and readers drop all
 whitespace (as DKIM does for ``b=``).
 
-Keys live in a directory, one PKCS#8 PEM file per key (mode 0600) and a ``keyring.json``
-manifest naming the current key. Rotation adds a key; retired keys stay so that tokens
-in messages already delivered keep verifying. A process sees another process's
-rotation when it calls :meth:`SigningKeyring.load_or_create` again.
+A keyring is a list of keys and the name of the current one. The server keeps it in its
+database (``multimail.services.identity``), so every node signs and publishes the same keys;
+a directory of PKCS#8 PEM files (mode 0600) with a ``keyring.json`` manifest is the older
+home, still readable so an existing install's keys are imported. Rotation adds a key;
+retired keys stay so that tokens in messages already delivered keep verifying.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ __all__ = [
     "identity_header_value",
     "issue_identity_token",
     "key_id",
+    "new_signing_key",
+    "signing_key_from_pem",
+    "signing_key_pem",
     "token_from_header_value",
     "verify_identity_token",
 ]
@@ -155,6 +159,30 @@ class PublicKeyInfo:
         }
 
 
+def new_signing_key(*, now: int) -> SigningKey:
+    private = Ed25519PrivateKey.generate()
+    return SigningKey(kid=key_id(private.public_key()), private_key=private, created_at=now)
+
+
+def signing_key_pem(key: SigningKey) -> bytes:
+    return key.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def signing_key_from_pem(kid: str, created_at: int, pem: bytes) -> SigningKey:
+    """Load a stored key, checking it is the Ed25519 key its id names."""
+    try:
+        private = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise IdentityKeyError(f"signing key {kid} is corrupt") from exc
+    if not isinstance(private, Ed25519PrivateKey) or key_id(private.public_key()) != kid:
+        raise IdentityKeyError(f"signing key {kid} does not hold that key")
+    return SigningKey(kid=kid, private_key=private, created_at=created_at)
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     # Several processes (api, smtp, worker) may start at once on a fresh data dir;
@@ -199,7 +227,7 @@ def _read_private(path: Path) -> bytes:
 class SigningKeyring:
     """The server's Ed25519 identity keys: one current signing key plus retired ones."""
 
-    def __init__(self, directory: Path, keys: list[SigningKey], current_kid: str) -> None:
+    def __init__(self, directory: Path | None, keys: list[SigningKey], current_kid: str) -> None:
         if not any(k.kid == current_kid for k in keys):
             raise IdentityKeyError(f"current key {current_kid} is not in the keyring")
         self.directory = directory
@@ -220,6 +248,22 @@ class SigningKeyring:
             return cls._load(directory)
 
     @classmethod
+    def load_existing(cls, directory: Path) -> SigningKeyring | None:
+        """The keyring in ``directory`` if one was ever written there, else ``None``."""
+        if not (directory / _MANIFEST).exists():
+            return None
+        with _locked(directory):
+            return cls._load(directory)
+
+    @property
+    def keys(self) -> list[SigningKey]:
+        return list(self._keys)
+
+    def with_current(self, key: SigningKey) -> SigningKeyring:
+        """A new keyring: these keys plus ``key``, which becomes the current one."""
+        return SigningKeyring(self.directory, [*self._keys, key], key.kid)
+
+    @classmethod
     def _load(cls, directory: Path) -> SigningKeyring:
         try:
             manifest = json.loads((directory / _MANIFEST).read_text("utf-8"))
@@ -227,29 +271,17 @@ class SigningKeyring:
             current = str(manifest["current"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IdentityKeyError(f"keyring manifest in {directory} is unreadable") from exc
-        keys = []
-        for kid, created_at in entries:
-            pem = _read_private(directory / f"{kid}.pem")
-            try:
-                private = serialization.load_pem_private_key(pem, password=None)
-            except (ValueError, TypeError) as exc:
-                raise IdentityKeyError(f"signing key file for {kid} is corrupt") from exc
-            if not isinstance(private, Ed25519PrivateKey) or key_id(private.public_key()) != kid:
-                raise IdentityKeyError(f"signing key file for {kid} does not hold that key")
-            keys.append(SigningKey(kid=kid, private_key=private, created_at=created_at))
+        keys = [
+            signing_key_from_pem(kid, created_at, _read_private(directory / f"{kid}.pem"))
+            for kid, created_at in entries
+        ]
         return cls(directory, keys, current)
 
     @staticmethod
     def _new_key(directory: Path, *, now: int) -> SigningKey:
-        private = Ed25519PrivateKey.generate()
-        kid = key_id(private.public_key())
-        pem = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write_new_file(directory / f"{kid}.pem", pem)
-        return SigningKey(kid=kid, private_key=private, created_at=now)
+        key = new_signing_key(now=now)
+        _write_new_file(directory / f"{key.kid}.pem", signing_key_pem(key))
+        return key
 
     @staticmethod
     def _write_manifest(directory: Path, keys: list[SigningKey], current: str) -> None:
@@ -264,7 +296,10 @@ class SigningKeyring:
         _fsync_dir(directory)
 
     def rotate(self) -> SigningKey:
-        """Make a new current key; earlier keys are kept (retired) for verification."""
+        """Make a new current key in the keyring's directory; earlier keys are kept (retired)
+        for verification. A keyring kept elsewhere rotates with :meth:`with_current`."""
+        if self.directory is None:
+            raise IdentityKeyError("this keyring has no directory; rotate it where it is kept")
         with _locked(self.directory):
             # Start from what is on disk, so a rotation elsewhere is not thrown away.
             latest = self._load(self.directory)

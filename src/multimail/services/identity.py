@@ -23,6 +23,7 @@ from typing import Any
 import dns.exception
 import dns.resolver
 from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError
 
 from multimail.domain.addresses import AddressError, domain_of, normalize_address
 from multimail.errors import InvalidInput, NotFound
@@ -33,15 +34,20 @@ from multimail.mail.identity import (
     IDENTITY_HEADER,
     Approval,
     IdentityClaims,
+    IdentityKeyError,
     SigningKeyring,
     check_message_identity,
     identity_header_value,
     issue_identity_token,
+    new_signing_key,
+    signing_key_from_pem,
+    signing_key_pem,
     token_from_header_value,
 )
 from multimail.services import audit
 from multimail.services.context import Actor, Services
 from multimail.services.domains import make_sync_resolver
+from multimail.store import keystore
 from multimail.store.tables import accounts, domains, mailboxes
 from multimail.workers.signing import DEFAULT_SELECTOR
 
@@ -67,15 +73,73 @@ _MODE_MEANING = {
 }
 
 
-def keyring(services: Services, *, reload: bool = False) -> SigningKeyring:
-    """The identity keyring in ``<data_dir>/identity``, created on first use, cached per process.
+_MANIFEST = "identity-manifest"
+_KEY_PREFIX = "identity-key:"
 
-    ``reload`` re-reads the directory, to pick up a rotation made by another process.
+
+def _stored_ring(conn: Connection, *, lock: bool = False) -> SigningKeyring | None:
+    read = keystore.get_for_update if lock else keystore.get
+    manifest = read(conn, _MANIFEST)
+    if manifest is None:
+        return None
+    document = json.loads(manifest)
+    pems = keystore.items(conn, _KEY_PREFIX)
+    keys = [
+        signing_key_from_pem(
+            str(entry["kid"]),
+            int(entry["created_at"]),
+            pems[f"{_KEY_PREFIX}{entry['kid']}"].encode(),
+        )
+        for entry in document["keys"]
+    ]
+    return SigningKeyring(None, keys, str(document["current"]))
+
+
+def _manifest(ring: SigningKeyring) -> str:
+    keys = [{"kid": k.kid, "created_at": k.created_at} for k in ring.keys]
+    return json.dumps({"current": ring.current.kid, "keys": keys})
+
+
+def _first_ring(services: Services) -> SigningKeyring:
+    """Store the keyring on first use: the data dir's older one if this install has it (its
+    keys are already published and in delivered mail), else a fresh key. Two nodes starting
+    together both try; one insert wins and both use the winner's keys."""
+    legacy = SigningKeyring.load_existing(services.settings.data_dir / "identity")
+    if legacy is None:
+        key = new_signing_key(now=int(time.time()))
+        candidate = SigningKeyring(None, [key], key.kid)
+    else:
+        candidate = SigningKeyring(None, legacy.keys, legacy.current.kid)
+    try:
+        with services.db.write() as conn:
+            stored = _stored_ring(conn)
+            if stored is not None:
+                return stored
+            for key in candidate.keys:
+                keystore.add(conn, f"{_KEY_PREFIX}{key.kid}", signing_key_pem(key).decode())
+            keystore.add(conn, _MANIFEST, _manifest(candidate))
+    except IntegrityError:
+        with services.db.read() as conn:
+            stored = _stored_ring(conn)
+        if stored is None:
+            raise
+        return stored
+    return candidate
+
+
+def keyring(services: Services, *, reload: bool = False) -> SigningKeyring:
+    """The identity keyring, kept in the database so every node signs with and publishes the
+    same keys; created on first use, cached per process.
+
+    ``reload`` re-reads it, to pick up a rotation made by another process.
     """
     cached = services.extras.get(_KEYRING)
     if isinstance(cached, SigningKeyring) and not reload:
         return cached
-    ring = SigningKeyring.load_or_create(services.settings.data_dir / "identity")
+    with services.db.read() as conn:
+        ring = _stored_ring(conn)
+    if ring is None:
+        ring = _first_ring(services)
     services.extras[_KEYRING] = ring
     return ring
 
@@ -198,11 +262,17 @@ def _dkim_info(
 
 def rotate_signing_key(services: Services, *, actor: Actor) -> dict[str, Any]:
     """Make a new current identity key; older keys stay published so old mail still verifies."""
-    ring = keyring(services, reload=True)
-    previous = ring.current.kid
+    keyring(services, reload=True)  # stored, if this is the first use
     with services.db.write() as conn:
-        # Rotating inside the transaction: if the disk write fails, no audit entry claims it.
-        key = ring.rotate()
+        # The manifest row is held until commit: two rotations at once both land, in turn.
+        ring = _stored_ring(conn, lock=True)
+        if ring is None:
+            raise IdentityKeyError("the identity keyring vanished while rotating")
+        previous = ring.current.kid
+        key = new_signing_key(now=int(time.time()))
+        rotated = ring.with_current(key)
+        keystore.add(conn, f"{_KEY_PREFIX}{key.kid}", signing_key_pem(key).decode())
+        keystore.replace(conn, _MANIFEST, _manifest(rotated))
         audit.append(
             conn,
             actor=actor,
@@ -211,6 +281,7 @@ def rotate_signing_key(services: Services, *, actor: Actor) -> dict[str, Any]:
             subject_id=key.kid,
             details={"previous_key_id": previous, "key_id": key.kid},
         )
+    services.extras[_KEYRING] = rotated
     return {"key_id": key.kid, "previous_key_id": previous, "created_at": key.created_at}
 
 
