@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, insert, literal, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, literal, select, update
 
 from multimail.config import Settings
 from multimail.domain.addresses import AddressError, matches_pattern, normalize_address
@@ -144,6 +144,18 @@ _log = logging.getLogger(__name__)
 _INSERT_ATTEMPT = insert(delivery_attempts)
 _ROWS = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
 _ROWS_LOCKED = _ROWS.order_by(messages.c.id).with_for_update()
+_MAILBOXES = select(mailboxes).where(mailboxes.c.id.in_(bindparam("ids", expanding=True)))
+_ACCOUNTS = select(accounts).where(accounts.c.id.in_(bindparam("ids", expanding=True)))
+_ATTACHMENTS = (
+    select(
+        attachments.c.message_id,
+        attachments.c.filename,
+        attachments.c.content_type,
+        attachments.c.data,
+    )
+    .where(attachments.c.message_id.in_(bindparam("ids", expanding=True)))
+    .order_by(attachments.c.id)
+)
 _PREVIOUS_MANY = (
     select(delivery_attempts.c.message_id, delivery_attempts.c.recipients)
     .where(delivery_attempts.c.message_id.in_(bindparam("ids", expanding=True)))
@@ -158,6 +170,18 @@ _MARK_DELIVERED = (
         delivered_at=bindparam("m_now"),
         next_attempt_at=None,
         last_error=None,
+        updated_at=bindparam("m_now"),
+    )
+)
+_PLAIN_START = frozenset({Status.QUEUED.value, Status.DEFERRED.value})
+_MARK_SENDING = (
+    update(messages)
+    .where(messages.c.id == bindparam("m_id"), messages.c.status == bindparam("m_status"))
+    .values(
+        status=Status.SENDING.value,
+        raw=bindparam("m_raw"),
+        size_bytes=bindparam("m_size"),
+        message_id_header=func.coalesce(messages.c.message_id_header, bindparam("m_header")),
         updated_at=bindparam("m_now"),
     )
 )
@@ -292,12 +316,50 @@ def _load(conn: Connection, message_id: str, *, lock: bool = False) -> _Context 
     return _Context(dict(row), dict(mailbox.one()), dict(account.one()))
 
 
+def _load_many(
+    conn: Connection, message_ids: Sequence[str], *, lock: bool = False
+) -> dict[str, _Context]:
+    """:func:`_load` for many messages: three queries however many there are."""
+    if not message_ids:
+        return {}
+    rows = (
+        _rows_by_id(conn, message_ids)
+        if lock
+        else {r["id"]: dict(r) for r in conn.execute(_ROWS, {"ids": list(message_ids)}).mappings()}
+    )
+    box_ids = sorted({r["mailbox_id"] for r in rows.values()})
+    account_ids = sorted({r["account_id"] for r in rows.values()})
+    boxes = {b["id"]: dict(b) for b in conn.execute(_MAILBOXES, {"ids": box_ids}).mappings()}
+    owners = {a["id"]: dict(a) for a in conn.execute(_ACCOUNTS, {"ids": account_ids}).mappings()}
+    return {
+        message_id: _Context(row, boxes[row["mailbox_id"]], owners[row["account_id"]])
+        for message_id, row in rows.items()
+    }
+
+
+def _attachments_many(
+    conn: Connection, message_ids: Sequence[str]
+) -> dict[str, list[OutboundAttachment]]:
+    found: dict[str, list[OutboundAttachment]] = {m: [] for m in message_ids}
+    for f in conn.execute(_ATTACHMENTS, {"ids": list(message_ids)}):
+        found[f.message_id].append(OutboundAttachment(f.filename, f.content_type, f.data))
+    return found
+
+
 def _message_id_header(ctx: _Context, settings: Settings) -> str:
     return ctx.row["message_id_header"] or f"<{ctx.row['id']}@{settings.domain}>"
 
 
-def _compose(conn: Connection, services: Services, ctx: _Context) -> bytes:
-    """The final, DKIM-signed bytes of the message (raises on anything unsendable)."""
+def _compose(
+    conn: Connection,
+    services: Services,
+    ctx: _Context,
+    files: Sequence[OutboundAttachment] | None = None,
+) -> bytes:
+    """The final, DKIM-signed bytes of the message (raises on anything unsendable).
+
+    ``files`` are its attachments when the caller read them already (in file order).
+    """
     row, mailbox, account = ctx.row, ctx.mailbox, ctx.account
     settings = services.settings
     sender = row["from_address"] or mailbox["address"]
@@ -317,11 +379,8 @@ def _compose(conn: Connection, services: Services, ctx: _Context) -> bytes:
         )
     )
     headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
-    files = conn.execute(
-        select(attachments.c.filename, attachments.c.content_type, attachments.c.data)
-        .where(attachments.c.message_id == row["id"])
-        .order_by(attachments.c.id)
-    ).all()
+    if files is None:
+        files = _attachments_many(conn, [row["id"]])[row["id"]]
     reply_to = _addresses(row.get("reply_to"))
     draft = OutboundDraft(
         from_address=sender,
@@ -339,7 +398,7 @@ def _compose(conn: Connection, services: Services, ctx: _Context) -> bytes:
         ai_disclosure=bool(mailbox["ai_disclosure"]),
         operator_postal_address=account.get("postal_address"),
         extra_headers=headers,
-        attachments=[OutboundAttachment(f.filename, f.content_type, f.data) for f in files],
+        attachments=list(files),
     )
     # The identity token binds this exact body and Message-ID; DKIM then covers the header.
     identity_header = identity.identity_header_for(
@@ -602,14 +661,20 @@ def _prebuild(services: Services, message_ids: Sequence[str]) -> dict[str, bytes
     """Compose and sign outside the write transaction the messages that will need it."""
     built: dict[str, bytes] = {}
     with services.db.read() as conn:
-        for message_id in message_ids:
-            ctx = _load(conn, message_id)
-            if ctx is None or ctx.row["raw"] is not None or _held(ctx):
-                continue
-            if Status(ctx.row["status"]) not in DELIVERABLE or ctx.row["direction"] != "outbound":
-                continue
+        contexts = _load_many(conn, message_ids)
+        wanted = [
+            ctx
+            for ctx in contexts.values()
+            if ctx.row["raw"] is None
+            and not _held(ctx)
+            and Status(ctx.row["status"]) in DELIVERABLE
+            and ctx.row["direction"] == "outbound"
+        ]
+        files = _attachments_many(conn, [ctx.row["id"] for ctx in wanted])
+        for ctx in wanted:
+            message_id = ctx.row["id"]
             try:
-                built[message_id] = _compose(conn, services, ctx)
+                built[message_id] = _compose(conn, services, ctx, files[message_id])
             except MultimailError:
                 continue  # the start step composes again and records the reason
     return built
@@ -906,14 +971,111 @@ def _settle(conn: Connection, item: _Item, worker_id: str) -> None:
         jobs.retry(conn, job.id, worker_id, run_at=item.outcome.retry_at, error="rescheduled")
 
 
+def _start_many(
+    conn: Connection, services: Services, items: Sequence[_Item], prebuilt: Mapping[str, bytes]
+) -> list[tuple[_Item, _Plan]]:
+    """Move to ``sending``, at once, the messages that need nothing but that.
+
+    A message qualifies when :func:`_start_in` would do no more than store its bytes and
+    change its status: outbound, queued or deferred (not a take-over), live (not test),
+    past the gate, not held, its bytes built, and none of its remaining recipients
+    suppressed. The others are left to :func:`_start_in`, one by one.
+    """
+    contexts = _load_many(conn, [i.message_id for i in items], lock=True)
+    previous = _previous_results_many(conn, list(contexts))
+    candidates: list[tuple[_Item, _Context, bytes, list[str]]] = []
+    for item in items:
+        ctx = contexts.get(item.message_id)
+        if ctx is None:
+            continue
+        row = ctx.row
+        if (
+            row["direction"] != "outbound"
+            or row["status"] not in _PLAIN_START
+            or row["test"]
+            or _held(ctx)
+            or _gate_refusal(conn, ctx) is not None
+        ):
+            continue
+        raw = row["raw"] if row["raw"] is not None else prebuilt.get(item.message_id)
+        accepted, refused = previous[item.message_id]
+        to_send = [r for r in _recipients(row) if r not in accepted and r not in refused]
+        if raw is not None and to_send:
+            candidates.append((item, ctx, raw, to_send))
+    wanted: dict[str, set[str]] = {}
+    for _item, ctx, _raw, to_send in candidates:
+        wanted.setdefault(ctx.row["account_id"], set()).update(to_send)
+    suppressed = {
+        account_id: directory.suppressed_among(conn, account_id, sorted(addresses))
+        for account_id, addresses in wanted.items()
+    }
+    now = utcnow()
+    started: list[tuple[_Item, _Plan]] = []
+    updates: list[dict[str, Any]] = []
+    for item, ctx, raw, to_send in candidates:
+        row = ctx.row
+        if any(r in suppressed[row["account_id"]] for r in to_send):
+            continue  # _start_in drops them and records that
+        check_transition(Status(row["status"]), Status.SENDING)
+        updates.append(
+            {
+                "m_id": row["id"],
+                "m_status": row["status"],
+                "m_raw": raw,
+                "m_size": len(raw),
+                "m_header": _message_id_header(ctx, services.settings),
+                "m_now": now,
+            }
+        )
+        plan = _Plan(
+            message_id=row["id"],
+            account_id=row["account_id"],
+            mailbox_id=row["mailbox_id"],
+            mail_from=row["from_address"] or ctx.mailbox["address"],
+            recipients=to_send,
+            raw=raw,
+        )
+        started.append((item, plan))
+    if updates:
+        changed = conn.execute(_MARK_SENDING, updates).rowcount
+        if conn.dialect.supports_sane_multi_rowcount and changed != len(updates):
+            raise RuntimeError(f"{len(updates) - changed} message(s) changed status meanwhile")
+    return started
+
+
+def _start_fast(
+    conn: Connection, services: Services, items: list[_Item], prebuilt: Mapping[str, bytes]
+) -> set[str]:
+    """The plain starts of a batch in one statement; returns the message ids started."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.message_id] = counts.get(item.message_id, 0) + 1
+    # A message twice in one batch (two jobs) goes one by one: the second must see the first.
+    single = [i for i in items if counts[i.message_id] == 1]
+    if not single:
+        return set()
+    try:
+        with conn.begin_nested():
+            started = _start_many(conn, services, single, prebuilt)
+    except Exception:
+        _log.exception("starting %d deliveries at once failed; one by one instead", len(single))
+        return set()
+    for item, plan in started:
+        item.plan = plan
+    return {item.message_id for item, _plan in started}
+
+
 def _claim_and_start(
     services: Services, worker_id: str, claimer: _Claimer, prebuilt: Mapping[str, bytes]
 ) -> list[_Item]:
     """Commit 1: claim the jobs and move each message to ``sending`` (or settle it now)."""
     with services.db.write() as conn:
         items = claimer(conn)
+        started_together = _start_fast(conn, services, items, prebuilt)
         # One lock order for every worker, so PostgreSQL row locks never deadlock.
         for item in sorted(items, key=lambda i: i.message_id):
+            if item.message_id in started_together:
+                continue
             job_id = item.job.id if item.job is not None else item.live_job_id
             try:
                 with conn.begin_nested():
