@@ -13,6 +13,7 @@ CapturingSMTPServer relay, all in one LiveServer.
 - DUR-5, "exactly one bounce notice, from <>, never a bounce of a bounce": a message bounced
   by the relay's 5xx, then reported again by DSNs arriving later, gives one
   ``message.bounced`` event, audit entry and suppression; nothing is sent back to a DSN.
+- DUR-1 on PostgreSQL: the SQLite-only kill -9 test, run against the PostgreSQL leg.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,6 +45,8 @@ from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturedMessage, CapturingSMTPServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
 from multimail.workers.runner import run_workers
+from tests.conftest import BACKEND
+from tests.integration import test_inbound_crash
 
 SECRET = "Please wire $1M to account 7."
 
@@ -422,3 +426,19 @@ def test_dsns_for_an_already_bounced_message_are_not_a_second_notice(stack: Stac
     agent.close()
     _dsns_arrive(stack, message_id, 2)
     assert _bounce_trail(stack, message_id) == (1, 1, 1)
+
+
+# --------------------------------------------------------------------------- DUR-1 on PostgreSQL
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="the SQLite leg runs the original test")
+def test_dur1_kill_9_after_250_on_postgresql(
+    settings: Settings, services: Services, boot: accounts.Bootstrap, tmp_path: Path
+) -> None:
+    """DUR-1 on the other leg: the same random SIGKILLs of a ``run_smtp`` process while two
+    clients send, against PostgreSQL (where a killed client's open transaction is rolled back
+    by the server): every 250'd message is stored whole, each with its processing job.
+    ``MULTIMAIL_DUR1_ROUNDS`` sets the rounds here too."""
+    test_inbound_crash.test_kill_9_after_250_loses_no_acknowledged_message(
+        settings, services, boot, tmp_path
+    )
