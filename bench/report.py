@@ -4,11 +4,18 @@
                          # benches, load/crash/chaos, wait out worker leases)
     bench/run --quick    # smaller runs, ~10 minutes
     bench/run --full     # the issues' sizes: 1,000,000 stored messages and audit entries
+    bench/run --full --only crash,scaleout    # stage a long run, a few benches at a time
+    bench/run --render-only                   # rebuild the report from saved results
 
 Each bench is its own process (so one crash or leak cannot skew the next) and prints its
 figures beside a baseline measured in that same process. Figures come from the ``--json``
 file a bench writes when it has that flag, otherwise from its printed text, read tolerantly.
-The report goes to stdout and to ``docs/performance.md`` (``--output``), with the machine.
+Each bench's result (figures, printed text, arguments, profile, start time, load average
+before and after, git commit) is saved as ``bench/results/<name>.json``, replacing that
+bench's previous result; the report is rendered from the latest result of every bench, so a
+partial run (``--only``) updates its own sections and keeps the others, each section saying
+when, with which arguments and at what load it was measured. The report goes to stdout and
+to ``docs/performance.md`` (``--output``), with the machine.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "load": ["--seconds", "15", "--clients", "50"],
         "crash": ["--messages", "200", "--kill-seconds", "15"],
         "chaos": ["--minutes", "0.5", "--kill-every", "10", "--warmup", "5"],
+        "scaleout": ["--messages", "300"],
     },
     "default": {
         "dkim": ["--seconds", "2"],
@@ -59,6 +67,7 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "load": ["--seconds", "60", "--clients", "50"],
         "crash": ["--messages", "1000", "--kill-seconds", "30"],
         "chaos": ["--minutes", "1", "--kill-every", "20"],
+        "scaleout": ["--messages", "2000"],
     },
     "full": {
         "dkim": ["--seconds", "3"],
@@ -71,9 +80,11 @@ PROFILES: dict[str, dict[str, list[str]]] = {
         "load": ["--seconds", "60", "--clients", "50"],
         "crash": ["--messages", "1000", "--kill-seconds", "60"],
         "chaos": ["--minutes", "10", "--kill-every", "60"],
+        "scaleout": ["--messages", "5000"],
     },
 }
-JSON_BENCHES = {"dkim", "send", "inbound", "audit", "scale", "load", "crash", "chaos"}
+JSON_BENCHES = {"dkim", "send", "inbound", "audit", "scale", "load", "crash", "chaos", "scaleout"}
+RESULTS = ROOT / "bench" / "results"
 TIMEOUT_S = {"quick": 300, "default": 900, "full": 3600}
 
 
@@ -103,13 +114,42 @@ class Run:
     stdout: str
     stderr: str
     figures: dict[str, Any] | None
+    profile: str = "default"
+    started: str = ""
+    load_before: str = ""
+    load_after: str = ""
+    commit: str = ""
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        record = dict(self.__dict__, stderr=self.stderr[-5000:])
+        (directory / f"{self.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        return cls(**json.loads(path.read_text()))
+
+    def measured(self) -> str:
+        """When, how and at what load: the line under each of this bench's sections."""
+        command = f"bench_{self.name}.py {' '.join(self.args)}".strip()
+        return (
+            f"Measured {self.started} (profile `{self.profile}`, `{command}`, commit"
+            f" {self.commit or 'unknown'}, {self.seconds:.0f} s), load average"
+            f" {self.load_before} before, {self.load_after} after."
+        )
 
 
 # --------------------------------------------------------------------------- running
 
 
-def run_bench(name: str, args: list[str], timeout: float) -> Run:
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_bench(name: str, args: list[str], timeout: float, profile: str) -> Run:
     script = ROOT / "bench" / f"bench_{name}.py"
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_before = _load()
     with tempfile.TemporaryDirectory(prefix="mm-report-") as tmp:
         out = Path(tmp) / "figures.json"
         command = [sys.executable, str(script), *args]
@@ -131,7 +171,20 @@ def run_bench(name: str, args: list[str], timeout: float) -> Run:
     print(stdout, file=sys.stderr, flush=True)
     if code != 0:
         print(stderr[-3000:], file=sys.stderr, flush=True)
-    return Run(name, args, code, seconds, stdout, stderr, figures)
+    return Run(
+        name,
+        args,
+        code,
+        seconds,
+        stdout,
+        stderr,
+        figures,
+        profile=profile,
+        started=started,
+        load_before=load_before,
+        load_after=_load(),
+        commit=_git("rev-parse", "--short", "HEAD"),
+    )
 
 
 # --------------------------------------------------------------------------- formatting
@@ -252,7 +305,7 @@ def inbound_area(run: Run) -> Area:
     ours, bare = f["ours_per_s"], f["bare_per_s"]
     area.rows.append(
         Row(
-            f"accepted msgs/s, {f['sessions']} sessions, {f['messages']:,} messages"
+            f"SQLite: accepted msgs/s, {f['sessions']} sessions, {f['messages']:,} messages"
             " vs bare aiosmtpd (discards)",
             num(ours, "/s"),
             num(bare, "/s"),
@@ -261,6 +314,50 @@ def inbound_area(run: Run) -> Area:
             verdict(ours >= 0.5 * bare and ours >= 1000),
         )
     )
+    if "ours_cpu_us" in f and "bare_cpu_us" in f:
+        area.rows.append(
+            Row(
+                "SQLite: server CPU µs per message vs bare aiosmtpd (load-independent)",
+                num(f["ours_cpu_us"], "µs"),
+                num(f["bare_cpu_us"], "µs"),
+                ratio(f["ours_cpu_us"], f["bare_cpu_us"]),
+            )
+        )
+    if "pg1_per_s" in f and "pg2_per_s" in f:
+        one, two = f["pg1_per_s"], f["pg2_per_s"]
+        sessions = f.get("pg_sessions", f["sessions"])
+        for count, rate in ((1, one), (2, two)):
+            cpu = f.get(f"pg{count}_cpu_us")
+            area.rows.append(
+                Row(
+                    f"PostgreSQL: accepted msgs/s, {count}x `serve --role smtp`, {sessions}"
+                    " sessions, vs bare aiosmtpd (discards)"
+                    + (f" (server CPU {num(cpu, 'µs')}/msg)" if cpu is not None else ""),
+                    num(rate, "/s"),
+                    num(bare, "/s"),
+                    ratio(rate, bare),
+                )
+            )
+        area.rows.append(
+            Row(
+                "PostgreSQL: accepted msgs/s, 2 smtp processes vs 1",
+                num(two, "/s"),
+                num(one, "/s"),
+                ratio(two, one),
+                "> 1x",
+                verdict(two > one),
+            )
+        )
+        if "pg_stored" in f:
+            expected = 2 * f["messages"]
+            area.rows.append(
+                Row(
+                    f"PostgreSQL: stored after both runs, of {expected:,} acknowledged",
+                    f"{f['pg_stored']:,}",
+                    target=f"{expected:,}",
+                    met=verdict(f["pg_stored"] == expected),
+                )
+            )
     return area
 
 
@@ -491,6 +588,48 @@ def chaos_area(run: Run) -> Area:
     return area
 
 
+def scaleout_area(run: Run) -> Area:
+    f = run.figures or {}
+    area = Area(
+        f"Scale-out: {f['messages']:,} messages through {f['apis']} API and {f['workers']}"
+        f" worker processes ({f['backend']}, {f['clients']} clients)"
+    )
+    area.notes.append(
+        "Half from an autonomous mailbox, half gated and approved, each through either API"
+        " process. The figure that matters is the count: each message exactly once."
+    )
+    area.rows += [
+        Row("accepted sends/s over HTTP (both API processes)", num(f["sends_per_s"], "/s")),
+        Row("approvals/s over HTTP", num(f["approvals_per_s"], "/s")),
+        Row(
+            "delivered/s, first send to last hand-over",
+            num(f["delivered_per_s"], "/s"),
+            target=f"{f['messages']:,} delivered",
+            met=verdict(f["delivered"] == f["messages"]),
+        ),
+        Row(
+            f"lost / duplicates (recovered-window entries {f['duplicates_recovered']})",
+            f"{f['lost']} / {f['duplicates']}",
+            target="0 / 0",
+            met=verdict(f["lost"] == 0 and f["duplicates"] <= f["duplicates_recovered"]),
+        ),
+        Row(
+            "HTTP errors",
+            str(sum(f["http_errors"].values())),
+            target="0",
+            met=verdict(not f["http_errors"]),
+        ),
+        Row(
+            f"audit chain of {f['audit_entries']:,} entries: contiguous, verified",
+            f"{f['audit_contiguous']}, {f['audit_verified']}",
+            target="True, True",
+            met=verdict(f["audit_contiguous"] and f["audit_verified"]),
+        ),
+        Row("wall time", num(f["wall_s"], "s")),
+    ]
+    return area
+
+
 AREAS: dict[str, Callable[[Run], list[Area]]] = {
     "dkim": lambda r: [dkim_area(r)],
     "send": lambda r: [send_area(r)],
@@ -502,6 +641,7 @@ AREAS: dict[str, Callable[[Run], list[Area]]] = {
     "load": lambda r: [load_area(r)],
     "crash": lambda r: [crash_area(r)],
     "chaos": lambda r: [chaos_area(r)],
+    "scaleout": lambda r: [scaleout_area(r)],
 }
 
 
@@ -543,27 +683,42 @@ def machine() -> list[tuple[str, str]]:
         ("CPU", _first("/proc/cpuinfo", "model name")),
         ("CPUs (nproc)", str(os.cpu_count())),
         ("memory", memory),
-        ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
         ("OS", platform.platform()),
         ("Python", platform.python_version()),
         ("SQLite", sqlite3.sqlite_version),
         ("PostgreSQL", _postgres_version()),
-        ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
-        ("git commit", _git("rev-parse", "--short", "HEAD") or "unknown"),
+        ("report rendered", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
+        ("git commit at rendering", _git("rev-parse", "--short", "HEAD") or "unknown"),
     ]
 
 
 # --------------------------------------------------------------------------- report
 
 
-def render(profile: str, info: list[tuple[str, str]], runs: list[Run], total_s: float) -> str:
+def latest_results(directory: Path) -> list[Run]:
+    """The saved result of each bench, in the report's order (unknown names last)."""
+    order = list(PROFILES["default"])
+    found = [Run.load(path) for path in sorted(directory.glob("*.json"))]
+    return sorted(found, key=lambda r: order.index(r.name) if r.name in order else len(order))
+
+
+def render(info: list[tuple[str, str]], runs: list[Run], fresh: set[str]) -> str:
+    kept = [r.name for r in runs if r.name not in fresh]
     out = [
         "# Performance",
         "",
-        f"Generated by `bench/run{'' if profile == 'default' else ' --' + profile}`"
-        f" in {total_s / 60:.1f} minutes. Every figure is beside a baseline measured in the"
-        " same run, on the same machine, in the same bench process. Loopback only; the"
-        " machine may have been shared with other work (see the load average).",
+        "Assembled by `bench/run` (`bench/report.py`) from the latest saved result of each"
+        " bench (`bench/results/`)"
+        + (
+            f"; this invocation ran {', '.join(sorted(fresh))}"
+            + (f" and kept {', '.join(kept)} from earlier runs" if kept else "")
+            if fresh
+            else " without running any"
+        )
+        + ". Each section says when, with which arguments and profile and at what load"
+        " average it was measured. Every figure is beside a baseline measured in the same"
+        " bench process, on the same machine. Loopback only; the machine may have been"
+        " shared with other work (see the load averages).",
         "",
         "## Machine",
         "",
@@ -577,7 +732,8 @@ def render(profile: str, info: list[tuple[str, str]], runs: list[Run], total_s: 
         if run.returncode != 0:
             tail = (run.stderr or run.stdout).strip().splitlines()[-8:]
             problems.append(
-                f"- `bench_{run.name}.py` exited with {run.returncode}: " + " / ".join(tail)
+                f"- `bench_{run.name}.py` ({run.started}, profile `{run.profile}`) exited with"
+                f" {run.returncode}: " + " / ".join(tail)
             )
             continue
         try:
@@ -586,7 +742,7 @@ def render(profile: str, info: list[tuple[str, str]], runs: list[Run], total_s: 
             problems.append(f"- `bench_{run.name}.py`: could not read its figures ({exc!r})")
             continue
         for area in areas:
-            out += [f"## {area.title}", ""]
+            out += [f"## {area.title}", "", f"_{run.measured()}_", ""]
             if area.notes:
                 out += [*area.notes, ""]
             out += [
@@ -600,8 +756,17 @@ def render(profile: str, info: list[tuple[str, str]], runs: list[Run], total_s: 
             out.append("")
     if problems:
         out += ["## Benchmarks that did not produce figures", "", *problems, ""]
-    out += ["## Runs", "", "| bench | arguments | seconds |", "|---|---|---:|"]
-    out += [f"| `bench_{r.name}.py` | `{' '.join(r.args)}` | {r.seconds:.0f} |" for r in runs]
+    out += [
+        "## Runs",
+        "",
+        "| bench | profile | arguments | started | load average before → after | seconds |",
+        "|---|---|---|---|---|---:|",
+    ]
+    out += [
+        f"| `bench_{r.name}.py` | {r.profile} | `{' '.join(r.args)}` | {r.started}"
+        f" | {r.load_before} → {r.load_after} | {r.seconds:.0f} |"
+        for r in runs
+    ]
     out += ["", "<details><summary>What each bench printed</summary>", ""]
     for run in runs:
         out += [f"### bench_{run.name}.py", "", "```", run.stdout.strip(), "```", ""]
@@ -612,23 +777,34 @@ def render(profile: str, info: list[tuple[str, str]], runs: list[Run], total_s: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller runs, ~3 minutes")
-    size.add_argument("--full", action="store_true", help="1,000,000 messages and entries")
+    size.add_argument("--quick", action="store_true", help="smaller runs, ~10 minutes")
+    size.add_argument("--full", action="store_true", help="the issues' sizes, ~1.5 hours")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "performance.md")
-    parser.add_argument("--only", default="", help="comma-separated bench names (for trying)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="saved results directory")
+    parser.add_argument("--only", default="", help="comma-separated bench names to run")
+    parser.add_argument(
+        "--render-only", action="store_true", help="run nothing; render the saved results"
+    )
     args = parser.parse_args()
     profile = "quick" if args.quick else "full" if args.full else "default"
-    wanted = [n for n in PROFILES[profile] if not args.only or n in args.only.split(",")]
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(only) - set(PROFILES[profile]))
+    if unknown:
+        parser.error(
+            f"unknown bench name(s) {', '.join(unknown)}; known: {', '.join(PROFILES[profile])}"
+        )
+    wanted = [] if args.render_only else [n for n in PROFILES[profile] if not only or n in only]
 
-    info = machine()
-    began = time.perf_counter()
-    runs = [run_bench(name, PROFILES[profile][name], TIMEOUT_S[profile]) for name in wanted]
-    info.insert(4, ("load average at end", " ".join(f"{x:.2f}" for x in os.getloadavg())))
-    report = render(profile, info, runs, time.perf_counter() - began)
+    fresh: list[Run] = []
+    for name in wanted:
+        run = run_bench(name, PROFILES[profile][name], TIMEOUT_S[profile], profile)
+        run.save(args.results)  # at once, so an interrupted staged run keeps what it measured
+        fresh.append(run)
+    report = render(machine(), latest_results(args.results), {r.name for r in fresh})
     print(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
-    if any(r.returncode != 0 for r in runs):
+    if any(r.returncode != 0 for r in fresh):
         sys.exit(1)
 
 
