@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import ipaddress
 import logging
 import re
@@ -33,7 +34,7 @@ from email.utils import format_datetime
 from types import TracebackType
 from typing import AnyStr, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from multimail.errors import InvalidInput, Unavailable
 
@@ -168,14 +169,22 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])"
 # RFC 5321 §4.1.2 Mailbox; §4.5.3.1.1-3 length limits are checked beside it.
 _MAILBOX = re.compile(rf"(?P<local>{_LOCAL})@(?P<domain>{_DOMAIN})")
-# Bare CR or LF: the raw material of SMTP smuggling (RFC 5321 §2.3.8 allows only CRLF).
-_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # RFC 5321 §4.1.2 Path: "<" [source route ":"] Mailbox ">", the route accepted and ignored
 # (§C); a bare address without brackets is tolerated as Postfix does by default.
 _PATH = re.compile(
     r'<(?:@[^:<>\s]+:)?(?P<path>(?:"(?:[^"\\\r\n]|\\.)*"|[^<>\s"])*)>|(?P<bare>[^<>\s]+)'
 )
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+def _has_bare_newline(content: bytes) -> bool:
+    """True when a CR or LF is not part of a CRLF pair (RFC 5321 §2.3.8 allows only CRLF).
+
+    Bare CR and LF are the raw material of SMTP smuggling. Every CRLF pairs one CR with one
+    LF, so the counts agree exactly when none is bare; three C-level counts cost about a
+    tenth of a look-around regex over a 5 KB message."""
+    pairs = content.count(b"\r\n")
+    return content.count(b"\n") != pairs or content.count(b"\r") != pairs
 
 
 def _is_valid_mailbox(address: str) -> bool:
@@ -232,6 +241,72 @@ def _oversized_header(content: bytes, limit: int) -> bool:
     return end + 2 > limit
 
 
+class _DataOutcome(enum.Enum):
+    """How reading a message ended; the refusals are aiosmtpd's (reworded by ``push``)."""
+
+    OK = ""
+    TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
+    TOO_MUCH = "552 Error: Too much mail data"
+
+
+def _longest_line(data: bytes | bytearray) -> int:
+    """The longest CRLF-delimited line of ``data`` with its CRLF (a last partial one without)."""
+    lines = data.split(b"\r\n")
+    longest = max((len(line) for line in lines[:-1]), default=-2) + 2
+    return max(longest, len(lines[-1]))
+
+
+async def _read_message(
+    reader: asyncio.StreamReader, size_limit: int | None, line_limit: int
+) -> tuple[_DataOutcome, bytes]:
+    """Read DATA up to its end (``<CRLF>.<CRLF>`` only); the content, dot-unstuffed.
+
+    Equivalent to aiosmtpd's line-by-line loop (the end of data, the size limit counted on
+    the dot-stuffed bytes, the line length with its CRLF, the same refusals after reading to
+    the end) at a fraction of its cost: a 5 KB message is a few reads instead of one read,
+    log call and join per line. The reader is asked for ``".\r\n"``; whether the two bytes
+    before it are a CRLF is decided on what was read, which starts with the CRLF that ended
+    the DATA command, so a first line of ``"."`` ends an empty message as RFC 5321 §4.1.1.4
+    has it. Whatever the client sent after the end stays in the reader as its next commands.
+    """
+    data = bytearray(b"\r\n")  # the DATA command's line end, dropped again below
+    size = 0  # bytes after DATA, dot-stuffing included, as aiosmtpd counts them
+    outcome = _DataOutcome.OK
+    while True:
+        try:
+            chunk = await reader.readuntil(b".\r\n")
+            ended = (data[-2:] + chunk)[-5:-3] == b"\r\n"
+        except asyncio.LimitOverrunError as exc:
+            # No ".\r\n" within the reader's limit: take what cannot be part of one.
+            chunk = await reader.read(exc.consumed)
+            ended = False
+        size += len(chunk)
+        if outcome is _DataOutcome.OK:
+            data += chunk
+        else:
+            # Refused already: keep only the two bytes the end-of-data test looks back at.
+            data = (data[-2:] + chunk)[-2:]
+        if ended:
+            size -= 3  # the terminating ".\r\n" is not content
+            break
+        if outcome is _DataOutcome.OK and size_limit and size > size_limit:
+            # Whichever limit broke first answers; drop the data at once, as aiosmtpd does.
+            too_long = _longest_line(data[2:]) > line_limit
+            outcome = _DataOutcome.TOO_LONG if too_long else _DataOutcome.TOO_MUCH
+            data = data[-2:]
+    if outcome is not _DataOutcome.OK:
+        return outcome, b""
+    del data[-3:]
+    if size_limit and size > size_limit:
+        outcome = _DataOutcome.TOO_MUCH
+    if _longest_line(data[2:]) > line_limit:
+        outcome = _DataOutcome.TOO_LONG
+    if outcome is not _DataOutcome.OK:
+        return outcome, b""
+    # RFC 5321 §4.5.2: a leading dot of a line is transparency, not content.
+    return outcome, bytes(data).replace(b"\r\n.", b"\r\n")[2:]
+
+
 class _InboundHandler:
     """The aiosmtpd handler: recipient policy, message checks and the hand-over to the sink."""
 
@@ -272,7 +347,7 @@ class _InboundHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
-        if _BARE_NEWLINE.search(content):
+        if _has_bare_newline(content):
             # CVE-2023-51764/51765/51766: a lenient hop would read these as end-of-data.
             return (
                 "550 5.6.0 Message refused: bare CR or LF in message data (RFC 5321 section 2.3.8)"
@@ -402,8 +477,43 @@ class _InboundProtocol(SMTP):
         # aiosmtpd restarts its idle timer only between commands, so without this the whole
         # message would have to arrive within the command timeout.
         self.restart_deadline(self._data_timeout)
-        await super().smtp_DATA(arg)
+        await self._data(arg)
         self.restart_deadline(self._command_timeout)
+
+    async def _data(self, arg: str) -> None:
+        """aiosmtpd's DATA command with the message read in bulk instead of line by line.
+
+        The checks, replies and their order are aiosmtpd 1.4.6's; only the reading differs
+        (see :func:`_read_message`)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            outcome, content = await _read_message(
+                self._reader, self.data_size_limit, self.line_length_limit
+            )
+        except (asyncio.CancelledError, asyncio.IncompleteReadError):
+            # The client went away mid-message (aiosmtpd cancels us on EOF; the read error
+            # is the same end seen first): nothing is answered or stored.
+            log.info("connection lost during DATA")
+            self._writer.close()
+            raise asyncio.CancelledError from None
+        if outcome is not _DataOutcome.OK:
+            await self.push(outcome.value)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §3.8: say why before closing, so the client retries instead of guessing.
