@@ -442,3 +442,30 @@ def test_dur1_kill_9_after_250_on_postgresql(
     test_inbound_crash.test_kill_9_after_250_loses_no_acknowledged_message(
         settings, services, boot, tmp_path
     )
+
+
+# --------------------------------------------------------------------------- SMTP-6 MIME depth
+
+
+def test_mime_nesting_beyond_the_cap_is_stored_flagged_and_blocks_no_one(stack: Stack) -> None:
+    """SMTP-6, MIME depth, end to end: 1,000 nested multiparts over SMTP get a 250 (the bytes
+    are kept whole), are processed in bounded time with a ``mime_depth_exceeded`` finding, and
+    an ordinary message sent right after is processed too."""
+    stack.mailbox("agent@mm.test", "autonomous")
+    depth = 1000
+    parts = [
+        f'Content-Type: multipart/mixed; boundary="b{n}"\r\n\r\n--b{n}\r\n' for n in range(depth)
+    ]
+    closing = "".join(f"\r\n--b{n}--" for n in reversed(range(depth)))
+    raw = (
+        "From: customer@sender.test\r\nTo: agent@mm.test\r\nSubject: well\r\n"
+        "MIME-Version: 1.0\r\n" + "".join(parts) + "Content-Type: text/plain\r\n\r\n"
+        "bottom of the well" + closing + "\r\n"
+    ).encode()
+    stack.smtp_in("customer@sender.test", "agent@mm.test", raw)
+    stack.smtp_in("customer@sender.test", "agent@mm.test", _mail("Normal", "Hello."))
+    deep, normal = stack.inbound(2)
+    assert deep["subject"] == "well" and normal["subject"] == "Normal"
+    findings = [f["detail"] for f in deep["scan_findings"] or [] if f["code"] == "mime_defect"]
+    assert "mime_depth_exceeded" in findings, deep["scan_findings"]
+    assert normal["status"] == "unread"
