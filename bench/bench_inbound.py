@@ -328,7 +328,7 @@ def pg_runs(total: int, sessions: int, url: str, data_dir: Path) -> tuple[dict[i
 
 def _line(label: str, run: Run, bare: Run, note: str = "") -> str:
     return (
-        f"{label:38} {run.rate:7.0f} msg/s  {run.rate / bare.rate:5.0%} of bare"
+        f"{label:44} {run.rate:7.0f} msg/s  {run.rate / bare.rate:5.0%} of bare"
         f"   server CPU {run.server_cpu_us:6.0f} µs/msg{note}"
     )
 

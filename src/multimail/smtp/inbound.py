@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import ipaddress
 import logging
 import re
@@ -198,6 +199,7 @@ def _is_valid_mailbox(address: str) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=1024)  # one parse per peer, not per message
 def _address_literal(host: str) -> str:
     try:
         ip = ipaddress.ip_address(host)
@@ -252,8 +254,8 @@ class _DataOutcome(enum.Enum):
 def _longest_line(data: bytes | bytearray) -> int:
     """The longest CRLF-delimited line of ``data`` with its CRLF (a last partial one without)."""
     lines = data.split(b"\r\n")
-    longest = max((len(line) for line in lines[:-1]), default=-2) + 2
-    return max(longest, len(lines[-1]))
+    last = lines.pop()
+    return max(max(map(len, lines), default=-2) + 2, len(last))
 
 
 async def _read_message(
@@ -361,7 +363,9 @@ class _InboundHandler:
         received_at = datetime.now(UTC)
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
         # Kept as the client sent it, minus controls, so no consumer can be fed a bare CR.
-        helo = "".join(ch for ch in session.host_name or "" if ch.isprintable())
+        helo = session.host_name or ""
+        if not helo.isprintable():
+            helo = "".join(ch for ch in helo if ch.isprintable())
         tls = session.ssl is not None
         protocol = ("ESMTPS" if tls else "ESMTP") if session.extended_smtp else "SMTP"
         rcpt_tos = tuple(envelope.rcpt_tos)
