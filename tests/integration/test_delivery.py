@@ -22,7 +22,7 @@ from multimail.config import Settings
 from multimail.ids import aware, new_id, utcnow
 from multimail.mail.dkim import verify_message
 from multimail.runtime import build_services
-from multimail.services import accounts, directory, mailboxes
+from multimail.services import accounts, directory, identity, mailboxes
 from multimail.services.context import Actor, Services
 from multimail.store import jobs
 from multimail.store.tables import (
@@ -746,6 +746,8 @@ async def test_a_batch_is_claimed_started_and_recorded_in_two_write_commits(
     one more; a message that cannot go is settled in the first commit and sinks nobody."""
     good = [world.message(to=[f"r{i}@example.test"]) for i in range(12)]
     nobody = world.message(to=[])
+    # The identity keyring is stored on first use, in a commit of its own: not the batch's.
+    identity.keyring(world.services)
     commits = _count_write_commits(world.services)
     batch = runner.BATCHES[delivery.DELIVER]
     claimed = await batch(world.services, "batch-worker", 50, timedelta(minutes=2))

@@ -11,6 +11,14 @@ caller which of the others to retry and which to bounce.
 A connection that dies after the whole message was sent but before the server's reply
 (``DeliveryAttempt.reply_lost``) is temporary, yet the receiver may already have the
 message: the retry must carry the same Message-ID.
+
+Each transport keeps a few SMTP sessions open per server (:class:`SessionPool`), so
+back-to-back messages skip the TCP, TLS and EHLO round trips. A session carries the next
+message only after a transaction that ended cleanly, and never more than ``max_messages``
+or after ``idle_seconds``. A kept session found dead before DATA (closed, 421, or a failed
+RSET probe after a pause) is replaced by a fresh one for that same message, once: nothing
+was judged yet, so this is neither a deferral nor a risk of a duplicate. Once DATA began,
+a lost line is ``reply_lost`` as on any session.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import logging
 import random
 import re
 import ssl
+import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,6 +54,7 @@ __all__ = [
     "RecipientResult",
     "RelayConfig",
     "RelayTransport",
+    "SessionPool",
     "make_resolver",
     "parse_relay_url",
     "recipient_outcomes",
@@ -366,7 +377,100 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# -- open sessions kept for the next message --------------------------------------------------
+
+
+@dataclass
+class _Open:
+    """An SMTP session between transactions: connected, greeted, ready for MAIL FROM."""
+
+    client: aiosmtplib.SMTP
+    tls: bool
+    sent: int = 0
+    idle_since: float = 0.0
+
+
+class SessionPool:
+    """Open SMTP sessions per server address, so the next message skips TCP, TLS and EHLO.
+
+    A session goes back only after a transaction that ended cleanly (DATA answered, or
+    every recipient refused and RSET accepted), and is dropped after ``max_messages``
+    messages or ``idle_seconds`` unused. Sessions belong to the event loop that opened
+    them: another loop (``deliver_now`` runs its own) never sees them.
+    """
+
+    def __init__(
+        self, *, per_server: int = 16, max_messages: int = 100, idle_seconds: float = 15.0
+    ) -> None:
+        self.per_server = per_server
+        self.max_messages = max_messages
+        self.idle_seconds = idle_seconds
+        self._open: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[tuple[str, str, int], list[_Open]]
+        ] = weakref.WeakKeyDictionary()
+
+    def _here(self) -> dict[tuple[str, str, int], list[_Open]]:
+        return self._open.setdefault(asyncio.get_running_loop(), {})
+
+    def take(self, key: tuple[str, str, int]) -> _Open | None:
+        idle = self._here().get(key)
+        now = time.monotonic()
+        while idle:
+            session = idle.pop()
+            if session.client.is_connected and now - session.idle_since < self.idle_seconds:
+                return session
+            session.client.close()
+        return None
+
+    async def give(self, key: tuple[str, str, int], session: _Open) -> None:
+        idle = self._here().setdefault(key, [])
+        if (
+            session.client.is_connected
+            and session.sent < self.max_messages
+            and len(idle) < self.per_server
+        ):
+            session.idle_since = time.monotonic()
+            idle.append(session)
+            return
+        await _quit(session.client)
+        session.client.close()
+
+    async def close(self) -> None:
+        """QUIT and close this loop's idle sessions (a worker stopping, a loop ending)."""
+        sessions = [s for idle in self._here().values() for s in idle]
+        self._open.pop(asyncio.get_running_loop(), None)
+        await asyncio.gather(*(_quit(s.client) for s in sessions), return_exceptions=True)
+        for session in sessions:
+            session.client.close()
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+        async with asyncio.timeout(_QUIT_TIMEOUT):
+            await client.quit()
+
+
+# An idle session older than this is probed with RSET before it carries a message; back to
+# back, the previous DATA reply already reset the transaction (RFC 5321 §4.1.1.4).
+_PROBE_AFTER_S = 1.0
+# Errors that mean the reused session was dead, not that the server judged the message.
+_DEAD_SESSION = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, OSError)
+
+
 # -- one SMTP session ---------------------------------------------------------------------
+
+
+@dataclass
+class _Transaction:
+    results: dict[str, RecipientResult] = field(default_factory=dict)
+    code: int | None = None
+    reply: str = ""
+    reply_lost: bool = False
+    tls: bool = False
+    # The session may carry the next message (the transaction ended cleanly).
+    reusable: bool = False
+    # A reused session died before DATA: nothing was judged, a fresh one may try again.
+    retry_fresh: bool = False
 
 
 @dataclass
@@ -380,69 +484,41 @@ class _Session:
     connect_timeout: float
     total_timeout: float
     client_options: dict[str, Any]
+    pool: SessionPool | None = None
 
     async def run(self, mail_from: str, rcpts: Sequence[str], wire: bytes) -> DeliveryAttempt:
         started = _now()
-        results: dict[str, RecipientResult] = {}
-        code: int | None = None
-        reply = ""
-        reply_lost = False
-        tls = False
-        stage = "connect"
-        client = aiosmtplib.SMTP(
-            hostname=self.address,
-            port=self.port,
-            local_hostname=self.local_hostname,
-            timeout=self.total_timeout,
-            **self.client_options,
-        )
-        try:
-            async with asyncio.timeout(self.total_timeout):
-                await client.connect(timeout=self.connect_timeout)
-                # connect() has done any STARTTLS already (or the session began in TLS).
-                tls = client.get_transport_info("sslcontext") is not None
-                if client.is_ehlo_or_helo_needed:
-                    await client.ehlo()
-                stage = "mail"
-                utf8 = _needs_smtputf8(mail_from, rcpts)
-                if utf8 and not client.supports_extension("smtputf8"):
-                    code, reply = None, "the server does not offer SMTPUTF8 (RFC 6531 §3.2)"
-                    self._settle(results, rcpts, ok=False, permanent=True, code=None, text=reply)
-                else:
-                    encoding = "utf-8" if utf8 else "ascii"
-                    await client.mail(
-                        mail_from, options=self._mail_options(client, wire, utf8), encoding=encoding
-                    )
-                    stage = "rcpt"
-                    accepted = await self._recipients(client, rcpts, results, encoding)
-                    if accepted:
-                        stage = "data"
-                        response = await client.data(wire)
-                        code, reply = response.code, response.message
-                        self._settle(
-                            results, accepted, ok=True, permanent=False, code=code, text=reply
-                        )
-                    else:
-                        last = results[rcpts[-1]]
-                        code, reply = last.code, last.message
-        except aiosmtplib.SMTPResponseException as exc:
-            code, reply = exc.code, exc.message
-            # A refused login is our configuration, not the message: keep it for retry
-            # rather than bouncing mail because a password expired.
-            permanent = 500 <= exc.code < 600 and not isinstance(
-                exc, aiosmtplib.SMTPAuthenticationError
+        key = (self.host, self.address, self.port)
+        reused = self.pool.take(key) if self.pool is not None else None
+        outcome: _Transaction | None = None
+        if reused is not None:
+            outcome = await self._transaction(reused, mail_from, rcpts, wire)
+            if outcome.retry_fresh:
+                _log.info("SMTP %s [%s]: reused session was closed; reconnecting", self.host, key)
+                reused.client.close()
+                outcome, reused = None, None
+        if outcome is None:
+            reused = _Open(
+                aiosmtplib.SMTP(
+                    hostname=self.address,
+                    port=self.port,
+                    local_hostname=self.local_hostname,
+                    timeout=self.total_timeout,
+                    **self.client_options,
+                ),
+                tls=False,
             )
-            self._settle(results, rcpts, ok=False, permanent=permanent, code=code, text=reply)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            reply = _describe(exc) if not isinstance(exc, TimeoutError) else "timed out"
-            reply_lost = stage == "data"
-            if reply_lost:
-                reply = f"connection lost before the reply to DATA ({reply})"
-            self._settle(results, rcpts, ok=False, permanent=False, code=None, text=reply)
+            outcome = await self._transaction(reused, mail_from, rcpts, wire, fresh=True)
+        assert reused is not None
+        if outcome.reusable and self.pool is not None:
+            reused.sent += 1
+            await self.pool.give(key, reused)
+        elif outcome.reusable:
+            await _quit(reused.client)
+            reused.client.close()
         else:
-            await self._quit(client)
-        finally:
-            client.close()
+            reused.client.close()
+        code, reply, reply_lost = outcome.code, outcome.reply, outcome.reply_lost
         _log.info(
             "SMTP %s [%s]:%d answered %s %s%s",
             self.host,
@@ -459,11 +535,108 @@ class _Session:
             finished_at=_now(),
             code=code,
             reply=reply,
-            recipients=[results[r] for r in rcpts],
+            recipients=[outcome.results[r] for r in rcpts],
             address=self.address,
-            tls=tls,
+            tls=outcome.tls,
             reply_lost=reply_lost,
         )
+
+    async def _transaction(
+        self,
+        session: _Open,
+        mail_from: str,
+        rcpts: Sequence[str],
+        wire: bytes,
+        *,
+        fresh: bool = False,
+    ) -> _Transaction:
+        client = session.client
+        out = _Transaction(tls=session.tls)
+        results = out.results
+        stage = "connect" if fresh else "probe"
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                if fresh:
+                    await client.connect(timeout=self.connect_timeout)
+                    # connect() has done any STARTTLS already (or the session began in TLS).
+                    session.tls = out.tls = client.get_transport_info("sslcontext") is not None
+                    if client.is_ehlo_or_helo_needed:
+                        await client.ehlo()
+                elif time.monotonic() - session.idle_since >= _PROBE_AFTER_S:
+                    async with asyncio.timeout(_QUIT_TIMEOUT):
+                        await client.rset()
+                stage = "mail"
+                utf8 = _needs_smtputf8(mail_from, rcpts)
+                if utf8 and not client.supports_extension("smtputf8"):
+                    out.reply = "the server does not offer SMTPUTF8 (RFC 6531 §3.2)"
+                    self._settle(
+                        results, rcpts, ok=False, permanent=True, code=None, text=out.reply
+                    )
+                    out.reusable = True  # nothing was started on it
+                else:
+                    encoding = "utf-8" if utf8 else "ascii"
+                    await client.mail(
+                        mail_from, options=self._mail_options(client, wire, utf8), encoding=encoding
+                    )
+                    stage = "rcpt"
+                    accepted = await self._recipients(client, rcpts, results, encoding)
+                    if accepted:
+                        stage = "data"
+                        response = await client.data(wire)
+                        out.code, out.reply = response.code, response.message
+                        self._settle(
+                            results,
+                            accepted,
+                            ok=True,
+                            permanent=False,
+                            code=out.code,
+                            text=out.reply,
+                        )
+                        out.reusable = True
+                    else:
+                        last = results[rcpts[-1]]
+                        out.code, out.reply = last.code, last.message
+                        out.reusable = await self._reset(client)
+        except aiosmtplib.SMTPResponseException as exc:
+            if not fresh and (stage == "probe" or (stage == "mail" and exc.code == 421)):
+                # The old session is refused or closing (RFC 5321 §3.8): not a verdict.
+                results.clear()
+                out.retry_fresh = True
+                return out
+            out.code, out.reply = exc.code, exc.message
+            # A refused login is our configuration, not the message: keep it for retry
+            # rather than bouncing mail because a password expired.
+            permanent = 500 <= exc.code < 600 and not isinstance(
+                exc, aiosmtplib.SMTPAuthenticationError
+            )
+            self._settle(
+                results, rcpts, ok=False, permanent=permanent, code=out.code, text=out.reply
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            dead = stage in ("mail", "rcpt") and isinstance(exc, _DEAD_SESSION)
+            if not fresh and (stage == "probe" or dead):
+                # A pooled session that died while idle: nothing reached DATA, so a fresh
+                # connection may try once more without risking a duplicate.
+                results.clear()
+                out.retry_fresh = True
+                return out
+            reply = _describe(exc) if not isinstance(exc, TimeoutError) else "timed out"
+            out.reply_lost = stage == "data"
+            if out.reply_lost:
+                reply = f"connection lost before the reply to DATA ({reply})"
+            out.reply = reply
+            self._settle(results, rcpts, ok=False, permanent=False, code=None, text=reply)
+        return out
+
+    @staticmethod
+    async def _reset(client: aiosmtplib.SMTP) -> bool:
+        """RSET after a transaction that never reached DATA; True when the session is clean."""
+        try:
+            async with asyncio.timeout(_QUIT_TIMEOUT):
+                await client.rset()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            return False
+        return True
 
     @staticmethod
     def _settle(
@@ -506,16 +679,7 @@ class _Session:
                 results[rcpt] = RecipientResult(rcpt, False, exc.code >= 500, exc.code, exc.message)
             else:
                 accepted.append(rcpt)
-        if not accepted:
-            with contextlib.suppress(aiosmtplib.SMTPException):
-                await client.rset()
         return accepted
-
-    @staticmethod
-    async def _quit(client: aiosmtplib.SMTP) -> None:
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-            async with asyncio.timeout(_QUIT_TIMEOUT):
-                await client.quit()
 
 
 def _conclude(attempts: list[DeliveryAttempt], rcpts: Sequence[str]) -> list[DeliveryAttempt]:
@@ -557,6 +721,11 @@ class RelayTransport:
         self.connect_timeout = connect_timeout
         self.total_timeout = total_timeout
         self._tls_context = tls_context
+        self.pool = SessionPool()
+
+    async def close(self) -> None:
+        """QUIT the sessions kept open for this event loop."""
+        await self.pool.close()
 
     def __repr__(self) -> str:
         return f"RelayTransport({self.config.redacted_url})"
@@ -587,6 +756,7 @@ class RelayTransport:
             connect_timeout=self.connect_timeout,
             total_timeout=self.total_timeout,
             client_options=self._client_options(),
+            pool=self.pool,
         )
         attempt = await session.run(mail_from, rcpts, _wire_data(data))
         return _conclude([attempt], rcpts)
@@ -613,6 +783,11 @@ class MXTransport:
         self.local_hostname = local_hostname
         self.connect_timeout = connect_timeout
         self.total_timeout = total_timeout
+        self.pool = SessionPool(per_server=4)
+
+    async def close(self) -> None:
+        """QUIT the sessions kept open for this event loop."""
+        await self.pool.close()
 
     async def deliver(
         self, mail_from: str, rcpts: Sequence[str], data: bytes
@@ -672,6 +847,7 @@ class MXTransport:
             connect_timeout=self.connect_timeout,
             total_timeout=self.total_timeout,
             client_options={"start_tls": None, "validate_certs": False},
+            pool=self.pool,
         )
 
     @staticmethod

@@ -287,6 +287,14 @@ def outbound_transport(services: Services) -> OutboundTransport:
     return transport
 
 
+async def _close_sessions(services: Services) -> None:
+    """QUIT the SMTP sessions the transport keeps open for the running event loop."""
+    close = getattr(services.extras.get("outbound_transport"), "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
+
+
 def _secret(services: Services) -> bytes:
     secret = services.extras.get("secret_key")
     if not isinstance(secret, bytes):
@@ -1505,11 +1513,16 @@ def deliver_now(services: Services, message_id: str, *, timeout: float = 3.0) ->
     worker = f"deliver-now:{os.getpid()}:{threading.get_ident()}:{new_id('job')[-6:]}"
     finished = threading.Event()
 
+    async def attempt() -> None:
+        try:
+            await _run_batch(services, worker, _claim_for_now(message_id, worker), [message_id])
+        finally:
+            # This loop ends here: its sessions cannot serve another one.
+            await _close_sessions(services)
+
     def run() -> None:
         try:
-            asyncio.run(
-                _run_batch(services, worker, _claim_for_now(message_id, worker), [message_id])
-            )
+            asyncio.run(attempt())
         except Exception:
             _log.exception("delivering %s right away failed; the job will retry", message_id)
         finally:
@@ -1562,6 +1575,7 @@ def _sweep(services: Services, job: Job, worker_id: str) -> None:
 
 
 runner.register(SWEEP)(_sweep)
+runner.on_stop(_close_sessions)
 runner.every(SWEEP, 60)
 
 

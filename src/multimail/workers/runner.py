@@ -49,12 +49,14 @@ __all__ = [
     "BATCHES",
     "HANDLERS",
     "RECURRING",
+    "STOPPERS",
     "BatchRunner",
     "Handler",
     "JobResult",
     "every",
     "execute",
     "job_backoff",
+    "on_stop",
     "record_failure",
     "register",
     "register_batch",
@@ -70,6 +72,8 @@ HANDLERS: dict[str, Handler] = {}
 BatchRunner = Callable[[Services, str, int, timedelta], Awaitable[int]]
 BATCHES: dict[str, BatchRunner] = {}
 RECURRING: dict[str, float] = {}
+#: Called once when :func:`run_workers` stops, on its loop (e.g. to close kept sessions).
+STOPPERS: list[Callable[[Services], Awaitable[None]]] = []
 
 _log = logging.getLogger(__name__)
 
@@ -114,6 +118,12 @@ def register_batch(kind: str) -> Callable[[BatchRunner], BatchRunner]:
         return batch
 
     return decorate
+
+
+def on_stop(stopper: Callable[[Services], Awaitable[None]]) -> None:
+    """Run ``stopper`` when a runner stops, after its jobs finished or were handed back."""
+    if stopper not in STOPPERS:
+        STOPPERS.append(stopper)
 
 
 def every(kind: str, seconds: float) -> None:
@@ -386,4 +396,9 @@ async def run_workers(
             await asyncio.gather(*pending, return_exceptions=True)
         scheduler.cancel()
         await asyncio.gather(scheduler, return_exceptions=True)
+        for stopper in STOPPERS:
+            try:
+                await stopper(services)
+            except Exception:
+                _log.warning("a stop hook failed", exc_info=True)
         await pulse.stop()
