@@ -32,6 +32,8 @@ from multimail.store.tables import (
     mailbox_allowlist,
     messages,
     suppressions,
+    webhook_deliveries,
+    webhooks,
 )
 from multimail.store.tables import jobs as jobs_table
 from multimail.store.tables import mailboxes as mailbox_table
@@ -831,3 +833,54 @@ async def test_runner_gives_batch_kinds_only_to_their_batch_runner(svc: Services
         await asyncio.wait_for(task, 10)
         runner.HANDLERS.pop("test_batched", None)
         runner.BATCHES.pop("test_batched", None)
+
+
+async def test_a_batch_writes_the_events_and_webhook_deliveries_emit_would(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """Events of a batch are written together; each must still reach exactly the
+    subscriptions that ``events.emit`` would queue it for, under the name subscribed: the
+    mailbox's webhook_url (synced into a subscription by the first event), an account-wide
+    alias subscription, and one that wants neither event."""
+    now = utcnow()
+    with world.services.db.write() as conn:
+        conn.execute(
+            update(mailbox_table)
+            .where(mailbox_table.c.id == world.mailbox["id"])
+            .values(webhook_url="https://hooks.example.test/box")
+        )
+        for events_, url in ((["email.delivered"], "alias"), (["message.bounced"], "bounced")):
+            conn.execute(
+                insert(webhooks).values(
+                    id=new_id("whk"),
+                    account_id=world.account_id,
+                    url=f"https://hooks.example.test/{url}",
+                    events=events_,
+                    secret="whsec_test",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    sent = [world.message(to=[f"r{i}@example.test"]) for i in range(5)]
+    claimed = await runner.BATCHES[delivery.DELIVER](world.services, "w", 50, timedelta(minutes=2))
+    assert claimed == 5
+    with world.services.db.read() as conn:
+        hooks = {r.id: r.url.rsplit("/", 1)[1] for r in conn.execute(select(webhooks))}
+        rows = conn.execute(
+            select(events.c.message_id, events.c.type, events.c.payload, webhook_deliveries)
+            .join(webhook_deliveries, webhook_deliveries.c.event_id == events.c.id)
+            .order_by(webhook_deliveries.c.id)
+        ).mappings()
+        got: dict[str, list[tuple[str, str]]] = {m: [] for m in sent}
+        for row in rows:
+            assert row["payload"]["message_id"] == row["message_id"]
+            assert row["payload"]["type"] == row["type"]
+            assert row["status"] == "pending"
+            got[row["message_id"]].append((hooks[row["webhook_id"]], row["event_name"]))
+    for message_id in sent:
+        assert world.event_types(message_id) == ["message.sent", "message.delivered"]
+        assert sorted(got[message_id]) == [
+            ("alias", "email.delivered"),
+            ("box", "message.delivered"),
+            ("box", "message.sent"),
+        ]

@@ -45,7 +45,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, insert, literal, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
 from multimail.config import Settings
 from multimail.domain.addresses import AddressError, matches_pattern, normalize_address
@@ -64,7 +74,7 @@ from multimail.errors import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
-from multimail.ids import aware, new_id, utcnow
+from multimail.ids import aware, isoformat, new_id, utcnow
 from multimail.mail.compose import (
     OutboundAttachment,
     OutboundDraft,
@@ -93,7 +103,10 @@ from multimail.store.tables import (
     mailbox_allowlist,
     mailboxes,
     messages,
+    webhook_deliveries,
+    webhooks,
 )
+from multimail.store.tables import events as events_table
 from multimail.store.tables import jobs as jobs_table
 from multimail.workers import runner, signing
 
@@ -184,6 +197,18 @@ _MARK_SENDING = (
         message_id_header=func.coalesce(messages.c.message_id_header, bindparam("m_header")),
         updated_at=bindparam("m_now"),
     )
+)
+_INSERT_EVENT = insert(events_table)
+_INSERT_WEBHOOK_DELIVERY = insert(webhook_deliveries)
+# The subscriptions events.emit delivers an event of this account and mailbox to.
+_SUBSCRIBERS = (
+    select(webhooks.c.id, webhooks.c.events)
+    .where(
+        webhooks.c.account_id == bindparam("account_id"),
+        webhooks.c.enabled.is_(True),
+        or_(webhooks.c.mailbox_id.is_(None), webhooks.c.mailbox_id == bindparam("mailbox_id")),
+    )
+    .order_by(webhooks.c.id)
 )
 # What jobs.complete does, for many jobs in one executemany.
 _COMPLETE_JOB = (
@@ -1214,19 +1239,87 @@ def _deliver_many(
     audit.append_many(conn, actor=_actor(worker_id, None), entries=entries)
     fresh = _rows_by_id(conn, [r["id"] for r in delivered])
     views = message_views.views(conn, [fresh[r["id"]] for r in delivered])
-    for row, view in zip(delivered, views, strict=True):
-        for event_type in ("message.sent", "message.delivered"):
-            events.emit(
-                conn,
-                account_id=row["account_id"],
-                event_type=event_type,
-                mailbox_id=row["mailbox_id"],
-                message=view,
-            )
+    _emit_many(
+        conn,
+        [
+            (row["account_id"], row["mailbox_id"], event_type, view)
+            for row, view in zip(delivered, views, strict=True)
+            for event_type in ("message.sent", "message.delivered")
+        ],
+    )
+    for row in delivered:
         if row.get("oversight_mode") == "monitored" and not row["test"]:
             # monitored mode: the operator gets a copy of what went out.
             notify.notify_monitored_copy(conn, services, row)
     return outcomes
+
+
+def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, Any]]]) -> None:
+    """``events.emit`` for many ``(account_id, mailbox_id, event_type, view)`` at once.
+
+    The first event of each mailbox goes through ``events.emit`` itself, which brings the
+    mailbox's ``webhook_url`` subscription in step; nothing in this transaction changes
+    subscriptions after that, so that mailbox's later events reuse its subscriber list (read
+    once) and are written with one INSERT for the events and one for their deliveries. The
+    rows are those ``events.emit`` writes (same payload builder, same name matching).
+    """
+    subscribers: dict[tuple[str, str], list[Any]] = {}
+    event_rows: list[dict[str, Any]] = []
+    delivery_rows: list[dict[str, Any]] = []
+    for account_id, mailbox_id, event_type, view in emits:
+        key = (account_id, mailbox_id)
+        if key not in subscribers:
+            events.emit(
+                conn,
+                account_id=account_id,
+                event_type=event_type,
+                mailbox_id=mailbox_id,
+                message=view,
+            )
+            subscribers[key] = list(
+                conn.execute(_SUBSCRIBERS, {"account_id": account_id, "mailbox_id": mailbox_id})
+            )
+            continue
+        event_id = new_id("evt")
+        now = utcnow()
+        payload = events.payload_for(
+            event_id=event_id,
+            event_type=event_type,
+            created_at=isoformat(now) or "",
+            mailbox_id=mailbox_id,
+            message=view,
+        )
+        event_rows.append(
+            {
+                "id": event_id,
+                "account_id": account_id,
+                "mailbox_id": mailbox_id,
+                "message_id": view.get("id"),
+                "type": event_type,
+                "payload": payload,
+                "created_at": now,
+            }
+        )
+        for sub in subscribers[key]:
+            name = events.delivered_name(sub.events or [], event_type)
+            if name is not None:
+                delivery_rows.append(
+                    {
+                        "id": new_id("dlv"),
+                        "webhook_id": sub.id,
+                        "event_id": event_id,
+                        "event_name": name,
+                        "status": "pending",
+                        "attempts": 0,
+                        "next_attempt_at": now,
+                        "created_at": now,
+                    }
+                )
+    if event_rows:
+        conn.execute(_INSERT_EVENT, event_rows)
+    if delivery_rows:
+        conn.execute(_INSERT_WEBHOOK_DELIVERY, delivery_rows)
+        events.nudge_after_commit(conn)
 
 
 def _finish_fast(

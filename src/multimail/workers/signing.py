@@ -77,8 +77,14 @@ def _load_or_create(path: Path) -> bytes:
 
 def default_key(settings: Settings) -> SigningKey:
     """The server's own key for ``settings.domain``, created on first use."""
-    pem = _load_or_create(_default_key_path(settings).resolve())
-    return SigningKey(settings.domain.lower(), DEFAULT_SELECTOR, pem)
+    return _default_key(settings.data_dir, settings.domain)
+
+
+@lru_cache(maxsize=16)
+def _default_key(data_dir: Path, domain: str) -> SigningKey:
+    # Cached per data dir: resolving the path is a few system calls, once per message.
+    pem = _load_or_create((data_dir / "dkim" / "default.pem").resolve())
+    return SigningKey(domain.lower(), DEFAULT_SELECTOR, pem)
 
 
 def _public_b64(private_pem: bytes) -> str:
