@@ -1,7 +1,7 @@
 """Inbound messages/s accepted and durably stored, beside a bare aiosmtpd that discards.
 
     .venv/bin/python bench/bench_inbound.py [--messages 4000] [--sessions 20]
-        [--no-postgres] [--json FILE] [--profile FILE]
+        [--no-postgres] [--process 300] [--json FILE] [--profile FILE]
 
 One aiosmtplib load generator (20 concurrent sessions, 5 KB messages) drives, in turn:
 
@@ -19,6 +19,12 @@ server's CPU time per message is printed (this process's, or the serve processes
 /proc): unlike the rate it hardly depends on what else the machine is doing. PostgreSQL's own
 backends are not in that figure. ``--profile FILE`` writes a yappi (CPU clock) profile of the
 SQLite server's run there.
+
+The 250 covers storing only; turning a stored message into an inbox message (parsing,
+markdown, SPF/DKIM/DMARC, threading, audit and event) is the worker's durable
+``process_inbound`` job. ``--process N`` (default 300) then runs that job on N of the stored
+messages in this process, one after another, against a DNS server on 127.0.0.1 (the SMTP
+path makes no DNS query), and prints its rate and CPU per message.
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ from sqlalchemy import create_engine, text
 
 from multimail.config import Settings
 from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes
+from multimail.services import accounts, inbound, mailboxes
 from multimail.services.context import Actor, Services
+from multimail.testing.dns import LocalDNSServer
 from multimail.workers.inbound import run_smtp
 
 BODY = ("x" * 76 + "\r\n") * 64  # ≈ 5 KB
@@ -199,8 +206,56 @@ def _profiling(path: Path | None, total: int) -> Iterator[None]:
         yappi.clear_stats()
 
 
-def sqlite_run(total: int, sessions: int, data_dir: Path, profile: Path | None) -> tuple[Run, int]:
-    settings = Settings(data_dir=data_dir, domain=DOMAIN, smtp_port=0)
+@dataclass(frozen=True)
+class Processing:
+    messages: int
+    cpu_us: float  # process_inbound CPU per message (this process, all threads)
+    per_s: float  # one worker, one after the other
+
+
+def process_stored(services: Services, count: int) -> Processing:
+    """The deferred half: ``process_inbound`` (parse, markdown, SPF/DKIM/DMARC against the
+    local DNS server, threading, the message row with its audit entry and event) on the
+    first ``count`` stored messages, one after another as one worker would."""
+    with services.db.read() as conn:
+        ids = [
+            str(row[0])
+            for row in conn.exec_driver_sql(
+                f"SELECT id FROM inbound_raw ORDER BY id LIMIT {int(count)}"
+            )
+        ]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for inbound_id in ids:
+        inbound.process_inbound(services, inbound_id)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    with services.db.read() as conn:
+        made = int(conn.exec_driver_sql("SELECT count(*) FROM messages").scalar_one())
+    if made != len(ids):
+        raise SystemExit(f"processing made {made} messages of {len(ids)}")
+    return Processing(len(ids), cpu / max(1, len(ids)) * 1e6, len(ids) / wall if wall else 0.0)
+
+
+def sqlite_run(
+    total: int, sessions: int, data_dir: Path, profile: Path | None, process: int
+) -> tuple[Run, int, Processing | None]:
+    # The SMTP path makes no DNS query; processing does (SPF, DKIM, DMARC), and it must
+    # get its answers from a server on this machine, never from the system resolver.
+    dns_server = LocalDNSServer()
+    dns_server.start()
+    dns_server.add_record("sender.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    dns_server.add_record("_dmarc.sender.test", "TXT", "v=DMARC1; p=none")
+    settings = Settings(
+        data_dir=data_dir, domain=DOMAIN, smtp_port=0, dns_resolver=dns_server.address
+    )
+    try:
+        return _sqlite_run(settings, total, sessions, profile, process)
+    finally:
+        dns_server.stop()
+
+
+def _sqlite_run(
+    settings: Settings, total: int, sessions: int, profile: Path | None, process: int
+) -> tuple[Run, int, Processing | None]:
     services = _setup(settings)
     # Like the bare Controller, the server gets its own loop in a thread.
     loop = asyncio.new_event_loop()
@@ -224,8 +279,9 @@ def sqlite_run(total: int, sessions: int, data_dir: Path, profile: Path | None) 
         thread.join(30)
         loop.close()
     stored = _stored(services)
+    processed = process_stored(services, process) if process else None
     services.db.dispose()
-    return run, stored
+    return run, stored, processed
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -340,6 +396,9 @@ def main() -> None:
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write figures here")
     parser.add_argument("--profile", type=Path, default=None, help="yappi profile of SQLite run")
+    parser.add_argument(
+        "--process", type=int, default=300, help="then process this many stored (0: skip)"
+    )
     parser.add_argument("--drive", default=None, help=argparse.SUPPRESS)  # generator mode
     args = parser.parse_args()
     if args.drive:
@@ -349,7 +408,9 @@ def main() -> None:
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     bare = bare_run(total, sessions)
     with tempfile.TemporaryDirectory() as tmp:
-        ours, stored = sqlite_run(total, sessions, Path(tmp) / "sqlite", args.profile)
+        ours, stored, processed = sqlite_run(
+            total, sessions, Path(tmp) / "sqlite", args.profile, args.process
+        )
         pg: dict[int, Run] = {}
         pg_stored = 0
         if not args.no_postgres:
@@ -369,6 +430,11 @@ def main() -> None:
         print(_line(f"multimail PostgreSQL, {count}x serve --role smtp", run, bare))
     if pg:
         print(f"PostgreSQL: {pg_stored} of {total * len(pg)} stored after both runs")
+    if processed:
+        print(
+            f"processing afterwards (worker, SQLite): {processed.per_s:.0f} msg/s one by one,"
+            f" CPU {processed.cpu_us:.0f} µs/msg ({processed.messages} messages)"
+        )
     generator = max([bare, ours, *pg.values()], key=lambda r: r.generator_cpu_us)
     print(f"load generator CPU: up to {generator.generator_cpu_us:.0f} µs/msg")
     print(
@@ -386,6 +452,8 @@ def main() -> None:
             "ours_cpu_us": ours.server_cpu_us,
             "loadavg": [float(x) for x in load_before],
         }
+        if processed:
+            figures.update(process_per_s=processed.per_s, process_cpu_us=processed.cpu_us)
         if pg:
             figures.update(
                 pg1_per_s=pg[1].rate,
