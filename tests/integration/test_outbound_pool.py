@@ -37,6 +37,7 @@ class _Server:
     hang_up_at_mail_on_reused: int = 0
     hang_up_at_rset: int = 0
     rsets: int = 0
+    envelope: list[bytes] = field(default_factory=list)
     hang_up_after_dot: int = 0
     _server: asyncio.AbstractServer | None = None
 
@@ -56,6 +57,8 @@ class _Server:
             writer.write(b"220 pool.test ESMTP\r\n")
             while line := await reader.readline():
                 verb = line[:4].upper()
+                if verb in (b"MAIL", b"RCPT"):
+                    self.envelope.append(line.rstrip(b"\r\n"))
                 if verb in (b"EHLO", b"HELO"):
                     writer.write(b"250-pool.test\r\n250 8BITMIME\r\n")
                 elif verb == b"MAIL":
@@ -278,3 +281,23 @@ async def test_sessions_belong_to_their_event_loop(server: _Server) -> None:
     await relay.close()
     assert server.received == ["m0", "m1", "m2"]
     assert server.connections == 2
+
+
+async def test_envelope_commands_on_the_wire(server: _Server) -> None:
+    """Plain addresses are written as given; the null sender is ``<>``; anything else goes
+    through aiosmtplib's own quoting (here it drops an RFC 5322 comment)."""
+    relay = _relay(server)
+    await relay.deliver("a+tag@x.test", ["B.c-d@y.test", "e_f@y.test"], _message(0))
+    await relay.deliver("", ["b@y.test"], _message(1))
+    await relay.deliver("a@x.test", ["a(c)@y.test", "o'neil@y.test"], _message(2))
+    await relay.close()
+    assert server.envelope == [
+        b"MAIL FROM:<a+tag@x.test>",
+        b"RCPT TO:<B.c-d@y.test>",
+        b"RCPT TO:<e_f@y.test>",
+        b"MAIL FROM:<>",
+        b"RCPT TO:<b@y.test>",
+        b"MAIL FROM:<a@x.test>",
+        b"RCPT TO:<a@y.test>",
+        b"RCPT TO:<o'neil@y.test>",
+    ]

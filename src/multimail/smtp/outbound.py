@@ -457,6 +457,35 @@ _PROBE_AFTER_S = 1.0
 _DEAD_SESSION = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, OSError)
 
 
+# An address aiosmtplib's quoting would hand back unchanged (its email.utils parse costs
+# more than the rest of the command); "" is the null reverse-path. Others go through it.
+_PLAIN_ADDRESS = re.compile(r"(?:[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+)?")
+
+
+async def _mail(
+    client: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str
+) -> aiosmtplib.SMTPResponse:
+    """``client.mail`` for an EHLO'd session, without re-parsing a plain address."""
+    if not _PLAIN_ADDRESS.fullmatch(sender):
+        return await client.mail(sender, options=options, encoding=encoding)
+    response = await client.execute_command(
+        b"MAIL", b"FROM:<" + sender.encode("ascii") + b">", *(o.encode("ascii") for o in options)
+    )
+    if response.code != aiosmtplib.SMTPStatus.completed:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+    return response
+
+
+async def _rcpt(client: aiosmtplib.SMTP, rcpt: str, encoding: str) -> aiosmtplib.SMTPResponse:
+    """``client.rcpt`` for an EHLO'd session, without re-parsing a plain address."""
+    if not _PLAIN_ADDRESS.fullmatch(rcpt):
+        return await client.rcpt(rcpt, encoding=encoding)
+    response = await client.execute_command(b"RCPT", b"TO:<" + rcpt.encode("ascii") + b">")
+    if response.code not in (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, rcpt)
+    return response
+
+
 # -- one SMTP session ---------------------------------------------------------------------
 
 
@@ -575,9 +604,7 @@ class _Session:
                     out.reusable = True  # nothing was started on it
                 else:
                     encoding = "utf-8" if utf8 else "ascii"
-                    await client.mail(
-                        mail_from, options=self._mail_options(client, wire, utf8), encoding=encoding
-                    )
+                    await _mail(client, mail_from, self._mail_options(client, wire, utf8), encoding)
                     stage = "rcpt"
                     accepted = await self._recipients(client, rcpts, results, encoding)
                     if accepted:
@@ -674,7 +701,7 @@ class _Session:
         accepted: list[str] = []
         for rcpt in rcpts:
             try:
-                await client.rcpt(rcpt, encoding=encoding)
+                await _rcpt(client, rcpt, encoding)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 results[rcpt] = RecipientResult(rcpt, False, exc.code >= 500, exc.code, exc.message)
             else:

@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, delete
+from sqlalchemy import Connection, and_, bindparam, delete, or_, select
 
 from multimail.errors import MultimailError, TemporaryDeliveryError
 from multimail.ids import utcnow
@@ -325,6 +325,35 @@ async def _run_batches(
             _wakers.remove((loop, wake_event))
 
 
+# Whether any job of these kinds is due: the condition jobs.claim takes them by.
+_ANY_DUE = (
+    select(jobs_table.c.id)
+    .where(
+        jobs_table.c.kind.in_(bindparam("kinds", expanding=True)),
+        jobs_table.c.run_at <= bindparam("now"),
+        or_(
+            jobs_table.c.status == "pending",
+            and_(jobs_table.c.status == "running", jobs_table.c.locked_until < bindparam("now")),
+        ),
+    )
+    .limit(1)
+)
+
+
+def _claim_single(
+    services: Services, worker: str, kinds: list[str], limit: int, lease: timedelta
+) -> list[Job]:
+    """Claim due jobs of ``kinds``, looking first in a read transaction: most polls find
+    nothing, and a read neither takes the write lock from the delivery batches (SQLite)
+    nor costs a write transaction."""
+    if not kinds:
+        return []
+    with services.db.read() as conn:
+        if conn.execute(_ANY_DUE, {"kinds": kinds, "now": utcnow()}).first() is None:
+            return []
+    return jobs.claim(services.db, worker, kinds=kinds, limit=limit, lease=lease)
+
+
 async def run_workers(
     services: Services,
     stop: asyncio.Event,
@@ -370,12 +399,7 @@ async def run_workers(
             if free > 0:
                 try:
                     claimed = await asyncio.to_thread(
-                        jobs.claim,
-                        services.db,
-                        worker,
-                        kinds=single_kinds,
-                        limit=free,
-                        lease=lease,
+                        _claim_single, services, worker, single_kinds, free, lease
                     )
                 except Exception:
                     _log.warning("claiming jobs failed; retrying", exc_info=True)
