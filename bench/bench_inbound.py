@@ -1,9 +1,11 @@
 """Inbound messages/s accepted and durably stored, beside a bare aiosmtpd that discards.
 
     .venv/bin/python bench/bench_inbound.py [--messages 4000] [--sessions 20]
-        [--no-postgres] [--process 300] [--json FILE] [--profile FILE]
+        [--no-postgres] [--process 300] [--repeat 1] [--generator raw|aiosmtplib]
+        [--json FILE] [--profile FILE]
 
-One aiosmtplib load generator (20 concurrent sessions, 5 KB messages) drives, in turn:
+One load generator (20 concurrent sessions, 5 KB messages; a lean client on asyncio
+streams, or ``--generator aiosmtplib``) drives, in turn:
 
 * a bare aiosmtpd ``Controller`` that answers 250 and discards (the baseline);
 * our SMTP server (``run_smtp``, what ``multimail serve --role smtp`` runs) on SQLite
@@ -77,17 +79,57 @@ def message(n: int) -> bytes:
 # --------------------------------------------------------------------------- load generator
 
 
-async def drive(ports: list[int], total: int, sessions: int) -> float:
+async def _expect(reader: asyncio.StreamReader, code: int) -> None:
+    while True:
+        line = await reader.readline()
+        if line[3:4] != b"-":
+            break
+    if not line.startswith(str(code).encode()):
+        raise RuntimeError(f"expected {code}, got {line!r}")
+
+
+async def raw_session(port: int, numbers: range) -> None:
+    """A lean SMTP client on asyncio streams: the same exchange as aiosmtplib's sendmail
+    (EHLO once, then MAIL, RCPT, DATA, each awaited; no pipelining) at a fraction of its
+    CPU, so on a 2-core machine the generator takes less of the servers' share."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await _expect(reader, 220)
+    writer.write(b"EHLO load.sender.test\r\n")
+    await _expect(reader, 250)
+    for n in numbers:
+        data = message(n)
+        writer.write(b"MAIL FROM:<load@sender.test>\r\n")
+        await _expect(reader, 250)
+        writer.write(f"RCPT TO:<{MAILBOX}>\r\n".encode())
+        await _expect(reader, 250)
+        writer.write(b"DATA\r\n")
+        await _expect(reader, 354)
+        # RFC 5321 §4.5.2 transparency; message() already ends with CRLF.
+        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        writer.write(b"." + stuffed if stuffed[:1] == b"." else stuffed)
+        writer.write(b".\r\n")
+        await _expect(reader, 250)
+    writer.write(b"QUIT\r\n")
+    await _expect(reader, 221)
+    writer.close()
+
+
+async def aiosmtplib_session(port: int, numbers: range) -> None:
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=120) as client:
+        for n in numbers:
+            await client.sendmail("load@sender.test", [MAILBOX], message(n))
+
+
+GENERATORS = {"raw": raw_session, "aiosmtplib": aiosmtplib_session}
+
+
+async def drive(ports: list[int], total: int, sessions: int, generator: str = "raw") -> float:
     """Send ``total`` messages over ``sessions`` connections spread over ``ports``; msg/s."""
-
-    async def session(first: int) -> None:
-        port = ports[first % len(ports)]
-        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=120) as client:
-            for n in range(first, total, sessions):
-                await client.sendmail("load@sender.test", [MAILBOX], message(n))
-
+    session = GENERATORS[generator]
     started = time.perf_counter()
-    await asyncio.gather(*(session(i) for i in range(sessions)))
+    await asyncio.gather(
+        *(session(ports[i % len(ports)], range(i, total, sessions)) for i in range(sessions))
+    )
     return total / (time.perf_counter() - started)
 
 
@@ -97,7 +139,7 @@ class Drive:
     generator_cpu_s: float  # the generator process's own CPU time
 
 
-def run_generator(ports: list[int], total: int, sessions: int) -> Drive:
+def run_generator(ports: list[int], total: int, sessions: int, generator: str) -> Drive:
     """The generator in a process of its own (this script with ``--drive``)."""
     command = [
         sys.executable,
@@ -108,6 +150,8 @@ def run_generator(ports: list[int], total: int, sessions: int) -> Drive:
         str(total),
         "--sessions",
         str(sessions),
+        "--generator",
+        generator,
     ]
     done = subprocess.run(command, capture_output=True, check=False, timeout=900)
     if done.returncode != 0:
@@ -116,8 +160,8 @@ def run_generator(ports: list[int], total: int, sessions: int) -> Drive:
     return Drive(rate=float(figures["rate"]), generator_cpu_s=float(figures["cpu_s"]))
 
 
-def generator_main(ports: str, total: int, sessions: int) -> None:
-    rate = asyncio.run(drive([int(p) for p in ports.split(",")], total, sessions))
+def generator_main(ports: str, total: int, sessions: int, generator: str) -> None:
+    rate = asyncio.run(drive([int(p) for p in ports.split(",")], total, sessions, generator))
     print(json.dumps({"rate": rate, "cpu_s": time.process_time()}))
 
 
@@ -136,9 +180,11 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
 
 
-def measure(ports: list[int], total: int, sessions: int, cpu: Callable[[], float]) -> Run:
+def measure(
+    ports: list[int], total: int, sessions: int, generator: str, cpu: Callable[[], float]
+) -> Run:
     before = cpu()
-    drove = run_generator(ports, total, sessions)
+    drove = run_generator(ports, total, sessions, generator)
     used = cpu() - before
     return Run(drove.rate, used / total * 1e6, drove.generator_cpu_s / total * 1e6)
 
@@ -155,12 +201,12 @@ class Discard:
         return "250 OK"
 
 
-def bare_run(total: int, sessions: int) -> Run:
+def bare_run(total: int, sessions: int, generator: str) -> Run:
     port = _free_port()
     controller = Controller(Discard(), hostname="127.0.0.1", port=port)
     controller.start()  # its own loop in a thread of this process
     try:
-        return measure([port], total, sessions, time.process_time)
+        return measure([port], total, sessions, generator, time.process_time)
     finally:
         controller.stop()
 
@@ -209,7 +255,7 @@ def _profiling(path: Path | None, total: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class Processing:
     messages: int
-    cpu_us: float  # process_inbound CPU per message (this process, all threads)
+    cpu_us: float  # process_inbound CPU per message (its own thread, not the DNS server's)
     per_s: float  # one worker, one after the other
 
 
@@ -224,10 +270,10 @@ def process_stored(services: Services, count: int) -> Processing:
                 f"SELECT id FROM inbound_raw ORDER BY id LIMIT {int(count)}"
             )
         ]
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    cpu0, wall0 = time.thread_time(), time.perf_counter()
     for inbound_id in ids:
         inbound.process_inbound(services, inbound_id)
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
     with services.db.read() as conn:
         made = int(conn.exec_driver_sql("SELECT count(*) FROM messages").scalar_one())
     if made != len(ids):
@@ -236,7 +282,7 @@ def process_stored(services: Services, count: int) -> Processing:
 
 
 def sqlite_run(
-    total: int, sessions: int, data_dir: Path, profile: Path | None, process: int
+    total: int, sessions: int, generator: str, data_dir: Path, profile: Path | None, process: int
 ) -> tuple[Run, int, Processing | None]:
     # The SMTP path makes no DNS query; processing does (SPF, DKIM, DMARC), and it must
     # get its answers from a server on this machine, never from the system resolver.
@@ -248,13 +294,18 @@ def sqlite_run(
         data_dir=data_dir, domain=DOMAIN, smtp_port=0, dns_resolver=dns_server.address
     )
     try:
-        return _sqlite_run(settings, total, sessions, profile, process)
+        return _sqlite_run(settings, total, sessions, generator, profile, process)
     finally:
         dns_server.stop()
 
 
 def _sqlite_run(
-    settings: Settings, total: int, sessions: int, profile: Path | None, process: int
+    settings: Settings,
+    total: int,
+    sessions: int,
+    generator: str,
+    profile: Path | None,
+    process: int,
 ) -> tuple[Run, int, Processing | None]:
     services = _setup(settings)
     # Like the bare Controller, the server gets its own loop in a thread.
@@ -273,7 +324,7 @@ def _sqlite_run(
     try:
         port = int(services.extras["smtp_port"])  # type: ignore[call-overload]
         with _profiling(profile, total):
-            run = measure([port], total, sessions, time.process_time)
+            run = measure([port], total, sessions, generator, time.process_time)
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
@@ -360,7 +411,9 @@ def smtp_processes(settings: Settings, count: int) -> Iterator[list[tuple[int, i
                 proc.wait()
 
 
-def pg_runs(total: int, sessions: int, url: str, data_dir: Path) -> tuple[dict[int, Run], int]:
+def pg_runs(
+    total: int, sessions: int, generator: str, url: str, data_dir: Path
+) -> tuple[dict[int, Run], int]:
     settings = Settings(data_dir=data_dir, database_url=url, domain=DOMAIN)
     services = _setup(settings)
     runs: dict[int, Run] = {}
@@ -372,7 +425,8 @@ def pg_runs(total: int, sessions: int, url: str, data_dir: Path) -> tuple[dict[i
                 def cpu(pids: list[int] = pids) -> float:
                     return sum(_proc_cpu_s(pid) for pid in pids)
 
-                runs[count] = measure([port for _, port in servers], total, sessions, cpu)
+                ports = [port for _, port in servers]
+                runs[count] = measure(ports, total, sessions, generator, cpu)
         stored = _stored(services)
     finally:
         services.db.dispose()
@@ -399,32 +453,61 @@ def main() -> None:
     parser.add_argument(
         "--process", type=int, default=300, help="then process this many stored (0: skip)"
     )
+    parser.add_argument(
+        "--generator",
+        choices=sorted(GENERATORS),
+        default="raw",
+        help="the load client: raw asyncio streams (default) or aiosmtplib",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="bare and SQLite runs, alternated; best of each"
+    )
     parser.add_argument("--drive", default=None, help=argparse.SUPPRESS)  # generator mode
     args = parser.parse_args()
     if args.drive:
-        generator_main(args.drive, args.messages, args.sessions)
+        generator_main(args.drive, args.messages, args.sessions, args.generator)
         return
     total, sessions = args.messages, args.sessions
     load_before = Path("/proc/loadavg").read_text().split()[:3]
-    bare = bare_run(total, sessions)
+    gen = args.generator
+    bares: list[Run] = []
+    ourses: list[Run] = []
+    stored = total
+    processed: Processing | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        ours, stored, processed = sqlite_run(
-            total, sessions, Path(tmp) / "sqlite", args.profile, args.process
-        )
+        # Alternated, so a burst of load elsewhere hits both sides alike; the best run of
+        # each is the one least disturbed by the rest of the machine.
+        for attempt in range(args.repeat):
+            bares.append(bare_run(total, sessions, gen))
+            run, kept, done = sqlite_run(
+                total,
+                sessions,
+                gen,
+                Path(tmp) / f"sqlite{attempt}",
+                args.profile if attempt == 0 else None,
+                args.process if attempt == 0 else 0,
+            )
+            ourses.append(run)
+            stored = min(stored, kept)
+            processed = processed or done
+        bare = max(bares, key=lambda r: r.rate)
+        ours = max(ourses, key=lambda r: r.rate)
         pg: dict[int, Run] = {}
         pg_stored = 0
         if not args.no_postgres:
             with pg_database() as url:
                 if url is not None:
-                    pg, pg_stored = pg_runs(total, sessions, url, Path(tmp) / "pg")
+                    pg, pg_stored = pg_runs(total, sessions, gen, url, Path(tmp) / "pg")
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     print(f"messages: {total} x 5 KB per run, {sessions} concurrent sessions")
     print(
-        f"load generator: aiosmtplib in a process of its own, sharing the machine's "
+        f"load generator: {gen} SMTP client in a process of its own, sharing the machine's "
         f"{os.cpu_count()} cores with the servers; load average {' '.join(load_before)}"
         f" before, {' '.join(load_after)} after"
     )
     print(_line("bare aiosmtpd (discard)", bare, bare))
+    if args.repeat > 1:
+        print(f"best of {args.repeat} alternated runs each for bare and SQLite")
     print(_line("multimail SQLite FULL, stored", ours, bare, f"  ({stored} stored)"))
     for count, run in pg.items():
         print(_line(f"multimail PostgreSQL, {count}x serve --role smtp", run, bare))
@@ -448,9 +531,11 @@ def main() -> None:
             "bare_per_s": bare.rate,
             "ours_per_s": ours.rate,
             "stored": stored,
+            "repeat": args.repeat,
             "bare_cpu_us": bare.server_cpu_us,
             "ours_cpu_us": ours.server_cpu_us,
             "loadavg": [float(x) for x in load_before],
+            "generator": gen,
         }
         if processed:
             figures.update(process_per_s=processed.per_s, process_cpu_us=processed.cpu_us)
