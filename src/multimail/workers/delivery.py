@@ -1610,6 +1610,7 @@ def deliver_now(services: Services, message_id: str, *, timeout: float = 3.0) ->
         try:
             await _run_batch(services, worker, _claim_for_now(message_id, worker), [message_id])
         finally:
+            finished.set()  # the outcome is committed: the caller need not wait for the QUIT
             # This loop ends here: its sessions cannot serve another one.
             await _close_sessions(services)
 
