@@ -48,7 +48,7 @@ from multimail.domain.oversight import (
 )
 from multimail.domain.scan import Finding, ScanAttachment, ScanInput, blocking, scan
 from multimail.domain.scopes import Scope, satisfies
-from multimail.errors import Conflict, Forbidden, InvalidInput, RateLimited, TooLarge
+from multimail.errors import Conflict, Forbidden, InvalidInput, NotFound, RateLimited, TooLarge
 from multimail.ids import aware, isoformat, new_id, parse_datetime, utcnow
 from multimail.mail.compose import MAX_SUBJECT_CHARS, safe_subject
 from multimail.mail.htmlmd import html_to_markdown
@@ -69,6 +69,12 @@ from multimail.store.tables import (
 )
 from multimail.store.tables import (
     jobs as job_rows,
+)
+from multimail.store.tables import (
+    mailboxes as mailbox_rows,
+)
+from multimail.store.tables import (
+    suppressions as suppression_rows,
 )
 
 __all__ = [
@@ -504,6 +510,49 @@ _LIMITS = (
 )
 
 
+# The usual send names its mailbox by id in the path: the mailbox and the limits in one
+# prebuilt query (what ``mailboxes.resolve`` and ``_limits`` read, in one round trip).
+_LIMIT_LABELS = (
+    "lim_daily_send_quota",
+    "lim_oversight_email",
+    "lim_key_cap_hour",
+    "lim_key_cap_day",
+)
+_MAILBOX_AND_LIMITS = (
+    select(
+        mailbox_rows,
+        accounts.c.daily_send_quota.label(_LIMIT_LABELS[0]),
+        accounts.c.oversight_email.label(_LIMIT_LABELS[1]),
+        api_keys.c.send_cap_hour.label(_LIMIT_LABELS[2]),
+        api_keys.c.send_cap_day.label(_LIMIT_LABELS[3]),
+    )
+    .select_from(
+        mailbox_rows.join(accounts, accounts.c.id == mailbox_rows.c.account_id).outerjoin(
+            api_keys, api_keys.c.id == bindparam("key_id")
+        )
+    )
+    .where(
+        mailbox_rows.c.id == bindparam("mailbox_id"),
+        mailbox_rows.c.account_id == bindparam("account_id"),
+        mailbox_rows.c.deleted_at.is_(None),
+    )
+)
+
+
+def _mailbox_and_limits(
+    conn: Connection, actor: Actor, mailbox_id: str
+) -> tuple[dict[str, Any], _Limits]:
+    """``mailboxes.resolve(conn, actor, mailbox_id)`` and ``_limits`` in one query."""
+    key_id = actor.id if actor.type == "key" else None
+    params = {"mailbox_id": mailbox_id, "account_id": actor.account_id, "key_id": key_id}
+    found = conn.execute(_MAILBOX_AND_LIMITS, params).mappings().first()
+    if found is None or (actor.mailbox_ids is not None and found["id"] not in actor.mailbox_ids):
+        raise NotFound(f"mailbox {mailbox_id!r} not found", code="mailbox_not_found")
+    row = dict(found)
+    limits = _Limits(*(row.pop(label) for label in _LIMIT_LABELS))
+    return row, limits
+
+
 def _limits(conn: Connection, actor: Actor, account_id: str) -> _Limits:
     key_id = actor.id if actor.type == "key" else None
     row = conn.execute(_LIMITS, {"account_id": account_id, "key_id": key_id}).first()
@@ -590,6 +639,21 @@ def _check_duplicate_reply(conn: Connection, original_id: str, now: datetime) ->
             code="duplicate_reply",
             existing_message_id=recent.id,
         )
+
+
+_SUPPRESSED_AMONG = select(suppression_rows.c.address).where(
+    suppression_rows.c.account_id == bindparam("account_id"),
+    suppression_rows.c.address.in_(bindparam("addresses", expanding=True)),
+)
+
+
+def _suppressed_among(conn: Connection, account_id: str, addresses: list[str]) -> set[str]:
+    """``directory.suppressed_among`` as one prebuilt statement (it runs on every send)."""
+    if not addresses:
+        return set()
+    wanted = [a.lower() for a in addresses]
+    rows = conn.execute(_SUPPRESSED_AMONG, {"account_id": account_id, "addresses": wanted})
+    return {r.address for r in rows}
 
 
 def _all_allowlisted(conn: Connection, mailbox_id: str, recipients: Iterable[str]) -> bool:
@@ -850,8 +914,16 @@ def _submit(
     # Rendering is pure and the slowest step that needs no database: keep it out of the lock.
     prerendered = render_markdown(draft.markdown or "")
 
+    named = [ref for ref in mailbox_refs if ref]
+    by_id = named[0] if len(named) == 1 and named[0].startswith("mbx_") else None
+
     def write(conn: Connection) -> SendResult:
-        mailbox = _choose_mailbox(conn, actor, mailbox_refs)
+        limits: _Limits | None = None
+        mailbox: dict[str, Any] | None
+        if by_id is not None:
+            mailbox, limits = _mailbox_and_limits(conn, actor, by_id)
+        else:
+            mailbox = _choose_mailbox(conn, actor, mailbox_refs)
         original = None
         if reply_ref is not None:
             original = message_views.get_row(
@@ -914,23 +986,25 @@ def _submit(
                 code="message_too_large",
                 limit=settings.max_message_bytes,
             )
-        limits = _limits(conn, actor, account_id)
+        if limits is None:
+            limits = _limits(conn, actor, account_id)
         _check_caps(conn, actor, mailbox, limits, now)
         _check_quota(conn, actor, account_id, limits, now)
         if original is not None and not draft.idempotency_key:
             _check_duplicate_reply(conn, original["id"], now)
 
-        thread = threads.for_outbound(
+        # Counted as joined here (a new thread is inserted counting it), not touched later.
+        # first_in_thread: the operator's mail has no earlier messages to quote.
+        thread, first_in_thread = threads.join_outbound(
             conn,
             account_id=account_id,
             mailbox_id=mailbox["id"],
             subject=subject,
+            at=now,
             external_id=draft.thread_id,
             replying_to=original,
         )
-        # No message has joined it yet: the operator's mail has no earlier ones to quote.
-        first_in_thread = thread.get("message_count") == 0
-        suppressed = directory.suppressed_among(conn, account_id, recipients)
+        suppressed = _suppressed_among(conn, account_id, recipients)
         findings = _scan_input(
             services, recipients, subject, markdown, draft.attachments, suppressed, size
         )
@@ -1006,7 +1080,6 @@ def _submit(
                     for item in draft.attachments
                 ],
             )
-        threads.touch(conn, thread["id"], now)
         thread_public = threads.public_thread_id(thread)
         common = {
             "subject_type": "message",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, or_, select, update
 
 from multimail.errors import InvalidInput, NotFound
 from multimail.ids import new_id, utcnow
@@ -31,6 +31,17 @@ def public_thread_id(row: Any) -> str:
     return str(row["external_id"] or row["id"])
 
 
+# Built once: constructing an INSERT/UPDATE with values per call costs more than running it.
+_INSERT = threads.insert()
+_TOUCH = (
+    update(threads)
+    .where(threads.c.id == bindparam("thread_id"))
+    .values(
+        message_count=threads.c.message_count + 1, last_activity_at=bindparam("touched_at")
+    )
+)
+
+
 def _create(
     conn: Connection,
     *,
@@ -38,8 +49,10 @@ def _create(
     mailbox_id: str,
     subject: str | None,
     external_id: str | None = None,
+    message_count: int = 0,
+    at: datetime | None = None,
 ) -> dict[str, Any]:
-    now = utcnow()
+    now = at or utcnow()
     record = {
         "id": new_id("thr"),
         "account_id": account_id,
@@ -47,24 +60,22 @@ def _create(
         "external_id": external_id,
         "subject": subject,
         "normalized_subject": normalize_subject(subject),
-        "message_count": 0,
+        "message_count": message_count,
         "created_at": now,
         "last_activity_at": now,
     }
-    conn.execute(insert(threads).values(**record))
+    conn.execute(_INSERT, record)
     return record
 
 
-def for_outbound(
+def _existing_for_outbound(
     conn: Connection,
     *,
-    account_id: str,
     mailbox_id: str,
-    subject: str | None,
-    external_id: str | None = None,
-    replying_to: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The thread an outbound message joins: the caller's, the one it replies in, or a new one."""
+    external_id: str | None,
+    replying_to: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    """The thread an outbound message joins when it exists; None when a new one is needed."""
     if external_id is not None:
         if not _EXTERNAL_ID.match(external_id):
             raise InvalidInput(
@@ -98,13 +109,7 @@ def for_outbound(
         if row is not None:
             return dict(row)
         if replying_to is None:
-            return _create(
-                conn,
-                account_id=account_id,
-                mailbox_id=mailbox_id,
-                subject=subject,
-                external_id=external_id,
-            )
+            return None
     if replying_to is not None and replying_to.get("thread_id"):
         row = (
             conn.execute(select(threads).where(threads.c.id == replying_to["thread_id"]))
@@ -118,9 +123,61 @@ def for_outbound(
                 )
                 return {**row, "external_id": external_id}
             return dict(row)
+    return None
+
+
+def for_outbound(
+    conn: Connection,
+    *,
+    account_id: str,
+    mailbox_id: str,
+    subject: str | None,
+    external_id: str | None = None,
+    replying_to: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The thread an outbound message joins: the caller's, the one it replies in, or a new one."""
+    found = _existing_for_outbound(
+        conn, mailbox_id=mailbox_id, external_id=external_id, replying_to=replying_to
+    )
+    if found is not None:
+        return found
     return _create(
         conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject, external_id=external_id
     )
+
+
+def join_outbound(
+    conn: Connection,
+    *,
+    account_id: str,
+    mailbox_id: str,
+    subject: str | None,
+    at: datetime,
+    external_id: str | None = None,
+    replying_to: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """:func:`for_outbound` with the joining message counted (as :func:`touch` would).
+
+    Returns the thread as it was before the message joined it, and whether the message is its
+    first. A new thread is inserted already counting its first message: one statement, not an
+    insert and then a touch.
+    """
+    found = _existing_for_outbound(
+        conn, mailbox_id=mailbox_id, external_id=external_id, replying_to=replying_to
+    )
+    if found is not None:
+        touch(conn, found["id"], at)
+        return found, found.get("message_count") == 0
+    created = _create(
+        conn,
+        account_id=account_id,
+        mailbox_id=mailbox_id,
+        subject=subject,
+        external_id=external_id,
+        message_count=1,
+        at=at,
+    )
+    return created | {"message_count": 0}, True
 
 
 def for_inbound(
@@ -169,11 +226,7 @@ def for_inbound(
 
 
 def touch(conn: Connection, thread_id: str, at: datetime | None = None) -> None:
-    conn.execute(
-        update(threads)
-        .where(threads.c.id == thread_id)
-        .values(message_count=threads.c.message_count + 1, last_activity_at=at or utcnow())
-    )
+    conn.execute(_TOUCH, {"thread_id": thread_id, "touched_at": at or utcnow()})
 
 
 def resolve(

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Select, and_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from multimail.ids import aware, new_id, utcnow
 from multimail.store.db import Database
@@ -38,6 +39,28 @@ class Job:
     created_at: datetime
 
 
+# Built once per dialect: a deduplicated job is one INSERT … ON CONFLICT DO NOTHING (no
+# look-up first, no savepoint), which both databases decide on the unique ``dedupe_key``;
+# PostgreSQL waits for a concurrent insert of the same key and then adds nothing.
+_INSERT = jobs.insert()
+_INSERT_DEDUPED = {
+    "sqlite": sqlite_insert(jobs)
+    .on_conflict_do_nothing(index_elements=[jobs.c.dedupe_key])
+    .returning(jobs.c.id),
+    "postgresql": postgresql_insert(jobs)
+    .on_conflict_do_nothing(index_elements=[jobs.c.dedupe_key])
+    .returning(jobs.c.id),
+}
+
+
+def _plain_json(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload as it will read back (datetimes and the like as strings)."""
+    if all(type(k) is str and type(v) in (str, int, bool) for k, v in payload.items()):
+        return dict(payload)  # the usual ids and counters: already plain
+    plain: dict[str, Any] = json.loads(json.dumps(payload, default=str))
+    return plain
+
+
 def enqueue(
     conn: Connection,
     kind: str,
@@ -52,7 +75,7 @@ def enqueue(
     record = {
         "id": new_id("job"),
         "kind": kind,
-        "payload": json.loads(json.dumps(payload, default=str)),
+        "payload": _plain_json(payload),
         "status": "pending",
         "run_at": run_at or now,
         "attempts": 0,
@@ -62,16 +85,10 @@ def enqueue(
         "updated_at": now,
     }
     if dedupe_key is not None:
-        exists = conn.execute(select(jobs.c.id).where(jobs.c.dedupe_key == dedupe_key)).first()
-        if exists is not None:
-            return None
-        try:
-            with conn.begin_nested():
-                conn.execute(insert(jobs).values(**record))
-        except IntegrityError:
-            return None
-        return str(record["id"])
-    conn.execute(insert(jobs).values(**record))
+        statement = _INSERT_DEDUPED[conn.dialect.name]
+        inserted = conn.execute(statement, record).first()
+        return None if inserted is None else str(inserted.id)
+    conn.execute(_INSERT, record)
     return str(record["id"])
 
 
