@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from fastapi import Request, Response
 
-from multimail.api.ratelimit import Limiter, make_limiter
+from multimail.api.ratelimit import DatabaseBuckets, Limiter, make_limiter
 from multimail.domain.scopes import Scope
 from multimail.errors import RateLimited
 from multimail.services import keys
@@ -56,8 +56,15 @@ def request_limiter(request: Request) -> Limiter:
 
 def authenticated(request: Request, response: Response) -> Actor:
     services = get_services(request)
-    actor = keys.authenticate(services.db, raw_api_key(request))
-    decision = request_limiter(request).take(actor.id or "")
+    limiter = request_limiter(request)
+    if isinstance(limiter, DatabaseBuckets):
+        # The key lookup (revocation included) and the bucket in one transaction.
+        with limiter.transaction() as conn:
+            actor = keys.authenticate_in(conn, raw_api_key(request))
+            decision = limiter.take_in(conn, actor.id or "")
+    else:
+        actor = keys.authenticate(services.db, raw_api_key(request))
+        decision = limiter.take(actor.id or "")
     if not decision.allowed:
         exc = RateLimited(
             f"too many requests for this API key; retry after {decision.retry_after} s",

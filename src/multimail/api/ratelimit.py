@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -172,6 +172,16 @@ class DatabaseBuckets:
                 sqlite.execute("PRAGMA synchronous=FULL")
 
     def take(self, key: str, now: float | None = None) -> Decision:
+        with self._transaction() as conn:
+            return self.take_in(conn, key, now)
+
+    def transaction(self) -> AbstractContextManager[Connection]:
+        """The transaction :meth:`take` runs in, for a caller that reads in it first (the
+        request's key lookup): one transaction per request instead of two."""
+        return self._transaction()
+
+    def take_in(self, conn: Connection, key: str, now: float | None = None) -> Decision:
+        """:meth:`take` inside ``conn``'s transaction (one from :meth:`transaction`)."""
         now = self._unique_now(now)
         params = {
             "bucket": BUCKET_PREFIX + key,
@@ -179,8 +189,7 @@ class DatabaseBuckets:
             "now": now,
             "rate": self._rate.per_second,
         }
-        with self._transaction() as conn:
-            row = conn.execute(self._statement, params).one()
+        row = conn.execute(self._statement, params).one()
         tokens, updated_at = float(row[0]), float(row[1])
         if updated_at == now:
             return self._rate.decision(True, tokens)
