@@ -748,7 +748,8 @@ class RelayTransport:
         self.connect_timeout = connect_timeout
         self.total_timeout = total_timeout
         self._tls_context = tls_context
-        self.pool = SessionPool()
+        # Two delivery pipelines of 16 sessions each may talk to the relay at once.
+        self.pool = SessionPool(per_server=32)
 
     async def close(self) -> None:
         """QUIT the sessions kept open for this event loop."""

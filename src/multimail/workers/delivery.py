@@ -169,6 +169,21 @@ _ATTACHMENTS = (
     .where(attachments.c.message_id.in_(bindparam("ids", expanding=True)))
     .order_by(attachments.c.id)
 )
+# What recording an outcome decides on; the rows are locked (PostgreSQL) in id order.
+_STATE = select(
+    messages.c.id,
+    messages.c.status,
+    messages.c.attempts,
+    messages.c.test,
+    messages.c.account_id,
+    messages.c.mailbox_id,
+    messages.c.oversight_mode,
+).where(messages.c.id.in_(bindparam("ids", expanding=True)))
+_STATE_LOCKED = _STATE.order_by(messages.c.id).with_for_update()
+# The message as events and the monitored copy show it: everything but the stored bytes.
+_VIEW_ROWS = select(*(c for c in messages.c if c.name != "raw")).where(
+    messages.c.id.in_(bindparam("ids", expanding=True))
+)
 _PREVIOUS_MANY = (
     select(delivery_attempts.c.message_id, delivery_attempts.c.recipients)
     .where(delivery_attempts.c.message_id.in_(bindparam("ids", expanding=True)))
@@ -1183,7 +1198,8 @@ def _deliver_many(
     if attempt_rows:
         conn.execute(_INSERT_ATTEMPT, attempt_rows)
     ids = [i.message_id for i in items]
-    rows = _rows_by_id(conn, ids)
+    locked = _STATE_LOCKED if conn.dialect.name == "postgresql" else _STATE
+    rows = {r["id"]: dict(r) for r in conn.execute(locked, {"ids": sorted(ids)}).mappings()}
     previous = _previous_results_many(conn, ids)
     check_transition(Status.SENDING, Status.DELIVERED)
     now = utcnow()
@@ -1237,20 +1253,22 @@ def _deliver_many(
         # the caller rolls this back and records each message on its own.
         raise RuntimeError(f"{len(updates) - changed} message(s) left 'sending' meanwhile")
     audit.append_many(conn, actor=_actor(worker_id, None), entries=entries)
-    fresh = _rows_by_id(conn, [r["id"] for r in delivered])
-    views = message_views.views(conn, [fresh[r["id"]] for r in delivered])
+    found = conn.execute(_VIEW_ROWS, {"ids": [r["id"] for r in delivered]}).mappings()
+    fresh = {r["id"]: dict(r) for r in found}
+    view_rows: list[Mapping[str, Any]] = [fresh[r["id"]] for r in delivered]
+    views = message_views.views(conn, view_rows)
     _emit_many(
         conn,
         [
             (row["account_id"], row["mailbox_id"], event_type, view)
-            for row, view in zip(delivered, views, strict=True)
+            for row, view in zip(view_rows, views, strict=True)
             for event_type in ("message.sent", "message.delivered")
         ],
     )
-    for row in delivered:
-        if row.get("oversight_mode") == "monitored" and not row["test"]:
+    for shown in view_rows:
+        if shown.get("oversight_mode") == "monitored" and not shown["test"]:
             # monitored mode: the operator gets a copy of what went out.
-            notify.notify_monitored_copy(conn, services, row)
+            notify.notify_monitored_copy(conn, services, shown)
     return outcomes
 
 
