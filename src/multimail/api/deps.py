@@ -19,6 +19,12 @@ def get_services(request: Request) -> Services:
     return services
 
 
+async def services_of(request: Request) -> Services:
+    """``get_services`` as an async dependency: FastAPI runs a sync dependency in the
+    threadpool (a thread hop per request) and this one needs none."""
+    return get_services(request)
+
+
 def raw_api_key(request: Request) -> str | None:
     auth = request.headers.get("authorization")
     if auth:

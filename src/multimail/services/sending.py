@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from multimail.domain.addresses import AddressError, domain_of, matches_pattern, normalize_address
@@ -539,13 +539,20 @@ _MAILBOX_AND_LIMITS = (
 )
 
 
+# PostgreSQL: the mailbox row locked at once (see ``_submit``), not read and then re-read.
+_MAILBOX_AND_LIMITS_LOCKED = _MAILBOX_AND_LIMITS.with_for_update(of=mailbox_rows)
+
+
 def _mailbox_and_limits(
     conn: Connection, actor: Actor, mailbox_id: str
 ) -> tuple[dict[str, Any], _Limits]:
-    """``mailboxes.resolve(conn, actor, mailbox_id)`` and ``_limits`` in one query."""
+    """``mailboxes.resolve(conn, actor, mailbox_id, for_update=True)`` and ``_limits`` in one
+    query."""
     key_id = actor.id if actor.type == "key" else None
     params = {"mailbox_id": mailbox_id, "account_id": actor.account_id, "key_id": key_id}
-    found = conn.execute(_MAILBOX_AND_LIMITS, params).mappings().first()
+    postgresql = conn.dialect.name == "postgresql"
+    query = _MAILBOX_AND_LIMITS_LOCKED if postgresql else _MAILBOX_AND_LIMITS
+    found = conn.execute(query, params).mappings().first()
     if found is None or (actor.mailbox_ids is not None and found["id"] not in actor.mailbox_ids):
         raise NotFound(f"mailbox {mailbox_id!r} not found", code="mailbox_not_found")
     row = dict(found)
@@ -641,19 +648,28 @@ def _check_duplicate_reply(conn: Connection, original_id: str, now: datetime) ->
         )
 
 
-_SUPPRESSED_AMONG = select(suppression_rows.c.address).where(
-    suppression_rows.c.account_id == bindparam("account_id"),
-    suppression_rows.c.address.in_(bindparam("addresses", expanding=True)),
-)
+def _suppressed_query(count: int) -> Select[Any]:
+    # One plain bind parameter per address: an expanding IN is re-rendered on every call.
+    return select(suppression_rows.c.address).where(
+        suppression_rows.c.account_id == bindparam("account_id"),
+        suppression_rows.c.address.in_([bindparam(f"a{i}") for i in range(count)]),
+    )
+
+
+_SUPPRESSED_AMONG = {count: _suppressed_query(count) for count in range(1, 9)}
 
 
 def _suppressed_among(conn: Connection, account_id: str, addresses: list[str]) -> set[str]:
-    """``directory.suppressed_among`` as one prebuilt statement (it runs on every send)."""
+    """``directory.suppressed_among`` as a prebuilt statement (it runs on every send)."""
     if not addresses:
         return set()
-    wanted = [a.lower() for a in addresses]
-    rows = conn.execute(_SUPPRESSED_AMONG, {"account_id": account_id, "addresses": wanted})
-    return {r.address for r in rows}
+    wanted = list(dict.fromkeys(a.lower() for a in addresses))
+    statement = _SUPPRESSED_AMONG.get(len(wanted))
+    if statement is None:
+        statement = _suppressed_query(len(wanted))
+    params: dict[str, Any] = {f"a{i}": address for i, address in enumerate(wanted)}
+    params["account_id"] = account_id
+    return {r.address for r in conn.execute(statement, params)}
 
 
 def _all_allowlisted(conn: Connection, mailbox_id: str, recipients: Iterable[str]) -> bool:
@@ -933,8 +949,9 @@ def _submit(
                 mailbox = mailboxes.resolve(conn, actor, original["mailbox_id"])
         if mailbox is None:
             mailbox = _only_mailbox(conn, actor)
-        if conn.dialect.name == "postgresql":
-            # Serialises sends per mailbox so caps are counted against committed messages.
+        if conn.dialect.name == "postgresql" and limits is None:
+            # Serialises sends per mailbox so caps are counted against committed messages
+            # (_mailbox_and_limits, which set limits, has locked the row already).
             mailbox = mailboxes.resolve(conn, actor, mailbox["id"], for_update=True)
         account_id = mailbox["account_id"]
         if draft.idempotency_key:

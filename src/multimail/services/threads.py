@@ -36,9 +36,7 @@ _INSERT = threads.insert()
 _TOUCH = (
     update(threads)
     .where(threads.c.id == bindparam("thread_id"))
-    .values(
-        message_count=threads.c.message_count + 1, last_activity_at=bindparam("touched_at")
-    )
+    .values(message_count=threads.c.message_count + 1, last_activity_at=bindparam("touched_at"))
 )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from multimail.api.deps import SEND, authenticated, get_services
+from multimail.api.deps import SEND, authenticated, services_of
 from multimail.services import sending
 from multimail.services.context import Actor, Services
 from multimail.services.sending import ScheduleEdit, SendRequest, SendResult
@@ -46,7 +46,7 @@ def send_from_mailbox(
     body: SendRequest,
     response: Response,
     actor: Actor = Depends(SEND),
-    svc: Services = Depends(get_services),
+    svc: Services = Depends(services_of),
 ) -> Any:
     result = sending.send(svc, actor, mailbox_ref=mailbox, request=body)
     return _answer(result, response)
@@ -59,7 +59,7 @@ def reply_from_mailbox(
     body: SendRequest,
     response: Response,
     actor: Actor = Depends(SEND),
-    svc: Services = Depends(get_services),
+    svc: Services = Depends(services_of),
 ) -> Any:
     result = sending.reply(svc, actor, mailbox_ref=mailbox, email_id=email_id, request=body)
     return _answer(result, response)
@@ -71,7 +71,7 @@ def cancel_in_mailbox(
     email_id: str,
     body: CancelBody | None = Body(None),
     actor: Actor = Depends(authenticated),
-    svc: Services = Depends(get_services),
+    svc: Services = Depends(services_of),
 ) -> Any:
     reason = (body.reason or body.note) if body else None
     return sending.cancel(svc, actor, email_id, reason, mailbox_ref=mailbox)
@@ -83,7 +83,7 @@ def edit_schedule(
     email_id: str,
     body: ScheduleEdit,
     actor: Actor = Depends(SEND),
-    svc: Services = Depends(get_services),
+    svc: Services = Depends(services_of),
 ) -> Any:
     return sending.edit_scheduled(svc, actor, email_id, body, mailbox_ref=mailbox)
 
@@ -96,7 +96,7 @@ def short_send(
     body: SendRequest,
     response: Response,
     actor: Actor = Depends(SEND),
-    svc: Services = Depends(get_services),
+    svc: Services = Depends(services_of),
 ) -> Any:
     return _answer(sending.send(svc, actor, mailbox_ref=None, request=body), response)
 
@@ -106,7 +106,7 @@ def short_cancel(
     email_id: str,
     body: CancelBody | None = Body(None),
     actor: Actor = Depends(authenticated),
-    svc: Services = Depends(get_services),
+    svc: Services = Depends(services_of),
 ) -> Any:
     reason = (body.reason or body.note) if body else None
     return sending.cancel(svc, actor, email_id, reason)
@@ -118,7 +118,7 @@ def account_reply(
     body: SendRequest,
     response: Response,
     actor: Actor = Depends(SEND),
-    svc: Services = Depends(get_services),
+    svc: Services = Depends(services_of),
 ) -> Any:
     result = sending.reply(svc, actor, mailbox_ref=None, email_id=email_id, request=body)
     return _answer(result, response)
@@ -130,6 +130,6 @@ def account_edit_schedule(
     body: ScheduleEdit,
     mailbox_id: str | None = Query(None, max_length=320),
     actor: Actor = Depends(SEND),
-    svc: Services = Depends(get_services),
+    svc: Services = Depends(services_of),
 ) -> Any:
     return sending.edit_scheduled(svc, actor, email_id, body, mailbox_ref=mailbox_id)
