@@ -158,7 +158,7 @@ class DatabaseBuckets:
                 conn.execute(text("SET LOCAL synchronous_commit TO off"))
                 yield conn
             return
-        with self._db.engine.connect() as conn:
+        with self._db.writer_turn(), self._db.engine.connect() as conn:
             # Per connection and only outside a transaction (so on the driver connection,
             # which SQLAlchemy would otherwise wrap in BEGIN); restored before the pool
             # hands the connection to a writer that needs FULL.
