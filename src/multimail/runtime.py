@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 
 from multimail.config import Settings
+from multimail.services import identity
 from multimail.services.context import Services
 from multimail.store import keystore, migrate
 from multimail.store.db import Database
@@ -48,6 +49,9 @@ def build_services(settings: Settings, *, run_migrations: bool = True) -> Servic
     services = Services(db=db, settings=settings)
     secret = settings.secret_key.get_secret_value().encode() if settings.secret_key else None
     services.extras["secret_key"] = secret or _shared_secret(db, settings.data_dir)
+    # The identity keys too, now: created by whichever request first needed them, they would
+    # be a write on a request's behalf that no account owns.
+    identity.keyring(services)
     return services
 
 

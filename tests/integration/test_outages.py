@@ -159,23 +159,35 @@ def test_gated_messages_approved_while_workers_are_killed_arrive_once(
     def approve(message_id: str) -> None:
         oversight.decide(svc, desk.reviewer, email_id=message_id, action="approve")
 
+    kills = 0
+
+    def after_a_kill(seen: int) -> None:
+        # However fast delivery gets, approvals keep coming while workers die: each batch
+        # waits for the kill after the previous one.
+        deadline = time.monotonic() + 20
+        while kills <= seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     def approve_all() -> None:
-        # While paused an approval waits out its immediate hand-over (3 s), hence several
-        # reviewers; few enough to stay inside the connection pool.
+        # Several reviewers (few enough to stay inside the connection pool), ten approvals
+        # a batch.
         with ThreadPoolExecutor(10) as pool:
-            list(pool.map(approve, order[:40]))
+            for batch in range(0, 40, 10):
+                list(pool.map(approve, order[batch : batch + 10]))
+                after_a_kill(kills)
         oversight.resume(svc, desk.reviewer, desk.mailbox["id"])
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(approve, order[40:]))
+            for batch in range(40, len(order), 20):
+                list(pool.map(approve, order[batch : batch + 20]))
+                after_a_kill(kills)
         done.set()
 
     approver = threading.Thread(target=approve_all)
     workers = [Worker(svc, tmp_path / f"w{i}.log", None) for i in range(2)]
     started = 2
-    kills = 0
     approver.start()
     try:
-        deadline = time.monotonic() + 45
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (
             not done.is_set() or set(desk.statuses().values()) != {"delivered"}
         ):
