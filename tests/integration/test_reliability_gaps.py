@@ -411,11 +411,6 @@ def test_a_hard_bounce_suppresses_once_and_a_bounce_is_never_answered(stack: Sta
     assert [m for m in stack.relay.messages if "gone@far.test" in m.rcpt_tos] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/inbound.py _apply_bounce appends another message.bounced audit entry and "
-    "emits another message.bounced event for every DSN about a message already bounced",
-)
 def test_dsns_for_an_already_bounced_message_are_not_a_second_notice(stack: Stack) -> None:
     """DUR-5 "exactly one bounce notice": a message the relay already refused with 550 is
     reported again by two DSNs; the agent still gets one ``message.bounced`` (event and
@@ -469,3 +464,45 @@ def test_mime_nesting_beyond_the_cap_is_stored_flagged_and_blocks_no_one(stack: 
     findings = [f["detail"] for f in deep["scan_findings"] or [] if f["code"] == "mime_defect"]
     assert "mime_depth_exceeded" in findings, deep["scan_findings"]
     assert normal["status"] == "unread"
+
+
+def test_a_later_dsn_naming_another_recipient_is_news(stack: Stack) -> None:
+    """The one-notice rule does not swallow new facts: the relay refused one recipient at
+    RCPT, and later a DSN says a second one (accepted by the relay) failed too: that second
+    address is suppressed and reported, once."""
+    box = stack.mailbox("agent@mm.test", "autonomous")
+    agent = stack.client(stack.boot.agent_key)
+    stack.relay.fail_with(550, "5.1.1 no such user", stage="rcpt", only_for=["gone@far.test"])
+    sent = agent.post(
+        f"/v1/mailboxes/{box['id']}/send",
+        json={"to": ["gone@far.test", "later@far.test"], "subject": "Offer", "markdown": "Hi."},
+    ).json()
+    agent.close()
+    assert stack.wait_status(sent["id"], {"bounced", "delivered"}) in {"bounced", "delivered"}
+    with stack.services.db.read() as conn:
+        header = conn.execute(
+            select(messages.c.message_id_header).where(messages.c.id == sent["id"])
+        ).scalar_one()
+    stack.smtp_in("", "agent@mm.test", _dsn(7, header, "later@far.test"))
+    stack.smtp_in("", "agent@mm.test", _dsn(8, header, "later@far.test"))
+    stack.inbound(2)
+    time.sleep(1.5)
+    with stack.services.db.read() as conn:
+        suppressed = {
+            r.address
+            for r in conn.execute(
+                select(suppressions.c.address).where(suppressions.c.address.like("%@far.test"))
+            )
+        }
+        later_notices = [
+            r
+            for r in conn.execute(
+                select(audit_entries.c.details).where(
+                    audit_entries.c.subject_id == sent["id"],
+                    audit_entries.c.action == "message.bounced",
+                )
+            )
+            if "later@far.test" in str(r.details)
+        ]
+    assert suppressed == {"gone@far.test", "later@far.test"}
+    assert len(later_notices) == 1

@@ -536,6 +536,13 @@ def _suppress(
     return address.lower()
 
 
+def _news_in(conn: Connection, account_id: str, report: DeliveryStatusReport) -> bool:
+    if report.bounce_type != "hard":
+        return False
+    named = [a.lower() for a in report.failed_recipients if a]
+    return bool(set(named) - directory.suppressed_among(conn, account_id, named))
+
+
 def _apply_bounce(
     conn: Connection, account_id: str, report: DeliveryStatusReport, source_id: str
 ) -> None:
@@ -545,6 +552,11 @@ def _apply_bounce(
         return  # a delay notice, or a bounce of nothing we sent: nobody is suppressed
     current = Status(original["status"])
     diagnostic = next((r.diagnostic_code for r in failed if r.diagnostic_code), None)
+    if current is Status.BOUNCED and not _news_in(conn, account_id, report):
+        # DUR-5: one bounce notice per message. A later report (the relay's own 550 already
+        # bounced it, or a second DSN) only counts if it names a hard-failed recipient that is
+        # not suppressed yet; the report itself is stored and audited as an arrival anyway.
+        return
     if current is not Status.BOUNCED:
         check_transition(current, Status.BOUNCED)
         changed = conn.execute(
