@@ -191,9 +191,13 @@ def test_a_single_mistyped_digit_is_never_a_card(digits: str, position: int, del
 
 
 @settings(max_examples=50)
-@given(st.randoms(use_true_random=False))
-def test_random_digit_runs_are_mostly_not_cards(rng: random.Random) -> None:
-    """Among random 16-digit numbers, well under a fifth are reported (Luhn passes 1 in 10)."""
+@given(st.integers(0, 2**32))
+def test_random_digit_runs_are_mostly_not_cards(seed: int) -> None:
+    """Among random 16-digit numbers, well under a fifth are reported (Luhn passes 1 in 10).
+
+    Uniform digits from a seeded generator: Hypothesis's own ``st.randoms`` may hand out
+    degenerate streams (all zeros passes Luhn), which made this fail now and then."""
+    rng = random.Random(seed)
     numbers = ["".join(rng.choice("0123456789") for _ in range(16)) for _ in range(200)]
     found = sum(1 for n in numbers if find_card_numbers(n))
     assert found < 40
