@@ -35,6 +35,20 @@ def pytest_report_header() -> str:
     return f"multimail database backend: {BACKEND}"
 
 
+_template_keys: dict[str, list[dict[str, str]]] = {}
+
+
+def _seed_server_keys(url: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The keys every node shares (link secret, identity, default DKIM) are made when services
+    start; made once in the template, tests do not each pay for an RSA key."""
+    data_dir = tmp_path_factory.mktemp("template-data")
+    svc = build_services(Settings(data_dir=data_dir, database_url=url), run_migrations=False)
+    with svc.db.read() as conn:
+        rows = conn.execute(text("SELECT key, value FROM server_settings")).mappings()
+        _template_keys[url] = [dict(r) for r in rows]
+    svc.db.dispose()
+
+
 @pytest.fixture(scope="session")
 def _db_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A migrated database made once per session; each test gets a clean copy of it."""
@@ -47,6 +61,7 @@ def _db_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         db = Database(url)
         migrate.upgrade(db)
         db.dispose()
+        _seed_server_keys(url, tmp_path_factory)
         yield url
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -56,6 +71,7 @@ def _db_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         db = Database(f"sqlite:///{path}")
         migrate.upgrade(db)
         db.dispose()
+        _seed_server_keys(f"sqlite:///{path}", tmp_path_factory)
         yield str(path)
     else:
         raise pytest.UsageError(f"MULTIMAIL_TEST_DB must be sqlite or postgres, not {BACKEND!r}")
@@ -79,6 +95,11 @@ def db_url(_db_template: str, tmp_path: Path) -> str:
             conn.execute(text("SET LOCAL session_replication_role = replica"))
             for table in reversed(metadata.sorted_tables):
                 conn.execute(text(f'DELETE FROM "{table.name}"'))
+            # Back to the template's server keys (a test may have rotated them).
+            conn.execute(
+                text("INSERT INTO server_settings (key, value) VALUES (:key, :value)"),
+                _template_keys[_db_template],
+            )
         return _db_template
     target = tmp_path / "multimail.db"
     shutil.copyfile(_db_template, target)

@@ -18,6 +18,7 @@ from multimail.services import identity
 from multimail.services.context import Services
 from multimail.store import keystore, migrate
 from multimail.store.db import Database
+from multimail.workers import signing
 
 log = logging.getLogger("multimail")
 
@@ -49,9 +50,10 @@ def build_services(settings: Settings, *, run_migrations: bool = True) -> Servic
     services = Services(db=db, settings=settings)
     secret = settings.secret_key.get_secret_value().encode() if settings.secret_key else None
     services.extras["secret_key"] = secret or _shared_secret(db, settings.data_dir)
-    # The identity keys too, now: created by whichever request first needed them, they would
-    # be a write on a request's behalf that no account owns.
+    # The identity and default DKIM keys too, now: created by whichever request first needed
+    # them, they would be a write on a request's behalf that no account owns.
     identity.keyring(services)
+    signing.ensure_default_key(services)
     return services
 
 

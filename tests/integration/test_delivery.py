@@ -274,11 +274,18 @@ async def test_mx_delivery_is_dkim_signed_and_verifies_against_published_dns(
 
 
 def test_default_dkim_key_is_created_once_and_private(svc: Services) -> None:
-    """The server's own key lives in the data dir with mode 0600 and is reused."""
-    first = signing.default_key(svc.settings)
-    path = svc.settings.data_dir / "dkim" / "default.pem"
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert signing.default_key(svc.settings).private_pem == first.private_pem
+    """The server's own key is made once, kept in the database (so every worker signs with
+    the published key), never written to the data dir, and never shown by a repr."""
+    first = signing.default_key(svc)
+    assert not (svc.settings.data_dir / "dkim").exists()
+    other = build_services(
+        svc.settings.model_copy(update={"data_dir": svc.settings.data_dir / "other-node"}),
+        run_migrations=False,
+    )
+    try:
+        assert signing.default_key(other).private_pem == first.private_pem
+    finally:
+        other.db.dispose()
     name, value = signing.default_dkim_record(svc)
     assert name == "mm1._domainkey.mm.test" and value.startswith("v=DKIM1; k=rsa; p=")
     assert "BEGIN" not in repr(first)

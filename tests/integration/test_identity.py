@@ -137,7 +137,7 @@ def sent_bytes(svc: Services, row: dict[str, Any], *, body: OutboundDraft | None
             conn, svc, row, body_sha256=draft_body_sha256(message)
         )
     raw = build_message(replace(message, extra_headers=[header]))
-    return signing.sign(raw, signing.default_key(svc.settings))
+    return signing.sign(raw, signing.default_key(svc))
 
 
 def resign(svc: Services, raw: bytes) -> bytes:
@@ -152,7 +152,7 @@ def resign(svc: Services, raw: bytes) -> bytes:
         skipping = line.lower().startswith(b"dkim-signature:")
         if not skipping:
             kept.append(line)
-    return signing.sign(b"\r\n".join(kept) + b"\r\n\r\n" + body, signing.default_key(svc.settings))
+    return signing.sign(b"\r\n".join(kept) + b"\r\n\r\n" + body, signing.default_key(svc))
 
 
 def checks(report: dict[str, Any]) -> dict[str, tuple[bool, str]]:

@@ -13,12 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete
 
 from multimail.config import Settings
+from multimail.mail.dkim import generate_rsa_keypair
 from multimail.mail.identity import SigningKeyring
 from multimail.runtime import build_services
 from multimail.services import identity
 from multimail.services.context import Actor, Services
+from multimail.store.tables import server_settings
+from multimail.workers import signing
 
 
 @pytest.fixture
@@ -39,10 +43,12 @@ def test_every_node_uses_the_same_link_secret_and_identity_keys(nodes: list[Serv
     assert first.extras["secret_key"] == second.extras["secret_key"]
     assert len(first.extras["secret_key"]) == 64
     assert identity.keyring(first).jwks() == identity.keyring(second).jwks()
+    assert signing.default_key(first).private_pem == signing.default_key(second).private_pem
     # Nothing secret is left behind in a data directory for a copy to go stale.
     for node in nodes:
         assert not (node.settings.data_dir / "secret.key").exists()
         assert not (node.settings.data_dir / "identity").exists()
+        assert not (node.settings.data_dir / "dkim").exists()
 
 
 def test_a_rotation_on_one_node_is_published_by_the_other(nodes: list[Services]) -> None:
@@ -87,15 +93,23 @@ def test_an_existing_install_keeps_the_keys_it_already_published(
     """A data dir from before the move: its secret and keyring are imported, not replaced,
     so links already mailed and tokens in mail already delivered keep verifying."""
     data_dir = tmp_path / "old-node"
-    data_dir.mkdir()
+    (data_dir / "dkim").mkdir(parents=True)
     (data_dir / "secret.key").write_text("ab" * 32 + "\n")
     old_ring = SigningKeyring.load_or_create(data_dir / "identity")
     old_ring.rotate()
+    old_dkim = generate_rsa_keypair(2048).private_pem
+    (data_dir / "dkim" / "default.pem").write_bytes(old_dkim)
+    # A database that has never held keys (the suite's template is seeded with some).
+    fresh = build_services(settings, run_migrations=False)
+    with fresh.db.write() as conn:
+        conn.execute(delete(server_settings).where(server_settings.c.key.like("key:%")))
+    fresh.db.dispose()
     node = build_services(settings.model_copy(update={"data_dir": data_dir}), run_migrations=False)
     try:
         assert node.extras["secret_key"] == ("ab" * 32).encode()
         ring = identity.keyring(node)
         assert ring.current.kid == old_ring.current.kid
         assert set(ring.verification_keys()) == set(old_ring.verification_keys())
+        assert signing.default_key(node).private_pem == old_dkim
     finally:
         node.db.dispose()

@@ -455,10 +455,12 @@ def _compose(
         row,
         body_sha256=draft_body_sha256(draft),
         message_id=draft.message_id,
+        mailbox=mailbox,
+        account=account,
     )
     draft = dataclasses.replace(draft, extra_headers=[*headers, identity_header])
     raw = build_message(draft)
-    key = signing.key_for_sender(conn, settings, account_id=row["account_id"], from_address=sender)
+    key = signing.key_for_sender(conn, services, account_id=row["account_id"], from_address=sender)
     if key is None:
         if row["test"]:
             return raw  # captured, never sent: an unverified domain may still rehearse
@@ -1730,7 +1732,7 @@ def _system_raw(services: Services, job: Job, to: list[str], subject: str, body:
         ai_disclosure=False,
         extra_headers=[("Auto-Submitted", "auto-generated")],
     )
-    return signing.sign(build_message(draft), signing.default_key(settings))
+    return signing.sign(build_message(draft), signing.default_key(services))
 
 
 def _system_unsuppressed(services: Services, account_id: str | None, to: list[str]) -> list[str]:
