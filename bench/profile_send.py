@@ -23,23 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
+from send_setup import send_body, send_world
 from sqlalchemy import event
 
-from multimail.config import Settings
-from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes
-from multimail.services.context import Actor
 from multimail.testing.server import LiveServer
-
-
-def _body(n: int) -> dict[str, Any]:
-    return {
-        "to": f"customer{n % 50}@example.com",
-        "subject": f"Order update {n}",
-        "markdown": "Hello,\n\nyour order **has shipped**. Thanks for waiting.\n\n- Acme",
-        "metadata": {"n": n},
-    }
 
 
 def _clients(base_url: str, path: str, key: str, clients: int, sends: int) -> int:
@@ -51,7 +38,7 @@ def _clients(base_url: str, path: str, key: str, clients: int, sends: int) -> in
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
             for n in range(per_client):
-                response = client.post(path, json=_body(index * 1_000_000 + n))
+                response = client.post(path, json=send_body(index * 1_000_000 + n))
                 if response.status_code in (200, 202):
                     accepted[index] += 1
 
@@ -75,24 +62,7 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(1, mp_context=context) as pool:
         pool.submit(time.sleep, 0).result()  # start the client process before measuring
-        settings = Settings(
-            data_dir=Path(tmp) / "mm",
-            domain="bench.test",
-            rate_limit_per_minute=10_000_000,
-            rate_limit_burst=10_000_000,
-            smtp_url=SecretStr("smtp://127.0.0.1:9"),
-        )
-        services = build_services(settings)
-        boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
-        operator = Actor(type="system", id=None, name="bench", account_id=boot.account["id"])
-        with services.db.write() as conn:
-            box = mailboxes.create_mailbox(
-                conn,
-                actor=operator,
-                settings=settings,
-                address="box@bench.test",
-                oversight_mode=args.mode,
-            )["id"]
+        services, boot, box = send_world(Path(tmp) / "mm", args.mode)
         counts = {"statements": 0, "commits": 0}
         showing = False
 

@@ -17,48 +17,22 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 
 def _run(count: int, mode: str) -> None:
     from fastapi.testclient import TestClient
-    from pydantic import SecretStr
+    from send_setup import send_body, send_world
 
     from multimail.api.app import create_app
-    from multimail.config import Settings
-    from multimail.runtime import build_services
-    from multimail.services import accounts, mailboxes
-    from multimail.services.context import Actor
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            data_dir=Path(tmp) / "mm",
-            domain="bench.test",
-            rate_limit_per_minute=10_000_000,
-            rate_limit_burst=10_000_000,
-            smtp_url=SecretStr("smtp://127.0.0.1:9"),
-        )
-        services = build_services(settings)
-        boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
-        operator = Actor(type="system", id=None, name="bench", account_id=boot.account["id"])
-        with services.db.write() as conn:
-            box = mailboxes.create_mailbox(
-                conn,
-                actor=operator,
-                settings=settings,
-                address="box@bench.test",
-                oversight_mode=mode,
-            )["id"]
+        services, boot, box = send_world(Path(tmp) / "mm", mode)
         headers = {"Authorization": f"Bearer {boot.agent_key}"}
         with TestClient(create_app(services)) as client:
             for n in range(count + 3):  # three to warm caches
-                body: dict[str, Any] = {
-                    "to": f"customer{n % 50}@example.com",
-                    "subject": f"Order update {n}",
-                    "markdown": "Hello,\n\nyour order **has shipped**. Thanks.\n\n- Acme",
-                    "metadata": {"n": n},
-                }
-                response = client.post(f"/v1/mailboxes/{box}/send", json=body, headers=headers)
+                response = client.post(
+                    f"/v1/mailboxes/{box}/send", json=send_body(n), headers=headers
+                )
                 assert response.status_code == 202, response.text
         services.db.dispose()
 
