@@ -39,7 +39,11 @@ def test_serve_on_a_fresh_machine_prints_keys_and_serves(tmp_path: Path, db_url:
     """First start: data dir created, keys printed one per line with scopes, /health answers,
     and the README's curl walk-through works with the printed admin key."""
     port = free_port()
-    env = env_for(tmp_path, db_url, MULTIMAIL_HTTP_PORT=str(port))
+    # Its own SMTP port too: the default 2525 is taken when the other leg's run of this test
+    # is serving at the same moment, and a component that cannot bind stops the process.
+    env = env_for(
+        tmp_path, db_url, MULTIMAIL_HTTP_PORT=str(port), MULTIMAIL_SMTP_PORT=str(free_port())
+    )
     proc = subprocess.Popen(
         [*MULTIMAIL, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -63,11 +67,13 @@ def test_serve_on_a_fresh_machine_prints_keys_and_serves(tmp_path: Path, db_url:
         assert "/dashboard" in output
         assert (tmp_path / "fresh").is_dir()
         base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
+        started = time.monotonic()
+        while time.monotonic() - started < 30:  # the app is built after that line is printed
             try:
                 if httpx.get(f"{base}/health").status_code == 200:
                     break
             except httpx.TransportError:
+                assert proc.poll() is None, output + proc.stdout.read()
                 time.sleep(0.1)
         admin = {"Authorization": f"Bearer {keys['admin']}"}
         box = httpx.post(
