@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, bindparam, event, insert, or_, select, update
@@ -318,6 +319,30 @@ def _subscription_in_step(conn: Connection, mailbox_id: str) -> bool:
     return (not url or url == row.url) and (bool(url) or not row.enabled)
 
 
+def delivery_rows(
+    subscribers: Iterable[Any], event_id: str, event_type: str, now: datetime
+) -> list[dict[str, Any]]:
+    """The pending webhook-delivery rows of one event, one per subscriber that wants it
+    (each under the name it subscribed with)."""
+    rows = []
+    for sub in subscribers:
+        name = delivered_name(sub.events or [], event_type)
+        if name is not None:
+            rows.append(
+                {
+                    "id": new_id("dlv"),
+                    "webhook_id": sub.id,
+                    "event_id": event_id,
+                    "event_name": name,
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+            )
+    return rows
+
+
 def emit(
     conn: Connection,
     *,
@@ -362,23 +387,7 @@ def emit(
     if mailbox_id is not None and not _subscription_in_step(conn, mailbox_id):
         sync_mailbox_subscription(conn, mailbox_id)
     subs = conn.execute(_SUBSCRIBERS, {"account_id": account_id, "mailbox_id": mailbox_id})
-    deliveries = []
-    for sub in subs:
-        name = delivered_name(sub.events or [], event_type)
-        if name is None:
-            continue
-        deliveries.append(
-            {
-                "id": new_id("dlv"),
-                "webhook_id": sub.id,
-                "event_id": event_id,
-                "event_name": name,
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-                "created_at": now,
-            }
-        )
+    deliveries = delivery_rows(subs, event_id, event_type, now)
     if deliveries:
         conn.execute(_INSERT_DELIVERY, deliveries)
     queued = len(deliveries)

@@ -1320,21 +1320,7 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
                 "created_at": now,
             }
         )
-        for sub in subscribers[key]:
-            name = events.delivered_name(sub.events or [], event_type)
-            if name is not None:
-                delivery_rows.append(
-                    {
-                        "id": new_id("dlv"),
-                        "webhook_id": sub.id,
-                        "event_id": event_id,
-                        "event_name": name,
-                        "status": "pending",
-                        "attempts": 0,
-                        "next_attempt_at": now,
-                        "created_at": now,
-                    }
-                )
+        delivery_rows.extend(events.delivery_rows(subscribers[key], event_id, event_type, now))
     if event_rows:
         conn.execute(_INSERT_EVENT, event_rows)
     if delivery_rows:
