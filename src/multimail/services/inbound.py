@@ -67,8 +67,8 @@ from multimail.smtp.inbound import (
     RecipientVerdict,
     StorageFull,
 )
+from multimail.store import jobs
 from multimail.store.tables import attachments, domains, inbound_raw
-from multimail.store.tables import jobs as jobs_table
 from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.store.tables import messages as messages_table
 
@@ -88,7 +88,6 @@ log = logging.getLogger(__name__)
 JOB_KIND = "process_inbound"
 _BATCH = 128  # stores per shared commit; bounds one transaction's size
 _VERDICT_TTL_S = 2.0
-_MAX_ATTEMPTS = 50  # jobs.enqueue's default
 
 
 class Signal:
@@ -182,30 +181,6 @@ def _is_storage_full(exc: BaseException) -> bool:
     return False
 
 
-def _enqueue_processing(conn: Connection, inbound_ids: Sequence[str]) -> None:
-    """One ``process_inbound`` job per message, as ``jobs.enqueue`` writes them, in one
-    executemany: a batch of 20 is one statement instead of 20 (on PostgreSQL one round
-    trip instead of 20), which the SMTP path pays before every 250."""
-    now = utcnow()
-    conn.execute(
-        insert(jobs_table),
-        [
-            {
-                "id": new_id("job"),
-                "kind": JOB_KIND,
-                "payload": {"inbound_id": inbound_id},
-                "status": "pending",
-                "run_at": now,
-                "attempts": 0,
-                "max_attempts": _MAX_ATTEMPTS,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for inbound_id in inbound_ids
-        ],
-    )
-
-
 def store_envelopes(
     services: Services, envelopes: Sequence[InboundEnvelope], *, actor: Actor | None = None
 ) -> list[str]:
@@ -234,7 +209,8 @@ def store_envelopes(
                     for inbound_id, env in zip(ids, envelopes, strict=True)
                 ],
             )
-            _enqueue_processing(conn, ids)
+            # One statement for the batch's jobs: the SMTP path pays it before every 250.
+            jobs.enqueue_many(conn, [(JOB_KIND, {"inbound_id": inbound_id}) for inbound_id in ids])
             for inbound_id, env in zip(ids, envelopes, strict=True):
                 if actor is not None:
                     audit.append(
