@@ -2,86 +2,48 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from multimail.api.ratelimit import DatabaseBuckets, MemoryBuckets, make_limiter
+from multimail.config import Settings
 from multimail.services import accounts
 from multimail.services.context import Services
-
-MULTIMAIL = [sys.executable, "-m", "multimail"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from multimail.testing.processes import ServeProcess
 
 
 @contextmanager
-def api_process(tmp_path: Path, db_url: str, *, burst: int) -> Iterator[str]:
-    """``multimail serve --role api`` on a free port; SIGTERM and wait at the end."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTIMAIL_")}
-    env.update(
-        MULTIMAIL_DATA_DIR=str(tmp_path / "data"),
-        MULTIMAIL_DATABASE_URL=db_url,
-        MULTIMAIL_DOMAIN="mm.test",
-        MULTIMAIL_HTTP_PORT=str(port),
-        # No refill during the test: every token spent stays spent.
-        MULTIMAIL_RATE_LIMIT_PER_MINUTE="1",
-        MULTIMAIL_RATE_LIMIT_BURST=str(burst),
-    )
-    proc = subprocess.Popen(
-        [*MULTIMAIL, "serve", "--role", "api"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "the API process exited during start-up"
-            assert time.monotonic() < deadline, "the API process did not start in 30 s"
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def api_process(settings: Settings, *, burst: int) -> Iterator[str]:
+    """``multimail serve --role api`` on a free port; its base URL; SIGTERM at the end."""
+    # No refill during the test: every token spent stays spent.
+    with ServeProcess(
+        settings,
+        "api",
+        settings.data_dir.parent,
+        rate_limit_per_minute=1,
+        rate_limit_burst=burst,
+    ) as proc:
+        proc.wait_ready(30)
+        yield proc.base_url
 
 
 def test_two_api_processes_share_one_bucket_and_a_restart_keeps_it(
-    tmp_path: Path, db_url: str, boot: accounts.Bootstrap
+    settings: Settings, boot: accounts.Bootstrap
 ) -> None:
     """Two `serve --role api` processes on one database allow the burst once between them,
     not once each; a process started afterwards still refuses with 429 and Retry-After."""
     burst = 6
     headers = {"Authorization": f"Bearer {boot.agent_key}"}
     with (
-        api_process(tmp_path, db_url, burst=burst) as first,
-        api_process(tmp_path, db_url, burst=burst) as second,
+        api_process(settings, burst=burst) as first,
+        api_process(settings, burst=burst) as second,
     ):
         codes = []
         for i in range(2 * burst):
@@ -92,7 +54,7 @@ def test_two_api_processes_share_one_bucket_and_a_restart_keeps_it(
         # Another key has its own bucket.
         other = {"Authorization": f"Bearer {boot.admin_key}"}
         assert httpx.get(f"{second}/v1/mailboxes", headers=other).status_code == 200
-    with api_process(tmp_path, db_url, burst=burst) as restarted:
+    with api_process(settings, burst=burst) as restarted:
         refused = httpx.get(f"{restarted}/v1/mailboxes", headers=headers)
     assert refused.status_code == 429
     assert refused.json()["code"] == "rate_limited"
@@ -143,7 +105,7 @@ def test_refill_follows_the_rate_and_caps_at_the_burst(services: Services) -> No
     assert later == [True, True, True, False]
 
 
-@settings(
+@hypothesis_settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(

@@ -4,27 +4,23 @@ PostgreSQL database deliver every message exactly once and keep one linear audit
 from __future__ import annotations
 
 import email
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from contextlib import ExitStack
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import select
 
+from multimail.config import Settings
 from multimail.services import accounts, mailboxes
 from multimail.services.context import Actor, Services
 from multimail.store.tables import audit_entries, messages
+from multimail.testing.processes import ServeProcess
 from multimail.testing.smtp import CapturingSMTPServer
 from tests.conftest import BACKEND
-from tests.integration.test_rate_limit_processes import free_port
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "postgres",
@@ -35,52 +31,15 @@ pytestmark = pytest.mark.skipif(
 M = 500
 
 
-@contextmanager
-def serve(tmp_path: Path, db_url: str, relay_port: int, role: str) -> Iterator[str]:
-    """``multimail serve --role <role>``; yields its base URL (API roles); SIGTERM at the end."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MULTIMAIL_")}
-    env.update(
-        MULTIMAIL_DATA_DIR=str(tmp_path / "data"),
-        MULTIMAIL_DATABASE_URL=db_url,
-        MULTIMAIL_DOMAIN="mm.test",
-        MULTIMAIL_HTTP_PORT=str(port),
-        MULTIMAIL_SMTP_URL=f"smtp://127.0.0.1:{relay_port}",
-        MULTIMAIL_RATE_LIMIT_PER_MINUTE="1000000",
-        MULTIMAIL_RATE_LIMIT_BURST="1000000",
-    )
-    log = (tmp_path / f"{role}-{port}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "multimail", "serve", "--role", role],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while role == "api":
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "the API process exited during start-up"
-            assert time.monotonic() < deadline, "the API process did not start in 30 s"
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def serve(stack: ExitStack, settings: Settings, role: str) -> str:
+    """``multimail serve --role <role>`` until the test ends; its base URL once it answers."""
+    proc = stack.enter_context(ServeProcess(settings, role, settings.data_dir.parent))
+    proc.wait_ready(30)
+    return proc.base_url if proc.http_port is not None else ""
 
 
 def test_two_api_and_two_worker_processes_deliver_each_message_once(
-    services: Services, boot: accounts.Bootstrap, tmp_path: Path, db_url: str
+    services: Services, boot: accounts.Bootstrap
 ) -> None:
     """500 messages sent through two API processes (half from an autonomous mailbox, half
     gated and approved through either API) reach the relay exactly once each, and the audit
@@ -98,9 +57,16 @@ def test_two_api_and_two_worker_processes_deliver_each_message_once(
             for mode in ("autonomous", "gated_send")
         }
     with CapturingSMTPServer() as relay, ExitStack() as stack:
-        apis = [stack.enter_context(serve(tmp_path, db_url, relay.port, "api")) for _ in "ab"]
+        processes = services.settings.model_copy(
+            update={
+                "smtp_url": SecretStr(f"smtp://127.0.0.1:{relay.port}"),
+                "rate_limit_per_minute": 1_000_000,
+                "rate_limit_burst": 1_000_000,
+            }
+        )
+        apis = [serve(stack, processes, "api") for _ in "ab"]
         for _ in "ab":
-            stack.enter_context(serve(tmp_path, db_url, relay.port, "worker"))
+            serve(stack, processes, "worker")
         agents = [httpx.Client(base_url=b, headers=_auth(boot.agent_key), timeout=30) for b in apis]
         reviewers = [
             httpx.Client(base_url=b, headers=_auth(boot.reviewer_key), timeout=30) for b in apis
