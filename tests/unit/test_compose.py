@@ -6,6 +6,7 @@ import base64
 import email
 import email.errors
 import email.policy
+import re
 import smtplib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -32,7 +33,7 @@ from multimail.mail.compose import (
     compose_body,
     draft_body_sha256,
 )
-from multimail.mail.markdown import render_markdown
+from multimail.mail.markdown import normalise_text, render_markdown
 from multimail.testing.smtp import CapturingSMTPServer
 
 DRAFT = OutboundDraft(
@@ -513,9 +514,9 @@ def _reference_build(draft: OutboundDraft) -> bytes:
     for header, value in draft.extra_headers:
         field_name, field_value = compose._extra_header(header, value)
         msg[field_name] = field_value
-    rendered = render_markdown(compose_body(draft))
-    msg.set_content(rendered.text)
-    msg.add_alternative(compose._html_document(rendered.html), subtype="html")
+    msg.set_content(render_markdown(compose_body(draft)).text)
+    # The HTML is the body's and the footers' renderings side by side (tested apart below).
+    msg.add_alternative(compose._html_document(compose.compose_html(draft)), subtype="html")
     for attachment in draft.attachments:
         maintype, subtype = compose._attachment_type(attachment)
         filename = compose._filename(attachment.filename)
@@ -679,3 +680,93 @@ def test_address_check_agrees_with_the_email_package(value: str) -> None:
     except InvalidInput:
         expected = None
     assert ours == expected
+
+
+# -- the body's HTML rendered once, the footers' kept per mailbox ---------------------------
+
+_ORDINARY_BODIES = [
+    "Hello **Bob**,\n\nYour order has shipped.",
+    "# Heading\n\nSome *text* and a [link](https://example.org).",
+    "- one\n- two\n  - nested\n\n1. first\n2. second",
+    "> quoted\n> reply\n\nAnswer.",
+    "```python\nprint('hi')\n```",
+    "    indented code\n    more",
+    "| a | b |\n|---|--:|\n| 1 | 2 |",
+    "Trailing spaces   \n\n\n",
+    "Line one\nline two\r\nline three\rend",
+    "Zoë writes ünïcode — and emoji 🎉",
+    "Setext\n===",
+    "",
+]
+
+
+@pytest.mark.parametrize("markdown", _ORDINARY_BODIES)
+@pytest.mark.parametrize(
+    ("signature", "postal"), [(None, None), ("Best,\nAcme", "1 Main St"), ("---", None)]
+)
+def test_body_and_footers_rendered_apart_read_as_one_rendering(
+    markdown: str, signature: str | None, postal: str | None
+) -> None:
+    """For ordinary bodies, the body's HTML followed by the footers' HTML is exactly the
+    rendering of the whole text part, as it was when the whole body was rendered at once."""
+    draft = replace(DRAFT, markdown=markdown, signature=signature, operator_postal_address=postal)
+    assert compose.compose_html(draft) == render_markdown(compose_body(draft)).html
+
+
+def test_a_body_cannot_swallow_the_ai_disclosure() -> None:
+    """An unclosed code fence or an indented block at the end of the body stays in the body:
+    the signature and the AI disclosure are still rendered as themselves."""
+    for markdown in ("```\nunclosed fence", "- item\n\n      indented"):
+        draft = replace(DRAFT, markdown=markdown, signature="Acme")
+        html = compose.compose_html(draft)
+        assert html.endswith(
+            "<p>--<br>\nAcme</p>\n<hr>\n<p><em>This message was written by an AI agent.</em></p>\n"
+        )
+
+
+@given(
+    markdown=st.text(max_size=600) | st.sampled_from(_ORDINARY_BODIES),
+    signature=st.none() | st.text(max_size=80),
+    disclosure=st.booleans(),
+)
+@settings(max_examples=150, deadline=None)
+def test_the_stored_body_html_gives_the_same_message(
+    markdown: str, signature: str | None, disclosure: bool
+) -> None:
+    """A draft built from the HTML stored at send time (``render_markdown(markdown).html``)
+    reads exactly like one that renders the markdown itself: same headers, same parts."""
+    draft = replace(DRAFT, markdown=markdown, signature=signature, ai_disclosure=disclosure)
+    stored = replace(draft, body_html=render_markdown(markdown).html)
+    assert _shape(build_message(stored)) == _shape(build_message(draft))
+
+
+def test_the_html_part_is_the_stored_html_and_the_text_part_the_markdown() -> None:
+    """The stored HTML is what goes out (the edit a reviewer approved, re-rendered by
+    oversight), and the text part still comes from the markdown, unchanged."""
+    edited = "Hi Bob,\n\n*Final* figures."
+    draft = replace(DRAFT, markdown=edited, body_html=render_markdown(edited).html)
+    message = _parse(build_message(draft))
+    html = message.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "<p><em>Final</em> figures.</p>" in html and AI_DISCLOSURE.strip("*") in html
+    assert text.replace("\r\n", "\n") == compose_body(draft)
+
+
+_LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_REFERENCE_CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f]")
+
+
+@given(
+    st.text(
+        st.characters(codec=None)
+        | st.sampled_from([*_LINE_BREAKS, "\t", "\x00", "\x7f", "\ud800", "\u00e9", " "]),
+        max_size=200,
+    )
+)
+@settings(max_examples=400)
+def test_normalise_text_matches_its_definition(text: str) -> None:
+    """The fast path for already-normal text gives what the full normalisation gives."""
+    reference = _REFERENCE_CONTROLS.sub(
+        "", "\n".join(re.sub("[\ud800-\udfff]", "\ufffd", text).splitlines())
+    )
+    assert normalise_text(text) == reference

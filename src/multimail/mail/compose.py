@@ -31,6 +31,7 @@ from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
 from email.policy import Policy
 from email.utils import format_datetime
+from functools import lru_cache
 
 from multimail.errors import InvalidInput
 from multimail.mail.markdown import normalise_text, render_markdown
@@ -42,6 +43,7 @@ __all__ = [
     "body_sha256",
     "build_message",
     "compose_body",
+    "compose_html",
     "draft_body_sha256",
     "safe_subject",
     "text_sha256",
@@ -112,6 +114,11 @@ class OutboundDraft:
     operator_postal_address: str | None = None
     extra_headers: Sequence[tuple[str, str]] = ()
     attachments: Sequence[OutboundAttachment] = ()
+    #: ``render_markdown(markdown).html``, when the caller has it already: the sending
+    #: service stores it with the message (``messages.html``, sanitised there), and the
+    #: delivery worker passes it on so each delivery does not render the body again.
+    #: None renders it here. Anything else would send an HTML part that is not the text.
+    body_html: str | None = None
 
 
 class _RawHeader(str):
@@ -283,17 +290,41 @@ def compose_body(draft: OutboundDraft) -> str:
     This is the text of the text/plain part, and what identity tokens and the audit log
     hash (see ``draft_body_sha256``).
     """
-    sections = [normalise_text(draft.markdown).rstrip()]
-    if draft.signature and draft.signature.strip():
-        sections.append(f"{SIGNATURE_SEPARATOR}\n{normalise_text(draft.signature).strip()}")
+    body = normalise_text(draft.markdown).rstrip()
+    tail = _tail(draft.signature, draft.ai_disclosure, draft.operator_postal_address)[0]
+    return f"{body}\n\n{tail}\n" if body and tail else f"{body or tail}\n"
+
+
+@lru_cache(maxsize=256)
+def _tail(
+    signature: str | None, ai_disclosure: bool, postal_address: str | None
+) -> tuple[str, str]:
+    """The signature and footer sections as markdown, and their sanitised HTML.
+
+    These are per-mailbox (and per-account) settings, the same for every message of a
+    mailbox, so their rendering is kept; a message body is never cached. The HTML is
+    rendered apart from the body's, so nothing in a body (an unclosed code fence, a
+    link definition) can swallow or rewrite the signature or the AI disclosure.
+    """
+    sections = []
+    if signature and signature.strip():
+        sections.append(f"{SIGNATURE_SEPARATOR}\n{normalise_text(signature).strip()}")
     footer = []
-    if draft.ai_disclosure:
+    if ai_disclosure:
         footer.append(AI_DISCLOSURE)
-    if draft.operator_postal_address and draft.operator_postal_address.strip():
-        footer.append(normalise_text(draft.operator_postal_address).strip())
+    if postal_address and postal_address.strip():
+        footer.append(normalise_text(postal_address).strip())
     if footer:
         sections.append("---\n\n" + "\n\n".join(footer))
-    return "\n\n".join(s for s in sections if s) + "\n"
+    text = "\n\n".join(sections)
+    return text, render_markdown(text).html if text else ""
+
+
+def compose_html(draft: OutboundDraft) -> str:
+    """The HTML fragment of the message: the body's rendering, then the signature's and the
+    footers' (see ``_tail``)."""
+    body = draft.body_html if draft.body_html is not None else render_markdown(draft.markdown).html
+    return body + _tail(draft.signature, draft.ai_disclosure, draft.operator_postal_address)[1]
 
 
 def text_sha256(text: str) -> str:
@@ -305,9 +336,9 @@ def text_sha256(text: str) -> str:
 
 def draft_body_sha256(draft: OutboundDraft) -> str:
     """What ``body_sha256`` will return for ``build_message(draft)``, without building it."""
-    # The text part is the normalised markdown (render_markdown's ``text``): no need to
-    # render the HTML just to hash it.
-    return text_sha256(normalise_text(compose_body(draft)))
+    # The text part is compose_body less its final LF (normalise_text changes nothing
+    # else in it), and text_sha256 ignores final LFs: no need to render or normalise again.
+    return text_sha256(compose_body(draft))
 
 
 def body_sha256(raw_message: bytes) -> str:
@@ -516,10 +547,11 @@ def build_message(draft: OutboundDraft) -> bytes:
         else:
             headers.append((field_name.lower(), _unstructured_header(field_name, extra)))
 
-    rendered = render_markdown(compose_body(draft))
+    # normalise_text(compose_body(draft)): the body is normalised text ending in one LF.
+    text = compose_body(draft)[:-1]
     body = _multipart(
         "alternative",
-        [_text_part("plain", rendered.text), _text_part("html", _html_document(rendered.html))],
+        [_text_part("plain", text), _text_part("html", _html_document(compose_html(draft)))],
     )
     if draft.attachments:
         alternative = body
