@@ -1,0 +1,31 @@
+"""bench/bench_transport.py (our SMTP hand-over against bare aiosmtplib) runs end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BACKEND
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_transport.py"
+
+# The bench uses no database: one leg is enough.
+pytestmark = pytest.mark.skipif(BACKEND != "sqlite", reason="the bench uses no database")
+
+
+def test_transport_bench_reports_both_sides_and_their_ratio() -> None:
+    """A few messages per side: every one reaches the sink and both figures are printed."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--messages", "20", "--concurrency", "2", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bare aiosmtplib sendmail, reused" in done.stdout
+    assert "RelayTransport.deliver, pooled" in done.stdout
+    assert "ratio ours / bare CPU per message:" in done.stdout
