@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import email
 import email.errors
 import email.policy
@@ -770,3 +771,36 @@ def test_normalise_text_matches_its_definition(text: str) -> None:
         "", "\n".join(re.sub("[\ud800-\udfff]", "\ufffd", text).splitlines())
     )
     assert normalise_text(text) == reference
+
+
+@given(st.datetimes(timezones=st.timezones()))
+@settings(max_examples=300)
+def test_date_header_is_what_the_email_package_writes(when: datetime) -> None:
+    """The Date field is format_datetime's, in UTC, byte for byte."""
+    expected = f"Date: {format_datetime(when.astimezone(UTC))}\r\n".encode("ascii")
+    assert compose._date_header(when) == expected
+
+
+@given(
+    st.text(st.sampled_from("ab =\t\r\né.<>"), max_size=400)
+    | st.text(max_size=300)
+    | st.sampled_from(["x" * 500 + " \n" + "y" * 300 + "\t", "=" * 200, " \n\t\n"])
+)
+@settings(max_examples=400)
+def test_text_encoding_is_the_email_packages_choice(text: str) -> None:
+    """The transfer encoding and bytes of a text part are the email package's: LF-based
+    encoding with its line ends turned into CRLF (b2a_qp fed CRLF wraps differently)."""
+    cte, payload = compose._encode_text(text)
+    data = text.encode("utf-8", "surrogatepass")
+    lines = data.splitlines()
+    if data.isascii() and max(map(len, lines), default=0) <= 78:
+        assert (cte, payload) == ("7bit", b"\r\n".join(lines) + b"\r\n")
+        return
+    body = b"\n".join(lines) + b"\n"
+    eight_bit = len(body.translate(None, bytes(range(128))))
+    if 6 * (eight_bit + body.count(b"=")) > len(body):
+        expected = ("base64", base64.encodebytes(body).replace(b"\n", b"\r\n"))
+    else:
+        qp = binascii.b2a_qp(body, istext=True).replace(b"\n", b"\r\n")
+        expected = ("quoted-printable", qp)
+    assert (cte, payload) == expected

@@ -30,7 +30,6 @@ from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
 from email.policy import Policy
-from email.utils import format_datetime
 from functools import lru_cache
 
 from multimail.errors import InvalidInput
@@ -38,12 +37,14 @@ from multimail.mail.markdown import normalise_text, render_markdown
 
 __all__ = [
     "AI_DISCLOSURE",
+    "ComposedMessage",
     "OutboundAttachment",
     "OutboundDraft",
     "body_sha256",
     "build_message",
     "compose_body",
     "compose_html",
+    "compose_message",
     "draft_body_sha256",
     "safe_subject",
     "text_sha256",
@@ -131,16 +132,19 @@ class _RawHeader(str):
     """
 
     name: str
+    wire: bytes  # the folded field as written, kept from the length check
 
     def __new__(cls, name: str, value: str) -> _RawHeader:
         obj = super().__new__(cls, " ".join(value.split()))
         obj.name = name
-        if any(len(line) > MAX_LINE_OCTETS for line in obj.fold(policy=_POLICY).split("\r\n")):
+        folded = obj.fold(policy=_POLICY)
+        if any(len(line) > MAX_LINE_OCTETS for line in folded.split("\r\n")):
             raise InvalidInput(
                 f"the {name} header has a word too long for one line",
                 code="header_too_long",
                 header=name,
             )
+        obj.wire = folded.encode("ascii")
         return obj
 
     def fold(self, *, policy: Policy) -> str:
@@ -251,6 +255,10 @@ def _extra_header(name: str, value: str) -> tuple[str, str | _RawHeader]:
     lowered = name.lower()
     if lowered in _RESERVED_HEADERS or lowered.startswith(_RESERVED_PREFIXES):
         raise InvalidInput(f"the {name} header is set by MultiMail", code="reserved_header")
+    if "=?" not in value and _PRINTABLE_ASCII.fullmatch(value):
+        # No line break, no control, nothing the email package would decode: the checks
+        # below would pass it unchanged.
+        return name, _RawHeader(name, value)
     decoded = _refuse_breaks(value, f"the {name} header")
     if _OTHER_CONTROLS.search(decoded):
         raise InvalidInput(f"control characters in the {name} header", code="header_injection")
@@ -440,7 +448,7 @@ def _unstructured_header(name: str, value: str) -> bytes:
 
 
 def _raw_header(header: _RawHeader) -> bytes:
-    return header.fold(policy=_POLICY).encode("ascii")
+    return header.wire
 
 
 def _encode_text(text: str) -> tuple[str, bytes]:
@@ -457,6 +465,8 @@ def _encode_text(text: str) -> tuple[str, bytes]:
     # Quoted-printable spends two extra octets per escaped octet, base64 a third overall.
     if 6 * (eight_bit + body.count(b"=")) > len(body):
         return "base64", _base64_lines(body)
+    # Fed CRLF, b2a_qp would keep it but count the CR in the line length and wrap some
+    # lines elsewhere than the email package does.
     return "quoted-printable", binascii.b2a_qp(body, istext=True).replace(b"\n", _CRLF)
 
 
@@ -487,20 +497,47 @@ def _attachment_part(attachment: OutboundAttachment) -> bytes:
     return head.encode("ascii") + _CRLF + _base64_lines(attachment.data)
 
 
-def _multipart(subtype: str, parts: Sequence[bytes]) -> bytes:
-    """A multipart entity: its Content-Type header, a blank line, the parts."""
+def _multipart(subtype: str, parts: Sequence[bytes]) -> tuple[bytes, bytes]:
+    """A multipart entity: its Content-Type field, and what follows the blank line after it."""
     while True:
         boundary = f"==============={secrets.token_hex(10)}=="
         delimiter = f"--{boundary}".encode("ascii")
         if not any(delimiter in part for part in parts):
             break
-    head = f'Content-Type: multipart/{subtype};\r\n boundary="{boundary}"\r\n\r\n'
+    field = f'Content-Type: multipart/{subtype};\r\n boundary="{boundary}"\r\n'
     # Each part keeps its own final CRLF; the CRLF before the next delimiter belongs to the
     # delimiter (RFC 2046 5.1.1), as in the email package's output.
     inner = _CRLF + delimiter + _CRLF
-    return b"".join(
-        [head.encode("ascii"), delimiter, _CRLF, inner.join(parts), _CRLF, delimiter, b"--\r\n"]
-    )
+    body = b"".join([delimiter, _CRLF, inner.join(parts), _CRLF, delimiter, b"--\r\n"])
+    return field.encode("ascii"), body
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _date_header(value: datetime) -> bytes:
+    """``Date:`` in UTC, as ``email.utils.format_datetime`` writes it (a test holds them
+    equal), without its time-tuple round trip."""
+    d = value.astimezone(UTC)
+    return (
+        f"Date: {_DAYS[d.weekday()]}, {d.day:02d} {_MONTHS[d.month - 1]} {d.year:04d} "
+        f"{d.hour:02d}:{d.minute:02d}:{d.second:02d} +0000\r\n"
+    ).encode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class ComposedMessage:
+    """A built message, with its header fields as they were read back from ``raw``.
+
+    ``fields`` are (name, everything after the colon up to and including the field's
+    final CRLF) in order, and ``raw[body_start:]`` is the body: what a DKIM signer would
+    split ``raw`` into (``dkim.sign_split`` takes them as they are).
+    """
+
+    raw: bytes
+    fields: list[tuple[bytes, bytes]]
+    body_start: int
 
 
 def build_message(draft: OutboundDraft) -> bytes:
@@ -509,6 +546,11 @@ def build_message(draft: OutboundDraft) -> bytes:
     Raises ``InvalidInput`` (``header_injection``, ``invalid_address``, ...) rather than
     write anything a receiver could read as an extra header or recipient.
     """
+    return compose_message(draft).raw
+
+
+def compose_message(draft: OutboundDraft) -> ComposedMessage:
+    """``build_message``, keeping the header fields it checked for the DKIM signer."""
     sender = _address(draft.from_address, "from")
     recipients = {
         "to": [_address(a, "to") for a in draft.to],
@@ -529,8 +571,7 @@ def build_message(draft: OutboundDraft) -> bytes:
             headers.append((field, field_value))
             written_here.append(plain)
     headers.append(("subject", _unstructured_header("Subject", safe_subject(draft.subject))))
-    date = format_datetime(draft.date.astimezone(UTC))
-    headers.append(("date", f"Date: {date}\r\n".encode("ascii")))
+    headers.append(("date", _date_header(draft.date)))
     message_id = _message_id(draft.message_id, "message_id")
     headers.append(("message-id", _raw_header(_RawHeader("Message-ID", message_id))))
     if draft.in_reply_to:
@@ -549,47 +590,55 @@ def build_message(draft: OutboundDraft) -> bytes:
 
     # normalise_text(compose_body(draft)): the body is normalised text ending in one LF.
     text = compose_body(draft)[:-1]
-    body = _multipart(
+    content_type, body = _multipart(
         "alternative",
         [_text_part("plain", text), _text_part("html", _html_document(compose_html(draft)))],
     )
     if draft.attachments:
-        alternative = body
-        body = _multipart("mixed", [alternative, *(_attachment_part(a) for a in draft.attachments)])
-    raw = b"".join(h for _, h in headers) + body
+        alternative = content_type + _CRLF + body
+        content_type, body = _multipart(
+            "mixed", [alternative, *(_attachment_part(a) for a in draft.attachments)]
+        )
+    raw = b"".join([*(h for _, h in headers), content_type, _CRLF, body])
     _check_wire(raw)
     intended = [*(n for n, _ in headers), "content-type"]
-    _check_headers(raw, intended, sender, recipients, reply_to, parse=not all(written_here))
-    return raw
+    fields = _check_headers(
+        raw, intended, sender, recipients, reply_to, parse=not all(written_here)
+    )
+    return ComposedMessage(raw, fields, len(raw) - len(body))
 
 
 def _check_wire(raw: bytes) -> None:
-    crlf = raw.count(b"\r\n")
+    lines = raw.split(b"\r\n")
+    crlf = len(lines) - 1
     unsafe = (
         raw.count(b"\n") != crlf  # a bare LF
         or raw.count(b"\r") != crlf  # a bare CR
         or b"\0" in raw
         or not raw.isascii()
-        or max(map(len, raw.split(b"\r\n"))) > MAX_LINE_OCTETS
+        or max(map(len, lines)) > MAX_LINE_OCTETS
     )
     if unsafe or not raw.endswith(b"\r\n"):
         raise InvalidInput("the message could not be encoded safely", code="unsafe_message")
 
 
-def _field_names(head: bytes) -> list[str] | None:
-    """The field names of a header block as any RFC 5322 reader splits it; None if a line
-    is neither a field nor a continuation."""
-    names: list[str] = []
+def _header_fields(head: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The fields of a header block as any RFC 5322 reader splits it: (name, the rest of
+    the field after the colon with its CRLFs); None if a line is neither a field nor a
+    continuation."""
+    fields: list[tuple[bytes, bytes]] = []
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t"):
-            if not names:
+            if not fields:
                 return None
+            name, value = fields[-1]
+            fields[-1] = (name, value + line + _CRLF)
             continue
-        name, colon, _ = line.partition(b":")
+        name, colon, value = line.partition(b":")
         if not colon or not _FIELD_NAME_BYTES.fullmatch(name):
             return None
-        names.append(name.decode("ascii").lower())
-    return names
+        fields.append((name, value + _CRLF))
+    return fields
 
 
 def _check_headers(
@@ -600,17 +649,18 @@ def _check_headers(
     reply_to: str | None,
     *,
     parse: bool,
-) -> None:
-    """Refuse unless the bytes show exactly the fields (and, if ``parse``, the recipients)
-    we meant to write.
+) -> list[tuple[bytes, bytes]]:
+    """The header fields of ``raw`` (see ``_header_fields``); refuses unless the bytes show
+    exactly the fields (and, if ``parse``, the recipients) we meant to write.
 
     The recipients are read back with the email package's own parser whenever it wrote an
     address field (its encoder is what could be talked into writing more than it was
     given); fields written here come only from the plain alphabets checked above.
     """
     head = raw[: raw.find(b"\r\n\r\n")]
-    found = _field_names(head)
-    refused = found is None or sorted(found) != sorted(intended)
+    fields = _header_fields(head)
+    names = None if fields is None else sorted(n.decode("ascii").lower() for n, _ in fields)
+    refused = names != sorted(intended)
     if not refused and parse:
         parsed = BytesParser(policy=_DECODE_POLICY).parsebytes(raw, headersonly=True)
         addresses = {
@@ -625,8 +675,9 @@ def _check_headers(
             "bcc": [],
         }
         refused = addresses != expected
-    if refused:
+    if refused or fields is None:
         raise InvalidInput(
             "a header value would have changed the message's headers or recipients",
             code="header_injection",
         )
+    return fields

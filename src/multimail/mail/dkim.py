@@ -15,6 +15,7 @@ import base64
 import hashlib
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +34,7 @@ __all__ = [
     "dns_txt_value",
     "generate_rsa_keypair",
     "sign_message",
+    "sign_split",
     "verify_message",
 ]
 
@@ -206,24 +208,21 @@ def _relaxed_body(body: bytes) -> bytes:
 
 
 def _hash_headers(
-    hasher: Any, headers: list[tuple[bytes, bytes]], include: Sequence[bytes]
+    hasher: Any, headers: Sequence[tuple[bytes, bytes]], include: Sequence[bytes]
 ) -> None:
     # dkim.select_headers: each listed name takes the next instance from the bottom up;
     # a name with no instance left contributes nothing.
-    names = [name.lower() for name, _ in headers]
-    last_index: dict[bytes, int] = {}
+    unused: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        unused.setdefault(name.lower(), []).append(value)
     for wanted in include:
-        i = last_index.get(wanted, len(headers))
-        while i > 0:
-            i -= 1
-            if names[i] == wanted:
-                hasher.update(wanted + b":" + _relaxed_value(headers[i][1]) + _CRLF)
-                break
-        last_index[wanted] = i
+        values = unused.get(wanted)
+        if values:
+            hasher.update(wanted + b":" + _relaxed_value(values.pop()) + _CRLF)
 
 
 def _signature_header(
-    headers: list[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes]],
     body: bytes,
     key: rsa.RSAPrivateKey,
     *,
@@ -270,19 +269,36 @@ def _signature_header(
     return b"DKIM-Signature: " + folded
 
 
+_DEFAULT_WANTED = tuple(
+    dict.fromkeys([b"from", *(h.encode("ascii") for h in DEFAULT_SIGNED_HEADERS)])
+)
+_OVERSIGNED_BYTES = frozenset(h.encode("ascii") for h in _OVERSIGNED)
+
+
 def _choose_headers(present: list[bytes], requested: Sequence[str] | None) -> list[bytes]:
-    wanted = [h.lower().encode("ascii") for h in (requested or DEFAULT_SIGNED_HEADERS)]
+    if requested is None:
+        wanted: Sequence[bytes] = _DEFAULT_WANTED
+    else:
+        wanted = tuple(dict.fromkeys([b"from", *(h.lower().encode("ascii") for h in requested)]))
+    counts = Counter(present)
     chosen: list[bytes] = []
-    for name in dict.fromkeys([b"from", *wanted]):
-        count = present.count(name)
+    for name in wanted:
+        count = counts[name]
         if count == 0:
             # Naming an absent field signs its absence: worth it only when asked for.
             if requested is not None:
                 chosen.append(name)
             continue
-        extra = 1 if name.decode() in _OVERSIGNED else 0
-        chosen.extend([name] * (count + extra))
+        chosen.extend([name] * (count + (name in _OVERSIGNED_BYTES)))
     return chosen
+
+
+@lru_cache(maxsize=256)
+def _check_parameters(domain: str, selector: str) -> tuple[bytes, bytes]:
+    for label, value in (("domain", domain), ("selector", selector)):
+        if not value or not value.isascii() or any(c in value for c in " ;=\r\n\t\0"):
+            raise InvalidInput(f"invalid DKIM {label}", code="invalid_dkim_parameter")
+    return domain.encode("ascii"), selector.encode("ascii")
 
 
 def sign_message(
@@ -298,11 +314,42 @@ def sign_message(
     ``headers_to_sign`` defaults to ``DEFAULT_SIGNED_HEADERS`` (those present); From is
     always signed and oversigned, and no ``l=`` tag is ever written.
     """
-    for label, value in (("domain", domain), ("selector", selector)):
-        if not value or not value.isascii() or any(c in value for c in " ;=\r\n\t\0"):
-            raise InvalidInput(f"invalid DKIM {label}", code="invalid_dkim_parameter")
+    parameters = _check_parameters(domain, selector)
     key = _load_private_key(private_pem)
     headers, body = _split_message(raw)
+    return _signed(raw, headers, body, key, parameters, headers_to_sign)
+
+
+def sign_split(
+    raw: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    *,
+    domain: str,
+    selector: str,
+    private_pem: bytes,
+    headers_to_sign: Sequence[str] | None = None,
+) -> bytes:
+    """``sign_message`` for a caller that wrote ``raw`` and so holds it already split.
+
+    ``headers`` are its header fields in order, each as (name, everything after the colon
+    up to and including the field's final CRLF, continuation lines included); ``body`` is
+    everything after the empty line, with CRLF line ends. These must be exactly what
+    ``raw`` holds (``_split_message(raw)``), or the signature will not verify.
+    """
+    parameters = _check_parameters(domain, selector)
+    key = _load_private_key(private_pem)
+    return _signed(raw, headers, body, key, parameters, headers_to_sign)
+
+
+def _signed(
+    raw: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    key: rsa.RSAPrivateKey,
+    parameters: tuple[bytes, bytes],
+    headers_to_sign: Sequence[str] | None,
+) -> bytes:
     present = [name.lower() for name, _ in headers]
     if present.count(b"from") != 1:
         raise InvalidInput(
@@ -314,8 +361,8 @@ def sign_message(
         headers,
         body,
         key,
-        selector=selector.encode("ascii"),
-        domain=domain.encode("ascii"),
+        selector=parameters[1],
+        domain=parameters[0],
         include=_choose_headers(present, headers_to_sign),
         timestamp=int(time.time()),
     )

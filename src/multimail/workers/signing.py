@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Connection, select
 
 from multimail.domain.addresses import domain_of
-from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair, sign_message
+from multimail.mail.compose import ComposedMessage
+from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair, sign_message, sign_split
 from multimail.services.context import Services
 from multimail.store import keystore
 from multimail.store.tables import domains
@@ -31,6 +32,7 @@ __all__ = [
     "ensure_default_key",
     "key_for_sender",
     "sign",
+    "sign_composed",
 ]
 
 DEFAULT_SELECTOR = "mm1"
@@ -109,3 +111,16 @@ def key_for_sender(
 
 def sign(raw: bytes, key: SigningKey) -> bytes:
     return sign_message(raw, domain=key.domain, selector=key.selector, private_pem=key.private_pem)
+
+
+def sign_composed(message: ComposedMessage, key: SigningKey) -> bytes:
+    """``sign(message.raw, key)`` without parsing the header block again: compose already
+    split it when it checked the fields it wrote."""
+    return sign_split(
+        message.raw,
+        message.fields,
+        message.raw[message.body_start :],
+        domain=key.domain,
+        selector=key.selector,
+        private_pem=key.private_pem,
+    )
