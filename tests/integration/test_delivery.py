@@ -7,6 +7,7 @@ Messages are written the way the sending and oversight services leave them (a ro
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,13 +17,15 @@ from typing import Any
 import dns.resolver
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import event, func, insert, select, update
+from sqlalchemy import Text, cast, event, func, insert, select, update
 
 from multimail.config import Settings
 from multimail.ids import aware, new_id, utcnow
 from multimail.mail.dkim import verify_message
 from multimail.runtime import build_services
 from multimail.services import accounts, directory, identity, mailboxes
+from multimail.services import events as events_service
+from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
 from multimail.store import jobs
 from multimail.store.tables import (
@@ -30,6 +33,7 @@ from multimail.store.tables import (
     delivery_attempts,
     events,
     mailbox_allowlist,
+    message_tags,
     messages,
     suppressions,
     webhook_deliveries,
@@ -891,3 +895,50 @@ async def test_a_batch_writes_the_events_and_webhook_deliveries_emit_would(
             ("box", "message.delivered"),
             ("box", "message.sent"),
         ]
+
+
+async def test_a_batch_stores_each_event_payload_as_emit_would(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """A batch reads each message once and encodes its events' payloads itself (the body
+    once, not once per copy): the stored JSON must still be ``json.dumps`` of the payload
+    ``events.emit`` builds from the message as it stands after the commit, to the byte."""
+    body = 'Grüße — "quoted" \\ back\tslash, </script> and a long line. ' * 6
+    sent = [world.message(to=[f"r{i}@example.test"], markdown=f"{body}\n\n{i}") for i in range(4)]
+    with world.services.db.write() as conn:
+        conn.execute(
+            update(messages)
+            .where(messages.c.id == sent[1])
+            .values(metadata={"ticket": "zd-4711", "score": 1.5, "nested": {"ok": True}})
+        )
+        conn.execute(insert(message_tags).values(message_id=sent[1], key="team", value="ops"))
+    claimed = await runner.BATCHES[delivery.DELIVER](world.services, "w", 50, timedelta(minutes=2))
+    assert claimed == 4
+    with world.services.db.read() as conn:
+        stored = conn.execute(
+            select(
+                events.c.id,
+                events.c.type,
+                events.c.mailbox_id,
+                events.c.message_id,
+                cast(events.c.payload, Text).label("text"),
+            ).order_by(events.c.seq)
+        ).all()
+        assert len(stored) == 8
+        for row in stored:
+            payload = json.loads(row.text)
+            assert row.text == json.dumps(payload)
+            message = dict(
+                conn.execute(select(messages).where(messages.c.id == row.message_id))
+                .mappings()
+                .one()
+            )
+            assert message["status"] == "delivered"
+            assert payload == events_service.payload_for(
+                event_id=row.id,
+                event_type=row.type,
+                created_at=payload["created_at"],
+                mailbox_id=row.mailbox_id,
+                message=message_views.full_view(conn, message),
+            )
+    assert [m.as_email()["Message-ID"] for m in relay.wait_for(4)]

@@ -40,15 +40,19 @@ import sys
 import threading
 import time
 import weakref
+from _json import encode_basestring_ascii, make_encoder
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
+    Text,
     and_,
     bindparam,
+    cast,
     func,
     insert,
     literal,
@@ -169,21 +173,12 @@ _ATTACHMENTS = (
     .where(attachments.c.message_id.in_(bindparam("ids", expanding=True)))
     .order_by(attachments.c.id)
 )
-# What recording an outcome decides on; the rows are locked (PostgreSQL) in id order.
-_STATE = select(
-    messages.c.id,
-    messages.c.status,
-    messages.c.attempts,
-    messages.c.test,
-    messages.c.account_id,
-    messages.c.mailbox_id,
-    messages.c.oversight_mode,
-).where(messages.c.id.in_(bindparam("ids", expanding=True)))
-_STATE_LOCKED = _STATE.order_by(messages.c.id).with_for_update()
-# The message as events and the monitored copy show it: everything but the stored bytes.
+# The message as recording an outcome decides on it, and as events and the monitored copy
+# show it: everything but the stored bytes; locked (PostgreSQL) in id order.
 _VIEW_ROWS = select(*(c for c in messages.c if c.name != "raw")).where(
     messages.c.id.in_(bindparam("ids", expanding=True))
 )
+_VIEW_ROWS_LOCKED = _VIEW_ROWS.order_by(messages.c.id).with_for_update()
 _PREVIOUS_MANY = (
     select(delivery_attempts.c.message_id, delivery_attempts.c.recipients)
     .where(delivery_attempts.c.message_id.in_(bindparam("ids", expanding=True)))
@@ -213,7 +208,15 @@ _MARK_SENDING = (
         updated_at=bindparam("m_now"),
     )
 )
-_INSERT_EVENT = insert(events_table)
+# Events whose payload is already JSON text (see _json_encoder): SQLite keeps JSON as text;
+# PostgreSQL's json type takes the text as it is, through an explicit cast.
+_PAYLOAD_TEXT = bindparam("payload_json", type_=Text)
+_INSERT_EVENT_TEXT = {
+    "sqlite": insert(events_table).values(payload=_PAYLOAD_TEXT),
+    "postgresql": insert(events_table).values(payload=cast(_PAYLOAD_TEXT, JSON)),
+}
+# Strings at least this long are JSON-encoded once per message (the body, mostly).
+_SHARED_STRING_MIN = 128
 _INSERT_WEBHOOK_DELIVERY = insert(webhook_deliveries)
 # The subscriptions events.emit delivers an event of this account and mailbox to.
 _SUBSCRIBERS = (
@@ -1200,7 +1203,10 @@ def _deliver_many(
     if attempt_rows:
         conn.execute(_INSERT_ATTEMPT, attempt_rows)
     ids = [i.message_id for i in items]
-    locked = _STATE_LOCKED if conn.dialect.name == "postgresql" else _STATE
+    # One read serves the decision and, patched with what the UPDATE below writes, the
+    # events: the rows are ours until commit (write lock / FOR UPDATE), so a re-read after
+    # the UPDATE would find exactly that.
+    locked = _VIEW_ROWS_LOCKED if conn.dialect.name == "postgresql" else _VIEW_ROWS
     rows = {r["id"]: dict(r) for r in conn.execute(locked, {"ids": sorted(ids)}).mappings()}
     previous = _previous_results_many(conn, ids)
     check_transition(Status.SENDING, Status.DELIVERED)
@@ -1225,9 +1231,8 @@ def _deliver_many(
             continue
         accepted_all = previous[item.message_id][0] | set(item.handover.results)
         last = item.handover.attempts[-1] if item.handover.attempts else None
-        updates.append(
-            {"m_id": row["id"], "m_attempts": int(row.get("attempts") or 0) + 1, "m_now": now}
-        )
+        attempts = int(row.get("attempts") or 0) + 1
+        updates.append({"m_id": row["id"], "m_attempts": attempts, "m_now": now})
         entries.append(
             audit.Entry(
                 "message.delivered",
@@ -1254,10 +1259,17 @@ def _deliver_many(
         # The rows are ours (write lock / FOR UPDATE) so this cannot happen; if it does,
         # the caller rolls this back and records each message on its own.
         raise RuntimeError(f"{len(updates) - changed} message(s) left 'sending' meanwhile")
+    for row, update_values in zip(delivered, updates, strict=True):
+        row.update(
+            status=Status.DELIVERED.value,
+            attempts=update_values["m_attempts"],
+            delivered_at=now,
+            next_attempt_at=None,
+            last_error=None,
+            updated_at=now,
+        )
     audit.append_many(conn, actor=_actor(worker_id, None), entries=entries)
-    found = conn.execute(_VIEW_ROWS, {"ids": [r["id"] for r in delivered]}).mappings()
-    fresh = {r["id"]: dict(r) for r in found}
-    view_rows: list[Mapping[str, Any]] = [fresh[r["id"]] for r in delivered]
+    view_rows: list[Mapping[str, Any]] = list(delivered)
     views = message_views.views(conn, view_rows)
     _emit_many(
         conn,
@@ -1274,6 +1286,29 @@ def _deliver_many(
     return outcomes
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _json_encoder() -> Callable[[Any], str]:
+    """``json.dumps`` with its defaults (the very same text) that encodes each long string
+    once per encoder: a message's view holds its body four times, and each of its events
+    holds the view and the body once more (ten copies for ``sent`` + ``delivered``).
+    """
+    seen: dict[str, str] = {}
+
+    def string(value: str) -> str:
+        if len(value) < _SHARED_STRING_MIN:
+            return encode_basestring_ascii(value)
+        found = seen.get(value)
+        if found is None:
+            found = seen[value] = encode_basestring_ascii(value)
+        return found
+
+    encoder = make_encoder(None, _not_json, string, None, ": ", ", ", False, False, True)
+    return lambda value: "".join(encoder(value, 0))
+
+
 def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, Any]]]) -> None:
     """``events.emit`` for many ``(account_id, mailbox_id, event_type, view)`` at once.
 
@@ -1281,11 +1316,14 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
     mailbox's ``webhook_url`` subscription in step; nothing in this transaction changes
     subscriptions after that, so that mailbox's later events reuse its subscriber list (read
     once) and are written with one INSERT for the events and one for their deliveries. The
-    rows are those ``events.emit`` writes (same payload builder, same name matching).
+    rows are those ``events.emit`` writes (same payload builder, same name matching, the
+    same JSON text), the payloads encoded by one :func:`_json_encoder` per message.
     """
     subscribers: dict[tuple[str, str], list[Any]] = {}
     event_rows: list[dict[str, Any]] = []
     delivery_rows: list[dict[str, Any]] = []
+    encoded_view: dict[str, Any] | None = None
+    encode = _json_encoder()
     for account_id, mailbox_id, event_type, view in emits:
         key = (account_id, mailbox_id)
         if key not in subscribers:
@@ -1309,6 +1347,9 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
             mailbox_id=mailbox_id,
             message=view,
         )
+        if view is not encoded_view:
+            # A fresh cache per message: only one message's events share its strings.
+            encode, encoded_view = _json_encoder(), view
         event_rows.append(
             {
                 "id": event_id,
@@ -1316,13 +1357,13 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
                 "mailbox_id": mailbox_id,
                 "message_id": view.get("id"),
                 "type": event_type,
-                "payload": payload,
+                "payload_json": encode(payload),
                 "created_at": now,
             }
         )
         delivery_rows.extend(events.delivery_rows(subscribers[key], event_id, event_type, now))
     if event_rows:
-        conn.execute(_INSERT_EVENT, event_rows)
+        conn.execute(_INSERT_EVENT_TEXT[conn.dialect.name], event_rows)
     if delivery_rows:
         conn.execute(_INSERT_WEBHOOK_DELIVERY, delivery_rows)
         events.nudge_after_commit(conn)
