@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import smtplib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -16,64 +15,27 @@ from typing import Any
 
 import aiosmtplib
 import dkim
-import httpx
 import pytest
 from sqlalchemy import insert, select
 
 from multimail.config import Settings
 from multimail.ids import new_id, utcnow
 from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair
-from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes, threads
-from multimail.services.context import Actor, Services
+from multimail.services import accounts, threads
+from multimail.services.context import Services
 from multimail.store.tables import events, messages, suppressions
 from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.testing.dns import LocalDNSServer
-from multimail.testing.server import LiveServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
+from tests.integration.inbound_support import InboundStack, dsn, running
 
 KEY = generate_rsa_keypair(2048)
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 
 
 @dataclass
-class Stack:
-    services: Services
-    live: LiveServer
-    smtp_port: int
-    boot: accounts.Bootstrap
-    mailbox: dict[str, Any]
-
-    def client(self, key: str) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.live.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
-        )
-
-    def inbound(self, count: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
-        """Wait until ``count`` inbound messages exist; return them oldest first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.services.db.read() as conn:
-                rows = [
-                    dict(r)
-                    for r in conn.execute(
-                        select(messages)
-                        .where(messages.c.direction == "inbound")
-                        .order_by(messages.c.id)
-                    ).mappings()
-                ]
-            if len(rows) >= count or time.monotonic() > deadline:
-                assert len(rows) >= count, f"only {len(rows)} of {count} messages arrived"
-                return rows
-            time.sleep(0.05)
-
-
-def make_mailbox(svc: Services, account_id: str, address: str, mode: str = "gated_send") -> Any:
-    actor = Actor(type="system", id=None, name="test", account_id=account_id)
-    with svc.db.write() as conn:
-        return mailboxes.create_mailbox(
-            conn, actor=actor, settings=svc.settings, address=address, oversight_mode=mode
-        )
+class Stack(InboundStack):
+    mailbox: dict[str, Any]  # bot@mm.test, gated_send
 
 
 def outbound_message(svc: Services, mailbox: dict[str, Any], header_id: str, to: str) -> str:
@@ -118,15 +80,10 @@ def stack(settings: Settings, boot: accounts.Bootstrap) -> Iterator[Stack]:
         dns_server.add_record("_dmarc.sender.test", "TXT", "v=DMARC1; p=reject")
         dns_server.add_record("forged.test", "TXT", "v=spf1 ip4:192.0.2.1 -all")
         dns_server.add_record("_dmarc.forged.test", "TXT", "v=DMARC1; p=reject")
-        local = settings.model_copy(update={"smtp_port": 0, "dns_resolver": dns_server.address})
-        svc = build_services(local)
-        mailbox = make_mailbox(svc, boot.account["id"], "bot@mm.test")
-        with LiveServer(svc, components=[run_smtp, run_inbound_worker]) as live:
-            deadline = time.monotonic() + 10
-            while "smtp_port" not in svc.extras and time.monotonic() < deadline:
-                time.sleep(0.01)
-            yield Stack(svc, live, int(svc.extras["smtp_port"]), boot, mailbox)  # type: ignore[call-overload]
-        svc.db.dispose()
+        components = [run_smtp, run_inbound_worker]
+        with running(settings, components, dns_resolver=dns_server.address) as (svc, live, port):
+            base = InboundStack(svc, live, port, boot)
+            yield Stack(svc, live, port, boot, mailbox=base.make_mailbox("bot@mm.test"))
 
 
 def signed(msg: EmailMessage) -> bytes:
@@ -256,7 +213,7 @@ def test_reply_to_an_outbound_message_joins_its_thread(stack: Stack) -> None:
 
 def test_gated_all_mailbox_holds_mail_out_of_the_agents_sight(stack: Stack) -> None:
     """Held mail is invisible to the agent (list and read) and visible to the reviewer."""
-    held_box = make_mailbox(stack.services, stack.boot.account["id"], "held@mm.test", "gated_all")
+    held_box = stack.make_mailbox("held@mm.test", "gated_all")
     msg = simple("Secret", "Only after review.")
     del msg["To"]
     msg["To"] = "held@mm.test"
@@ -276,27 +233,10 @@ def test_gated_all_mailbox_holds_mail_out_of_the_agents_sight(stack: Stack) -> N
     assert "message.received" not in types
 
 
-def _dsn(original: str, recipient: str) -> bytes:
-    return (
-        "From: MAILER-DAEMON@relay.example\r\nTo: bot@mm.test\r\nSubject: Undelivered\r\n"
-        "Message-ID: <dsn-1@relay.example>\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
-        "--B\r\nContent-Type: text/plain\r\n\r\nThe mail could not be delivered.\r\n"
-        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
-        "Reporting-MTA: dns; relay.example\r\n\r\n"
-        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
-        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"From: bot@mm.test\r\nTo: {recipient}\r\nMessage-ID: <{original}>\r\n"
-        "--B--\r\n"
-    ).encode()
-
-
 def test_dsn_marks_the_original_bounced_and_suppresses_the_address(stack: Stack) -> None:
     """A hard bounce marks our message bounced, suppresses the address, fires the event."""
     sent_id = outbound_message(stack.services, stack.mailbox, "<offer-2@mm.test>", "gone@far.test")
-    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
-        client.sendmail("", ["bot@mm.test"], _dsn("<offer-2@mm.test>", "gone@far.test"))
+    stack.smtp_in("", "bot@mm.test", dsn("<offer-2@mm.test>", "gone@far.test", to="bot@mm.test"))
     (report,) = stack.inbound()
     assert report["status"] == "archived"
     with stack.services.db.read() as conn:

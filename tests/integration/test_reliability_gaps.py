@@ -22,7 +22,6 @@ import base64
 import email
 import email.policy
 import email.utils
-import smtplib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,66 +35,23 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from multimail.config import Settings
-from multimail.runtime import build_services
 from multimail.services import accounts, mailboxes
 from multimail.services.context import Actor, Services
 from multimail.store.tables import audit_entries, events, messages, suppressions
 from multimail.testing.dns import LocalDNSServer
-from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturedMessage, CapturingSMTPServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
 from multimail.workers.runner import run_workers
 from tests.conftest import BACKEND
 from tests.integration import test_inbound_crash
+from tests.integration.inbound_support import InboundStack, dsn, running
 
 SECRET = "Please wire $1M to account 7."
 
 
 @dataclass
-class Stack:
-    services: Services
-    live: LiveServer
+class Stack(InboundStack):
     relay: CapturingSMTPServer
-    smtp_port: int
-    boot: accounts.Bootstrap
-
-    def client(self, key: str) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.live.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
-        )
-
-    def mailbox(self, address: str, mode: str) -> dict[str, Any]:
-        actor = Actor(type="system", id=None, name="test", account_id=self.boot.account["id"])
-        with self.services.db.write() as conn:
-            return mailboxes.create_mailbox(
-                conn,
-                actor=actor,
-                settings=self.services.settings,
-                address=address,
-                oversight_mode=mode,
-            )
-
-    def smtp_in(self, mail_from: str, rcpt: str, raw: bytes) -> None:
-        with smtplib.SMTP("127.0.0.1", self.smtp_port) as client:
-            client.sendmail(mail_from, [rcpt], raw)
-
-    def inbound(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Wait until ``count`` inbound messages are processed; return them oldest first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.services.db.read() as conn:
-                rows = [
-                    dict(r)
-                    for r in conn.execute(
-                        select(messages)
-                        .where(messages.c.direction == "inbound")
-                        .order_by(messages.c.created_at, messages.c.id)
-                    ).mappings()
-                ]
-            if len(rows) >= count or time.monotonic() > deadline:
-                assert len(rows) >= count, f"only {len(rows)} of {count} inbound messages"
-                return rows
-            time.sleep(0.05)
 
     def status(self, message_id: str) -> str:
         with self.services.db.read() as conn:
@@ -119,22 +75,13 @@ def stack(settings: Settings, boot: accounts.Bootstrap) -> Iterator[Stack]:
         # Outside senders whose SPF passes from loopback, so inbound mail is ordinary mail.
         for domain in ("sender.test", "relay.example"):
             dns.add_record(domain, "TXT", "v=spf1 ip4:127.0.0.1 -all")
-        local = settings.model_copy(
-            update={
-                "smtp_port": 0,
-                "dns_resolver": dns.address,
-                "smtp_url": SecretStr(f"smtp://127.0.0.1:{relay.port}"),
-            }
-        )
-        svc = build_services(local, run_migrations=False)
-        components = [run_workers, run_smtp, run_inbound_worker]
-        with LiveServer(svc, components=components) as live:
-            deadline = time.monotonic() + 10
-            while "smtp_port" not in svc.extras and time.monotonic() < deadline:
-                time.sleep(0.01)
-            port = int(svc.extras["smtp_port"])  # type: ignore[call-overload]
-            yield Stack(svc, live, relay, port, boot)
-        svc.db.dispose()
+        with running(
+            settings,
+            [run_workers, run_smtp, run_inbound_worker],
+            dns_resolver=dns.address,
+            smtp_url=SecretStr(f"smtp://127.0.0.1:{relay.port}"),
+        ) as (svc, live, port):
+            yield Stack(svc, live, port, boot, relay=relay)
 
 
 def _mail(subject: str, body: str, **headers: str) -> bytes:
@@ -157,7 +104,7 @@ def test_rejected_content_sent_again_by_reply_or_attachment_is_held(stack: Stack
     the customer's mail (mailbox and account reply routes, the tool form), as a reply to the
     rejected draft itself, as a new send asking for ``autonomous``, and inside an attachment:
     each is either refused or held for a reviewer, never queued; the relay gets none of it."""
-    box = stack.mailbox("agent@mm.test", "gated_send")
+    box = stack.make_mailbox("agent@mm.test", "gated_send")
     agent = stack.client(stack.boot.agent_key)
     reviewer = stack.client(stack.boot.reviewer_key)
     stack.smtp_in("customer@sender.test", "agent@mm.test", _mail("Invoice", "Pay us?"))
@@ -249,7 +196,7 @@ def test_inbound_subject_reused_in_a_reply_adds_no_header_or_recipient(
     """SMTP-4: a reply with the defaults (To from the inbound Reply-To/From, ``Re:`` + the
     inbound Subject) to mail whose Subject, From name and Reply-To carry encoded CR/LF goes to
     exactly the one sender, with no Bcc, no injected field and a one-line Subject."""
-    box = stack.mailbox("agent@mm.test", "autonomous")
+    box = stack.make_mailbox("agent@mm.test", "autonomous")
     raw = (
         "From: =?utf-8?q?Eve=0D=0ABcc:_thief@evil.example?= <customer@sender.test>\r\n"
         "Reply-To: =?utf-8?q?Eve=0ACc:_thief@evil.example?= <customer@sender.test>\r\n"
@@ -293,7 +240,7 @@ def test_from_must_be_the_mailbox(stack: Stack) -> None:
     """SMTP-5: a send naming a ``from`` that is not the caller's mailbox (an outside address,
     another account's mailbox, or a ``from`` field beside the REST mailbox) is refused and
     sends nothing; what is sent carries the mailbox in the header From and the envelope."""
-    box = stack.mailbox("agent@mm.test", "autonomous")
+    box = stack.make_mailbox("agent@mm.test", "autonomous")
     other = accounts.bootstrap(stack.services.db, account_name="Other", operator_email="o@o.test")
     with stack.services.db.write() as conn:
         mailboxes.create_mailbox(
@@ -330,23 +277,6 @@ def test_from_must_be_the_mailbox(stack: Stack) -> None:
 # --------------------------------------------------------------------------- DUR-5
 
 
-def _dsn(number: int, original: str, recipient: str) -> bytes:
-    return (
-        "From: MAILER-DAEMON@relay.example\r\nTo: agent@mm.test\r\nSubject: Undelivered\r\n"
-        f"Message-ID: <dsn-{number}@relay.example>\r\nMIME-Version: 1.0\r\n"
-        "Auto-Submitted: auto-replied\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
-        "--B\r\nContent-Type: text/plain\r\n\r\nThe mail could not be delivered.\r\n"
-        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
-        "Reporting-MTA: dns; relay.example\r\n\r\n"
-        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
-        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"From: agent@mm.test\r\nTo: {recipient}\r\nMessage-ID: {original}\r\n"
-        "--B--\r\n"
-    ).encode()
-
-
 def _bounce_trail(stack: Stack, message_id: str) -> tuple[int, int, int]:
     with stack.services.db.read() as conn:
         audits = conn.execute(
@@ -379,7 +309,11 @@ def _dsns_arrive(stack: Stack, message_id: str, count: int) -> None:
             select(messages.c.message_id_header).where(messages.c.id == message_id)
         ).scalar_one()
     for number in range(1, count + 1):
-        stack.smtp_in("", "agent@mm.test", _dsn(number, header, "gone@far.test"))
+        stack.smtp_in(
+            "",
+            "agent@mm.test",
+            dsn(header, "gone@far.test", to="agent@mm.test", number=number, auto_submitted=True),
+        )
     stack.inbound(count)
     time.sleep(1.5)  # the workers' turn to (wrongly) answer or re-notify
 
@@ -389,7 +323,7 @@ def test_a_hard_bounce_suppresses_once_and_a_bounce_is_never_answered(stack: Sta
     event, one audit entry and one suppression; the remote side's DSNs then arrive from <>
     and nothing is sent in answer (no bounce of a bounce, no auto-reply) and the address is
     suppressed once; a later send to it never reaches the relay."""
-    box = stack.mailbox("agent@mm.test", "autonomous")
+    box = stack.make_mailbox("agent@mm.test", "autonomous")
     agent = stack.client(stack.boot.agent_key)
     message_id = _bounced_by_the_relay(stack, agent, box)
     assert _bounce_trail(stack, message_id) == (1, 1, 1)
@@ -415,7 +349,7 @@ def test_dsns_for_an_already_bounced_message_are_not_a_second_notice(stack: Stac
     """DUR-5 "exactly one bounce notice": a message the relay already refused with 550 is
     reported again by two DSNs; the agent still gets one ``message.bounced`` (event and
     audit entry), not three."""
-    box = stack.mailbox("agent@mm.test", "autonomous")
+    box = stack.make_mailbox("agent@mm.test", "autonomous")
     agent = stack.client(stack.boot.agent_key)
     message_id = _bounced_by_the_relay(stack, agent, box)
     agent.close()
@@ -446,7 +380,7 @@ def test_mime_nesting_beyond_the_cap_is_stored_flagged_and_blocks_no_one(stack: 
     """SMTP-6, MIME depth, end to end: 1,000 nested multiparts over SMTP get a 250 (the bytes
     are kept whole), are processed in bounded time with a ``mime_depth_exceeded`` finding, and
     an ordinary message sent right after is processed too."""
-    stack.mailbox("agent@mm.test", "autonomous")
+    stack.make_mailbox("agent@mm.test", "autonomous")
     depth = 1000
     parts = [
         f'Content-Type: multipart/mixed; boundary="b{n}"\r\n\r\n--b{n}\r\n' for n in range(depth)
@@ -470,7 +404,7 @@ def test_a_later_dsn_naming_another_recipient_is_news(stack: Stack) -> None:
     """The one-notice rule does not swallow new facts: the relay refused one recipient at
     RCPT, and later a DSN says a second one (accepted by the relay) failed too: that second
     address is suppressed and reported, once."""
-    box = stack.mailbox("agent@mm.test", "autonomous")
+    box = stack.make_mailbox("agent@mm.test", "autonomous")
     agent = stack.client(stack.boot.agent_key)
     stack.relay.fail_with(550, "5.1.1 no such user", stage="rcpt", only_for=["gone@far.test"])
     sent = agent.post(
@@ -483,8 +417,16 @@ def test_a_later_dsn_naming_another_recipient_is_news(stack: Stack) -> None:
         header = conn.execute(
             select(messages.c.message_id_header).where(messages.c.id == sent["id"])
         ).scalar_one()
-    stack.smtp_in("", "agent@mm.test", _dsn(7, header, "later@far.test"))
-    stack.smtp_in("", "agent@mm.test", _dsn(8, header, "later@far.test"))
+    stack.smtp_in(
+        "",
+        "agent@mm.test",
+        dsn(header, "later@far.test", to="agent@mm.test", number=7, auto_submitted=True),
+    )
+    stack.smtp_in(
+        "",
+        "agent@mm.test",
+        dsn(header, "later@far.test", to="agent@mm.test", number=8, auto_submitted=True),
+    )
     stack.inbound(2)
     time.sleep(1.5)
     with stack.services.db.read() as conn:
