@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -231,8 +232,7 @@ class SigningKeyring:
         if not any(k.kid == current_kid for k in keys):
             raise IdentityKeyError(f"current key {current_kid} is not in the keyring")
         self.directory = directory
-        self._keys = list(keys)
-        self._current_kid = current_kid
+        self._set(list(keys), current_kid)
 
     def __repr__(self) -> str:
         return f"SigningKeyring({str(self.directory)!r}, current={self._current_kid!r})"
@@ -306,12 +306,18 @@ class SigningKeyring:
             key = self._new_key(self.directory, now=int(time.time()))
             keys = [*latest._keys, key]
             self._write_manifest(self.directory, keys, key.kid)
-        self._keys, self._current_kid = keys, key.kid
+        self._set(keys, key.kid)
         return key
+
+    def _set(self, keys: list[SigningKey], current_kid: str) -> None:
+        self._keys = keys
+        self._current_kid = current_kid
+        # Looked up for every message signed: found once here.
+        self._current = next(k for k in keys if k.kid == current_kid)
 
     @property
     def current(self) -> SigningKey:
-        return next(k for k in self._keys if k.kid == self._current_kid)
+        return self._current
 
     def public_keys(self) -> list[PublicKeyInfo]:
         return [
@@ -437,8 +443,18 @@ class IdentityClaims:
         )
 
 
+# One encoder for every token: json.dumps builds a new one per call when given options.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _json_b64(value: Mapping[str, Any]) -> str:
-    return _b64url(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    return _b64url(_COMPACT_JSON.encode(value).encode("utf-8"))
+
+
+@lru_cache(maxsize=64)
+def _protected_header(kid: str) -> str:
+    # The same for every token signed with one key.
+    return _json_b64({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid})
 
 
 def issue_identity_token(claims: IdentityClaims, keyring: SigningKeyring) -> str:
@@ -446,8 +462,7 @@ def issue_identity_token(claims: IdentityClaims, keyring: SigningKeyring) -> str
     if not _SHA256_HEX.fullmatch(claims.body_sha256):
         raise InvalidInput("body_sha256 must be 64 lower-case hex digits")
     key = keyring.current
-    header = {"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": key.kid}
-    signing_input = f"{_json_b64(header)}.{_json_b64(claims.to_payload())}"
+    signing_input = f"{_protected_header(key.kid)}.{_json_b64(claims.to_payload())}"
     signature = key.private_key.sign(signing_input.encode("ascii"))
     token = f"{signing_input}.{_b64url(signature)}"
     if len(token) > MAX_TOKEN_LENGTH:
