@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
@@ -57,7 +57,7 @@ def serve_env(settings: Settings, **values: str | int | None) -> dict[str, str]:
     return env
 
 
-class ServeProcess:
+class ServeProcess(AbstractContextManager["ServeProcess"]):
     """One ``multimail serve --role <role>`` child writing its output to ``log`` (a file, or
     a directory to make a new file in).
 
@@ -155,15 +155,7 @@ class ServeProcess:
             pass
         return 0
 
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
