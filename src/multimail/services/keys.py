@@ -154,7 +154,9 @@ _BY_HASH = select(
 ).where(api_keys.c.key_hash == bindparam("key_hash"))
 
 
-def _check_format(raw_key: str | None) -> str:
+def check_format(raw_key: str | None) -> str:
+    """The key as given, or AuthenticationFailed when it is missing or not one of ours
+    (decided without the database)."""
     if not raw_key:
         raise AuthenticationFailed(
             "missing API key: send 'Authorization: Bearer mm_live_…' or 'X-API-Key: …'",
@@ -200,7 +202,7 @@ def _last_used_due(row: Any, now: datetime) -> bool:
 
 def authenticate(db: Database, raw_key: str | None) -> Actor:
     """The key's actor, or AuthenticationFailed. Revocation is read on every request."""
-    raw_key = _check_format(raw_key)
+    raw_key = check_format(raw_key)
     with db.read() as conn:
         row = conn.execute(_BY_HASH, {"key_hash": hash_key(raw_key)}).mappings().first()
     actor = _actor(row)
@@ -215,7 +217,7 @@ def authenticate_in(conn: Connection, raw_key: str | None) -> Actor:
     """:func:`authenticate` inside the caller's write transaction (the request's rate-limit
     transaction: one transaction per request instead of two). Revocation is read here, on
     every request, as in :func:`authenticate`."""
-    raw_key = _check_format(raw_key)
+    raw_key = check_format(raw_key)
     row = conn.execute(_BY_HASH, {"key_hash": hash_key(raw_key)}).mappings().first()
     actor = _actor(row)
     now = utcnow()

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, Select, bindparam, delete, func, insert, select, update
@@ -48,11 +48,19 @@ from multimail.domain.oversight import (
 )
 from multimail.domain.scan import Finding, ScanAttachment, ScanInput, blocking, scan
 from multimail.domain.scopes import Scope, satisfies
-from multimail.errors import Conflict, Forbidden, InvalidInput, NotFound, RateLimited, TooLarge
+from multimail.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    MultimailError,
+    NotFound,
+    RateLimited,
+    TooLarge,
+)
 from multimail.ids import aware, isoformat, new_id, parse_datetime, utcnow
 from multimail.mail.compose import MAX_SUBJECT_CHARS, safe_subject
 from multimail.mail.htmlmd import html_to_markdown
-from multimail.mail.markdown import render_markdown
+from multimail.mail.markdown import RenderedBody, render_markdown
 from multimail.services import audit, directory, events, mailboxes, notify, threads
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
@@ -79,6 +87,7 @@ from multimail.store.tables import (
 
 __all__ = [
     "AttachmentIn",
+    "Gate",
     "ScheduleEdit",
     "SendRequest",
     "SendResult",
@@ -86,8 +95,10 @@ __all__ = [
     "edit_scheduled",
     "release_scheduled",
     "reply",
+    "reply_admitting",
     "schedule_release",
     "send",
+    "send_admitting",
 ]
 
 MAX_MARKDOWN_CHARS = 262_144
@@ -332,28 +343,36 @@ def _request_hash(request: SendRequest, mailbox_id: str, reply_to: str | None) -
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _bypass_refusal(
+    conn: Connection, actor: Actor, extra: Mapping[str, Any], action: str
+) -> InvalidInput:
+    """Record the attempt in ``conn``'s transaction; the refusal to raise once it commits."""
+    names = sorted(extra)
+    audit.append(
+        conn,
+        actor=actor,
+        action="message.bypass_attempt",
+        subject_type="request",
+        subject_id=action,
+        details={"unknown_fields": names},
+    )
+    return InvalidInput(
+        f"unknown field(s): {', '.join(names)}; a message's status and oversight are set by "
+        "MultiMail, never by the sender",
+        code="unknown_fields",
+        fields=names,
+    )
+
+
 def _refuse_unknown(
     services: Services, actor: Actor, extra: Mapping[str, Any] | None, action: str
 ) -> None:
     """Fields we do not know are refused, and recorded: ``status: approved`` is an attack."""
     if not extra:
         return
-    names = sorted(extra)
     with services.db.write() as conn:
-        audit.append(
-            conn,
-            actor=actor,
-            action="message.bypass_attempt",
-            subject_type="request",
-            subject_id=action,
-            details={"unknown_fields": names},
-        )
-    raise InvalidInput(
-        f"unknown field(s): {', '.join(names)}; a message's status and oversight are set by "
-        "MultiMail, never by the sender",
-        code="unknown_fields",
-        fields=names,
-    )
+        refusal = _bypass_refusal(conn, actor, extra, action)
+    raise refusal
 
 
 # --- checks that need the database -----------------------------------------------------------
@@ -842,9 +861,14 @@ _STATUS_ACTION = {
 
 @dataclass
 class _Work:
-    """One send waiting for a shared commit; ``done`` is set once the outcome is final."""
+    """One send waiting for a shared commit; ``done`` is set once the outcome is final.
 
-    write: Callable[[Connection], SendResult]
+    ``admit``, when given, runs first in the shared transaction and outside the send's
+    savepoint: what it writes (the caller's rate-limit token, a recorded refusal) stays even
+    when it or the send then fails. It returns the actor the send acts for."""
+
+    write: Callable[[Connection, Actor | None], SendResult]
+    admit: Callable[[Connection], Actor] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: SendResult | None = None
     error: Exception | None = None
@@ -869,11 +893,20 @@ class _SharedCommits:
         self._queue_lock = threading.Lock()
         self._leader = threading.Lock()
 
-    def run(self, db: Database, write: Callable[[Connection], SendResult]) -> SendResult:
+    def run(
+        self,
+        db: Database,
+        write: Callable[[Connection, Actor | None], SendResult],
+        admit: Callable[[Connection], Actor] | None = None,
+    ) -> SendResult:
         if not db.is_sqlite:
+            actor = None
+            if admit is not None:
+                with db.write() as conn:
+                    actor = admit(conn)
             with db.write() as conn:
-                return write(conn)
-        work = _Work(write)
+                return write(conn, actor)
+        work = _Work(write, admit)
         with self._queue_lock:
             self._queue.append(work)
         while not work.done.is_set():
@@ -893,14 +926,17 @@ class _SharedCommits:
     def _commit(db: Database, batch: list[_Work]) -> None:
         try:
             with db.write() as conn:
-                if len(batch) == 1:
+                if len(batch) == 1 and batch[0].admit is None:
                     # Alone: a failure rolls the whole transaction back, no savepoint needed.
-                    batch[0].result = batch[0].write(conn)
+                    batch[0].result = batch[0].write(conn, None)
                     return
                 for work in batch:
+                    actor = None
                     try:
+                        if work.admit is not None:
+                            actor = work.admit(conn)
                         with conn.begin_nested():
-                            work.result = work.write(conn)
+                            work.result = work.write(conn, actor)
                     except Exception as exc:
                         work.error = exc
         except Exception as exc:
@@ -914,6 +950,39 @@ class _SharedCommits:
 _SENDS = _SharedCommits()
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What a send computes before it needs the database (or the caller's identity)."""
+
+    request: SendRequest
+    mailbox_refs: Sequence[str | None]
+    reply_ref: str | None
+    now: datetime
+    draft: _Draft | None
+    prerendered: RenderedBody | None
+    # A refusal of the request's own content, raised once the caller has been admitted.
+    error: MultimailError | None = None
+
+
+def _prepare(
+    request: SendRequest,
+    mailbox_refs: Sequence[str | None],
+    reply_ref: str | None,
+    *,
+    keep_error: bool = False,
+) -> _Prepared:
+    now = utcnow()
+    try:
+        draft = _parse(request, now)
+    except MultimailError as exc:
+        if not keep_error:
+            raise
+        return _Prepared(request, mailbox_refs, reply_ref, now, None, None, exc)
+    # Rendering is pure and the slowest step that needs no database: keep it out of the lock.
+    prerendered = render_markdown(draft.markdown or "")
+    return _Prepared(request, mailbox_refs, reply_ref, now, draft, prerendered)
+
+
 def _submit(
     services: Services,
     actor: Actor,
@@ -924,262 +993,329 @@ def _submit(
 ) -> SendResult:
     actor.require(Scope.SEND)
     _refuse_unknown(services, actor, request.model_extra, "reply" if reply_ref else "send")
-    now = utcnow()
-    draft = _parse(request, now)
-    settings = services.settings
-    # Rendering is pure and the slowest step that needs no database: keep it out of the lock.
-    prerendered = render_markdown(draft.markdown or "")
+    prepared = _prepare(request, mailbox_refs, reply_ref)
 
+    def write(conn: Connection, _: Actor | None) -> SendResult:
+        return _write_send(conn, services, actor, prepared)
+
+    return _SENDS.run(services.db, write)
+
+
+class Gate(Protocol):
+    """Who is sending, and their request's rate-limit token: asked by the send itself.
+
+    Both methods authenticate the caller (revocation included) and spend one token, raising
+    ``AuthenticationFailed`` or ``RateLimited`` to refuse; whatever they write (the token,
+    the key's last use) must stand even when they then refuse or the send fails."""
+
+    def admit(self, conn: Connection) -> Actor:
+        """In ``conn``'s write transaction (the send's, shared with concurrent sends)."""
+        ...
+
+    def admit_alone(self) -> Actor:
+        """In a transaction of its own, committed before the send's."""
+        ...
+
+
+# Bodies up to this size are parsed and rendered before the caller is known, so that the
+# caller's key, token and send share one transaction; larger ones wait until the caller is
+# admitted (an unknown key must not buy a long render).
+PREADMIT_MAX_CHARS = 16_384
+
+
+def _cheap_to_prepare(request: SendRequest) -> bool:
+    if request.attachments:
+        return False
+    size = 0
+    for value in (request.markdown, request.text, request.body, request.html):
+        size += len(value) if value is not None else 0
+    return size <= PREADMIT_MAX_CHARS
+
+
+def _submit_admitting(
+    services: Services,
+    gate: Gate,
+    *,
+    mailbox_refs: Sequence[str | None],
+    request: SendRequest,
+    reply_ref: str | None,
+) -> SendResult:
+    if not services.db.is_sqlite or not _cheap_to_prepare(request):
+        # PostgreSQL: the token's row lock must not be held for the whole send.
+        actor = gate.admit_alone()
+        return _submit(
+            services, actor, mailbox_refs=mailbox_refs, request=request, reply_ref=reply_ref
+        )
+    prepared = _prepare(request, mailbox_refs, reply_ref, keep_error=True)
+    action = "reply" if reply_ref else "send"
+
+    def admit(conn: Connection) -> Actor:
+        actor = gate.admit(conn)
+        actor.require(Scope.SEND)
+        if request.model_extra:
+            raise _bypass_refusal(conn, actor, request.model_extra, action)
+        return actor
+
+    def write(conn: Connection, actor: Actor | None) -> SendResult:
+        assert actor is not None
+        return _write_send(conn, services, actor, prepared)
+
+    return _SENDS.run(services.db, write, admit)
+
+
+def _write_send(
+    conn: Connection, services: Services, actor: Actor, prepared: _Prepared
+) -> SendResult:
+    """The send's work inside its transaction: checks that read the database, then writes."""
+    if prepared.error is not None:
+        raise prepared.error
+    assert prepared.draft is not None and prepared.prerendered is not None
+    draft, prerendered, now = prepared.draft, prepared.prerendered, prepared.now
+    request, mailbox_refs, reply_ref = prepared.request, prepared.mailbox_refs, prepared.reply_ref
+    settings = services.settings
     named = [ref for ref in mailbox_refs if ref]
     by_id = named[0] if len(named) == 1 and named[0].startswith("mbx_") else None
 
-    def write(conn: Connection) -> SendResult:
-        limits: _Limits | None = None
-        mailbox: dict[str, Any] | None
-        if by_id is not None:
-            mailbox, limits = _mailbox_and_limits(conn, actor, by_id)
-        else:
-            mailbox = _choose_mailbox(conn, actor, mailbox_refs)
-        original = None
-        if reply_ref is not None:
-            original = message_views.get_row(
-                conn, actor, reply_ref, mailbox_id=mailbox["id"] if mailbox else None
-            )
-            if mailbox is None:
-                mailbox = mailboxes.resolve(conn, actor, original["mailbox_id"])
+    limits: _Limits | None = None
+    mailbox: dict[str, Any] | None
+    if by_id is not None:
+        mailbox, limits = _mailbox_and_limits(conn, actor, by_id)
+    else:
+        mailbox = _choose_mailbox(conn, actor, mailbox_refs)
+    original = None
+    if reply_ref is not None:
+        original = message_views.get_row(
+            conn, actor, reply_ref, mailbox_id=mailbox["id"] if mailbox else None
+        )
         if mailbox is None:
-            mailbox = _only_mailbox(conn, actor)
-        if conn.dialect.name == "postgresql" and limits is None:
-            # Serialises sends per mailbox so caps are counted against committed messages
-            # (_mailbox_and_limits, which set limits, has locked the row already).
-            mailbox = mailboxes.resolve(conn, actor, mailbox["id"], for_update=True)
-        account_id = mailbox["account_id"]
-        if draft.idempotency_key:
-            request_hash = _request_hash(
-                request, mailbox["id"], original["id"] if original else None
-            )
-            replay = _claim_idempotency(conn, account_id, draft.idempotency_key, request_hash, now)
-            if replay is not None:
-                return SendResult(replay, created=False)
-        mode = effective_mode(OversightMode(mailbox["oversight_mode"]), draft.mode)
-        if mode is OversightMode.READ_ONLY:
-            raise Forbidden(
-                f"{mailbox['address']} is read_only: it cannot send. Ask the operator for an "
-                f"upgrade with POST /v1/mailboxes/{mailbox['id']}/request-upgrade (a one-time "
-                "code is mailed to the oversight address)",
-                code="mailbox_read_only",
-                mailbox_id=mailbox["id"],
-            )
-        _check_domain(conn, services, actor, mailbox)
-        to = draft.to or (_reply_recipients(original) if original else [])
-        if not to:
-            raise InvalidInput("give at least one recipient in 'to'", code="missing_recipient")
-        cc = _merge(draft.cc, mailbox.get("auto_cc") or [], to)
-        bcc = _merge(draft.bcc, mailbox.get("auto_bcc") or [], [*to, *cc])
-        recipients = [*to, *cc, *bcc]
-        if len(recipients) > settings.max_recipients:
-            raise InvalidInput(
-                f"{len(recipients)} recipients (auto_cc/auto_bcc included); at most "
-                f"{settings.max_recipients} are allowed",
-                code="too_many_recipients",
-                limit=settings.max_recipients,
-            )
-        subject = (
-            draft.subject
-            if draft.subject is not None
-            else (_reply_subject(original) if original else "")
-        )
-        markdown = draft.markdown or ""
-        if not subject and not markdown and not draft.attachments:
-            raise InvalidInput(
-                "the message has no subject, body or attachment", code="empty_message"
-            )
-        rendered = prerendered
-        size = _estimated_size(subject, markdown, rendered.html, draft.attachments, len(recipients))
-        if size > settings.max_message_bytes:
-            raise TooLarge(
-                f"the message would be about {size} bytes; at most "
-                f"{settings.max_message_bytes} are allowed",
-                code="message_too_large",
-                limit=settings.max_message_bytes,
-            )
-        if limits is None:
-            limits = _limits(conn, actor, account_id)
-        _check_caps(conn, actor, mailbox, limits, now)
-        _check_quota(conn, actor, account_id, limits, now)
-        if original is not None and not draft.idempotency_key:
-            _check_duplicate_reply(conn, original["id"], now)
-
-        # Counted as joined here (a new thread is inserted counting it), not touched later.
-        # first_in_thread: the operator's mail has no earlier messages to quote.
-        thread, first_in_thread = threads.join_outbound(
-            conn,
-            account_id=account_id,
+            mailbox = mailboxes.resolve(conn, actor, original["mailbox_id"])
+    if mailbox is None:
+        mailbox = _only_mailbox(conn, actor)
+    if conn.dialect.name == "postgresql" and limits is None:
+        # Serialises sends per mailbox so caps are counted against committed messages
+        # (_mailbox_and_limits, which set limits, has locked the row already).
+        mailbox = mailboxes.resolve(conn, actor, mailbox["id"], for_update=True)
+    account_id = mailbox["account_id"]
+    if draft.idempotency_key:
+        request_hash = _request_hash(request, mailbox["id"], original["id"] if original else None)
+        replay = _claim_idempotency(conn, account_id, draft.idempotency_key, request_hash, now)
+        if replay is not None:
+            return SendResult(replay, created=False)
+    mode = effective_mode(OversightMode(mailbox["oversight_mode"]), draft.mode)
+    if mode is OversightMode.READ_ONLY:
+        raise Forbidden(
+            f"{mailbox['address']} is read_only: it cannot send. Ask the operator for an "
+            f"upgrade with POST /v1/mailboxes/{mailbox['id']}/request-upgrade (a one-time "
+            "code is mailed to the oversight address)",
+            code="mailbox_read_only",
             mailbox_id=mailbox["id"],
-            subject=subject,
-            at=now,
-            external_id=draft.thread_id,
-            replying_to=original,
         )
-        suppressed = _suppressed_among(conn, account_id, recipients)
-        findings = _scan_input(
-            services, recipients, subject, markdown, draft.attachments, suppressed, size
+    _check_domain(conn, services, actor, mailbox)
+    to = draft.to or (_reply_recipients(original) if original else [])
+    if not to:
+        raise InvalidInput("give at least one recipient in 'to'", code="missing_recipient")
+    cc = _merge(draft.cc, mailbox.get("auto_cc") or [], to)
+    bcc = _merge(draft.bcc, mailbox.get("auto_bcc") or [], [*to, *cc])
+    recipients = [*to, *cc, *bcc]
+    if len(recipients) > settings.max_recipients:
+        raise InvalidInput(
+            f"{len(recipients)} recipients (auto_cc/auto_bcc included); at most "
+            f"{settings.max_recipients} are allowed",
+            code="too_many_recipients",
+            limit=settings.max_recipients,
         )
-        blockers = blocking(findings)
-        timing = draft.gate_timing or GateTiming(mailbox["gate_timing"])
-        allowlisted = mode is OversightMode.GATED_SEND and _all_allowlisted(
-            conn, mailbox["id"], recipients
+    subject = (
+        draft.subject
+        if draft.subject is not None
+        else (_reply_subject(original) if original else "")
+    )
+    markdown = draft.markdown or ""
+    if not subject and not markdown and not draft.attachments:
+        raise InvalidInput("the message has no subject, body or attachment", code="empty_message")
+    rendered = prerendered
+    size = _estimated_size(subject, markdown, rendered.html, draft.attachments, len(recipients))
+    if size > settings.max_message_bytes:
+        raise TooLarge(
+            f"the message would be about {size} bytes; at most "
+            f"{settings.max_message_bytes} are allowed",
+            code="message_too_large",
+            limit=settings.max_message_bytes,
         )
-        if blockers:
-            status = Status.SEND_FAILED
-        else:
-            status = first_outbound_status(
-                mode, scheduled=draft.send_at is not None, timing=timing, allowlisted=allowlisted
-            )
-        check_transition(Status.PENDING_SCAN, status)
+    if limits is None:
+        limits = _limits(conn, actor, account_id)
+    _check_caps(conn, actor, mailbox, limits, now)
+    _check_quota(conn, actor, account_id, limits, now)
+    if original is not None and not draft.idempotency_key:
+        _check_duplicate_reply(conn, original["id"], now)
 
-        message_id = new_id("msg")
-        references: list[str] = []
-        in_reply_to = None
-        if original is not None and original.get("message_id_header"):
-            in_reply_to = original["message_id_header"]
-            references = [*list(original.get("references") or []), in_reply_to][-MAX_REFERENCES:]
-        row: dict[str, Any] = {
-            "id": message_id,
-            "account_id": account_id,
-            "mailbox_id": mailbox["id"],
-            "thread_id": thread["id"],
-            "direction": "outbound",
-            "status": status.value,
-            "test": actor.test_mode,
-            "message_id_header": _message_id_header(message_id, mailbox["address"]),
-            "in_reply_to": in_reply_to,
-            "references": references,
-            "reply_to_email_id": original["id"] if original else None,
-            "from_address": mailbox["address"],
-            "from_name": mailbox.get("display_name"),
-            "to": to,
-            "cc": cc,
-            "bcc": bcc,
-            "reply_to": draft.reply_to,
-            "subject": subject,
-            "markdown": markdown,
-            "html": rendered.html,
-            "text": rendered.text,
-            "metadata": draft.metadata,
-            "scan_findings": [f.as_dict() for f in findings],
-            "oversight_mode": mode.value,
-            "gate_timing": timing.value,
-            "send_at": draft.send_at,
-            "idempotency_key": draft.idempotency_key,
-            "created_by_key_id": actor.id if actor.type == "key" else None,
-            "created_by_key_name": actor.name,
-            "size_bytes": size,
-            "last_error": "; ".join(f.message for f in blockers) or None,
-            "created_at": now,
-            "updated_at": now,
-        }
-        conn.execute(_INSERT_MESSAGE, row)
-        if draft.attachments:
-            conn.execute(
-                _INSERT_ATTACHMENT,
-                [
-                    {
-                        "id": new_id("att"),
-                        "message_id": message_id,
-                        "filename": item.filename,
-                        "content_type": item.content_type,
-                        "size_bytes": len(item.data),
-                        "sha256": hashlib.sha256(item.data).hexdigest(),
-                        "inline": False,
-                        "data": item.data,
-                    }
-                    for item in draft.attachments
-                ],
-            )
-        thread_public = threads.public_thread_id(thread)
-        common = {
-            "subject_type": "message",
-            "subject_id": message_id,
-            "mailbox_id": mailbox["id"],
-            "oversight_mode": mode.value,
-        }
-        created = {
-            "to": to,
-            "cc": cc,
-            "bcc": bcc,
-            "subject": subject,
-            "body_sha256": hashlib.sha256(markdown.encode()).hexdigest(),
-            "attachments": [a.filename for a in draft.attachments],
-            "mailbox_mode": mailbox["oversight_mode"],
-            "requested_mode": draft.mode.value if draft.mode else None,
-            "effective_mode": mode.value,
-            "gate_timing": timing.value,
-            "send_at": isoformat(draft.send_at),
-            "test": actor.test_mode,
-            "reply_to_email_id": row["reply_to_email_id"],
-            "thread_id": thread_public,
-            "idempotency_key": draft.idempotency_key,
-        }
-        scanned = {
-            "findings": [{"code": f.code, "severity": f.severity} for f in findings],
-            "blocked": bool(blockers),
-        }
-        outcome = {"status": status.value, "allowlisted": allowlisted, "reason": row["last_error"]}
-        audit.append_many(
-            conn,
-            actor=actor,
-            entries=[
-                audit.Entry("message.created", **common, details=created),
-                audit.Entry("message.scanned", **common, details=scanned),
-                audit.Entry(_STATUS_ACTION[status], **common, details=outcome),
+    # Counted as joined here (a new thread is inserted counting it), not touched later.
+    # first_in_thread: the operator's mail has no earlier messages to quote.
+    thread, first_in_thread = threads.join_outbound(
+        conn,
+        account_id=account_id,
+        mailbox_id=mailbox["id"],
+        subject=subject,
+        at=now,
+        external_id=draft.thread_id,
+        replying_to=original,
+    )
+    suppressed = _suppressed_among(conn, account_id, recipients)
+    findings = _scan_input(
+        services, recipients, subject, markdown, draft.attachments, suppressed, size
+    )
+    blockers = blocking(findings)
+    timing = draft.gate_timing or GateTiming(mailbox["gate_timing"])
+    allowlisted = mode is OversightMode.GATED_SEND and _all_allowlisted(
+        conn, mailbox["id"], recipients
+    )
+    if blockers:
+        status = Status.SEND_FAILED
+    else:
+        status = first_outbound_status(
+            mode, scheduled=draft.send_at is not None, timing=timing, allowlisted=allowlisted
+        )
+    check_transition(Status.PENDING_SCAN, status)
+
+    message_id = new_id("msg")
+    references: list[str] = []
+    in_reply_to = None
+    if original is not None and original.get("message_id_header"):
+        in_reply_to = original["message_id_header"]
+        references = [*list(original.get("references") or []), in_reply_to][-MAX_REFERENCES:]
+    row: dict[str, Any] = {
+        "id": message_id,
+        "account_id": account_id,
+        "mailbox_id": mailbox["id"],
+        "thread_id": thread["id"],
+        "direction": "outbound",
+        "status": status.value,
+        "test": actor.test_mode,
+        "message_id_header": _message_id_header(message_id, mailbox["address"]),
+        "in_reply_to": in_reply_to,
+        "references": references,
+        "reply_to_email_id": original["id"] if original else None,
+        "from_address": mailbox["address"],
+        "from_name": mailbox.get("display_name"),
+        "to": to,
+        "cc": cc,
+        "bcc": bcc,
+        "reply_to": draft.reply_to,
+        "subject": subject,
+        "markdown": markdown,
+        "html": rendered.html,
+        "text": rendered.text,
+        "metadata": draft.metadata,
+        "scan_findings": [f.as_dict() for f in findings],
+        "oversight_mode": mode.value,
+        "gate_timing": timing.value,
+        "send_at": draft.send_at,
+        "idempotency_key": draft.idempotency_key,
+        "created_by_key_id": actor.id if actor.type == "key" else None,
+        "created_by_key_name": actor.name,
+        "size_bytes": size,
+        "last_error": "; ".join(f.message for f in blockers) or None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    conn.execute(_INSERT_MESSAGE, row)
+    if draft.attachments:
+        conn.execute(
+            _INSERT_ATTACHMENT,
+            [
+                {
+                    "id": new_id("att"),
+                    "message_id": message_id,
+                    "filename": item.filename,
+                    "content_type": item.content_type,
+                    "size_bytes": len(item.data),
+                    "sha256": hashlib.sha256(item.data).hexdigest(),
+                    "inline": False,
+                    "data": item.data,
+                }
+                for item in draft.attachments
             ],
         )
-        if status is Status.QUEUED:
-            _enqueue_delivery(conn, message_id)
-        elif status is Status.SCHEDULED:
-            assert draft.send_at is not None
-            schedule_release(conn, message_id, draft.send_at)
-        elif status is Status.PENDING_SEND_APPROVAL:
-            events.emit(
-                conn,
-                account_id=account_id,
-                event_type="oversight.pending",
-                mailbox_id=mailbox["id"],
-                message=message_views.view(
-                    row,
-                    attachment_list=[
-                        {
-                            "filename": a.filename,
-                            "content_type": a.content_type,
-                            "size_bytes": len(a.data),
-                        }
-                        for a in draft.attachments
-                    ],
-                    thread_public_id=thread_public,
-                ),
-            )
-            notify.notify_pending(
-                conn,
-                services,
+    thread_public = threads.public_thread_id(thread)
+    common = {
+        "subject_type": "message",
+        "subject_id": message_id,
+        "mailbox_id": mailbox["id"],
+        "oversight_mode": mode.value,
+    }
+    created = {
+        "to": to,
+        "cc": cc,
+        "bcc": bcc,
+        "subject": subject,
+        "body_sha256": hashlib.sha256(markdown.encode()).hexdigest(),
+        "attachments": [a.filename for a in draft.attachments],
+        "mailbox_mode": mailbox["oversight_mode"],
+        "requested_mode": draft.mode.value if draft.mode else None,
+        "effective_mode": mode.value,
+        "gate_timing": timing.value,
+        "send_at": isoformat(draft.send_at),
+        "test": actor.test_mode,
+        "reply_to_email_id": row["reply_to_email_id"],
+        "thread_id": thread_public,
+        "idempotency_key": draft.idempotency_key,
+    }
+    scanned = {
+        "findings": [{"code": f.code, "severity": f.severity} for f in findings],
+        "blocked": bool(blockers),
+    }
+    outcome = {"status": status.value, "allowlisted": allowlisted, "reason": row["last_error"]}
+    audit.append_many(
+        conn,
+        actor=actor,
+        entries=[
+            audit.Entry("message.created", **common, details=created),
+            audit.Entry("message.scanned", **common, details=scanned),
+            audit.Entry(_STATUS_ACTION[status], **common, details=outcome),
+        ],
+    )
+    if status is Status.QUEUED:
+        _enqueue_delivery(conn, message_id)
+    elif status is Status.SCHEDULED:
+        assert draft.send_at is not None
+        schedule_release(conn, message_id, draft.send_at)
+    elif status is Status.PENDING_SEND_APPROVAL:
+        events.emit(
+            conn,
+            account_id=account_id,
+            event_type="oversight.pending",
+            mailbox_id=mailbox["id"],
+            message=message_views.view(
                 row,
-                mailbox_address=mailbox["address"],
-                oversight_email=limits.oversight_email,
-                first_in_thread=first_in_thread,
+                attachment_list=[
+                    {
+                        "filename": a.filename,
+                        "content_type": a.content_type,
+                        "size_bytes": len(a.data),
+                    }
+                    for a in draft.attachments
+                ],
+                thread_public_id=thread_public,
+            ),
+        )
+        notify.notify_pending(
+            conn,
+            services,
+            row,
+            mailbox_address=mailbox["address"],
+            oversight_email=limits.oversight_email,
+            first_in_thread=first_in_thread,
+        )
+    response = _summary(row, thread_public)
+    if draft.idempotency_key:
+        conn.execute(
+            update(idempotency_keys)
+            .where(
+                idempotency_keys.c.account_id == account_id,
+                idempotency_keys.c.key == draft.idempotency_key,
             )
-        response = _summary(row, thread_public)
-        if draft.idempotency_key:
-            conn.execute(
-                update(idempotency_keys)
-                .where(
-                    idempotency_keys.c.account_id == account_id,
-                    idempotency_keys.c.key == draft.idempotency_key,
-                )
-                .values(message_id=message_id, response=response)
-            )
-        return SendResult(response, created=True)
-
-    return _SENDS.run(services.db, write)
+            .values(message_id=message_id, response=response)
+        )
+    return SendResult(response, created=True)
 
 
 def send(
@@ -1207,6 +1343,39 @@ def reply(
     return _submit(
         services,
         actor,
+        mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
+        request=request,
+        reply_ref=email_id,
+    )
+
+
+def send_admitting(
+    services: Services, gate: Gate, *, mailbox_ref: str | None, request: SendRequest
+) -> SendResult:
+    """:func:`send` for a caller not yet authenticated: ``gate`` admits them (key, rate
+    limit) inside the send's own transaction when it can, in one of its own otherwise. The
+    refusals and their order are :func:`send`'s behind the API's ``require_send``."""
+    return _submit_admitting(
+        services,
+        gate,
+        mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
+        request=request,
+        reply_ref=None,
+    )
+
+
+def reply_admitting(
+    services: Services,
+    gate: Gate,
+    *,
+    mailbox_ref: str | None,
+    email_id: str,
+    request: SendRequest,
+) -> SendResult:
+    """:func:`reply` for a caller not yet authenticated (see :func:`send_admitting`)."""
+    return _submit_admitting(
+        services,
+        gate,
         mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
         request=request,
         reply_ref=email_id,

@@ -12,12 +12,30 @@ response.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
-from multimail.api.deps import SEND, authenticated, services_of
+from multimail.api.deps import (
+    SEND,
+    RequestGate,
+    admitted_later,
+    authenticated,
+    get_services,
+    in_thread,
+    services_of,
+)
+from multimail.domain.scopes import Scope
 from multimail.services import sending
 from multimail.services.context import Actor, Services
 from multimail.services.sending import ScheduleEdit, SendRequest, SendResult
@@ -32,37 +50,95 @@ class CancelBody(BaseModel):
     note: str | None = Field(None, max_length=2000)
 
 
-def _answer(result: SendResult, response: Response) -> dict[str, Any]:
-    response.status_code = 202 if result.created else 200
-    return result.response
+class _InvalidBody:
+    """A send body that failed validation, kept so the refusal can wait for the key."""
+
+    def __init__(self, errors: list[Any]) -> None:
+        self.errors = errors
+
+
+def _keep_errors(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        return _InvalidBody(exc.errors(include_url=False))
+
+
+# The send body as FastAPI documents it (the same schema, required), but a body that fails
+# validation, or none at all, reaches the endpoint: the caller is admitted (key, rate-limit
+# token, scope) first and then refused with the 422 FastAPI would have given, as before.
+SendBody = Annotated[SendRequest, WrapValidator(_keep_errors), Body()]
+_SEND_OPENAPI: dict[str, Any] = {"requestBody": {"required": True}}
+_NO_BODY: Any = None  # the default that lets a request without a body reach the endpoint
+
+SEND_KEY = admitted_later(Scope.SEND)
+
+
+def _validated(body: SendRequest | None) -> SendRequest:
+    if body is None:
+        missing = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
+        raise RequestValidationError([missing])
+    if isinstance(body, _InvalidBody):
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in body.errors]
+        raise RequestValidationError(errors)
+    return body
+
+
+async def _send(
+    request: Request,
+    raw_key: str | None,
+    body: SendRequest | None,
+    *,
+    mailbox_ref: str | None,
+    email_id: str | None = None,
+) -> Response:
+    """One thread hop in which the send authenticates its caller, spends their token and
+    writes the message, all in one transaction (``sending.send_admitting``)."""
+    svc = get_services(request)
+    gate = RequestGate(request, raw_key)
+
+    def run() -> SendResult:
+        if body is None or isinstance(body, _InvalidBody):
+            gate.admit_alone().require(Scope.SEND)
+            _validated(body)
+        assert body is not None
+        if email_id is None:
+            return sending.send_admitting(svc, gate, mailbox_ref=mailbox_ref, request=body)
+        return sending.reply_admitting(
+            svc, gate, mailbox_ref=mailbox_ref, email_id=email_id, request=body
+        )
+
+    result = await in_thread(run)
+    # The body FastAPI would have rendered (the response is JSON-native already).
+    return JSONResponse(
+        result.response, status_code=202 if result.created else 200, headers=gate.headers
+    )
 
 
 # --- canonical REST --------------------------------------------------------------------------
 
 
-@router.post("/v1/mailboxes/{mailbox}/send", status_code=202)
-def send_from_mailbox(
+@router.post("/v1/mailboxes/{mailbox}/send", status_code=202, openapi_extra=_SEND_OPENAPI)
+async def send_from_mailbox(
     mailbox: str,
-    body: SendRequest,
-    response: Response,
-    actor: Actor = Depends(SEND),
-    svc: Services = Depends(services_of),
+    request: Request,
+    body: SendBody = _NO_BODY,
+    raw_key: str | None = Depends(SEND_KEY),
 ) -> Any:
-    result = sending.send(svc, actor, mailbox_ref=mailbox, request=body)
-    return _answer(result, response)
+    return await _send(request, raw_key, body, mailbox_ref=mailbox)
 
 
-@router.post("/v1/mailboxes/{mailbox}/reply/{email_id}", status_code=202)
-def reply_from_mailbox(
+@router.post(
+    "/v1/mailboxes/{mailbox}/reply/{email_id}", status_code=202, openapi_extra=_SEND_OPENAPI
+)
+async def reply_from_mailbox(
     mailbox: str,
     email_id: str,
-    body: SendRequest,
-    response: Response,
-    actor: Actor = Depends(SEND),
-    svc: Services = Depends(services_of),
+    request: Request,
+    body: SendBody = _NO_BODY,
+    raw_key: str | None = Depends(SEND_KEY),
 ) -> Any:
-    result = sending.reply(svc, actor, mailbox_ref=mailbox, email_id=email_id, request=body)
-    return _answer(result, response)
+    return await _send(request, raw_key, body, mailbox_ref=mailbox, email_id=email_id)
 
 
 @router.post("/v1/mailboxes/{mailbox}/emails/{email_id}/cancel")
@@ -91,14 +167,13 @@ def edit_schedule(
 # --- short forms -----------------------------------------------------------------------------
 
 
-@router.post("/v1/send", status_code=202)
-def short_send(
-    body: SendRequest,
-    response: Response,
-    actor: Actor = Depends(SEND),
-    svc: Services = Depends(services_of),
+@router.post("/v1/send", status_code=202, openapi_extra=_SEND_OPENAPI)
+async def short_send(
+    request: Request,
+    body: SendBody = _NO_BODY,
+    raw_key: str | None = Depends(SEND_KEY),
 ) -> Any:
-    return _answer(sending.send(svc, actor, mailbox_ref=None, request=body), response)
+    return await _send(request, raw_key, body, mailbox_ref=None)
 
 
 @router.post("/v1/cancel/{email_id}")
@@ -112,16 +187,14 @@ def short_cancel(
     return sending.cancel(svc, actor, email_id, reason)
 
 
-@router.post("/v1/emails/{email_id}/reply", status_code=202)
-def account_reply(
+@router.post("/v1/emails/{email_id}/reply", status_code=202, openapi_extra=_SEND_OPENAPI)
+async def account_reply(
     email_id: str,
-    body: SendRequest,
-    response: Response,
-    actor: Actor = Depends(SEND),
-    svc: Services = Depends(services_of),
+    request: Request,
+    body: SendBody = _NO_BODY,
+    raw_key: str | None = Depends(SEND_KEY),
 ) -> Any:
-    result = sending.reply(svc, actor, mailbox_ref=None, email_id=email_id, request=body)
-    return _answer(result, response)
+    return await _send(request, raw_key, body, mailbox_ref=None, email_id=email_id)
 
 
 @router.patch("/v1/emails/{email_id}/schedule")

@@ -1,0 +1,231 @@
+"""The send routes admit their caller (key, rate-limit token, scope) inside the send itself.
+
+``POST …/send`` and the reply routes authenticate the key and spend its token in the send's
+own transaction (on SQLite shared with concurrent sends), not in a dependency of their own.
+What callers see must not change: revocation holds on the very next send, a refused or
+invalid send still spends its token, a 429 still carries Retry-After and the RateLimit-*
+headers, and refusals come in the same order (key, token, scope, body, fields, content).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event, func, select
+
+from multimail.config import Settings
+from multimail.runtime import build_services
+from multimail.services import accounts, audit, keys, mailboxes, sending
+from multimail.services.context import Actor, Services
+from multimail.store.tables import audit_entries, messages
+from multimail.testing.server import LiveServer
+
+BODY = {"to": "customer@example.com", "subject": "Order", "markdown": "Shipped."}
+
+
+def _mailbox(services: Services, boot: accounts.Bootstrap, mode: str = "autonomous") -> str:
+    operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
+    with services.db.write() as conn:
+        created = mailboxes.create_mailbox(
+            conn,
+            actor=operator,
+            settings=services.settings,
+            address=f"{mode.replace('_', '-')}@mm.test",
+            oversight_mode=mode,
+        )
+    return str(created["id"])
+
+
+def _key(services: Services, boot: accounts.Bootstrap, scopes: list[str]) -> keys.CreatedKey:
+    operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
+    with services.db.write() as conn:
+        return keys.create_key(
+            conn, actor=operator, account_id=boot.account["id"], name="k", scopes=scopes
+        )
+
+
+@pytest.fixture
+def tight(settings: Settings) -> Iterator[Services]:
+    """Services whose keys get a bucket of 3 requests, refilled at one a minute."""
+    svc = build_services(
+        settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 3})
+    )
+    yield svc
+    svc.db.dispose()
+
+
+def _client(server: LiveServer, key: str) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.Client(base_url=server.base_url, headers=headers, timeout=30)
+
+
+def test_revoked_key_is_refused_by_the_very_next_send(
+    services: Services, boot: accounts.Bootstrap, live: LiveServer
+) -> None:
+    box = _mailbox(services, boot)
+    created = _key(services, boot, ["send"])
+    with _client(live, created.raw_key) as agent:
+        assert agent.post(f"/v1/mailboxes/{box}/send", json=BODY).status_code == 202
+        operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
+        with services.db.write() as conn:
+            keys.revoke_key(
+                conn, actor=operator, account_id=boot.account["id"], key_id=created.record["id"]
+            )
+        for path in (f"/v1/mailboxes/{box}/send", "/v1/send"):
+            refused = agent.post(path, json=BODY | {"from": "autonomous@mm.test"})
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["code"] == "api_key_revoked"
+        long_body = BODY | {"markdown": "x" * (sending.PREADMIT_MAX_CHARS + 1)}
+        refused = agent.post(f"/v1/mailboxes/{box}/send", json=long_body)
+        assert refused.status_code == 401 and refused.json()["code"] == "api_key_revoked"
+    with services.db.read() as conn:
+        sent = conn.execute(select(func.count()).select_from(messages)).scalar_one()
+    assert sent == 1
+
+
+def test_refused_and_invalid_sends_spend_their_token_and_429_says_when(
+    tight: Services, boot: accounts.Bootstrap
+) -> None:
+    """A send refused by the service (no recipient), one refused by validation and one with
+    unknown fields each spend a token; the fourth request gets 429 with Retry-After."""
+    box = _mailbox(tight, boot)
+    with LiveServer(tight) as server, _client(server, boot.agent_key) as agent:
+        path = f"/v1/mailboxes/{box}/send"
+        no_recipient = agent.post(path, json={"subject": "s"})
+        assert no_recipient.status_code == 422
+        assert no_recipient.json()["code"] == "missing_recipient"
+        invalid = agent.post(path, json={"to": 5})
+        assert invalid.status_code == 422 and invalid.json()["code"] == "validation_error"
+        bypass = agent.post(path, json=BODY | {"status": "approved"})
+        assert bypass.status_code == 422 and bypass.json()["code"] == "unknown_fields"
+        limited = agent.post(path, json=BODY)
+        assert limited.status_code == 429, limited.text
+        assert limited.json()["code"] == "rate_limited"
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert limited.headers["RateLimit-Limit"] == "3"
+        assert limited.headers["RateLimit-Remaining"] == "0"
+        assert limited.headers["RateLimit-Policy"] == "3;w=60"
+    with tight.db.read() as conn:
+        attempts = conn.execute(
+            select(func.count())
+            .select_from(audit_entries)
+            .where(audit_entries.c.action == "message.bypass_attempt")
+        ).scalar_one()
+        sent = conn.execute(select(func.count()).select_from(messages)).scalar_one()
+    assert attempts == 1 and sent == 0
+
+
+def test_accepted_send_carries_the_rate_limit_headers(
+    tight: Services, boot: accounts.Bootstrap
+) -> None:
+    box = _mailbox(tight, boot)
+    with LiveServer(tight) as server, _client(server, boot.agent_key) as agent:
+        first = agent.post(f"/v1/mailboxes/{box}/send", json=BODY)
+        second = agent.post(f"/v1/mailboxes/{box}/send", json=BODY | {"subject": "Again"})
+    assert first.status_code == second.status_code == 202
+    assert first.headers["RateLimit-Remaining"] == "2"
+    assert second.headers["RateLimit-Remaining"] == "1"
+    assert first.json()["status"] == "queued" and first.json()["idempotent"] is False
+
+
+def test_wrong_scope_is_refused_after_the_key_and_before_the_body(
+    services: Services, boot: accounts.Bootstrap, live: LiveServer
+) -> None:
+    """Refusal order: a bad key (whatever the body), then the scope, then the body."""
+    box = _mailbox(services, boot)
+    reader = _key(services, boot, ["read"])
+    path = f"/v1/mailboxes/{box}/send"
+    unknown = httpx.post(
+        live.base_url + path, json={"to": 5}, headers={"X-API-Key": "mm_live_" + "a" * 43}
+    )
+    assert unknown.status_code == 401 and unknown.json()["code"] == "invalid_api_key"
+    empty = httpx.post(
+        live.base_url + path, headers={"X-API-Key": "mm_live_" + "a" * 43}, content=b""
+    )
+    assert empty.status_code == 401
+    with _client(live, reader.raw_key) as client:
+        refused = client.post(path, json={"to": 5})
+        assert refused.status_code == 403 and refused.json()["code"] == "insufficient_scope"
+    with _client(live, boot.agent_key) as agent:
+        missing = agent.post(path, content=b"", headers={"content-type": "application/json"})
+        assert missing.status_code == 422 and missing.json()["code"] == "validation_error"
+
+
+def test_memory_rate_limits_work_on_the_send_path(
+    settings: Settings, boot: accounts.Bootstrap
+) -> None:
+    memory = settings.model_copy(
+        update={"rate_limit_backend": "memory", "rate_limit_per_minute": 1, "rate_limit_burst": 2}
+    )
+    svc = build_services(memory)
+    try:
+        box = _mailbox(svc, boot)
+        with LiveServer(svc) as server, _client(server, boot.agent_key) as agent:
+            codes = [agent.post(f"/v1/mailboxes/{box}/send", json=BODY).status_code]
+            codes.append(agent.post(f"/v1/mailboxes/{box}/send", json={"subject": "s"}).status_code)
+            limited = agent.post(f"/v1/mailboxes/{box}/send", json=BODY)
+            codes.append(limited.status_code)
+        assert codes == [202, 422, 429]
+        assert int(limited.headers["Retry-After"]) >= 1
+    finally:
+        svc.db.dispose()
+
+
+def test_one_send_is_one_transaction_with_its_admission(
+    services: Services, boot: accounts.Bootstrap, live: LiveServer
+) -> None:
+    """The key lookup, the token and the message commit together (SQLite: one commit;
+    PostgreSQL keeps the token's short transaction of its own: two)."""
+    box = _mailbox(services, boot)
+    commits: list[int] = []
+
+    def committed(*_: Any) -> None:
+        commits.append(1)
+
+    with _client(live, boot.agent_key) as agent:
+        agent.post(f"/v1/mailboxes/{box}/send", json=BODY).raise_for_status()  # warm
+        event.listen(services.db.engine, "commit", committed)
+        try:
+            agent.post(f"/v1/mailboxes/{box}/send", json=BODY).raise_for_status()
+        finally:
+            event.remove(services.db.engine, "commit", committed)
+    assert len(commits) == (1 if services.db.is_sqlite else 2)
+
+
+def test_concurrent_sends_with_a_revoked_key_among_them(
+    services: Services, boot: accounts.Bootstrap, live: LiveServer
+) -> None:
+    """Sends that share a commit: the revoked key's are refused, the others all stand, and
+    the audit chain verifies."""
+    box = _mailbox(services, boot)
+    revoked = _key(services, boot, ["send"])
+    operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
+    with services.db.write() as conn:
+        keys.revoke_key(
+            conn, actor=operator, account_id=boot.account["id"], key_id=revoked.record["id"]
+        )
+    senders = 12
+    codes: list[int] = [0] * senders
+    start = threading.Barrier(senders)
+
+    def run(index: int) -> None:
+        key = revoked.raw_key if index % 3 == 0 else boot.agent_key
+        with _client(live, key) as client:
+            start.wait()
+            body = BODY | {"subject": f"Order {index}"}
+            codes[index] = client.post(f"/v1/mailboxes/{box}/send", json=body).status_code
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert codes == [401 if i % 3 == 0 else 202 for i in range(senders)]
+    with services.db.read() as conn:
+        subjects = set(conn.execute(select(messages.c.subject)).scalars())
+    assert subjects == {f"Order {i}" for i in range(senders) if i % 3}
+    assert audit.verify(services.db).ok
