@@ -423,3 +423,29 @@ def test_composed_fields_are_what_the_signer_would_read(
         if int(time.time()) == second:
             assert pair[0] == pair[1]
             return
+
+
+@given(
+    domain=st.text(st.sampled_from("abc.-"), min_size=1, max_size=60),
+    selector=st.text(st.sampled_from("xyz1"), min_size=1, max_size=30),
+    include=st.lists(
+        st.sampled_from([b"from", b"to", b"x-multimail-identity", b"cc"]), max_size=20
+    ),
+    timestamp=st.integers(0, 2**40),
+)
+@settings(max_examples=500)
+def test_emptying_b_is_dkimpys_re_btag(
+    domain: str, selector: str, include: list[bytes], timestamp: int
+) -> None:
+    """Cutting the folded tag list after its last "b=" is what dkimpy's RE_BTAG does."""
+    fields = [
+        (b"v", b"1"),
+        (b"d", domain.encode()),
+        (b"s", selector.encode()),
+        (b"t", str(timestamp).encode()),
+        (b"h", b" : ".join([b"from", *include])),
+        (b"bh", b"A" * 44),
+        (b"b", b"0" * 60),
+    ]
+    folded = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=14, linesep=b"\r\n")
+    assert our_dkim._unsigned_tags(fields) == dkim.RE_BTAG.sub(b"\\1", folded)
