@@ -19,17 +19,16 @@ import argparse
 import hashlib
 import json
 import multiprocessing
-import os
 import resource
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, insert, text
+from _support import Databases, databases, finish, output_arguments
+from sqlalchemy import insert, text
 
 from multimail.domain.audit import GENESIS_HASH, canonical_bytes, entry_hash
 from multimail.services import audit
@@ -37,10 +36,6 @@ from multimail.services.context import Actor
 from multimail.store import migrate
 from multimail.store.db import Database
 from multimail.store.tables import audit_entries
-
-PG_ADMIN_URL = os.environ.get(
-    "MULTIMAIL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 
 
 def synthetic_chain(count: int) -> Iterator[dict[str, Any]]:
@@ -88,8 +83,8 @@ def load(db: Database, count: int) -> None:
 
 
 class Backend:
-    def __init__(self, name: str, url: str, cleanup: Any) -> None:
-        self.name, self.url, self.cleanup = name, url, cleanup
+    def __init__(self, name: str, url: str) -> None:
+        self.name, self.url = name, url
 
     def fresh(self) -> Database:
         """An empty, migrated database (dropping what a previous step left)."""
@@ -107,23 +102,12 @@ class Backend:
         return db
 
 
-def backends(tmp: Path) -> list[Backend]:
-    found = [Backend("sqlite", f"sqlite:///{tmp / 'bench.db'}", lambda: None)]
-    name = f"mm_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # PostgreSQL is optional here; say why it was skipped
-        print(f"(PostgreSQL skipped: {exc.__class__.__name__})")
-        return found
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    found.append(Backend("postgresql", PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}", drop))
+def backends(tmp: Path, dbs: Databases) -> list[Backend]:
+    found = [Backend("sqlite", f"sqlite:///{tmp / 'bench.db'}")]
+    if dbs.postgres_reachable():
+        url = dbs.url("postgresql", "audit")
+        assert url is not None
+        found.append(Backend("postgresql", url))
     return found
 
 
@@ -236,7 +220,7 @@ def main() -> None:
     parser.add_argument(
         "--export-entries", type=int, default=200_000, help="1000000 for the target"
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
+    output_arguments(parser, postgres_optional=False)
     args = parser.parse_args()
     figures: dict[str, Any] = {
         "appends_per_writer": args.appends,
@@ -244,50 +228,44 @@ def main() -> None:
         "export_entries": args.export_entries,
         "backends": {},
     }
-    with tempfile.TemporaryDirectory() as tmp_dir:
+    with tempfile.TemporaryDirectory() as tmp_dir, databases() as dbs:
         tmp = Path(tmp_dir)
-        for backend in backends(tmp):
-            try:
-                print(f"\n== {backend.name}")
-                one = append_rate(backend, 1, args.appends)
-                four = append_rate(backend, 4, args.appends)
-                print(f"append, 1 writer:   {one:10,.0f} entries/s")
+        for backend in backends(tmp, dbs):
+            print(f"\n== {backend.name}")
+            one = append_rate(backend, 1, args.appends)
+            four = append_rate(backend, 4, args.appends)
+            print(f"append, 1 writer:   {one:10,.0f} entries/s")
+            print(f"append, 4 writers:  {four:10,.0f} entries/s  ({four / one:.2f}x of 1 writer)")
+            verify_rate, encode_rate, raw_rate = verification(backend, args.verify_entries)
+            found: dict[str, Any] = {
+                "append_1_per_s": one,
+                "append_4_per_s": four,
+                "verify_per_s": verify_rate,
+                "entry_hash_per_s": encode_rate,
+                "raw_hashlib_per_s": raw_rate,
+                "export": {},
+            }
+            figures["backends"][backend.name] = found
+            print(
+                f"verify {args.verify_entries:,} entries: {verify_rate:10,.0f} entries/s"
+                f"  (target 100,000: {'met' if verify_rate >= 100_000 else 'MISSED'})"
+            )
+            print(f"  domain entry_hash over dicts:      {encode_rate:10,.0f} entries/s")
+            print(
+                f"  raw hashlib SHA-256, same bytes:   {raw_rate:10,.0f} entries/s"
+                f"  (verify is {raw_rate / verify_rate:.1f}x slower than raw hashing)"
+            )
+            formats: tuple[audit.ExportFormat, ...] = ("jsonl", "csv")
+            for fmt in formats:
+                rate, base, peak = export(backend, args.export_entries, fmt, tmp)
+                found["export"][fmt] = {"per_s": rate, "before_mb": base, "peak_mb": peak}
                 print(
-                    f"append, 4 writers:  {four:10,.0f} entries/s  ({four / one:.2f}x of 1 writer)"
+                    f"export {args.export_entries:,} as {fmt:<5}: {rate:10,.0f} entries/s,"
+                    f" peak RSS {peak:5.0f} MB (process before export: {base:.0f} MB;"
+                    " target < 200 MB)"
                 )
-                verify_rate, encode_rate, raw_rate = verification(backend, args.verify_entries)
-                found: dict[str, Any] = {
-                    "append_1_per_s": one,
-                    "append_4_per_s": four,
-                    "verify_per_s": verify_rate,
-                    "entry_hash_per_s": encode_rate,
-                    "raw_hashlib_per_s": raw_rate,
-                    "export": {},
-                }
-                figures["backends"][backend.name] = found
-                print(
-                    f"verify {args.verify_entries:,} entries: {verify_rate:10,.0f} entries/s"
-                    f"  (target 100,000: {'met' if verify_rate >= 100_000 else 'MISSED'})"
-                )
-                print(f"  domain entry_hash over dicts:      {encode_rate:10,.0f} entries/s")
-                print(
-                    f"  raw hashlib SHA-256, same bytes:   {raw_rate:10,.0f} entries/s"
-                    f"  (verify is {raw_rate / verify_rate:.1f}x slower than raw hashing)"
-                )
-                formats: tuple[audit.ExportFormat, ...] = ("jsonl", "csv")
-                for fmt in formats:
-                    rate, base, peak = export(backend, args.export_entries, fmt, tmp)
-                    found["export"][fmt] = {"per_s": rate, "before_mb": base, "peak_mb": peak}
-                    print(
-                        f"export {args.export_entries:,} as {fmt:<5}: {rate:10,.0f} entries/s,"
-                        f" peak RSS {peak:5.0f} MB (process before export: {base:.0f} MB;"
-                        " target < 200 MB)"
-                    )
-            finally:
-                backend.cleanup()
     print(f"\nbench process peak RSS: {_peak_rss_mb():.0f} MB (holds the baselines' data)")
-    if args.json:
-        args.json.write_text(json.dumps(figures))
+    finish(args.json, figures)
     sys.stdout.flush()
 
 

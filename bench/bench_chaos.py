@@ -27,11 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
-import socket
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -42,18 +38,17 @@ from typing import Any
 
 import aiosmtplib
 import httpx
-from bench_crash import (
+from _stack import (
     Desk,
-    Serve,
+    ServeProcess,
     audit_seqs,
-    bench_database,
     make_desk,
     make_services,
     message_headers,
     relay_copies,
-    wait_for,
+    serve,
 )
-from bench_scale import _free_port
+from _support import finish, output_arguments, wait_for, workspace
 from sqlalchemy import func, select
 
 from multimail.services.context import Services
@@ -169,19 +164,23 @@ class Cluster:
 
     def __init__(self, services: Services, tmp: Path, workers: int) -> None:
         self.services, self.tmp = services, tmp
-        self.http_port, self.smtp_port = _free_port(), _free_port()
-        self.api = Serve(services, "api", tmp / "api.log", http_port=self.http_port)
-        self.smtp = Serve(services, "smtp", tmp / "smtp.log", smtp_port=self.smtp_port)
+        self.api = serve(services, "api", tmp / "api.log")
+        self.smtp = serve(services, "smtp", tmp / "smtp.log")
         self.started = 0
         self.workers = [self._worker() for _ in range(workers)]
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return self.api.base_url
 
-    def _worker(self) -> Serve:
+    @property
+    def smtp_port(self) -> int:
+        assert self.smtp.smtp_port is not None
+        return self.smtp.smtp_port
+
+    def _worker(self) -> ServeProcess:
         self.started += 1
-        return Serve(self.services, "worker", self.tmp / f"worker-{self.started}.log")
+        return serve(self.services, "worker", self.tmp / f"worker-{self.started}.log")
 
     def kill_one(self, index: int) -> None:
         victim = index % len(self.workers)
@@ -189,11 +188,7 @@ class Cluster:
         self.workers[victim] = self._worker()
 
     def ready(self) -> bool:
-        try:
-            api = httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            api = False
-        return api and _listening(self.smtp_port)
+        return self.api.ready() and self.smtp.ready()
 
     def rss_kib(self) -> dict[str, int]:
         return {"api": self.api.rss_kib(), "smtp": self.smtp.rss_kib()}
@@ -201,12 +196,6 @@ class Cluster:
     def stop(self) -> None:
         for proc in [*self.workers, self.api, self.smtp]:
             proc.stop()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def run_phase(
@@ -385,14 +374,10 @@ def main() -> None:
     parser.add_argument(
         "--drain-seconds", type=float, default=180, help="bound on each phase's drain"
     )
-    parser.add_argument("--no-postgres", action="store_true")
-    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
+    output_arguments(parser)
     args = parser.parse_args()
-    with (
-        tempfile.TemporaryDirectory(prefix="mm-bench-chaos-") as tmp_dir,
-        bench_database(args.no_postgres, "chaos") as (backend, url),
-    ):
-        f = chaos_run(args, Path(tmp_dir), backend, url)
+    with workspace("chaos", args.no_postgres) as (tmp, backend, url):
+        f = chaos_run(args, tmp, backend, url)
     growth = ", ".join(
         f"{name} {f['rss_kib']['start'][name] / 1024:.0f} → {f['rss_kib']['end'][name] / 1024:.0f}"
         f" MiB ({100 * g:+.1f}%)"
@@ -407,10 +392,7 @@ def main() -> None:
     checks = verdicts(f)
     for name, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    if args.json:
-        args.json.write_text(json.dumps({**f, "checks": checks}, indent=2))
-    if not all(checks.values()):
-        sys.exit(1)
+    finish(args.json, {**f, "checks": checks}, all(checks.values()))
 
 
 if __name__ == "__main__":

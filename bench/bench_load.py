@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
-import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,18 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_crash import (
-    Serve,
-    bench_database,
-    make_desk,
-    make_services,
-    message_headers,
-    relay_copies,
-    wait_for,
-)
-from bench_scale import _free_port
+from _stack import make_desk, make_services, message_headers, relay_copies, serve
+from _support import finish, output_arguments, percentile, wait_for, workspace
 from sqlalchemy import select
 
+from multimail.services.context import Services
 from multimail.store.tables import messages
 from multimail.testing.smtp import CapturingSMTPServer
 
@@ -68,11 +58,6 @@ class Tally:
             self.server_errors[call] += 1
         elif response.status_code not in ok:
             self.unexpected[f"{call} {response.status_code}"] += 1
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 async def one_call(
@@ -160,14 +145,10 @@ def load_run(args: argparse.Namespace, tmp: Path, backend: str, url: str | None)
         services = make_services(tmp / "data", url, relay.port)
         desk = make_desk(services, ("autonomous", "gated_send"))
         boxes = {mode: str(box["id"]) for mode, box in desk.boxes.items()}
-        port = _free_port()
-        server = Serve(services, "all", tmp / "serve.log", http_port=port, smtp_port=_free_port())
-        base_url = f"http://127.0.0.1:{port}"
+        server = serve(services, "all", tmp / "serve.log")
+        base_url = server.base_url
         try:
-            if not wait_for(lambda: _healthy(base_url) or not server.alive(), 60, 0.1):
-                raise SystemExit("the server did not start in 60 s")
-            if not server.alive():
-                raise SystemExit("the server exited:\n" + server.log.read_text()[-3000:])
+            server.wait_ready()
             began = time.perf_counter()
             tally, health = asyncio.run(
                 drive(
@@ -226,14 +207,7 @@ def load_run(args: argparse.Namespace, tmp: Path, backend: str, url: str | None)
     }
 
 
-def _healthy(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _delivered(services: Any, expected: set[str]) -> bool:
+def _delivered(services: Services, expected: set[str]) -> bool:
     with services.db.read() as conn:
         rows = conn.execute(
             select(messages.c.id).where(
@@ -248,14 +222,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--drain-seconds", type=float, default=120, help="bound on the drain")
-    parser.add_argument("--no-postgres", action="store_true")
-    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
+    output_arguments(parser)
     args = parser.parse_args()
-    with (
-        tempfile.TemporaryDirectory(prefix="mm-bench-load-") as tmp_dir,
-        bench_database(args.no_postgres, "load") as (backend, url),
-    ):
-        f = load_run(args, Path(tmp_dir), backend, url)
+    with workspace("load", args.no_postgres) as (tmp, backend, url):
+        f = load_run(args, tmp, backend, url)
     print(
         f"{f['backend']}: {f['clients']} clients for {f['seconds']:.0f} s,"
         f" {f['requests_per_s']:.0f} requests/s;"
@@ -281,10 +251,7 @@ def main() -> None:
         and f["drained"]
     )
     print("load: " + ("PASS" if ok else "FAIL"))
-    if args.json:
-        args.json.write_text(json.dumps({**f, "ok": ok}, indent=2))
-    if not ok:
-        sys.exit(1)
+    finish(args.json, {**f, "ok": ok}, ok)
 
 
 if __name__ == "__main__":

@@ -24,99 +24,31 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import Envelope, Session
-from pydantic import SecretStr
-from sqlalchemy import Connection, Table, create_engine, func, insert, select, text
+from _stack import ServeProcess, counting_sink, make_desk, make_services, serve, statuses
+from _support import Databases, databases, finish, output_arguments, percentile
+from sqlalchemy import Connection, Table, insert, text
 
-from multimail.config import Settings
 from multimail.ids import new_id, utcnow
-from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes
-from multimail.services.context import Actor, Services
+from multimail.services.context import Services
 from multimail.store.tables import messages, threads
 from multimail.testing.server import LiveServer
 from multimail.workers import delivery
 
-PG_ADMIN_URL = os.environ.get(
-    "MULTIMAIL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 BASELINE_SIZE = 100
 THREAD_SIZE = 5
 BODY = "Hello,\n\nthanks for your order. It **has shipped** and should arrive on Friday.\n\n- Acme"
-
-
-# --------------------------------------------------------------------------- backends
-
-
-class Databases:
-    """Fresh databases per run: a data dir's own SQLite file, or a throw-away PostgreSQL one."""
-
-    def __init__(self) -> None:
-        self.created: list[str] = []
-        self.admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-
-    def postgres_reachable(self) -> bool:
-        try:
-            self.url("postgresql", "probe")
-        except Exception as exc:  # PostgreSQL is optional; say why it is absent
-            print(f"(PostgreSQL skipped: {exc.__class__.__name__})")
-            return False
-        return True
-
-    def url(self, backend: str, label: str) -> str | None:
-        if backend == "sqlite":
-            return None
-        name = f"mm_bench_{label}_{uuid.uuid4().hex[:8]}".replace("-", "_")
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        self.created.append(name)
-        return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-    def close(self) -> None:
-        for name in self.created:
-            with self.admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        self.admin.dispose()
-
-
-@contextmanager
-def databases() -> Iterator[Databases]:
-    found = Databases()
-    try:
-        yield found
-    finally:
-        found.close()
-
-
-def _services(data_dir: Path, database_url: str | None, **extra: Any) -> Services:
-    settings = Settings(
-        data_dir=data_dir,
-        database_url=database_url,
-        domain="bench.test",
-        rate_limit_per_minute=10_000_000,
-        rate_limit_burst=10_000_000,
-        **extra,
-    )
-    return build_services(settings)
 
 
 # --------------------------------------------------------------------------- part 1: indexes
@@ -132,17 +64,9 @@ class Mailbox:
 
 
 def _setup_mailbox(services: Services, mode: str) -> Mailbox:
-    boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
-    actor = Actor(type="system", id=None, name="bench", account_id=boot.account["id"])
-    with services.db.write() as conn:
-        box = mailboxes.create_mailbox(
-            conn,
-            actor=actor,
-            settings=services.settings,
-            address="agent@bench.test",
-            oversight_mode=mode,
-        )
-    return Mailbox(services, boot.account["id"], box["id"], boot.agent_key, boot.reviewer_key)
+    desk = make_desk(services, (mode,), address="agent@{domain}")
+    account_id, box_id = desk.boot.account["id"], desk.boxes[mode]["id"]
+    return Mailbox(services, account_id, box_id, desk.boot.agent_key, desk.boot.reviewer_key)
 
 
 _CROCKFORD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", "0123456789abcdefghjkmnpqrstvwxyz")
@@ -271,11 +195,6 @@ def seed(box: Mailbox, start: int, stop: int) -> float:
     return (stop - start) / (time.perf_counter() - began)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def time_route(client: httpx.Client, path: str, key: str, samples: int) -> dict[str, float]:
     """p50/p99 in ms of ``samples`` sequential GETs (after a few warm-up requests)."""
     headers = {"Authorization": f"Bearer {key}"}
@@ -308,7 +227,7 @@ def measure_routes(box: Mailbox, samples: int) -> dict[str, dict[str, float]]:
 def scale_run(
     dbs: Databases, backend: str, sizes: list[int], samples: int, tmp: Path
 ) -> dict[str, Any]:
-    services = _services(tmp / f"scale-{backend}", dbs.url(backend, "scale"))
+    services = make_services(tmp / f"scale-{backend}", dbs.url(backend, "scale"))
     box = _setup_mailbox(services, "gated_send")
     stored = 0
     results: dict[str, Any] = {"backend": backend, "sizes": {}}
@@ -329,21 +248,6 @@ def scale_run(
 
 
 # --------------------------------------------------------------------------- part 2: workers
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
-        self.count += 1
-        return "250 OK"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _queue_sends(box: Mailbox, count: int) -> None:
@@ -372,71 +276,32 @@ def _queue_sends(box: Mailbox, count: int) -> None:
             delivery.enqueue_delivery(conn, row["id"])
 
 
-def _delivered(services: Services) -> int:
-    with services.db.read() as conn:
-        query = select(func.count()).where(messages.c.status == "delivered")
-        return int(conn.execute(query).scalar_one())
-
-
-def _start_workers(count: int, services: Services) -> list[subprocess.Popen[bytes]]:
-    settings = services.settings
-    env = {
-        **os.environ,
-        "MULTIMAIL_DATA_DIR": str(settings.data_dir),
-        "MULTIMAIL_DATABASE_URL": settings.effective_database_url,
-        "MULTIMAIL_DOMAIN": settings.domain,
-        "MULTIMAIL_SMTP_URL": settings.smtp_url.get_secret_value() if settings.smtp_url else "",
-        "MULTIMAIL_LOG_LEVEL": "warning",
-    }
-    command = [str(Path(sys.executable).parent / "multimail"), "serve", "--role", "worker"]
-    return [
-        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(count)
-    ]
-
-
-def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def worker_rate(dbs: Databases, backend: str, processes: int, count: int, tmp: Path) -> float:
-    sink = _Sink()
-    port = _free_port()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
-    controller.start()
     label = f"workers{processes}"
-    services = _services(
-        tmp / f"{label}-{backend}",
-        dbs.url(backend, label),
-        smtp_url=SecretStr(f"smtp://127.0.0.1:{port}"),
-    )
-    box = _setup_mailbox(services, "autonomous")
-    procs = _start_workers(processes, services)
-    try:
-        time.sleep(4.0)  # imports, the migration check and the first poll, outside the clock
-        for proc in procs:
-            if proc.poll() is not None:
-                stderr = proc.stderr.read().decode() if proc.stderr else ""
-                raise SystemExit(f"worker exited early:\n{stderr[-2000:]}")
-        began = time.perf_counter()
-        _queue_sends(box, count)
-        deadline = began + 300
-        while (done := _delivered(services)) < count and time.perf_counter() < deadline:
-            time.sleep(0.02)
-        elapsed = time.perf_counter() - began
-        if done < count:
-            raise SystemExit(f"only {done} of {count} delivered with {processes} worker(s)")
-    finally:
-        _stop_workers(procs)
-        services.db.dispose()
-        controller.stop()
+    with counting_sink() as (port, _):
+        services = make_services(tmp / f"{label}-{backend}", dbs.url(backend, label), port)
+        box = _setup_mailbox(services, "autonomous")
+        procs: list[ServeProcess] = []
+        try:
+            procs = [serve(services, "worker", tmp) for _ in range(processes)]
+            time.sleep(4.0)  # imports, the migration check and the first poll, outside the clock
+            for proc in procs:
+                if not proc.alive():
+                    raise SystemExit(f"worker exited early:\n{proc.output(2000)}")
+            began = time.perf_counter()
+            _queue_sends(box, count)
+            deadline = began + 300
+            while (done := statuses(services)["delivered"]) < count:
+                if time.perf_counter() > deadline:
+                    break
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - began
+            if done < count:
+                raise SystemExit(f"only {done} of {count} delivered with {processes} worker(s)")
+        finally:
+            for proc in procs:
+                proc.stop(20)
+            services.db.dispose()
     return count / elapsed
 
 
@@ -460,8 +325,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000", help="comma-separated stored messages")
     parser.add_argument("--samples", type=int, default=200, help="requests per route and size")
     parser.add_argument("--worker-messages", type=int, default=1000, help="0 skips part 2")
-    parser.add_argument("--no-postgres", action="store_true")
-    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
+    output_arguments(parser)
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} - {BASELINE_SIZE})
 
@@ -479,8 +343,7 @@ def main() -> None:
                     report["workers"][backend] = workers_run(
                         dbs, backend, args.worker_messages, tmp
                     )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    finish(args.json, report)
 
 
 if __name__ == "__main__":

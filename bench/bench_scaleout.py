@@ -21,9 +21,6 @@ PostgreSQL is required: several processes on one SQLite file is not a supported 
 from __future__ import annotations
 
 import argparse
-import json
-import socket
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -32,43 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_crash import Serve, make_desk, make_services, message_headers, relay_copies
-from bench_scale import databases
+from _stack import (
+    ServeProcess,
+    make_desk,
+    make_services,
+    message_headers,
+    relay_copies,
+    serve,
+    statuses,
+)
+from _support import databases, finish, output_arguments
 from sqlalchemy import func, select
 
 from multimail.services.context import Services
-from multimail.store.tables import audit_entries, messages
+from multimail.store.tables import audit_entries
 from multimail.testing.smtp import CapturingSMTPServer
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_healthy(base: str, proc: Serve, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if not proc.alive():
-            raise SystemExit(f"an API process exited during start-up; see {proc.log}")
-        time.sleep(0.1)
-    raise SystemExit(f"an API process did not answer /health in {seconds:.0f} s")
-
-
-def _outbound_statuses(services: Services) -> Counter[str]:
-    with services.db.read() as conn:
-        rows = conn.execute(
-            select(messages.c.status, func.count())
-            .where(messages.c.direction == "outbound")
-            .group_by(messages.c.status)
-        )
-        return Counter({r[0]: int(r[1]) for r in rows})
 
 
 def _audit_facts(services: Services) -> dict[str, Any]:
@@ -92,17 +67,15 @@ def run(count: int, apis: int, workers: int, clients: int, drain_s: float) -> di
         tmp = Path(tmp_dir)
         services = make_services(tmp / "data", dbs.url("postgresql", "scaleout"), relay.port)
         desk = make_desk(services, ("autonomous", "gated_send"))
-        procs: list[Serve] = []
+        procs: list[ServeProcess] = []
         try:
-            bases = []
             for n in range(apis):
-                port = _free_port()
-                procs.append(Serve(services, "api", tmp / f"api{n}.log", http_port=port))
-                bases.append(f"http://127.0.0.1:{port}")
+                procs.append(serve(services, "api", tmp / f"api{n}.log"))
+            bases = [proc.base_url for proc in procs]
             for n in range(workers):
-                procs.append(Serve(services, "worker", tmp / f"worker{n}.log"))
-            for base, proc in zip(bases, procs, strict=False):
-                _wait_healthy(base, proc)
+                procs.append(serve(services, "worker", tmp / f"worker{n}.log"))
+            for proc in procs:
+                proc.wait_ready()
             time.sleep(3.0)  # the workers' imports and first poll, outside the clock
 
             def client(base: str, key: str) -> httpx.Client:
@@ -142,7 +115,7 @@ def run(count: int, apis: int, workers: int, clients: int, drain_s: float) -> di
                 approve_s = time.perf_counter() - approving
             accepted = [i for i in ids if i is not None]
             deadline = time.monotonic() + drain_s
-            while (done := _outbound_statuses(services)["delivered"]) < len(accepted):
+            while (done := statuses(services)["delivered"]) < len(accepted):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
@@ -160,7 +133,7 @@ def run(count: int, apis: int, workers: int, clients: int, drain_s: float) -> di
                 proc.stop()
         copies, strangers = relay_copies(relay, message_headers(services))
         audit = _audit_facts(services)
-        statuses = _outbound_statuses(services)
+        final = statuses(services)
         services.db.dispose()
     lost = sum(1 for i in accepted if copies[i] == 0)
     duplicates = sum(copies[i] - 1 for i in accepted if copies[i] > 1)
@@ -182,7 +155,7 @@ def run(count: int, apis: int, workers: int, clients: int, drain_s: float) -> di
         "duplicates": duplicates,
         "duplicates_recovered": audit["recovered"],
         "strangers": strangers,
-        "statuses": dict(statuses),
+        "statuses": dict(final),
         "audit_entries": audit["entries"],
         "audit_contiguous": audit["contiguous"],
         "audit_verified": intact,
@@ -202,7 +175,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--drain-seconds", type=float, default=300)
-    parser.add_argument("--json", type=Path, default=None, help="also write figures here")
+    output_arguments(parser, postgres_optional=False)
     args = parser.parse_args()
     f = run(args.messages, args.apis, args.workers, args.clients, args.drain_seconds)
     print(
@@ -224,10 +197,7 @@ def main() -> None:
     )
     print(f"  statuses              {f['statuses']}")
     print("  OK" if f["ok"] else "  FAILED")
-    if args.json:
-        args.json.write_text(json.dumps(f, indent=2))
-    if not f["ok"]:
-        sys.exit(1)
+    finish(args.json, f, f["ok"])
 
 
 if __name__ == "__main__":

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _stack import in_thread, make_desk, make_services
+from _support import percentile
 from sqlalchemy import select
 
-from multimail.config import Settings
-from multimail.runtime import build_services
-from multimail.services import accounts, events, webhooks
-from multimail.services.context import Actor
+from multimail.services import events, webhooks
 from multimail.store.tables import webhook_attempts, webhook_deliveries
 from multimail.workers.webhooks import run_dispatcher
 
@@ -61,8 +60,8 @@ def wait_arrivals(count: int, timeout: float = 60) -> None:
 
 
 def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    """The percentile of seconds, in milliseconds."""
+    return percentile(values, q) * 1000
 
 
 async def baseline(url: str, n_latency: int, n_burst: int) -> tuple[list[float], float]:
@@ -99,70 +98,56 @@ def main() -> None:
     url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
 
     tmp = Path(tempfile.mkdtemp(prefix="mm-bench-webhooks-"))
-    settings = Settings(
-        data_dir=tmp,
-        database_url=args.database_url,
-        domain="bench.test",
-        allow_private_webhooks=True,
-        allow_http_webhooks=True,
+    svc = make_services(
+        tmp, args.database_url, allow_private_webhooks=True, allow_http_webhooks=True
     )
-    svc = build_services(settings)
-    boot = accounts.bootstrap(svc.db, account_name="Bench", operator_email="ops@bench.test")
-    account_id = boot.account["id"]
-    actor = Actor(type="system", id=None, name="bench", account_id=account_id)
+    desk = make_desk(svc, ())
+    account_id = desk.boot.account["id"]
     with svc.db.write() as conn:
-        webhooks.create_webhook(conn, svc, actor, url, ["*"], None, None)
+        webhooks.create_webhook(conn, svc, desk.operator, url, ["*"], None, None)
+    with in_thread(svc, run_dispatcher):
+        time.sleep(0.3)
 
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    worker = threading.Thread(
-        target=loop.run_until_complete, args=(run_dispatcher(svc, stop),), daemon=True
-    )
-    worker.start()
-    time.sleep(0.3)
+        def emit_many(count: int) -> tuple[str, float]:
+            with svc.db.write() as conn:
+                for _ in range(count):
+                    event_id = events.emit(
+                        conn,
+                        account_id=account_id,
+                        event_type="message.received",
+                        extra={"pad": "x" * 1500},
+                    )
+            return event_id, time.perf_counter()
 
-    def emit_many(count: int) -> tuple[str, float]:
-        with svc.db.write() as conn:
-            for _ in range(count):
-                event_id = events.emit(
-                    conn,
-                    account_id=account_id,
-                    event_type="message.received",
-                    extra={"pad": "x" * 1500},
-                )
-        return event_id, time.perf_counter()
+        def emit_one() -> tuple[str, float]:
+            return emit_many(1)
 
-    def emit_one() -> tuple[str, float]:
-        return emit_many(1)
+        latencies = []
+        for _ in range(args.events):
+            event_id, committed = emit_one()
+            try:
+                wait_arrivals(len(arrivals) + 1)
+            except SystemExit:
+                with svc.db.read() as conn:
+                    for row in conn.execute(
+                        select(webhook_deliveries, webhook_attempts.c.error)
+                        .join(webhook_attempts, isouter=True)
+                        .where(webhook_deliveries.c.status != "delivered")
+                    ):
+                        print("undelivered:", dict(row._mapping))
+                raise
+            latencies.append(arrivals[event_id] - committed)
 
-    latencies = []
-    for _ in range(args.events):
-        event_id, committed = emit_one()
-        try:
-            wait_arrivals(len(arrivals) + 1)
-        except SystemExit:
-            with svc.db.read() as conn:
-                for row in conn.execute(
-                    select(webhook_deliveries, webhook_attempts.c.error)
-                    .join(webhook_attempts, isouter=True)
-                    .where(webhook_deliveries.c.status != "delivered")
-                ):
-                    print("undelivered:", dict(row._mapping))
-            raise
-        latencies.append(arrivals[event_id] - committed)
+        # Emitted by a few writers' worth of commits, so the figure is the dispatcher's rate,
+        # not the emitter's (one fsync per event would cap it at the disk's commit rate).
+        start = time.perf_counter()
+        before = len(arrivals)
+        for sent in range(0, args.burst, args.chunk):
+            emit_many(min(args.chunk, args.burst - sent))
+        emitted = time.perf_counter() - start
+        wait_arrivals(before + args.burst)
+        rate = args.burst / (time.perf_counter() - start)
 
-    # Emitted by a few writers' worth of commits, so the figure is the dispatcher's rate,
-    # not the emitter's (one fsync per event would cap it at the disk's commit rate).
-    start = time.perf_counter()
-    before = len(arrivals)
-    for sent in range(0, args.burst, args.chunk):
-        emit_many(min(args.chunk, args.burst - sent))
-    emitted = time.perf_counter() - start
-    wait_arrivals(before + args.burst)
-    rate = args.burst / (time.perf_counter() - start)
-
-    loop.call_soon_threadsafe(stop.set)
-    worker.join(20)
     base_lat, base_rate = asyncio.run(baseline(url, args.events, args.burst))
     receiver.shutdown()
 
