@@ -712,24 +712,30 @@ def _start_in(
 
 def _prebuild(services: Services, message_ids: Sequence[str]) -> dict[str, bytes]:
     """Compose and sign outside the write transaction the messages that will need it."""
-    built: dict[str, bytes] = {}
     with services.db.read() as conn:
-        contexts = _load_many(conn, message_ids)
-        wanted = [
-            ctx
-            for ctx in contexts.values()
-            if ctx.row["raw"] is None
-            and not _held(ctx)
-            and Status(ctx.row["status"]) in DELIVERABLE
-            and ctx.row["direction"] == "outbound"
-        ]
-        files = _attachments_many(conn, [ctx.row["id"] for ctx in wanted])
-        for ctx in wanted:
-            message_id = ctx.row["id"]
-            try:
-                built[message_id] = _compose(conn, services, ctx, files[message_id])
-            except MultimailError:
-                continue  # the start step composes again and records the reason
+        return _prebuild_in(conn, services, message_ids)
+
+
+def _prebuild_in(
+    conn: Connection, services: Services, message_ids: Sequence[str]
+) -> dict[str, bytes]:
+    built: dict[str, bytes] = {}
+    contexts = _load_many(conn, message_ids)
+    wanted = [
+        ctx
+        for ctx in contexts.values()
+        if ctx.row["raw"] is None
+        and not _held(ctx)
+        and Status(ctx.row["status"]) in DELIVERABLE
+        and ctx.row["direction"] == "outbound"
+    ]
+    files = _attachments_many(conn, [ctx.row["id"] for ctx in wanted])
+    for ctx in wanted:
+        message_id = ctx.row["id"]
+        try:
+            built[message_id] = _compose(conn, services, ctx, files[message_id])
+        except MultimailError:
+            continue  # the start step composes again and records the reason
     return built
 
 
@@ -1434,17 +1440,21 @@ def _hand_back(services: Services, worker_id: str, items: list[_Item]) -> None:
 
 
 async def _hand_over_all(transport: OutboundTransport, items: list[_Item]) -> None:
-    gate = asyncio.Semaphore(_MAX_SESSIONS)
+    """Up to ``_MAX_SESSIONS`` conversations at once, each taking the next message when its
+    last one is done (a coroutine per session, not a task per message)."""
+    working = [i for i in items if i.plan is not None]
+    queue = iter(working)
 
-    async def one(item: _Item, plan: _Plan) -> None:
-        async with gate:
+    async def session() -> None:
+        for item in queue:
+            assert item.plan is not None
             try:
-                item.handover = await _hand_over(transport, plan)
+                item.handover = await _hand_over(transport, item.plan)
             except Exception as exc:  # a bug, not an SMTP answer: we cannot know what went out
                 _log.exception("handing %s to SMTP failed", item.message_id)
                 item.failure = exc
 
-    await asyncio.gather(*(one(i, i.plan) for i in items if i.plan is not None))
+    await asyncio.gather(*(session() for _ in range(min(_MAX_SESSIONS, len(working)))))
 
 
 async def _keep_leases(
@@ -1459,12 +1469,19 @@ async def _keep_leases(
             _log.warning("could not renew delivery leases", exc_info=True)
 
 
+def _prepare_now(
+    services: Services, worker_id: str, claimer: _Claimer, prebuild: Sequence[str]
+) -> list[_Item]:
+    prebuilt = _prebuild(services, prebuild) if prebuild else {}
+    return _claim_and_start(services, worker_id, claimer, prebuilt)
+
+
 async def _prepare(
     services: Services, worker_id: str, claimer: _Claimer, prebuild: Sequence[str]
 ) -> list[_Item]:
-    """Compose and sign outside any transaction, then claim-and-start (commit 1)."""
-    prebuilt = await asyncio.to_thread(_prebuild, services, prebuild) if prebuild else {}
-    return await asyncio.to_thread(_claim_and_start, services, worker_id, claimer, prebuilt)
+    """Compose and sign outside any transaction, then claim-and-start (commit 1), in one
+    trip to a thread."""
+    return await asyncio.to_thread(_prepare_now, services, worker_id, claimer, prebuild)
 
 
 async def _complete(
@@ -1543,10 +1560,18 @@ def _claim_due(worker_id: str, limit: int, lease: timedelta) -> _Claimer:
     return claim
 
 
-def _peek(services: Services, limit: int) -> list[str]:
+def _prepare_due(
+    services: Services, worker_id: str, limit: int, lease: timedelta
+) -> list[_Item] | None:
+    """Look at the due jobs, compose their messages, then claim-and-start (commit 1); None
+    when nothing was due. The look and the composing share one read transaction."""
     with services.db.read() as conn:
         due = jobs.peek(conn, kinds=[DELIVER], limit=limit)
-    return [m for m in (j.payload.get("message_id") for j in due) if isinstance(m, str)]
+        peeked = [m for m in (j.payload.get("message_id") for j in due) if isinstance(m, str)]
+        if not due:
+            return None
+        prebuilt = _prebuild_in(conn, services, peeked) if peeked else {}
+    return _claim_and_start(services, worker_id, _claim_due(worker_id, limit, lease), prebuilt)
 
 
 @runner.register_batch(DELIVER)
@@ -1558,10 +1583,9 @@ async def _deliver_batch(services: Services, worker_id: str, limit: int, lease: 
         worker_id, asyncio.Lock()
     )
     async with lock:
-        peeked = await asyncio.to_thread(_peek, services, limit)
-        if not peeked:
-            return 0
-        items = await _prepare(services, worker_id, _claim_due(worker_id, limit, lease), peeked)
+        items = await asyncio.to_thread(_prepare_due, services, worker_id, limit, lease)
+    if items is None:
+        return 0
     await _complete(services, worker_id, items, lease)
     return len(items)
 
