@@ -458,10 +458,11 @@ def _encode_text(text: str) -> tuple[str, bytes]:
     data = text.encode("utf-8")
     # bytes.splitlines splits on CR, LF and CRLF only, like the email package does here.
     lines = data.splitlines()
-    if data.isascii() and max(map(len, lines), default=0) <= _TEXT_LINE_OCTETS:
+    ascii_only = data.isascii()
+    if ascii_only and max(map(len, lines), default=0) <= _TEXT_LINE_OCTETS:
         return "7bit", _CRLF.join(lines) + _CRLF
     body = b"\n".join(lines) + b"\n"
-    eight_bit = len(body.translate(None, _ASCII_BYTES))
+    eight_bit = 0 if ascii_only else len(body.translate(None, _ASCII_BYTES))
     # Quoted-printable spends two extra octets per escaped octet, base64 a third overall.
     if 6 * (eight_bit + body.count(b"=")) > len(body):
         return "base64", _base64_lines(body)
