@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multimail.smtp import outbound
@@ -103,6 +103,7 @@ TRICKY_BODIES = {
     "smuggling attempt, bare LF dot": b"Subject: x\r\n\r\nbefore\n.\nMAIL FROM:<e@vil>\r\n",
     "smuggling attempt, bare CR dot": b"Subject: x\r\n\r\nbefore\r.\rafter\r\n",
     "CR before CRLF": b"Subject: x\r\n\r\nodd\r\r\n.\r\r\nend\r\n",
+    "as many bare LFs as bare CRs": b"Subject: x\r\n\r\nswapped\n\r.\n\rend\r\n",
     "bare LF everywhere": b"Subject: x\n\nline\n.dot\nlast",
     "missing final CRLF": b"Subject: x\r\n\r\nno ending",
     "ends in a bare CR": b"Subject: x\r\n\r\nending\r",
@@ -140,6 +141,7 @@ async def test_size_counts_the_message_before_dot_stuffing(raw_server: _RawServe
     assert raw_server.payloads == [b"Subject: x\r\n\r\n..a\r\n...b\r\nend\r\n.\r\n"]
 
 
+@settings(max_examples=500)
 @given(body=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"a", b" ", b"\xe9"])))
 def test_wire_form_is_aiosmtplibs_for_any_body(body: list[bytes]) -> None:
     """The one-pass wire form equals aiosmtplib's normalise + dot-stuff + closing dot."""

@@ -79,6 +79,8 @@ _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 # re's literal search finds this two-byte needle in a few microseconds per 5 KB, about
 # twice as fast as ``in`` on this text, where every line ending is a partial match.
 _LINE_START_DOT = re.compile(rb"\n\.")
+# Same story: faster than data.count(b"\r\n") on mail text.
+_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 # -- relay configuration ---------------------------------------------------------------
@@ -375,11 +377,11 @@ def _wire_data(data: bytes) -> _Wire:
     doubled (§4.5.2), and the closing ``CRLF.CRLF``: the bytes ``SMTP.data`` would write.
 
     Callers hand us CRLF already; this makes sure a stray bare LF or CR never reaches the
-    wire, where receivers disagree about it (the SMTP smuggling family of bugs). The count
-    comparison proves "CRLF only" in three C-speed scans; the regex runs only when it fails.
+    wire, where receivers disagree about it (the SMTP smuggling family of bugs). With no CR
+    outside a CRLF there are as many CRLFs as CRs, so equal CR and LF counts leave no bare
+    LF either: "CRLF only" in three C-speed scans; the rewriting runs only when that fails.
     """
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+    if data.count(b"\n") != data.count(b"\r") or _BARE_CR.search(data):
         data = _LINE_ENDING.sub(b"\r\n", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
