@@ -15,13 +15,22 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, insert, select, update
 
 from multimail.config import Settings
+from multimail.ids import new_id, utcnow
 from multimail.runtime import build_services
 from multimail.services import accounts, audit, keys, mailboxes, sending
 from multimail.services.context import Actor, Services
-from multimail.store.tables import audit_entries, messages
+from multimail.store.tables import (
+    audit_entries,
+    events,
+    mailbox_allowlist,
+    messages,
+    webhook_deliveries,
+)
+from multimail.store.tables import mailboxes as mailbox_rows
+from multimail.store.tables import webhooks as webhook_rows
 from multimail.testing.server import LiveServer
 
 BODY = {"to": "customer@example.com", "subject": "Order", "markdown": "Shipped."}
@@ -229,3 +238,113 @@ def test_concurrent_sends_with_a_revoked_key_among_them(
         subjects = set(conn.execute(select(messages.c.subject)).scalars())
     assert subjects == {f"Order {i}" for i in range(senders) if i % 3}
     assert audit.verify(services.db).ok
+
+
+# --- what the send reads with its mailbox (allowlist, webhooks) ------------------------------
+
+
+def _allow(services: Services, mailbox_id: str, pattern: str) -> None:
+    with services.db.write() as conn:
+        conn.execute(
+            insert(mailbox_allowlist).values(
+                id=new_id("alw"),
+                mailbox_id=mailbox_id,
+                pattern=pattern,
+                added_by="operator",
+                created_at=utcnow(),
+            )
+        )
+
+
+def test_every_allowlist_pattern_read_with_the_mailbox_counts(
+    services: Services, boot: accounts.Bootstrap, live: LiveServer
+) -> None:
+    """The allowlist comes back in the mailbox's own query; each pattern still counts."""
+    box = _mailbox(services, boot, "gated_send")
+    _allow(services, box, "*@partner.example")
+    _allow(services, box, "boss@other.example")
+    with _client(live, boot.agent_key) as agent:
+
+        def status(to: list[str]) -> str:
+            response = agent.post(f"/v1/mailboxes/{box}/send", json=BODY | {"to": to})
+            assert response.status_code == 202, response.text
+            return str(response.json()["status"])
+
+        assert status(["a@partner.example", "boss@other.example"]) == "queued"
+        assert status(["boss@other.example"]) == "queued"
+        assert status(["a@partner.example", "intern@other.example"]) == "pending_send_approval"
+
+
+def _webhook(services: Services, boot: accounts.Bootstrap, mailbox_id: str | None) -> str:
+    webhook_id = new_id("whk")
+    now = utcnow()
+    with services.db.write() as conn:
+        conn.execute(
+            insert(webhook_rows).values(
+                id=webhook_id,
+                account_id=boot.account["id"],
+                mailbox_id=mailbox_id,
+                url="https://hooks.example/in",
+                events=["*"],
+                secret="s" * 32,
+                enabled=True,
+                source="api",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return webhook_id
+
+
+def _receivers(services: Services, email_id: str) -> set[str]:
+    with services.db.read() as conn:
+        event_ids = select(events.c.id).where(events.c.message_id == email_id)
+        found = conn.execute(
+            select(webhook_deliveries.c.webhook_id).where(
+                webhook_deliveries.c.event_id.in_(event_ids)
+            )
+        ).scalars()
+        return set(found)
+
+
+def test_pending_event_reaches_exactly_the_matching_subscriptions(
+    services: Services, boot: accounts.Bootstrap, live: LiveServer
+) -> None:
+    """A held send's oversight.pending event: nobody without subscriptions or with only
+    another mailbox's; then the mailbox's own webhook, the account-wide one too, then the
+    subscription behind a webhook_url set on the mailbox since the last send."""
+    box = _mailbox(services, boot, "gated_send")
+    other = _mailbox(services, boot, "gated_all")
+    with _client(live, boot.agent_key) as agent:
+
+        def held() -> str:
+            response = agent.post(f"/v1/mailboxes/{box}/send", json=BODY)
+            assert response.json()["status"] == "pending_send_approval", response.text
+            return str(response.json()["id"])
+
+        first = held()
+        with services.db.read() as conn:
+            stored = conn.execute(
+                select(func.count()).select_from(events).where(events.c.message_id == first)
+            ).scalar_one()
+        assert stored == 1 and _receivers(services, first) == set()
+        _webhook(services, boot, other)
+        assert _receivers(services, held()) == set()
+        mine = _webhook(services, boot, box)
+        assert _receivers(services, held()) == {mine}
+        everywhere = _webhook(services, boot, None)
+        assert _receivers(services, held()) == {everywhere, mine}
+        with services.db.write() as conn:
+            conn.execute(
+                update(mailbox_rows)
+                .where(mailbox_rows.c.id == box)
+                .values(webhook_url="https://hooks.example/box")
+            )
+        third = held()
+    with services.db.read() as conn:
+        implicit = conn.execute(
+            select(webhook_rows.c.id).where(
+                webhook_rows.c.mailbox_id == box, webhook_rows.c.source == "mailbox"
+            )
+        ).scalar_one()
+    assert _receivers(services, third) == {everywhere, mine, implicit}

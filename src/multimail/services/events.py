@@ -351,12 +351,18 @@ def emit(
     mailbox_id: str | None = None,
     message: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    no_subscribers: bool = False,
 ) -> str:
     """Record an event and queue it for every subscription that wants it; returns ``evt_…``.
 
     ``message`` is the message's ``messages.view``/``full_view`` dict (its ``metadata`` and
     ``tags`` reach receivers); ``extra`` adds top-level payload fields. Raises ``ValueError``
     for a name outside :data:`CANONICAL` so a typo fails the caller's transaction loudly.
+
+    ``no_subscribers``: the caller read in this transaction that no ``webhooks`` row can
+    match (none account-wide, none for the mailbox) and the mailbox has no live
+    ``webhook_url``; the subscription check and the subscriber read are then skipped, as
+    they would find nothing to sync and nobody to deliver to.
     """
     if event_type not in CANONICAL:
         raise ValueError(f"unknown event type {event_type!r}; use one of {', '.join(CANONICAL)}")
@@ -384,6 +390,8 @@ def emit(
             "created_at": now,
         },
     )
+    if no_subscribers:
+        return event_id
     if mailbox_id is not None and not _subscription_in_step(conn, mailbox_id):
         sync_mailbox_subscription(conn, mailbox_id)
     subs = conn.execute(_SUBSCRIBERS, {"account_id": account_id, "mailbox_id": mailbox_id})

@@ -30,7 +30,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from multimail.domain.addresses import AddressError, domain_of, matches_pattern, normalize_address
@@ -83,6 +95,9 @@ from multimail.store.tables import (
 )
 from multimail.store.tables import (
     suppressions as suppression_rows,
+)
+from multimail.store.tables import (
+    webhooks as webhook_rows,
 )
 
 __all__ = [
@@ -515,6 +530,10 @@ class _Limits:
     oversight_email: str | None
     key_cap_hour: int | None
     key_cap_day: int | None
+    # Read with the mailbox when it is named by id (None: not read, ask the database):
+    # its allowlist patterns, and whether any webhook could receive its events.
+    allowlist: tuple[str, ...] | None = None
+    webhooks_possible: bool | None = None
 
 
 _LIMITS = (
@@ -537,6 +556,24 @@ _LIMIT_LABELS = (
     "lim_key_cap_hour",
     "lim_key_cap_day",
 )
+_ALLOWLIST_LABEL = "lim_allowlist"
+_WEBHOOKS_LABEL = "lim_webhooks"
+# Patterns cannot hold a line break (they are addresses or *@domain).
+_ALLOWLIST_OF_MAILBOX = (
+    select(func.aggregate_strings(mailbox_allowlist.c.pattern, "\n"))
+    .where(mailbox_allowlist.c.mailbox_id == mailbox_rows.c.id)
+    .scalar_subquery()
+)
+# Any subscription that could match the mailbox's events (what events.emit would read).
+_WEBHOOKS_OF_MAILBOX = exists().where(
+    or_(
+        and_(
+            webhook_rows.c.account_id == mailbox_rows.c.account_id,
+            webhook_rows.c.mailbox_id.is_(None),
+        ),
+        webhook_rows.c.mailbox_id == mailbox_rows.c.id,
+    )
+)
 _MAILBOX_AND_LIMITS = (
     select(
         mailbox_rows,
@@ -544,6 +581,8 @@ _MAILBOX_AND_LIMITS = (
         accounts.c.oversight_email.label(_LIMIT_LABELS[1]),
         api_keys.c.send_cap_hour.label(_LIMIT_LABELS[2]),
         api_keys.c.send_cap_day.label(_LIMIT_LABELS[3]),
+        _ALLOWLIST_OF_MAILBOX.label(_ALLOWLIST_LABEL),
+        _WEBHOOKS_OF_MAILBOX.label(_WEBHOOKS_LABEL),
     )
     .select_from(
         mailbox_rows.join(accounts, accounts.c.id == mailbox_rows.c.account_id).outerjoin(
@@ -575,7 +614,16 @@ def _mailbox_and_limits(
     if found is None or (actor.mailbox_ids is not None and found["id"] not in actor.mailbox_ids):
         raise NotFound(f"mailbox {mailbox_id!r} not found", code="mailbox_not_found")
     row = dict(found)
-    limits = _Limits(*(row.pop(label) for label in _LIMIT_LABELS))
+    patterns = row.pop(_ALLOWLIST_LABEL)
+    quota, oversight_email, cap_hour, cap_day = (row.pop(label) for label in _LIMIT_LABELS)
+    limits = _Limits(
+        quota,
+        oversight_email,
+        cap_hour,
+        cap_day,
+        allowlist=tuple(patterns.split("\n")) if patterns else (),
+        webhooks_possible=bool(row.pop(_WEBHOOKS_LABEL)),
+    )
     return row, limits
 
 
@@ -691,13 +739,21 @@ def _suppressed_among(conn: Connection, account_id: str, addresses: list[str]) -
     return {r.address for r in conn.execute(statement, params)}
 
 
-def _all_allowlisted(conn: Connection, mailbox_id: str, recipients: Iterable[str]) -> bool:
-    patterns = [
-        r.pattern
-        for r in conn.execute(
-            select(mailbox_allowlist.c.pattern).where(mailbox_allowlist.c.mailbox_id == mailbox_id)
-        )
-    ]
+_ALLOWLIST = select(mailbox_allowlist.c.pattern).where(
+    mailbox_allowlist.c.mailbox_id == bindparam("mailbox_id")
+)
+
+
+def _all_allowlisted(
+    conn: Connection,
+    mailbox_id: str,
+    recipients: Iterable[str],
+    patterns: Sequence[str] | None = None,
+) -> bool:
+    """Whether every recipient matches the mailbox's allowlist (``patterns`` when the caller
+    read them in this transaction already)."""
+    if patterns is None:
+        patterns = [r.pattern for r in conn.execute(_ALLOWLIST, {"mailbox_id": mailbox_id})]
     wanted = list(recipients)
     return bool(patterns and wanted) and all(
         any(matches_pattern(a, p) for p in patterns) for a in wanted
@@ -1166,7 +1222,7 @@ def _write_send(
     blockers = blocking(findings)
     timing = draft.gate_timing or GateTiming(mailbox["gate_timing"])
     allowlisted = mode is OversightMode.GATED_SEND and _all_allowlisted(
-        conn, mailbox["id"], recipients
+        conn, mailbox["id"], recipients, limits.allowlist
     )
     if blockers:
         status = Status.SEND_FAILED
@@ -1296,6 +1352,8 @@ def _write_send(
                 ],
                 thread_public_id=thread_public,
             ),
+            no_subscribers=limits.webhooks_possible is False
+            and not (mailbox.get("webhook_url") and mailbox.get("deleted_at") is None),
         )
         notify.notify_pending(
             conn,
