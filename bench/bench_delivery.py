@@ -39,6 +39,7 @@ from sqlalchemy import func, insert, select
 
 from multimail.config import Settings
 from multimail.ids import new_id, utcnow
+from multimail.mail.markdown import render_markdown
 from multimail.runtime import build_services
 from multimail.services import accounts, mailboxes
 from multimail.services.context import Actor, Services
@@ -141,6 +142,9 @@ def _queue(services: Services, account_id: str, mailbox_id: str, n: int) -> list
     ids = [new_id("msg") for _ in range(n)]
     now = utcnow()
     paragraph = "The quick brown fox jumps over the lazy dog, again and again. " * 8
+    markdown = "\n\n".join([paragraph] * 4)
+    # As the sending service leaves a message: the body rendered once, at send time.
+    rendered = render_markdown(markdown)
     with services.db.write() as conn:
         conn.execute(
             insert(messages),
@@ -155,7 +159,9 @@ def _queue(services: Services, account_id: str, mailbox_id: str, n: int) -> list
                     "from_address": "agent@bench.test",
                     "to": ["someone@example.org"],
                     "subject": "Benchmark message",
-                    "markdown": "\n\n".join([paragraph] * 4),
+                    "markdown": markdown,
+                    "html": rendered.html,
+                    "text": rendered.text,
                     "oversight_mode": "autonomous",
                     "created_at": now,
                     "updated_at": now,

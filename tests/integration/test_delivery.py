@@ -22,6 +22,7 @@ from sqlalchemy import Text, cast, event, func, insert, select, update
 from multimail.config import Settings
 from multimail.ids import aware, new_id, utcnow
 from multimail.mail.dkim import verify_message
+from multimail.mail.markdown import render_markdown
 from multimail.runtime import build_services
 from multimail.services import accounts, directory, identity, mailboxes
 from multimail.services import events as events_service
@@ -98,7 +99,10 @@ class World:
         test: bool = False,
         status: str = "queued",
         job: bool = True,
+        rendered: bool = False,
     ) -> str:
+        """A queued outbound message; ``rendered`` stores its body's HTML and text as the
+        sending service does (else both are left empty, for the worker to render)."""
         now = utcnow()
         message_id = new_id("msg")
         with self.services.db.write() as conn:
@@ -118,6 +122,8 @@ class World:
                     bcc=bcc or [],
                     subject="Quarterly numbers",
                     markdown=markdown,
+                    html=render_markdown(markdown).html if rendered else None,
+                    text=render_markdown(markdown).text if rendered else None,
                     oversight_mode=mode,
                     decision=decision,
                     reviewer="rev" if decision else None,
@@ -942,3 +948,26 @@ async def test_a_batch_stores_each_event_payload_as_emit_would(
                 message=message_views.full_view(conn, message),
             )
     assert [m.as_email()["Message-ID"] for m in relay.wait_for(4)]
+
+
+async def test_the_body_html_stored_at_send_time_makes_the_same_message(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """The worker builds the HTML part from the rendering the sending service stored with the
+    message instead of rendering the markdown again: the parts must be what rendering gives."""
+    body = "# Numbers\n\n| q | n |\n|---|---|\n| 1 | *2* |\n\n<b>not html</b> & [a](https://x.test)"
+    stored = world.message(to=["a@example.test"], markdown=body, rendered=True)
+    fresh = world.message(to=["b@example.test"], markdown=body)
+    claimed = await runner.BATCHES[delivery.DELIVER](world.services, "w", 50, timedelta(minutes=2))
+    assert claimed == 2
+    parts: dict[str, dict[str, str]] = {}
+    for captured in relay.wait_for(2):
+        mail = captured.as_email()
+        parts[captured.rcpt_tos[0]] = {
+            kind: part.get_content()
+            for kind in ("html", "plain")
+            if (part := mail.get_body(preferencelist=(kind,))) is not None
+        }
+    assert world.row(stored)["status"] == world.row(fresh)["status"] == "delivered"
+    assert parts["a@example.test"] == parts["b@example.test"]
+    assert render_markdown(body).html in parts["a@example.test"]["html"].replace("\r\n", "\n")

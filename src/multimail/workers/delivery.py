@@ -83,6 +83,7 @@ from multimail.mail.compose import (
     OutboundAttachment,
     OutboundDraft,
     build_message,
+    compose_message,
     draft_body_sha256,
 )
 from multimail.services import audit, directory, events, identity, notify
@@ -450,6 +451,9 @@ def _compose(
         operator_postal_address=account.get("postal_address"),
         extra_headers=headers,
         attachments=list(files),
+        # The sending service stored render_markdown(markdown).html with the message (and
+        # renders again on every edit of the body): no second rendering per delivery.
+        body_html=row.get("html"),
     )
     # The identity token binds this exact body and Message-ID; DKIM then covers the header.
     identity_header = identity.identity_header_for(
@@ -462,17 +466,17 @@ def _compose(
         account=account,
     )
     draft = dataclasses.replace(draft, extra_headers=[*headers, identity_header])
-    raw = build_message(draft)
+    composed = compose_message(draft)
     key = signing.key_for_sender(conn, services, account_id=row["account_id"], from_address=sender)
     if key is None:
         if row["test"]:
-            return raw  # captured, never sent: an unverified domain may still rehearse
+            return composed.raw  # captured, never sent: an unverified domain may rehearse
         raise PermanentDeliveryError(
             f"the domain of {sender} is not verified; only verified domains and "
             f"{settings.domain} may send live mail",
             code="domain_not_verified",
         )
-    return signing.sign(raw, key)
+    return signing.sign_composed(composed, key)
 
 
 # -- step 1: start --------------------------------------------------------------------------
