@@ -489,6 +489,33 @@ async def test_mx_delivery_falls_back_to_a_record(
     assert len(smtp_server.wait_for(1)) == 1
 
 
+async def test_mx_answers_are_kept_for_their_ttl(
+    mx_world: tuple[LocalDNSServer, CapturingSMTPServer, MXTransport],
+) -> None:
+    """The next message to a domain reuses the DNS answers while their TTL lasts (no MX and
+    address lookups per message); an answer published with TTL 0 is asked for again."""
+    dns_server, smtp_server, transport = mx_world
+    dns_server.add_record("y.test", "MX", "10 mx.y.test.", ttl=300)
+    dns_server.add_record("mx.y.test", "A", "127.0.0.1", ttl=300)
+    dns_server.add_record("z.test", "MX", "10 mx.y.test.", ttl=0)
+    await transport.deliver("a@x.test", ["b@y.test"], MESSAGE)
+    await transport.deliver("a@x.test", ["b@z.test"], MESSAGE)
+    dns_server.remove_records("y.test")
+    dns_server.remove_records("z.test")
+    [attempt] = await transport.deliver("a@x.test", ["c@y.test"], MESSAGE)
+    assert (attempt.host, attempt.code) == ("mx.y.test", 250)
+    with pytest.raises(PermanentDeliveryError) as caught:
+        await transport.deliver("a@x.test", ["c@z.test"], MESSAGE)
+    [lookup] = _attempts(caught.value)
+    assert lookup.reply == "the domain z.test does not exist"
+    await transport.close()
+    assert [m.rcpt_tos for m in smtp_server.wait_for(3)] == [
+        ["b@y.test"],
+        ["b@z.test"],
+        ["c@y.test"],
+    ]
+
+
 async def test_null_mx_domain_bounces(
     mx_world: tuple[LocalDNSServer, CapturingSMTPServer, MXTransport],
 ) -> None:

@@ -68,6 +68,8 @@ _QUIT_TIMEOUT = 5.0
 # Postfix tries at most 5 MX addresses per delivery (smtp_mx_address_limit); a few more
 # here costs little and rides out a dead IPv6 address per host.
 _MAX_ADDRESSES_PER_DOMAIN = 10
+# DNS answers kept per resolver (each domain needs an MX and up to two address answers).
+_DNS_CACHE_ENTRIES = 4096
 
 _log = logging.getLogger(__name__)
 
@@ -199,7 +201,9 @@ def make_resolver(address: str | None, *, lifetime: float = 5.0) -> dns.asyncres
     """A resolver for ``MULTIMAIL_DNS_RESOLVER`` (``host:port``, ``[v6]:port`` or ``host``).
 
     None means the system configuration. Queries give up after ``lifetime`` seconds, so a
-    dead resolver turns into a temporary failure instead of a stuck worker.
+    dead resolver turns into a temporary failure instead of a stuck worker. Answers are kept
+    for their TTL, as an MTA's resolver keeps them: without that every message to a domain
+    costs an MX and two address lookups. Failures (timeouts, SERVFAIL) are never kept.
     """
     if address is None or not address.strip():
         resolver = dns.asyncresolver.Resolver()
@@ -210,6 +214,7 @@ def make_resolver(address: str | None, *, lifetime: float = 5.0) -> dns.asyncres
         resolver.port = port
     resolver.timeout = min(2.0, lifetime)
     resolver.lifetime = lifetime
+    resolver.cache = dns.resolver.LRUCache(_DNS_CACHE_ENTRIES)
     return resolver
 
 
