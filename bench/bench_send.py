@@ -8,8 +8,10 @@ the baseline (a FastAPI route that inserts one row into SQLite, WAL, synchronous
 uvicorn), then ``POST /v1/mailboxes/{id}/send`` on a gated_send mailbox and on an autonomous
 one (a full send: scan, thread, message, audit entries, event or delivery job, one commit).
 The issue's target: sends at ≥ 50% of the baseline's rate. Beside each rate: the SQL
-statements one send runs (authentication and rate limit included), counted on the engine —
-a figure that, unlike the rates, does not move with the machine's load.
+statements one send runs (authentication and rate limit included), counted on the engine,
+and the CPU milliseconds this process spent per request — figures that, unlike the rates,
+hardly move with the machine's load (the ratio of CPU per request is what the ratio of
+rates tends to on an idle machine, where the interpreter lock is the bottleneck).
 
 Then approve → received: ``--approvals`` gated sends, each approved with
 ``POST /v1/oversight/decide`` by the reviewer key, timed from the decide request until the
@@ -102,8 +104,8 @@ def _load(
     headers: dict[str, str],
     clients: int,
     seconds: float,
-) -> float:
-    """Accepted requests per second over ``seconds`` with ``clients`` threads."""
+) -> tuple[int, float]:
+    """Requests accepted over ``seconds`` with ``clients`` threads, and the seconds taken."""
     counts = [0] * clients
     errors: list[str] = []
     start = threading.Barrier(clients + 1)
@@ -131,7 +133,7 @@ def _load(
     elapsed = time.perf_counter() - began
     if errors:
         print("  errors:", *errors, sep="\n    ")
-    return sum(counts) / elapsed
+    return sum(counts), elapsed
 
 
 def message(n: int) -> dict[str, Any]:
@@ -151,19 +153,28 @@ def _load_elsewhere(
     headers: dict[str, str],
     clients: int,
     seconds: float,
-) -> float:
-    """``_load``, with the clients in a process of their own when ``own_process``.
+) -> tuple[float, float]:
+    """``_load``, with the clients in a process of their own when ``own_process``: the rate
+    and the CPU milliseconds this process spent per accepted request.
 
     In the server's process (the default, as the issue's figures were taken) the clients'
     threads compete with the server for one interpreter lock; in their own process they do
-    not, as real agents would not, and both rates rise (the baseline's much more).
+    not, as real agents would not, and both rates rise (the baseline's much more). The CPU
+    per request (``time.process_time``: clients included in the default placement, the
+    server's alone with ``--clients-process``) moves far less with the machine's load than
+    the rates do: compare versions by it on a busy machine.
     """
     if not own_process:
-        return _load(base_url, path, message, headers, clients, seconds)
+        cpu = time.process_time()
+        accepted, elapsed = _load(base_url, path, message, headers, clients, seconds)
+        return accepted / elapsed, (time.process_time() - cpu) * 1000 / max(accepted, 1)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(time.sleep, 0).result()  # the client process is up before measuring
+        cpu = time.process_time()
         job = pool.submit(_load, base_url, path, message, headers, clients, seconds)
-        return job.result()
+        accepted, elapsed = job.result()
+        return accepted / elapsed, (time.process_time() - cpu) * 1000 / max(accepted, 1)
 
 
 class _StatementCounter:
@@ -281,11 +292,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         with _serve_bare(_baseline_app(Path(tmp) / "bare.db")) as url:
-            baseline = _load_elsewhere(
+            baseline, baseline_cpu = _load_elsewhere(
                 args.clients_process, url, "/items", {}, args.clients, args.seconds
             )
-        print(f"bare FastAPI insert (SQLite WAL, FULL):  {baseline:8.1f} req/s")
+        print(
+            f"bare FastAPI insert (SQLite WAL, FULL):  {baseline:8.1f} req/s  "
+            f"   {baseline_cpu:5.2f} CPU ms/request"
+        )
         figures["baseline_per_s"] = baseline
+        figures["baseline_cpu_ms"] = baseline_cpu
+        figures["cpu_ms_per_send"] = {}
 
         settings = Settings(
             data_dir=Path(tmp) / "mm",
@@ -315,15 +331,17 @@ def main() -> None:
                 path = f"/v1/mailboxes/{box}/send"
                 statements = _statements_per_send(live.base_url, path, message(0), headers, counter)
                 figures["statements_per_send"][mode] = statements
-                rate = _load_elsewhere(
+                rate, cpu_ms = _load_elsewhere(
                     args.clients_process, live.base_url, path, headers, args.clients, args.seconds
                 )
                 print(
                     f"POST /send ({mode:<10}):               {rate:8.1f} sends/s"
                     f"   = {rate / baseline:5.1%} of the bare endpoint (target >= 50%),"
-                    f" {statements} SQL statements per send"
+                    f" {statements} SQL statements per send, {cpu_ms:5.2f} CPU ms/send"
+                    f" (bare/send CPU: {baseline_cpu / cpu_ms:5.1%})"
                 )
                 figures["sends"][mode] = rate
+                figures["cpu_ms_per_send"][mode] = cpu_ms
             if args.approvals > 0:
                 with httpx.Client(base_url=live.base_url, timeout=60) as client:
                     ours = _approve_latencies(
