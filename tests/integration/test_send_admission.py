@@ -25,6 +25,7 @@ from multimail.services.context import Actor, Services
 from multimail.store.tables import (
     audit_entries,
     events,
+    idempotency_keys,
     mailbox_allowlist,
     messages,
     webhook_deliveries,
@@ -348,3 +349,48 @@ def test_pending_event_reaches_exactly_the_matching_subscriptions(
             )
         ).scalar_one()
     assert _receivers(services, third) == {everywhere, mine, implicit}
+
+
+def test_concurrent_refusals_keep_their_tokens_and_leave_no_key(
+    settings: Settings, boot: accounts.Bootstrap
+) -> None:
+    """Sends sharing commits through the API, half claiming an idempotency key and then
+    refused (read_only mailbox): each refused caller gets its 403 and leaves no key behind,
+    the others are stored, and every one of them spent exactly one token."""
+    senders = 10
+    svc = build_services(
+        settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": senders + 1})
+    )
+    try:
+        open_box = _mailbox(svc, boot, "autonomous")
+        closed_box = _mailbox(svc, boot, "read_only")
+        codes: list[int] = [0] * senders
+        start = threading.Barrier(senders)
+        with LiveServer(svc) as server:
+
+            def run(index: int) -> None:
+                box = closed_box if index % 2 else open_box
+                body = BODY | {"subject": f"N {index}", "idempotency_key": f"k{index}"}
+                with _client(server, boot.agent_key) as client:
+                    start.wait()
+                    codes[index] = client.post(f"/v1/mailboxes/{box}/send", json=body).status_code
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            with _client(server, boot.agent_key) as agent:
+                last = agent.post(f"/v1/mailboxes/{open_box}/send", json=BODY)
+                over = agent.post(f"/v1/mailboxes/{open_box}/send", json=BODY)
+        assert codes == [403 if i % 2 else 202 for i in range(senders)]
+        assert last.status_code == 202 and last.headers["RateLimit-Remaining"] == "0"
+        assert over.status_code == 429
+        with svc.db.read() as conn:
+            kept = set(conn.execute(select(idempotency_keys.c.key)).scalars())
+            stored = conn.execute(select(func.count()).select_from(messages)).scalar_one()
+        assert kept == {f"k{i}" for i in range(0, senders, 2)}
+        assert stored == senders // 2 + 1
+        assert audit.verify(svc.db).ok
+    finally:
+        svc.db.dispose()

@@ -24,7 +24,8 @@ import json
 import math
 import mimetypes
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -991,7 +992,7 @@ class _SharedCommits:
                     try:
                         if work.admit is not None:
                             actor = work.admit(conn)
-                        with conn.begin_nested():
+                        with _savepoint(conn):
                             work.result = work.write(conn, actor)
                     except Exception as exc:
                         work.error = exc
@@ -1004,6 +1005,24 @@ class _SharedCommits:
 
 
 _SENDS = _SharedCommits()
+
+
+@contextmanager
+def _savepoint(conn: Connection) -> Iterator[None]:
+    """One send's savepoint in a shared SQLite transaction, issued on the driver connection:
+    SQLAlchemy's ``begin_nested`` spends ~40 us per send on bookkeeping this loop does not
+    need (measured: 44 us against 1 us for SAVEPOINT and RELEASE). Savepoints the send
+    itself opens through SQLAlchemy nest inside it and are closed before it ends."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute("SAVEPOINT multimail_send")
+    try:
+        yield
+    except BaseException:
+        driver.execute("ROLLBACK TO SAVEPOINT multimail_send")
+        driver.execute("RELEASE SAVEPOINT multimail_send")
+        raise
+    driver.execute("RELEASE SAVEPOINT multimail_send")
 
 
 @dataclass(frozen=True)
