@@ -1334,6 +1334,9 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
     delivery_rows: list[dict[str, Any]] = []
     encoded_view: dict[str, Any] | None = None
     encode = _json_encoder()
+    # One time for the events of this commit (they become visible together).
+    now = utcnow()
+    created_at = isoformat(now) or ""
     for account_id, mailbox_id, event_type, view in emits:
         key = (account_id, mailbox_id)
         if key not in subscribers:
@@ -1349,11 +1352,10 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
             )
             continue
         event_id = new_id("evt")
-        now = utcnow()
         payload = events.payload_for(
             event_id=event_id,
             event_type=event_type,
-            created_at=isoformat(now) or "",
+            created_at=created_at,
             mailbox_id=mailbox_id,
             message=view,
         )
