@@ -9,6 +9,7 @@ import email.errors
 import email.policy
 import re
 import smtplib
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -804,3 +805,21 @@ def test_text_encoding_is_the_email_packages_choice(text: str) -> None:
         qp = binascii.b2a_qp(body, istext=True).replace(b"\n", b"\r\n")
         expected = ("quoted-printable", qp)
     assert (cte, payload) == expected
+
+
+def test_the_shared_sanitiser_gives_every_thread_the_same_safe_html() -> None:
+    """The sanitiser is built once and shared; the delivery worker renders in threads."""
+    markdown = "Hi **X** <script>x</script> [a](javascript:alert(1)) [b](https://ok.example)\n\n"
+    expected = render_markdown(markdown * 5).html
+    assert "<script" not in expected and 'href="javascript' not in expected
+    results: list[bool] = []
+
+    def work() -> None:
+        results.append(all(render_markdown(markdown * 5).html == expected for _ in range(300)))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * 4
