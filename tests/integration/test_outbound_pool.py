@@ -39,6 +39,7 @@ class _Server:
     rsets: int = 0
     envelope: list[bytes] = field(default_factory=list)
     hang_up_after_dot: int = 0
+    stall_after_dot: int = 0
     _server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -85,6 +86,12 @@ class _Server:
                     subject = re.search(rb"Subject: (\S+)", data)
                     name = subject.group(1).decode() if subject else "?"
                     transactions += 1
+                    if self.stall_after_dot:
+                        # Never answer; wait for the client to give up and hang up.
+                        self.stall_after_dot -= 1
+                        self.received.append(name)
+                        await reader.read()
+                        return
                     if self.hang_up_after_dot:
                         self.hang_up_after_dot -= 1
                         self.received.append(name)
@@ -262,6 +269,25 @@ async def test_a_line_lost_after_the_data_is_not_retried(server: _Server) -> Non
     await relay.close()
     assert server.received == ["m0", "m1"]
     assert server.connections == 1
+
+
+async def test_a_reply_that_never_comes_after_the_data_times_out_and_drops_the_session(
+    server: _Server,
+) -> None:
+    """MAIL, RCPT and DATA share the transaction's one time limit: a server silent after the
+    message is cut off there, the reply counts as lost (it may have the message), and that
+    session never carries another message."""
+    relay = RelayTransport(RelayConfig(host="127.0.0.1", port=server.port), total_timeout=0.3)
+    await relay.deliver("a@x.test", ["b@y.test"], _message(0))
+    server.stall_after_dot = 1
+    with pytest.raises(TemporaryDeliveryError) as caught:
+        await asyncio.wait_for(relay.deliver("a@x.test", ["b@y.test"], _message(1)), 5)
+    [attempt] = caught.value.context["attempts"]
+    assert attempt.reply_lost and "timed out" in attempt.reply
+    [attempt] = await relay.deliver("a@x.test", ["b@y.test"], _message(2))
+    await relay.close()
+    assert attempt.reply == "queued as m2"
+    assert server.received == ["m0", "m1", "m2"] and server.connections == 2
 
 
 async def test_sessions_belong_to_their_event_loop(server: _Server) -> None:
