@@ -502,12 +502,6 @@ _PROBE_AFTER_S = 1.0
 _DEAD_SESSION = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError, OSError)
 
 
-# MAIL, RCPT and DATA are written straight to aiosmtplib's protocol: the session is ours
-# alone between take() and give() (no command lock needed), their arguments passed
-# _check_envelope and _PLAIN_ADDRESS (no control character to screen again), and the
-# transaction's one ``asyncio.timeout`` scope bounds them all (no timer per command).
-# A timeout or a lost line leaves the session unusable, and it is closed, as aiosmtplib would.
-
 # An address aiosmtplib's quoting would hand back unchanged (its email.utils parse costs
 # more than the rest of the command); "" is the null reverse-path. Others go through it.
 _PLAIN_ADDRESS = re.compile(r"(?:[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+)?")
@@ -539,7 +533,15 @@ async def _rcpt(client: aiosmtplib.SMTP, rcpt: str, encoding: str) -> aiosmtplib
 
 
 async def _command(client: aiosmtplib.SMTP, line: bytes) -> aiosmtplib.SMTPResponse:
-    """``client.execute_command`` for one whole command line on an EHLO'd session."""
+    """``client.execute_command`` for one whole line (or the DATA payload), written straight
+    to aiosmtplib's protocol.
+
+    The session is ours alone between ``take()`` and ``give()``, so no command lock is
+    needed; MAIL and RCPT arguments passed _check_envelope and _PLAIN_ADDRESS, so there is
+    no control character to screen again; the transaction's one ``asyncio.timeout`` scope
+    bounds every reply, so no timer per command. As in aiosmtplib, a lost line or a 421
+    closes the session.
+    """
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
