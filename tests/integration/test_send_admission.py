@@ -28,6 +28,7 @@ from multimail.store.tables import (
     idempotency_keys,
     mailbox_allowlist,
     messages,
+    suppressions,
     webhook_deliveries,
 )
 from multimail.store.tables import mailboxes as mailbox_rows
@@ -394,3 +395,54 @@ def test_concurrent_refusals_keep_their_tokens_and_leave_no_key(
         assert audit.verify(svc.db).ok
     finally:
         svc.db.dispose()
+
+
+def _suppress(services: Services, account_id: str, address: str) -> None:
+    with services.db.write() as conn:
+        conn.execute(
+            insert(suppressions).values(
+                id=new_id("sup"),
+                account_id=account_id,
+                address=address,
+                reason="hard_bounce",
+                created_at=utcnow(),
+            )
+        )
+
+
+def test_suppressions_read_with_the_mailbox_match_what_the_scan_needs(
+    services: Services, boot: accounts.Bootstrap, live: LiveServer
+) -> None:
+    """The request's recipients are checked against suppressions in the mailbox's query;
+    addresses known only later (auto_cc) and long recipient lists are still checked, and
+    another account's suppressions never count."""
+    box = _mailbox(services, boot)
+    _suppress(services, boot.account["id"], "gone@example.com")
+    _suppress(services, boot.account["id"], "audit@example.com")
+    operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
+    with services.db.write() as conn:
+        other = accounts.create_account(conn, actor=operator, name="Other")
+    _suppress(services, other["id"], "here@example.com")
+    with _client(live, boot.agent_key) as agent:
+
+        def findings(**fields: Any) -> tuple[str, list[str]]:
+            response = agent.post(f"/v1/mailboxes/{box}/send", json=BODY | fields)
+            assert response.status_code == 202, response.text
+            body = response.json()
+            return body["status"], [f["code"] for f in body["scan_findings"]]
+
+        assert findings(to="Gone@Example.com") == ("send_failed", ["all_recipients_suppressed"])
+        assert findings(to=["gone@example.com", "here@example.com"]) == (
+            "queued",
+            ["suppressed_recipients"],
+        )
+        many = [f"r{i}@example.com" for i in range(9)] + ["gone@example.com"]
+        assert findings(to=many) == ("queued", ["suppressed_recipients"])
+        assert findings(to="here@example.com") == ("queued", [])
+        with services.db.write() as conn:
+            conn.execute(
+                update(mailbox_rows)
+                .where(mailbox_rows.c.id == box)
+                .values(auto_cc=["audit@example.com"])
+            )
+        assert findings(to="here@example.com") == ("queued", ["suppressed_recipients"])

@@ -535,6 +535,9 @@ class _Limits:
     # its allowlist patterns, and whether any webhook could receive its events.
     allowlist: tuple[str, ...] | None = None
     webhooks_possible: bool | None = None
+    # Of the (lower-cased) addresses asked about with the mailbox, those suppressed.
+    suppression_asked: frozenset[str] = frozenset()
+    suppressed: frozenset[str] = frozenset()
 
 
 _LIMITS = (
@@ -575,8 +578,14 @@ _WEBHOOKS_OF_MAILBOX = exists().where(
         webhook_rows.c.mailbox_id == mailbox_rows.c.id,
     )
 )
-_MAILBOX_AND_LIMITS = (
-    select(
+_SUPPRESSED_LABEL = "lim_suppressed"
+# Recipients the request names, asked about with the mailbox (up to this many; auto_cc,
+# auto_bcc and reply recipients, known only later, are asked about separately).
+_SUPPRESSED_WITH_MAILBOX = 8
+
+
+def _mailbox_and_limits_query(asked: int, locked: bool) -> Select[Any]:
+    columns: list[Any] = [
         mailbox_rows,
         accounts.c.daily_send_quota.label(_LIMIT_LABELS[0]),
         accounts.c.oversight_email.label(_LIMIT_LABELS[1]),
@@ -584,38 +593,64 @@ _MAILBOX_AND_LIMITS = (
         api_keys.c.send_cap_day.label(_LIMIT_LABELS[3]),
         _ALLOWLIST_OF_MAILBOX.label(_ALLOWLIST_LABEL),
         _WEBHOOKS_OF_MAILBOX.label(_WEBHOOKS_LABEL),
-    )
-    .select_from(
-        mailbox_rows.join(accounts, accounts.c.id == mailbox_rows.c.account_id).outerjoin(
-            api_keys, api_keys.c.id == bindparam("key_id")
+    ]
+    if asked:
+        # What _suppressed_among would answer for these addresses (one bind each).
+        suppressed = (
+            select(func.aggregate_strings(suppression_rows.c.address, "\n"))
+            .where(
+                suppression_rows.c.account_id == mailbox_rows.c.account_id,
+                suppression_rows.c.address.in_([bindparam(f"s{i}") for i in range(asked)]),
+            )
+            .scalar_subquery()
+        )
+        columns.append(suppressed.label(_SUPPRESSED_LABEL))
+    query = (
+        select(*columns)
+        .select_from(
+            mailbox_rows.join(accounts, accounts.c.id == mailbox_rows.c.account_id).outerjoin(
+                api_keys, api_keys.c.id == bindparam("key_id")
+            )
+        )
+        .where(
+            mailbox_rows.c.id == bindparam("mailbox_id"),
+            mailbox_rows.c.account_id == bindparam("account_id"),
+            mailbox_rows.c.deleted_at.is_(None),
         )
     )
-    .where(
-        mailbox_rows.c.id == bindparam("mailbox_id"),
-        mailbox_rows.c.account_id == bindparam("account_id"),
-        mailbox_rows.c.deleted_at.is_(None),
-    )
-)
+    # PostgreSQL: the mailbox row locked at once (see ``_write_send``), not read and re-read.
+    return query.with_for_update(of=mailbox_rows) if locked else query
 
 
-# PostgreSQL: the mailbox row locked at once (see ``_submit``), not read and then re-read.
-_MAILBOX_AND_LIMITS_LOCKED = _MAILBOX_AND_LIMITS.with_for_update(of=mailbox_rows)
+_MAILBOX_AND_LIMITS = {
+    (asked, locked): _mailbox_and_limits_query(asked, locked)
+    for asked in range(_SUPPRESSED_WITH_MAILBOX + 1)
+    for locked in (False, True)
+}
 
 
 def _mailbox_and_limits(
-    conn: Connection, actor: Actor, mailbox_id: str
+    conn: Connection, actor: Actor, mailbox_id: str, recipients: Sequence[str] = ()
 ) -> tuple[dict[str, Any], _Limits]:
     """``mailboxes.resolve(conn, actor, mailbox_id, for_update=True)`` and ``_limits`` in one
-    query."""
+    query, with which of ``recipients`` (the request's own) are suppressed."""
     key_id = actor.id if actor.type == "key" else None
-    params = {"mailbox_id": mailbox_id, "account_id": actor.account_id, "key_id": key_id}
-    postgresql = conn.dialect.name == "postgresql"
-    query = _MAILBOX_AND_LIMITS_LOCKED if postgresql else _MAILBOX_AND_LIMITS
+    params: dict[str, Any] = {
+        "mailbox_id": mailbox_id,
+        "account_id": actor.account_id,
+        "key_id": key_id,
+    }
+    asked = list(dict.fromkeys(a.lower() for a in recipients))
+    if len(asked) > _SUPPRESSED_WITH_MAILBOX:
+        asked = []
+    params.update((f"s{i}", address) for i, address in enumerate(asked))
+    query = _MAILBOX_AND_LIMITS[(len(asked), conn.dialect.name == "postgresql")]
     found = conn.execute(query, params).mappings().first()
     if found is None or (actor.mailbox_ids is not None and found["id"] not in actor.mailbox_ids):
         raise NotFound(f"mailbox {mailbox_id!r} not found", code="mailbox_not_found")
     row = dict(found)
     patterns = row.pop(_ALLOWLIST_LABEL)
+    suppressed = row.pop(_SUPPRESSED_LABEL, None)
     quota, oversight_email, cap_hour, cap_day = (row.pop(label) for label in _LIMIT_LABELS)
     limits = _Limits(
         quota,
@@ -624,6 +659,8 @@ def _mailbox_and_limits(
         cap_day,
         allowlist=tuple(patterns.split("\n")) if patterns else (),
         webhooks_possible=bool(row.pop(_WEBHOOKS_LABEL)),
+        suppression_asked=frozenset(asked),
+        suppressed=frozenset(suppressed.split("\n")) if suppressed else frozenset(),
     )
     return row, limits
 
@@ -1154,7 +1191,8 @@ def _write_send(
     limits: _Limits | None = None
     mailbox: dict[str, Any] | None
     if by_id is not None:
-        mailbox, limits = _mailbox_and_limits(conn, actor, by_id)
+        named_recipients = [*draft.to, *draft.cc, *draft.bcc]
+        mailbox, limits = _mailbox_and_limits(conn, actor, by_id, named_recipients)
     else:
         mailbox = _choose_mailbox(conn, actor, mailbox_refs)
     original = None
@@ -1234,7 +1272,10 @@ def _write_send(
         external_id=draft.thread_id,
         replying_to=original,
     )
-    suppressed = _suppressed_among(conn, account_id, recipients)
+    if limits.suppression_asked and {a.lower() for a in recipients} <= limits.suppression_asked:
+        suppressed = set(limits.suppressed)
+    else:
+        suppressed = _suppressed_among(conn, account_id, recipients)
     findings = _scan_input(
         services, recipients, subject, markdown, draft.attachments, suppressed, size
     )
