@@ -8,10 +8,11 @@ nothing changes, before it is checked. As a second line of defence the finished 
 split into exactly the header fields we meant to write, and whenever the email package
 wrote an address field, its parser must read back exactly the recipients we meant.
 
-The common shapes (plain ASCII headers, text + HTML, base64 attachments with plain names)
-are written here without the email package, whose header registry and generator cost
-milliseconds per message; anything else goes through it one header or one attachment at a
-time. The tests hold the two writers to the same headers and decoded parts.
+The common shapes (plain ASCII headers, non-ASCII names and subjects as base64
+encoded-words, text + HTML, base64 attachments with plain names) are written here without
+the email package, whose header registry and generator cost milliseconds per message;
+anything else goes through it one header or one attachment at a time. The tests hold the
+two writers to the same headers and decoded parts.
 """
 
 from __future__ import annotations
@@ -430,6 +431,10 @@ def _from_header(sender: str, name: str) -> tuple[bytes, bool]:
         mailbox = ""
     if mailbox and _DOT_ATOM_ADDRESS.fullmatch(sender) and len(mailbox) + 6 <= _FOLD_AT:
         return f"From: {mailbox}\r\n".encode("ascii"), True
+    if _encodable(name) and _DOT_ATOM_ADDRESS.fullmatch(sender) and len(name.encode()) <= 42:
+        # One encoded-word ("From: " and it fill a 76-character line at 42 octets): the
+        # email package reads a space between two encoded-words in a display name.
+        return _encoded_field("From", name, f"<{sender}>"), True
     return _stdlib_header("From", Address(display_name=name, addr_spec=sender)), False
 
 
@@ -445,7 +450,54 @@ def _unstructured_header(name: str, value: str) -> bytes:
         words = value.split(" ")
         if max(len(w) for w in words) < _FOLD_AT - len(name) - 2:
             return _fold_words(name, words)
+    elif _encodable(value):
+        return _encoded_field(name, value)
     return _stdlib_header(name, value)
+
+
+# RFC 2047: a line holding an encoded-word is at most 76 characters, and each encoded-word
+# at most 75 and a whole number of characters.
+_ENCODED_LINE = 76
+_ENCODED_WORD_PREFIX = "=?utf-8?b?"
+
+
+def _encodable(text: str) -> bool:
+    """Non-ASCII text we write as base64 encoded-words ourselves. The rest is left to the
+    email package, the reference: text with "=?" in it (decoded until nothing changed,
+    what stays looks like an encoded-word), and text with blanks at either end (readers
+    drop those, and the email package's writing decides which)."""
+    return bool(text) and not text.isascii() and "=?" not in text and text.strip() == text
+
+
+def _encoded_field(name: str, text: str, trailer: str = "") -> bytes:
+    """``name: <text as base64 encoded-words>[ trailer]``, folded between the words.
+
+    The words carry every character of ``text`` (spaces included), so a reader decodes
+    exactly ``text``; their alphabet (base64 between ``=?utf-8?b?`` and ``?=``) holds no
+    character a header parser could take for structure. ``trailer`` is a plain token
+    (``<addr-spec>``) written after them.
+    """
+    data = text.encode("utf-8")
+    lines = [f"{name}:"]
+    start = 0
+    while start < len(data):
+        room = _ENCODED_LINE - len(lines[-1]) - 1 - len(_ENCODED_WORD_PREFIX) - 2
+        if room < 8:  # not even two characters fit: start a line
+            lines.append("")
+            continue
+        end = min(len(data), start + room // 4 * 3)
+        while end < len(data) and data[end] & 0xC0 == 0x80:
+            end -= 1  # never split a character between two words
+        word = base64.b64encode(data[start:end]).decode("ascii")
+        lines[-1] += f" {_ENCODED_WORD_PREFIX}{word}?="
+        start = end
+        if start < len(data):
+            lines.append("")
+    if trailer:
+        if len(lines[-1]) + 1 + len(trailer) > _ENCODED_LINE:
+            lines.append("")
+        lines[-1] += " " + trailer
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
 def _raw_header(header: _RawHeader) -> bytes:
@@ -657,7 +709,8 @@ def _check_headers(
 
     The recipients are read back with the email package's own parser whenever it wrote an
     address field (its encoder is what could be talked into writing more than it was
-    given); fields written here come only from the plain alphabets checked above.
+    given); fields written here come only from the plain alphabets checked above, or
+    hold non-ASCII text as base64 encoded-words, whose alphabet has no structure in it.
     """
     head = raw[: raw.find(b"\r\n\r\n")]
     fields = _header_fields(head)
