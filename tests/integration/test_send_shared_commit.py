@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
+from multimail.config import Settings
 from multimail.errors import Forbidden
+from multimail.runtime import build_services
 from multimail.services import accounts, audit, keys, mailboxes, sending
 from multimail.services.context import Actor, Services
 from multimail.store.tables import audit_entries, idempotency_keys, messages
@@ -110,3 +114,60 @@ def test_a_refused_send_leaves_nothing_and_does_not_undo_its_neighbours(
     assert kept_keys == {f"k{n}" for n in range(0, SENDERS, 2)}
     assert stored == SENDERS // 2
     assert audit.verify(services.db).ok
+
+
+def test_concurrent_sends_to_two_databases_each_land_in_their_own(
+    settings: Settings, services: Services, boot: accounts.Bootstrap, tmp_path: Path
+) -> None:
+    """Two installations in one process (two databases) sending at the same moment: a
+    shared commit never carries one database's send into the other."""
+    if not services.db.is_sqlite:
+        pytest.skip("shared commits are SQLite's")
+    other = build_services(
+        settings.model_copy(
+            update={
+                "data_dir": tmp_path / "other",
+                "database_url": f"sqlite:///{tmp_path / 'other.db'}",
+            }
+        )
+    )
+    try:
+        other_boot = accounts.bootstrap(other.db, account_name="Other", operator_email="o@mm.test")
+        here = _mailbox(services, boot, "here", "autonomous")
+        there = _mailbox(other, other_boot, "there", "autonomous")
+        agents = {
+            "here": (services, keys.authenticate(services.db, boot.agent_key), here),
+            "there": (other, keys.authenticate(other.db, other_boot.agent_key), there),
+        }
+        rounds = 8
+        outcomes: dict[str, list[Any]] = {"here": [], "there": []}
+        start = threading.Barrier(2 * rounds)
+
+        def run(name: str, n: int) -> None:
+            svc, agent, box = agents[name]
+            request = sending.SendRequest.model_validate(
+                {"to": "c@example.com", "subject": f"{name} {n}", "text": "Hi"}
+            )
+            start.wait()
+            try:
+                result = sending.send(svc, agent, mailbox_ref=box, request=request)
+                outcomes[name].append(result)
+            except Exception as exc:
+                outcomes[name].append(exc)
+
+        threads = [
+            threading.Thread(target=run, args=(name, n))
+            for n in range(rounds)
+            for name in ("here", "there")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        for name, (svc, _, _) in agents.items():
+            assert all(isinstance(o, sending.SendResult) for o in outcomes[name]), outcomes
+            with svc.db.read() as conn:
+                subjects = sorted(conn.execute(select(messages.c.subject)).scalars())
+            assert subjects == sorted(f"{name} {n}" for n in range(rounds))
+    finally:
+        other.db.dispose()

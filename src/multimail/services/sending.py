@@ -24,6 +24,7 @@ import json
 import math
 import mimetypes
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1041,7 +1042,18 @@ class _SharedCommits:
                 work.done.set()
 
 
-_SENDS = _SharedCommits()
+# One per database: a batch is one transaction, so it must never mix two databases' sends
+# (two installations in one process, as tests and embedded uses have).
+_COMMITTERS: weakref.WeakKeyDictionary[Database, _SharedCommits] = weakref.WeakKeyDictionary()
+_COMMITTERS_LOCK = threading.Lock()
+
+
+def _shared_commits(db: Database) -> _SharedCommits:
+    with _COMMITTERS_LOCK:
+        committer = _COMMITTERS.get(db)
+        if committer is None:
+            committer = _COMMITTERS[db] = _SharedCommits()
+        return committer
 
 
 @contextmanager
@@ -1110,7 +1122,7 @@ def _submit(
     def write(conn: Connection, _: Actor | None) -> SendResult:
         return _write_send(conn, services, actor, prepared)
 
-    return _SENDS.run(services.db, write)
+    return _shared_commits(services.db).run(services.db, write)
 
 
 class Gate(Protocol):
@@ -1172,7 +1184,7 @@ def _submit_admitting(
         assert actor is not None
         return _write_send(conn, services, actor, prepared)
 
-    return _SENDS.run(services.db, write, admit)
+    return _shared_commits(services.db).run(services.db, write, admit)
 
 
 def _write_send(
