@@ -1,7 +1,7 @@
 """Signed deliveries per second through the real worker, beside raw aiosmtplib sends.
 
     .venv/bin/python bench/bench_delivery.py [--messages 300] [--latency 50] [--concurrency 8]
-        [--batch 32] [--pipelines 2] [--poll 0.2]
+        [--batch 32] [--pipelines 2] [--poll 0.2] [--database sqlite|postgresql]
 
 Both sides hand messages to the same local aiosmtpd sink on loopback, which runs in a
 process of its own (it stands in for the internet; sharing our interpreter it would eat
@@ -12,8 +12,9 @@ our connection pool does, so the comparison is honest). CPU ms per message is th
 process's CPU time over each phase, divided by the messages (load-independent, unlike the
 rates). Ours runs the whole path per message (claim the job, gate and suppression checks,
 compose, DKIM-sign, store the bytes, SMTP, record the attempt, audit, events, complete the
-job) on an embedded SQLite database, ``--batch`` messages per group commit (claim + start in
-one commit, every outcome in one more) and ``--pipelines`` batches in flight, the runner
+job) on an embedded SQLite database (``--database postgresql``: a fresh PostgreSQL one),
+``--batch`` messages per group commit (claim + start in one commit, every outcome in one
+more) and ``--pipelines`` batches in flight, the runner
 polling every ``--poll`` seconds as ``serve`` does (it used to poll 20 times as often). Then
 ``deliver_now`` latency (what an approval waits for) per message, p50/p99. Bounded: a few
 thousand messages at most; the sink stops by itself after 15 minutes.
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+from _support import databases
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from pydantic import SecretStr
 from sqlalchemy import func, insert, select
@@ -116,11 +118,12 @@ class _SinkProcess:
         return int(self._count.value)
 
 
-def _setup(data_dir: Path, port: int) -> tuple[Services, str, str]:
+def _setup(data_dir: Path, port: int, database_url: str | None) -> tuple[Services, str, str]:
     settings = Settings(
         data_dir=data_dir,
         domain="bench.test",
         smtp_url=SecretStr(f"smtp://127.0.0.1:{port}"),
+        database_url=database_url,
     )
     services = build_services(settings)
     boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
@@ -265,11 +268,22 @@ def main() -> None:
     # serve's own interval: the one-job loop polls for other kinds at this pace throughout
     # (each poll is a thread hop and a read transaction, ~0.4 ms of CPU).
     parser.add_argument("--poll", type=float, default=0.2, help="runner poll interval, s")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the worker's database (postgresql: a fresh one, dropped after)",
+    )
     args = parser.parse_args()
     n = max(1, min(args.messages, 5000))
-    with _SinkProcess() as sink, tempfile.TemporaryDirectory(prefix="mm-bench-") as tmp:
+    with (
+        _SinkProcess() as sink,
+        tempfile.TemporaryDirectory(prefix="mm-bench-") as tmp,
+        databases() as dbs,
+    ):
         port = sink.port
-        services, account_id, mailbox_id = _setup(Path(tmp), port)
+        url = dbs.url(args.database, "delivery")
+        services, account_id, mailbox_id = _setup(Path(tmp), port, url)
         try:
             _queue(services, account_id, mailbox_id, n)
             ours = asyncio.run(_ours(services, sink, n, args.batch, args.pipelines, args.poll))
@@ -287,9 +301,9 @@ def main() -> None:
             services.db.dispose()
         accepted = sink.count
     print(
-        f"messages: {n}, baseline concurrency: {args.concurrency}, batch: {args.batch} x "
-        f"{args.pipelines} pipelines, poll {args.poll} s, sink (own process) accepted: {accepted}, "
-        f"load average: {os.getloadavg()[0]:.2f}"
+        f"messages: {n}, database: {args.database}, baseline concurrency: {args.concurrency}, "
+        f"batch: {args.batch} x {args.pipelines} pipelines, poll {args.poll} s, "
+        f"sink (own process) accepted: {accepted}, load average: {os.getloadavg()[0]:.2f}"
     )
     print(
         f"raw aiosmtplib sends (same signed bytes, a connection per message): "

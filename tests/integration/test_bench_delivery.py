@@ -12,8 +12,9 @@ from tests.conftest import BACKEND
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_delivery.py"
 
-# The bench always runs on its own embedded SQLite database: one leg is enough.
-pytestmark = pytest.mark.skipif(BACKEND != "sqlite", reason="the bench does not use the test DB")
+# The bench makes its own database (a data dir's SQLite file, or a fresh PostgreSQL one):
+# each leg runs it on its own backend once.
+sqlite_leg = pytest.mark.skipif(BACKEND != "sqlite", reason="the SQLite leg runs this")
 
 
 def _run(*args: str) -> str:
@@ -28,6 +29,7 @@ def _run(*args: str) -> str:
     return done.stdout
 
 
+@sqlite_leg
 def test_latency_zero_skips_the_latency_phase() -> None:
     # Used to crash: the latency phase queued an empty list, an INSERT ... DEFAULT VALUES.
     out = _run("--latency", "0")
@@ -35,6 +37,14 @@ def test_latency_zero_skips_the_latency_phase() -> None:
     assert "deliver_now latency" not in out
 
 
+@sqlite_leg
 def test_latency_phase_reports_percentiles() -> None:
     out = _run("--latency", "2", "--batch", "2", "--pipelines", "1")
     assert "deliver_now latency over 2:" in out
+
+
+@pytest.mark.skipif(BACKEND != "postgres", reason="the PostgreSQL leg runs this")
+def test_runs_on_a_fresh_postgresql_database() -> None:
+    out = _run("--latency", "1", "--database", "postgresql")
+    assert "database: postgresql" in out
+    assert "deliver_now latency over 1:" in out
