@@ -854,3 +854,28 @@ def test_non_ascii_from_and_subject_are_encoded_words_written_here() -> None:
     head = build_message(draft).split(b"\r\n\r\n")[0]
     assert b"From: =?utf-8?b?Wm/DqyBNw7xsbGVy?= <support@acme.example>\r\n" in head
     assert b"Subject: =?utf-8?b?UsO8Y2tmcmFnZSDigJMgQmVzdGVsbHVuZw==?=\r\n" in head
+
+
+@given(
+    names=st.lists(
+        _non_ascii | st.text(st.sampled_from("ab .'%*=?\"\\"), max_size=90), min_size=1, max_size=2
+    )
+)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_attachment_names_read_like_the_email_packages(names: list[str]) -> None:
+    """Filenames written here (quoted, or RFC 2231 percent-encoded UTF-8, on one line or
+    folded onto a second) give the email package's decoded names, or both refuse."""
+    files = [OutboundAttachment(n, "application/pdf", b"data") for n in names]
+    draft = replace(DRAFT, attachments=files)
+    try:
+        reference: bytes | None = _reference_build(draft)
+    except InvalidInput:
+        reference = None
+    try:
+        ours = build_message(draft)
+    except InvalidInput:
+        assert reference is None
+        return
+    assert reference is not None
+    _assert_wire_safe(ours)
+    assert _shape(ours) == _shape(reference)

@@ -31,6 +31,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
 from email.policy import Policy
+from email.utils import encode_rfc2231
 from functools import lru_cache
 
 from multimail.errors import InvalidInput
@@ -534,11 +535,31 @@ def _text_part(subtype: str, text: str) -> bytes:
     return head.encode("ascii") + _CRLF + payload
 
 
+def _disposition(filename: str) -> str | None:
+    """The Content-Disposition field for ``filename`` as the email package writes it when
+    it fits one or two lines (a quoted ASCII name, or RFC 2231 percent-encoded UTF-8, whose
+    alphabet has no structure in it); None for the rest."""
+    if "=?" in filename:
+        return None
+    if _FILENAME_CHARS.fullmatch(filename):
+        parameter = f'filename="{filename}"'
+    elif not filename.isascii():
+        parameter = "filename*=" + encode_rfc2231(filename, "utf-8")
+    else:
+        return None  # a quote, a backslash or a tab in an ASCII name
+    field = f"Content-Disposition: attachment; {parameter}"
+    if len(field) <= _FOLD_AT:
+        return field
+    if len(parameter) + 1 <= _FOLD_AT:
+        return f"Content-Disposition: attachment;\r\n {parameter}"
+    return None
+
+
 def _attachment_part(attachment: OutboundAttachment) -> bytes:
     maintype, subtype = _attachment_type(attachment)
     filename = _filename(attachment.filename)
-    disposition = f'Content-Disposition: attachment; filename="{filename}"'
-    if "=?" in filename or not _FILENAME_CHARS.fullmatch(filename) or len(disposition) > _FOLD_AT:
+    disposition = _disposition(filename)
+    if disposition is None:
         part = MIMEPart(policy=_POLICY)
         part.set_content(
             attachment.data, maintype, subtype, disposition="attachment", filename=filename
