@@ -1315,7 +1315,8 @@ def _json_encoder() -> Callable[[Any], str]:
             found = seen[value] = encode_basestring_ascii(value)
         return found
 
-    encoder = make_encoder(None, _not_json, string, None, ": ", ", ", False, False, True)
+    # A markers dict, as json.dumps keeps, so a cycle is a ValueError (not a RecursionError).
+    encoder = make_encoder({}, _not_json, string, None, ": ", ", ", False, False, True)
     return lambda value: "".join(encoder(value, 0))
 
 
