@@ -13,7 +13,6 @@ import asyncio
 import email
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from pydantic import SecretStr
 from multimail.config import Settings
 from multimail.runtime import build_services
 from multimail.services.context import Services
+from multimail.testing.processes import free_port
 from tests.integration.test_delivery import World
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,16 +73,10 @@ class HoldingHandler:
         return "250 OK: queued"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def receiver() -> Iterator[tuple[HoldingHandler, int]]:
     handler = HoldingHandler()
-    port = _free_port()
+    port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
     yield handler, port

@@ -31,6 +31,7 @@ from multimail.services.context import Actor, Services
 from multimail.smtp.inbound import InboundEnvelope
 from multimail.store import jobs as queue
 from multimail.store.tables import inbound_raw, jobs, messages
+from multimail.testing.processes import free_port
 from multimail.testing.server import LiveServer
 from multimail.workers.inbound import handle_job, run_smtp
 from tests.conftest import BACKEND
@@ -47,13 +48,6 @@ services = build_services(settings, run_migrations=False)
 print("ready", flush=True)
 asyncio.run(run_smtp(services, asyncio.Event()))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _mailbox(svc: Services, account_id: str, address: str) -> dict[str, Any]:
@@ -95,7 +89,7 @@ def test_kill_9_after_250_loses_no_acknowledged_message(
     full RELIABILITY run), every 250'd message is stored whole afterwards."""
     _mailbox(services, boot.account["id"], "bot@mm.test")
     services.db.dispose()
-    port = _free_port()
+    port = free_port()
     script = tmp_path / "server.py"
     script.write_text(SERVER_SCRIPT)
     acked: list[int] = []

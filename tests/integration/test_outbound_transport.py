@@ -28,6 +28,7 @@ from multimail.smtp.outbound import (
     resolve_mx,
 )
 from multimail.testing.dns import LocalDNSServer
+from multimail.testing.processes import free_port
 from multimail.testing.smtp import CapturingSMTPServer, Stage
 
 MESSAGE = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: hello\r\n\r\nHello there.\r\n"
@@ -47,12 +48,6 @@ def dns_server() -> Iterator[LocalDNSServer]:
 
 def _relay(server: CapturingSMTPServer) -> RelayTransport:
     return RelayTransport(RelayConfig(host=server.host, port=server.port))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _attempts(error: DeliveryError) -> list[DeliveryAttempt]:
@@ -208,7 +203,7 @@ async def test_lost_reply_after_data_is_temporary_and_flagged(
 
 async def test_connection_refused_is_temporary() -> None:
     """Nobody listening: TemporaryDeliveryError, no SMTP code."""
-    transport = RelayTransport(RelayConfig(host="127.0.0.1", port=_free_port()))
+    transport = RelayTransport(RelayConfig(host="127.0.0.1", port=free_port()))
     with pytest.raises(TemporaryDeliveryError) as exc:
         await transport.deliver("a@x.test", ["b@y.test"], MESSAGE)
     assert exc.value.smtp_code is None
