@@ -879,3 +879,35 @@ def test_attachment_names_read_like_the_email_packages(names: list[str]) -> None
     assert reference is not None
     _assert_wire_safe(ours)
     assert _shape(ours) == _shape(reference)
+
+
+def _wire_is_safe(raw: bytes) -> bool:
+    """The wire rule itself: CRLF line ends only, ASCII, no NUL, lines of 998 at most."""
+    body, _, rest = raw.rpartition(b"\r\n")
+    lines = body.split(b"\r\n")
+    return (
+        raw.endswith(b"\r\n")
+        and not rest
+        and all(b"\r" not in line and b"\n" not in line for line in lines)
+        and b"\0" not in raw
+        and raw.isascii()
+        and all(len(line) <= 998 for line in lines)
+    )
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"a", b"\r\n", b"\r", b"\n", b"\0", b"\xe9", b"\n\r", b"x" * 500]),
+        max_size=12,
+    ).map(b"".join)
+)
+@settings(max_examples=1000)
+def test_the_wire_check_is_the_wire_rule(raw: bytes) -> None:
+    """_check_wire refuses exactly what breaks the rule (bare CR or LF, NUL, 8-bit, a line
+    over 998 octets, no final CRLF)."""
+    try:
+        compose._check_wire(raw)
+    except InvalidInput:
+        assert not _wire_is_safe(raw)
+    else:
+        assert _wire_is_safe(raw)

@@ -684,16 +684,19 @@ def compose_message(draft: OutboundDraft) -> ComposedMessage:
 
 
 def _check_wire(raw: bytes) -> None:
-    lines = raw.split(b"\r\n")
-    crlf = len(lines) - 1
+    # bytes.splitlines breaks at CRLF, CR and LF alike (several times faster than
+    # split(b"\r\n")): with a final CRLF there are as many lines as CRs and as LFs only
+    # when every CR and every LF is part of a CRLF.
+    lines = raw.splitlines()
     unsafe = (
-        raw.count(b"\n") != crlf  # a bare LF
-        or raw.count(b"\r") != crlf  # a bare CR
+        not raw.endswith(b"\r\n")
+        or raw.count(b"\r") != len(lines)  # a bare CR or LF makes a line of its own
+        or raw.count(b"\n") != len(lines)
         or b"\0" in raw
         or not raw.isascii()
         or max(map(len, lines)) > MAX_LINE_OCTETS
     )
-    if unsafe or not raw.endswith(b"\r\n"):
+    if unsafe:
         raise InvalidInput("the message could not be encoded safely", code="unsafe_message")
 
 
