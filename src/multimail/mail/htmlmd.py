@@ -26,6 +26,11 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 _TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
 
 
+# Built once: nh3.clean converts its option sets into the sanitiser's own on every call.
+_SANITISER = nh3.Cleaner(clean_content_tags=set(_DROP_WITH_CONTENT), url_schemes=set(_URL_SCHEMES))
+_TEXT_ONLY = nh3.Cleaner(tags=set(), clean_content_tags=set(_DROP_WITH_CONTENT))
+
+
 def _scrub(text: str) -> str:
     # Lone surrogates (from undecodable bytes) cannot cross into Rust; NULs are never content.
     return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
@@ -34,11 +39,7 @@ def _scrub(text: str) -> str:
 def sanitize_html(html: str) -> str:
     """Return ``html`` with scripts, styles, frames, event handlers and unsafe URLs removed."""
     try:
-        return nh3.clean(
-            _scrub(html),
-            clean_content_tags=set(_DROP_WITH_CONTENT),
-            url_schemes=set(_URL_SCHEMES),
-        )
+        return _SANITISER.clean(_scrub(html))
     except Exception:
         # nh3 has no documented failure mode; if one appears, an escaped copy is still safe.
         return html_lib.escape(_scrub(html))
@@ -47,7 +48,7 @@ def sanitize_html(html: str) -> str:
 def _html_to_text(html: str) -> str:
     """Flatten (already sanitised or not) HTML to text without any markup."""
     try:
-        stripped = nh3.clean(_scrub(html), tags=set(), clean_content_tags=set(_DROP_WITH_CONTENT))
+        stripped = _TEXT_ONLY.clean(_scrub(html))
     except Exception:
         stripped = re.sub(r"<[^>]*>", " ", _scrub(html))
     return _tidy(html_lib.unescape(stripped))
