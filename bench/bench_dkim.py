@@ -17,14 +17,15 @@ from pathlib import Path
 
 import dkim
 
-from multimail.mail.compose import OutboundDraft, build_message
+from multimail.mail.compose import ComposedMessage, OutboundDraft, compose_message
 from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair, sign_message
+from multimail.workers.signing import SigningKey, sign_composed
 
 DOMAIN = "bench.example"
 SELECTOR = "bench"
 
 
-def _message() -> bytes:
+def _message() -> ComposedMessage:
     paragraph = "The quick brown fox jumps over the lazy dog, again and again. " * 8
     draft = OutboundDraft(
         from_address=f"agent@{DOMAIN}",
@@ -39,7 +40,7 @@ def _message() -> bytes:
         extra_headers=[("X-MultiMail-Agent", "key_bench")],
     )
     # About 5 KB on the wire: four paragraphs, once as text and once as HTML.
-    return build_message(draft)
+    return compose_message(draft)
 
 
 def _rate(sign: Callable[[], object], seconds: float) -> float:
@@ -59,7 +60,8 @@ def main() -> None:
     args = parser.parse_args()
 
     keypair = generate_rsa_keypair(2048)
-    raw = _message()
+    composed = _message()
+    raw = composed.raw
     record = dns_txt_value(keypair).encode()
     signed = sign_message(raw, domain=DOMAIN, selector=SELECTOR, private_pem=keypair.private_pem)
     if not dkim.verify(signed, dnsfunc=lambda name, timeout=5: record):
@@ -68,6 +70,14 @@ def main() -> None:
 
     def ours() -> bytes:
         return sign_message(raw, domain=DOMAIN, selector=SELECTOR, private_pem=keypair.private_pem)
+
+    key = SigningKey(DOMAIN, SELECTOR, keypair.private_pem)
+    if not dkim.verify(sign_composed(composed, key), dnsfunc=lambda name, timeout=5: record):
+        raise SystemExit("our signature from compose's fields does not verify with dkimpy")
+
+    def ours_split() -> bytes:
+        # As the delivery worker signs: the header fields compose checked, not parsed again.
+        return sign_composed(composed, key)
 
     def plain() -> bytes:
         result: bytes = dkim.sign(
@@ -81,13 +91,20 @@ def main() -> None:
         return result
 
     ours_rate = _rate(ours, args.seconds)
+    split_rate = _rate(ours_split, args.seconds)
     plain_rate = _rate(plain, args.seconds)
     print(f"message size:        {len(raw)} bytes, RSA-2048, relaxed/relaxed")
     print(f"multimail signer:    {ours_rate:8.0f} signatures/s")
+    print(f"  fields from compose: {split_rate:6.0f} signatures/s")
     print(f"plain dkim.sign:     {plain_rate:8.0f} signatures/s")
     print(f"speed-up:            {ours_rate / plain_rate:8.1f}x")
     if args.json:
-        figures = {"message_bytes": len(raw), "ours_per_s": ours_rate, "plain_per_s": plain_rate}
+        figures = {
+            "message_bytes": len(raw),
+            "ours_per_s": ours_rate,
+            "ours_composed_per_s": split_rate,
+            "plain_per_s": plain_rate,
+        }
         args.json.write_text(json.dumps(figures))
 
 
