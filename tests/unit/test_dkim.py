@@ -449,3 +449,23 @@ def test_emptying_b_is_dkimpys_re_btag(
     ]
     folded = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=14, linesep=b"\r\n")
     assert our_dkim._unsigned_tags(fields) == dkim.RE_BTAG.sub(b"\\1", folded)
+
+
+@given(
+    present=st.lists(st.sampled_from([b"from", b"to", b"subject", b"cc", b"x-a"]), max_size=8),
+    requested=st.none() | st.lists(st.sampled_from(["From", "to", "CC", "X-A", "date"])),
+)
+def test_header_choice_is_the_documented_rule(
+    present: list[bytes], requested: list[str] | None
+) -> None:
+    """From first, then each wanted name once per instance, once more for the RFC 5322
+    singletons; an absent name only when the caller named it (an empty list is the default)."""
+    names = [h.lower().encode() for h in (requested or our_dkim.DEFAULT_SIGNED_HEADERS)]
+    expected: list[bytes] = []
+    for name in dict.fromkeys([b"from", *names]):
+        count = present.count(name)
+        if count == 0:
+            expected += [name] if requested is not None else []
+            continue
+        expected += [name] * (count + (name.decode() in our_dkim._OVERSIGNED))
+    assert our_dkim._choose_headers(present, requested) == expected

@@ -288,7 +288,7 @@ _OVERSIGNED_BYTES = frozenset(h.encode("ascii") for h in _OVERSIGNED)
 
 
 def _choose_headers(present: list[bytes], requested: Sequence[str] | None) -> list[bytes]:
-    if requested is None:
+    if not requested:  # None or empty: the default list
         wanted: Sequence[bytes] = _DEFAULT_WANTED
     else:
         wanted = tuple(dict.fromkeys([b"from", *(h.lower().encode("ascii") for h in requested)]))
