@@ -161,7 +161,29 @@ _log = logging.getLogger(__name__)
 # Built once: constructing and compiling a statement costs more than SQLite running it.
 _INSERT_ATTEMPT = insert(delivery_attempts)
 _ROWS = select(messages).where(messages.c.id.in_(bindparam("ids", expanding=True)))
-_ROWS_LOCKED = _ROWS.order_by(messages.c.id).with_for_update()
+# What starting a batch decides on (_start_many): not the body, nor the inbound columns.
+_START_ROWS = select(
+    *(
+        messages.c[name]
+        for name in (
+            "id",
+            "account_id",
+            "mailbox_id",
+            "direction",
+            "status",
+            "test",
+            "message_id_header",
+            "from_address",
+            "to",
+            "cc",
+            "bcc",
+            "oversight_mode",
+            "decision",
+            "raw",
+        )
+    )
+).where(messages.c.id.in_(bindparam("ids", expanding=True)))
+_START_ROWS_LOCKED = _START_ROWS.order_by(messages.c.id).with_for_update()
 _MAILBOXES = select(mailboxes).where(mailboxes.c.id.in_(bindparam("ids", expanding=True)))
 _ACCOUNTS = select(accounts).where(accounts.c.id.in_(bindparam("ids", expanding=True)))
 _ATTACHMENTS = (
@@ -371,7 +393,8 @@ def _load(conn: Connection, message_id: str, *, lock: bool = False) -> _Context 
 def _load_many(
     conn: Connection, message_ids: Sequence[str], *, lock: bool = False
 ) -> dict[str, _Context]:
-    """:func:`_load` for many messages: three queries however many there are."""
+    """:func:`_load` for many messages: three queries however many there are. ``lock``:
+    only the columns a start decides on (see ``_START_ROWS``), locked on PostgreSQL."""
     if not message_ids:
         return {}
     rows = (
@@ -1190,8 +1213,9 @@ def _previous_results_many(
 
 
 def _rows_by_id(conn: Connection, message_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The messages' rows in one query; on PostgreSQL locked, in id order (as one by one)."""
-    query = _ROWS_LOCKED if conn.dialect.name == "postgresql" else _ROWS
+    """What a start decides on, in one query; on PostgreSQL locked, in id order (as one by
+    one)."""
+    query = _START_ROWS_LOCKED if conn.dialect.name == "postgresql" else _START_ROWS
     return {
         row["id"]: dict(row) for row in conn.execute(query, {"ids": sorted(message_ids)}).mappings()
     }
