@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,39 @@ def test_concurrent_sends_to_two_databases_each_land_in_their_own(
             assert subjects == sorted(f"{name} {n}" for n in range(rounds))
     finally:
         other.db.dispose()
+
+
+class _Interrupted(BaseException):
+    """Something no send catches (as KeyboardInterrupt would be)."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_writer_thread_stops_when_idle_and_never_strands_a_send(
+    services: Services,
+) -> None:
+    """The database's writer thread exits after a quiet second and the next send starts
+    another; one killed by an error nothing catches answers its batch and is replaced."""
+    if not services.db.is_sqlite:
+        pytest.skip("shared commits are SQLite's")
+    committer = sending._shared_commits(services.db)
+
+    def ok(conn: Any, actor: Any) -> sending.SendResult:
+        return sending.SendResult({"ok": True}, created=True)
+
+    def interrupted(conn: Any, actor: Any) -> sending.SendResult:
+        raise _Interrupted
+
+    assert committer.run(ok).response == {"ok": True}
+    deadline = time.monotonic() + committer.IDLE_SECONDS + 5
+    while committer._writer is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert committer._writer is None
+    assert committer.run(ok).response == {"ok": True}
+    with pytest.raises(RuntimeError, match="interrupted"):
+        committer.run(interrupted)
+    assert committer.run(ok).response == {"ok": True}
+
+    async def from_a_coroutine() -> sending.SendResult:
+        return await committer.run_async(ok)
+
+    assert asyncio.run(from_a_coroutine()).response == {"ok": True}

@@ -92,10 +92,19 @@ async def _send(
     mailbox_ref: str | None,
     email_id: str | None = None,
 ) -> Response:
-    """One thread hop in which the send authenticates its caller, spends their token and
-    writes the message, all in one transaction (``sending.send_admitting``)."""
+    """The send authenticates its caller, spends their token and writes the message in one
+    transaction: on SQLite, for a small body, shared with concurrent sends and without a
+    thread hop of its own; otherwise in one hop (``sending.send_admitting``)."""
     svc = get_services(request)
     gate = RequestGate(request, raw_key)
+    if isinstance(body, SendRequest) and sending.admits_in_shared_commit(svc, body):
+        # SQLite and a small body: prepared here, written by the database's writer thread.
+        result = await sending.send_in_shared_commit(
+            svc, gate, mailbox_ref=mailbox_ref, request=body, email_id=email_id
+        )
+        return JSONResponse(
+            result.response, status_code=202 if result.created else 200, headers=gate.headers
+        )
 
     def run() -> SendResult:
         if body is None or isinstance(body, _InvalidBody):
