@@ -197,14 +197,19 @@ def test_one_send_is_one_transaction_with_its_admission(
     def committed(*_: Any) -> None:
         commits.append(1)
 
+    # A short body is prepared on the event loop, a longer one in a thread: both admit
+    # the caller in the send's own transaction.
+    medium = BODY | {"markdown": "Shipped. " * (sending.PREPARE_ON_LOOP_MAX_CHARS // 9 + 1)}
     with _client(live, boot.agent_key) as agent:
         agent.post(f"/v1/mailboxes/{box}/send", json=BODY).raise_for_status()  # warm
-        event.listen(services.db.engine, "commit", committed)
-        try:
-            agent.post(f"/v1/mailboxes/{box}/send", json=BODY).raise_for_status()
-        finally:
-            event.remove(services.db.engine, "commit", committed)
-    assert len(commits) == (1 if services.db.is_sqlite else 2)
+        for body in (BODY, medium):
+            commits.clear()
+            event.listen(services.db.engine, "commit", committed)
+            try:
+                agent.post(f"/v1/mailboxes/{box}/send", json=body).raise_for_status()
+            finally:
+                event.remove(services.db.engine, "commit", committed)
+            assert len(commits) == (1 if services.db.is_sqlite else 2)
 
 
 def test_concurrent_sends_with_a_revoked_key_among_them(
