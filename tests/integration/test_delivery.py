@@ -971,3 +971,21 @@ async def test_the_body_html_stored_at_send_time_makes_the_same_message(
     assert world.row(stored)["status"] == world.row(fresh)["status"] == "delivered"
     assert parts["a@example.test"] == parts["b@example.test"]
     assert render_markdown(body).html in parts["a@example.test"]["html"].replace("\r\n", "\n")
+
+
+async def test_a_deliver_job_without_a_message_id_is_failed_not_left_pending(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """The batch runner looks at due jobs before claiming them; when the only due ones named
+    no message, that look found nothing to do and they stayed pending (and due) for ever."""
+    with world.services.db.write() as conn:
+        broken = jobs.enqueue(conn, delivery.DELIVER, {"not": "a message"})
+    batch = runner.BATCHES[delivery.DELIVER]
+    assert await batch(world.services, "w", 50, timedelta(minutes=2)) == 0
+    with world.services.db.read() as conn:
+        row = conn.execute(select(jobs_table).where(jobs_table.c.id == broken)).mappings().one()
+    assert row["status"] == "failed"
+    assert "message_id" in (row["last_error"] or "")
+    good = world.message(to=["a@example.test"])
+    assert await batch(world.services, "w", 50, timedelta(minutes=2)) == 1
+    assert world.row(good)["status"] == "delivered"
