@@ -911,3 +911,12 @@ def test_the_wire_check_is_the_wire_rule(raw: bytes) -> None:
         assert not _wire_is_safe(raw)
     else:
         assert _wire_is_safe(raw)
+
+
+def test_stored_html_is_sanitised_again_before_it_is_sent() -> None:
+    """HTML kept in the database is not trusted as is: a row written by anything else, or
+    under older rules, still goes out through the allow-list."""
+    stored = '<p>Hi</p><script>alert(1)</script><a href="javascript:x" onclick="y">z</a>'
+    html = compose.compose_html(replace(DRAFT, body_html=stored))
+    assert "<script" not in html and "javascript:" not in html and "onclick" not in html
+    assert html.startswith("<p>Hi</p>")

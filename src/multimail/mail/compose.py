@@ -35,7 +35,7 @@ from email.utils import encode_rfc2231
 from functools import lru_cache
 
 from multimail.errors import InvalidInput
-from multimail.mail.markdown import normalise_text, render_markdown
+from multimail.mail.markdown import normalise_text, render_markdown, sanitise_fragment
 
 __all__ = [
     "AI_DISCLOSURE",
@@ -118,9 +118,10 @@ class OutboundDraft:
     extra_headers: Sequence[tuple[str, str]] = ()
     attachments: Sequence[OutboundAttachment] = ()
     #: ``render_markdown(markdown).html``, when the caller has it already: the sending
-    #: service stores it with the message (``messages.html``, sanitised there), and the
-    #: delivery worker passes it on so each delivery does not render the body again.
-    #: None renders it here. Anything else would send an HTML part that is not the text.
+    #: service stores it with the message (``messages.html``), and the delivery worker
+    #: passes it on so each delivery does not render the body again (it is sanitised
+    #: again, a few microseconds). None renders it here. Anything else would send an HTML
+    #: part that is not the text.
     body_html: str | None = None
 
 
@@ -334,7 +335,10 @@ def _tail(
 def compose_html(draft: OutboundDraft) -> str:
     """The HTML fragment of the message: the body's rendering, then the signature's and the
     footers' (see ``_tail``)."""
-    body = draft.body_html if draft.body_html is not None else render_markdown(draft.markdown).html
+    if draft.body_html is None:
+        body = render_markdown(draft.markdown).html
+    else:
+        body = sanitise_fragment(draft.body_html)
     return body + _tail(draft.signature, draft.ai_disclosure, draft.operator_postal_address)[1]
 
 

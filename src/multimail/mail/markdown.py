@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import nh3
 from markdown_it import MarkdownIt
 
-__all__ = ["RenderedBody", "normalise_text", "render_markdown"]
+__all__ = ["RenderedBody", "normalise_text", "render_markdown", "sanitise_fragment"]
 
 _ALLOWED_TAGS = frozenset(
     {
@@ -95,3 +95,13 @@ def render_markdown(markdown: str) -> RenderedBody:
     """
     text = normalise_text(markdown)
     return RenderedBody(html=_CLEANER.clean(_MARKDOWN.render(text)), text=text)
+
+
+def sanitise_fragment(html: str) -> str:
+    """``html`` through the same allow-list as ``render_markdown``'s output.
+
+    For HTML rendered earlier and kept (a message's body, rendered when it was sent):
+    whatever wrote it, and whichever rules were in force then, what goes out passes the
+    rules in force now. Cleaning ``render_markdown``'s output changes nothing.
+    """
+    return _CLEANER.clean(html)
