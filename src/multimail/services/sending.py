@@ -228,7 +228,9 @@ def _addresses(value: AddressInput, field: str) -> list[str]:
     if value is None:
         return []
     items = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
-    out: list[str] = []
+    # A dict keeps the first occurrence's order and dedupes in constant time per address
+    # (a list's ``in`` made a long recipient list quadratic, before the key was checked).
+    out: dict[str, None] = {}
     for item in items:
         if not item:
             continue
@@ -236,9 +238,8 @@ def _addresses(value: AddressInput, field: str) -> list[str]:
             address = normalize_address(item)
         except AddressError as exc:
             raise InvalidInput(f"{field}: {exc}", code="invalid_address", field=field) from None
-        if address not in out:
-            out.append(address)
-    return out
+        out[address] = None
+    return list(out)
 
 
 def _body_of(model: SendRequest | ScheduleEdit) -> str | None:
@@ -1122,6 +1123,8 @@ class _SharedCommits:
                     # Alone: a failure rolls the whole transaction back, no savepoint needed.
                     batch[0].result = batch[0].write(conn, None)
                     return
+                driver = conn.connection.driver_connection
+                assert driver is not None
                 for work in batch:
                     actor = None
                     try:
@@ -1131,9 +1134,32 @@ class _SharedCommits:
                             work.result = work.write(conn, actor)
                     except Exception as exc:
                         work.error = exc
-        except Exception as exc:
+                        if not driver.in_transaction:
+                            # SQLite rolled the whole transaction back (disk full, I/O error,
+                            # out of memory), not just this savepoint: the sends before this
+                            # one are gone with it, and nothing after it may start a new one.
+                            raise _TransactionLost(exc) from exc
+        except BaseException as exc:
+            cause: Exception
+            if isinstance(exc, _TransactionLost):
+                cause = exc.cause
+            elif isinstance(exc, Exception):
+                cause = exc
+            else:
+                cause = RuntimeError("the send was interrupted before it was written")
+            # Nobody in this batch is answered as stored: its transaction did not commit.
             for work in batch:
-                work.result, work.error = None, work.error or exc
+                work.result, work.error = None, work.error or cause
+            if not isinstance(exc, Exception):
+                raise
+
+
+class _TransactionLost(Exception):
+    """A shared transaction ended under the batch; ``cause`` is what ended it."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 # One per database: a batch is one transaction, so it must never mix two databases' sends
@@ -1162,8 +1188,11 @@ def _savepoint(conn: Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        driver.execute("ROLLBACK TO SAVEPOINT multimail_send")
-        driver.execute("RELEASE SAVEPOINT multimail_send")
+        # Some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM) roll back the whole
+        # transaction; the savepoint is gone then, and the caller must see the cause.
+        if driver.in_transaction:
+            driver.execute("ROLLBACK TO SAVEPOINT multimail_send")
+            driver.execute("RELEASE SAVEPOINT multimail_send")
         raise
     driver.execute("RELEASE SAVEPOINT multimail_send")
 
@@ -1256,9 +1285,25 @@ def _body_chars(request: SendRequest) -> int | None:
     return size
 
 
-def _cheap_to_prepare(request: SendRequest) -> bool:
+def _address_items(value: AddressInput) -> int:
+    """How many addresses a field names, counted without parsing them."""
+    if value is None:
+        return 0
+    return value.count(",") + 1 if isinstance(value, str) else len(value)
+
+
+def _few_recipients(services: Services, request: SendRequest) -> bool:
+    """Whether the request names few enough addresses to be parsed before its key is checked:
+    parsing is linear, but an unauthenticated caller must not buy CPU with a long list."""
+    named = sum(
+        _address_items(value) for value in (request.to, request.cc, request.bcc, request.reply_to)
+    )
+    return named <= services.settings.max_recipients
+
+
+def _cheap_to_prepare(services: Services, request: SendRequest) -> bool:
     size = _body_chars(request)
-    return size is not None and size <= PREADMIT_MAX_CHARS
+    return size is not None and size <= PREADMIT_MAX_CHARS and _few_recipients(services, request)
 
 
 def _submit_admitting(
@@ -1269,7 +1314,7 @@ def _submit_admitting(
     request: SendRequest,
     reply_ref: str | None,
 ) -> SendResult:
-    if not services.db.is_sqlite or not _cheap_to_prepare(request):
+    if not services.db.is_sqlite or not _cheap_to_prepare(services, request):
         # PostgreSQL: the token's row lock must not be held for the whole send.
         actor = gate.admit_alone()
         return _submit(
@@ -1313,7 +1358,12 @@ def admits_in_shared_commit(services: Services, request: SendRequest) -> bool:
     """Whether :func:`send_in_shared_commit` takes this request (SQLite, a small body that
     can be prepared on the event loop)."""
     size = _body_chars(request)
-    return services.db.is_sqlite and size is not None and size <= PREPARE_ON_LOOP_MAX_CHARS
+    return (
+        services.db.is_sqlite
+        and size is not None
+        and size <= PREPARE_ON_LOOP_MAX_CHARS
+        and _few_recipients(services, request)
+    )
 
 
 async def send_in_shared_commit(
