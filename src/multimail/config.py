@@ -85,6 +85,14 @@ class Settings(BaseSettings):
         "process, survives restarts), memory (this process only), auto = database.",
     )
     role: Role = Field("all", description="What `serve` runs: all, api, smtp or worker.")
+    compose_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Child processes that compose and DKIM-sign outbound mail for each "
+        "delivery worker, so signing uses cores beyond the worker's own; 0 = compose in the "
+        "worker (best when the machine has no idle core).",
+    )
     secret_key: SecretStr | None = Field(
         None,
         description=(

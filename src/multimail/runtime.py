@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import signal
 from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from multimail.config import Settings
-from multimail.services import identity
 from multimail.services.context import Services
-from multimail.store import keystore, migrate
-from multimail.store.db import Database
-from multimail.workers import signing
+from multimail.wiring import build_services
+
+__all__ = ["EmbeddedServer", "build_services", "components_for", "serve"]
 
 log = logging.getLogger("multimail")
 
@@ -29,32 +25,6 @@ class EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def _shared_secret(db: Database, data_dir: Path) -> bytes:
-    """The approval-link secret, shared by every node through the database. An install from
-    before it moved there keeps the one in its data dir, so links already mailed still work."""
-
-    def make() -> str:
-        legacy = data_dir / "secret.key"
-        return legacy.read_text().strip() if legacy.exists() else secrets.token_hex(32)
-
-    return keystore.create_once(db, "link-secret", make).encode()
-
-
-def build_services(settings: Settings, *, run_migrations: bool = True) -> Services:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.effective_database_url)
-    if run_migrations:
-        migrate.upgrade(db)
-    services = Services(db=db, settings=settings)
-    secret = settings.secret_key.get_secret_value().encode() if settings.secret_key else None
-    services.extras["secret_key"] = secret or _shared_secret(db, settings.data_dir)
-    # The identity and default DKIM keys too, now: created by whichever request first needed
-    # them, they would be a write on a request's behalf that no account owns.
-    identity.keyring(services)
-    signing.ensure_default_key(services)
-    return services
 
 
 Component = Callable[[Services, asyncio.Event], Coroutine[Any, Any, None]]

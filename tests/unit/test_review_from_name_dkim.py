@@ -87,5 +87,7 @@ def test_non_ascii_from_names_sign_and_decode(
         # between two encoded-words of one display name (why compose writes one word).
         assert "".join(sender[0].display_name.split()) == "".join(given.split())
     else:
-        assert sender[0].display_name == given
+        # The encoded-word carries the name exactly (a TAB too); the email package's reader
+        # hands a decoded TAB back as a space.
+        assert sender[0].display_name == given.replace("\t", " ")
     assert [p.get_filename() for p in parsed.iter_attachments()] == [filename]

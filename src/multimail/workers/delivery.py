@@ -113,7 +113,7 @@ from multimail.store.tables import (
 )
 from multimail.store.tables import events as events_table
 from multimail.store.tables import jobs as jobs_table
-from multimail.workers import runner, signing
+from multimail.workers import composer, runner, signing
 
 __all__ = [
     "CRASH_POINT_ENV",
@@ -1596,12 +1596,17 @@ def _prepare_due(
 ) -> list[_Item] | None:
     """Look at the due jobs, compose their messages, then claim-and-start (commit 1); None
     when nothing was due. The look and the composing share one read transaction."""
+    pool = composer.compose_pool(services)
     with services.db.read() as conn:
         due = jobs.peek(conn, kinds=[DELIVER], limit=limit)
         peeked = [m for m in (j.payload.get("message_id") for j in due) if isinstance(m, str)]
         if not due:
             return None
-        prebuilt = _prebuild_in(conn, services, peeked) if peeked else {}
+        prebuilt = _prebuild_in(conn, services, peeked) if peeked and pool is None else {}
+    if peeked and pool is not None:
+        # The children read the rows themselves; this thread waits without the GIL.
+        from_children = pool.build(peeked)
+        prebuilt = from_children if from_children is not None else _prebuild(services, peeked)
     return _claim_and_start(services, worker_id, _claim_due(worker_id, limit, lease), prebuilt)
 
 
@@ -1772,6 +1777,7 @@ def _sweep(services: Services, job: Job, worker_id: str) -> None:
 
 runner.register(SWEEP)(_sweep)
 runner.on_stop(_close_sessions)
+runner.on_stop(composer.close_compose_pool)
 runner.every(SWEEP, 60)
 
 

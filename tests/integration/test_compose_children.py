@@ -1,0 +1,110 @@
+"""The delivery worker composing in child processes (``compose_processes``).
+
+The children are real spawned processes reading the same database; the relay is a real
+local SMTP server. What reaches the relay must be what the worker stored, signed as when
+the worker composes itself, and a child that dies must cost nothing but its speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from pydantic import SecretStr
+
+from multimail.config import Settings
+from multimail.runtime import build_services
+from multimail.services.context import Services
+from multimail.testing.smtp import CapturingSMTPServer
+from multimail.workers import composer, runner
+from tests.integration.test_delivery import World, status_is, until
+
+
+@pytest.fixture
+def relay() -> Iterator[CapturingSMTPServer]:
+    with CapturingSMTPServer() as server:
+        yield server
+
+
+@pytest.fixture
+def svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Services]:
+    changes = {"smtp_url": SecretStr(f"smtp://127.0.0.1:{relay.port}"), "compose_processes": 1}
+    services = build_services(settings.model_copy(update=changes))
+    yield services
+    pool = composer.compose_pool(services)
+    if pool is not None:
+        pool.close()
+    services.db.dispose()
+
+
+@pytest.fixture
+def world(svc: Services) -> World:
+    return World(svc)
+
+
+@pytest.fixture
+async def workers(svc: Services) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        runner.run_workers(svc, stop, worker_id="test-worker", poll_interval=0.05, grace=5)
+    )
+    yield
+    stop.set()
+    await asyncio.wait_for(task, 30)
+
+
+async def test_children_compose_what_the_relay_receives_once_each(
+    world: World, relay: CapturingSMTPServer, svc: Services
+) -> None:
+    pool = composer.compose_pool(svc)
+    assert pool is not None
+    await asyncio.to_thread(pool.warm)
+    [child] = pool.pids()
+    assert child != os.getpid()
+    ids = [world.message(to=[f"p{i}@example.test"], rendered=i % 2 == 0) for i in range(12)]
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        runner.run_workers(svc, stop, worker_id="test-worker", poll_interval=0.05, grace=5)
+    )
+    try:
+        for message_id in ids:
+            await until(status_is(world, message_id, "delivered"), within=30)
+        assert pool.pids() == [child]  # the batch went to the child, which is still alive
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert composer.compose_pool(svc) is not pool  # the runner's stop closed it
+    received = {m.as_email()["Message-ID"]: m for m in relay.messages}
+    assert len(received) == len(relay.messages) == len(ids)
+    for message_id in ids:
+        row = world.row(message_id)
+        got = received[row["message_id_header"]]
+        assert got.data.rstrip(b"\r\n") == row["raw"].rstrip(b"\r\n")
+        assert b"DKIM-Signature:" in row["raw"]
+        assert b"\r\nX-MultiMail-Identity: " in row["raw"]
+
+
+async def test_a_child_killed_under_the_worker_costs_no_message(
+    world: World, relay: CapturingSMTPServer, svc: Services, workers: None
+) -> None:
+    pool = composer.compose_pool(svc)
+    assert pool is not None
+    await asyncio.to_thread(pool.warm)
+    [child] = pool.pids()
+    os.kill(child, signal.SIGKILL)
+    ids = [world.message(to=[f"k{i}@example.test"]) for i in range(6)]
+    runner.wake()
+    for message_id in ids:
+        await until(status_is(world, message_id, "delivered"), within=30)
+    tos = sorted(r for m in relay.messages for r in m.rcpt_tos)
+    assert tos == sorted(f"k{i}@example.test" for i in range(6))
+    # The broken pool was dropped; the next batch starts a new child.
+    later = [world.message(to=[f"n{i}@example.test"]) for i in range(3)]
+    runner.wake()
+    for message_id in later:
+        await until(status_is(world, message_id, "delivered"), within=30)
+    assert child not in pool.pids()
+    assert len(relay.messages) == 9
