@@ -179,7 +179,6 @@ class _Interrupted(BaseException):
     """Something no send catches (as KeyboardInterrupt would be)."""
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_the_writer_thread_stops_when_idle_and_never_strands_a_send(
     services: Services,
 ) -> None:

@@ -23,6 +23,7 @@ import binascii
 import collections
 import hashlib
 import json
+import logging
 import math
 import mimetypes
 import os
@@ -104,6 +105,8 @@ from multimail.store.tables import (
 from multimail.store.tables import (
     webhooks as webhook_rows,
 )
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "AttachmentIn",
@@ -1076,6 +1079,10 @@ class _SharedCommits:
     def _serve(self) -> None:
         try:
             self._serve_batches()
+        except BaseException:
+            # Its batch has been answered (with an error) already; the next writer takes
+            # over below. Logged rather than left to the thread's excepthook on stderr.
+            _log.exception("the shared-commit writer stopped on an error nothing caught")
         finally:
             # Whatever ended this writer (idle, or an error no send caught), sends queued
             # since must not wait for it.
