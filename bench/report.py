@@ -52,8 +52,8 @@ ARGUMENTS: dict[str, tuple[str, str, str]] = {
     "inbound": ("--messages 1500", "--messages 4000", "--messages 10000"),
     "delivery": (
         "--messages 200 --latency 30",
-        "--messages 1000 --latency 100",
-        "--messages 3000 --latency 200",
+        "--messages 1000 --latency 100 --batch 64 --compose-processes 1",
+        "--messages 4000 --latency 200 --batch 64 --compose-processes 1",
     ),
     "webhooks": (
         "--events 100 --burst 500",
@@ -296,9 +296,15 @@ def delivery_area(run: Run) -> Area:
     ours = after(run.stdout, r"MultiMail signed deliveries[^:]*")
     if raw is None or ours is None:
         raise ValueError("no deliveries/s figures in the output")
+    config = re.search(r"batch: (\d+) x (\d+) pipelines.*?compose processes: (\d+)", run.stdout)
+    setup = (
+        f", batch {config[1]} x {config[2]} pipelines, {config[3]} compose processes"
+        if config
+        else ""
+    )
     area.rows.append(
         versus(
-            "DKIM-signed deliveries/s (full worker path) vs raw aiosmtplib, same bytes",
+            f"DKIM-signed deliveries/s (full worker path{setup}) vs raw aiosmtplib, same bytes",
             ours,
             raw,
             "/s",

@@ -85,6 +85,14 @@ class Settings(BaseSettings):
         "process, survives restarts), memory (this process only), auto = database.",
     )
     role: Role = Field("all", description="What `serve` runs: all, api, smtp or worker.")
+    delivery_batch_size: int = Field(
+        32,
+        ge=1,
+        le=500,
+        description="Messages a delivery worker claims, hands over and records per batch "
+        "(two commits per batch); larger batches deliver faster and hold the database's "
+        "write lock longer at each commit.",
+    )
     compose_processes: int = Field(
         0,
         ge=0,

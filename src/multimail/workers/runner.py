@@ -363,16 +363,18 @@ async def run_workers(
     poll_interval: float = 0.2,
     lease: timedelta = DEFAULT_LEASE,
     grace: float = 30.0,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     pipelines: int = 2,
 ) -> None:
     """Claim and run jobs until ``stop`` is set; then let in-flight jobs finish for ``grace``
     seconds and hand back whatever is still running.
 
-    Kinds with a batch runner get ``pipelines`` loops of up to ``batch_size`` jobs each;
-    the others share ``concurrency`` slots, one job per slot.
+    Kinds with a batch runner get ``pipelines`` loops of up to ``batch_size`` jobs each
+    (unset: the ``delivery_batch_size`` setting); the others share ``concurrency`` slots,
+    one job per slot.
     """
     _load_builtin_handlers(services)
+    limit = batch_size or services.settings.delivery_batch_size
     worker = worker_id or _default_worker_id()
     loop = asyncio.get_running_loop()
     wake_event = asyncio.Event()
@@ -382,9 +384,7 @@ async def run_workers(
     pulse = health.Heartbeat(services.db, "jobs", worker)
     inflight: set[asyncio.Task[None]] = {
         asyncio.create_task(
-            _run_batches(
-                services, stop, kind, worker, limit=batch_size, lease=lease, poll=poll_interval
-            )
+            _run_batches(services, stop, kind, worker, limit=limit, lease=lease, poll=poll_interval)
         )
         for kind in sorted(BATCHES)
         for _ in range(max(1, pipelines))
