@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from pydantic import SecretStr
@@ -20,7 +20,12 @@ from multimail.runtime import build_services
 from multimail.services.context import Services
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import composer, runner
+from tests.integration import test_delivery
 from tests.integration.test_delivery import World, status_is, until
+
+# The delivery tests' fixtures, resolved against this module's ``svc`` (with a compose child).
+world = test_delivery.world
+workers = test_delivery.workers
 
 
 @pytest.fixture
@@ -38,22 +43,6 @@ def svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Services]:
     if pool is not None:
         pool.close()
     services.db.dispose()
-
-
-@pytest.fixture
-def world(svc: Services) -> World:
-    return World(svc)
-
-
-@pytest.fixture
-async def workers(svc: Services) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        runner.run_workers(svc, stop, worker_id="test-worker", poll_interval=0.05, grace=5)
-    )
-    yield
-    stop.set()
-    await asyncio.wait_for(task, 30)
 
 
 async def test_children_compose_what_the_relay_receives_once_each(

@@ -20,7 +20,7 @@ from sqlalchemy import event, func, insert, select, update
 from multimail.config import Settings
 from multimail.ids import new_id, utcnow
 from multimail.runtime import build_services
-from multimail.services import accounts, audit, keys, mailboxes, sending
+from multimail.services import accounts, audit, keys, sending
 from multimail.services.context import Actor, Services
 from multimail.store.tables import (
     audit_entries,
@@ -34,21 +34,13 @@ from multimail.store.tables import (
 from multimail.store.tables import mailboxes as mailbox_rows
 from multimail.store.tables import webhooks as webhook_rows
 from multimail.testing.server import LiveServer
+from tests.integration.test_sending import make_mailbox
 
 BODY = {"to": "customer@example.com", "subject": "Order", "markdown": "Shipped."}
 
 
 def _mailbox(services: Services, boot: accounts.Bootstrap, mode: str = "autonomous") -> str:
-    operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
-    with services.db.write() as conn:
-        created = mailboxes.create_mailbox(
-            conn,
-            actor=operator,
-            settings=services.settings,
-            address=f"{mode.replace('_', '-')}@mm.test",
-            oversight_mode=mode,
-        )
-    return str(created["id"])
+    return str(make_mailbox(services, boot, mode.replace("_", "-"), mode)["id"])
 
 
 def _key(services: Services, boot: accounts.Bootstrap, scopes: list[str]) -> keys.CreatedKey:

@@ -15,24 +15,16 @@ from sqlalchemy import func, select
 from multimail.config import Settings
 from multimail.errors import Forbidden
 from multimail.runtime import build_services
-from multimail.services import accounts, audit, keys, mailboxes, sending
+from multimail.services import accounts, audit, keys, sending
 from multimail.services.context import Actor, Services
 from multimail.store.tables import audit_entries, idempotency_keys, messages
+from tests.integration.test_sending import make_mailbox
 
 SENDERS = 16
 
 
 def _mailbox(services: Services, boot: accounts.Bootstrap, name: str, mode: str) -> str:
-    operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
-    with services.db.write() as conn:
-        created = mailboxes.create_mailbox(
-            conn,
-            actor=operator,
-            settings=services.settings,
-            address=f"{name}@mm.test",
-            oversight_mode=mode,
-        )
-    return str(created["id"])
+    return str(make_mailbox(services, boot, name, mode)["id"])
 
 
 def _send_together(

@@ -9,25 +9,17 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, select
 
-from multimail.services import accounts, keys, mailboxes, sending
+from multimail.services import accounts, keys, sending
 from multimail.services.context import Actor, Services
 from multimail.store.tables import messages
 from tests.conftest import BACKEND
+from tests.integration.test_sending import make_mailbox
 
 pytestmark = pytest.mark.skipif(BACKEND != "sqlite", reason="shared commits are SQLite's")
 
 
 def _mailbox(services: Services, boot: accounts.Bootstrap) -> str:
-    operator = Actor(type="system", id=None, name="test", account_id=boot.account["id"])
-    with services.db.write() as conn:
-        created = mailboxes.create_mailbox(
-            conn,
-            actor=operator,
-            settings=services.settings,
-            address="full@mm.test",
-            oversight_mode="gated_send",
-        )
-    return str(created["id"])
+    return str(make_mailbox(services, boot, "full", "gated_send")["id"])
 
 
 def test_a_disk_full_send_in_a_batch_does_not_lose_an_acknowledged_neighbour(

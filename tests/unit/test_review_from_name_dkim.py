@@ -10,7 +10,6 @@ from email import policy
 from email.parser import BytesParser
 
 import dkim
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,9 +17,13 @@ from multimail.errors import InvalidInput
 from multimail.mail import compose
 from multimail.mail import dkim as our_dkim
 from multimail.mail.compose import OutboundAttachment, compose_message
-from multimail.mail.dkim import DkimKeyPair, dns_txt_value, generate_rsa_keypair
+from multimail.mail.dkim import DkimKeyPair
 from multimail.workers import signing
-from tests.unit.test_dkim import DOMAIN, DRAFT, KEY_NAME, SELECTOR
+from tests.unit import test_dkim
+from tests.unit.test_dkim import DOMAIN, DRAFT, SELECTOR
+
+keypair = test_dkim.keypair
+dnsfunc = test_dkim.dnsfunc
 
 _names = st.text(
     st.characters(codec="utf-8", exclude_categories=["Cs"])
@@ -28,21 +31,6 @@ _names = st.text(
     min_size=1,
     max_size=40,
 )
-
-
-@pytest.fixture(scope="module")
-def keypair() -> DkimKeyPair:
-    return generate_rsa_keypair()
-
-
-@pytest.fixture(scope="module")
-def dnsfunc(keypair: DkimKeyPair) -> Callable[[bytes, int], bytes | None]:
-    record = dns_txt_value(keypair).encode()
-
-    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
-        return record if name == KEY_NAME.encode() else None
-
-    return lookup
 
 
 @given(
