@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import dkim
+from _drafts import bench_draft
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -57,17 +58,8 @@ from multimail.workers.signing import SigningKey, sign_composed
 
 DOMAIN = "bench.example"
 SELECTOR = "bench"
-PARAGRAPH = "The quick brown fox jumps over the lazy dog, again and again. " * 8
-DRAFT = OutboundDraft(
-    from_address=f"agent@{DOMAIN}",
-    from_name="Bench Agent",
-    to=["someone@example.org"],
-    cc=[],
-    reply_to=None,
-    subject="Benchmark message",
-    markdown="\n\n".join([PARAGRAPH] * 4),
-    message_id=f"<bench-1@{DOMAIN}>",
-    date=datetime(2024, 1, 1, tzinfo=UTC),
+DRAFT = bench_draft(
+    DOMAIN,
     extra_headers=[
         ("X-MultiMail-Agent", "agent (key_bench)"),
         ("X-AI-Generated", "true"),

@@ -12,12 +12,12 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import dkim
+from _drafts import bench_draft
 
-from multimail.mail.compose import ComposedMessage, OutboundDraft, compose_message
+from multimail.mail.compose import ComposedMessage, compose_message
 from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair, sign_message
 from multimail.workers.signing import SigningKey, sign_composed
 
@@ -26,21 +26,7 @@ SELECTOR = "bench"
 
 
 def _message() -> ComposedMessage:
-    paragraph = "The quick brown fox jumps over the lazy dog, again and again. " * 8
-    draft = OutboundDraft(
-        from_address=f"agent@{DOMAIN}",
-        from_name="Bench Agent",
-        to=["someone@example.org"],
-        cc=[],
-        reply_to=None,
-        subject="Benchmark message",
-        markdown="\n\n".join([paragraph] * 4),
-        message_id=f"<bench-1@{DOMAIN}>",
-        date=datetime(2024, 1, 1, tzinfo=UTC),
-        extra_headers=[("X-MultiMail-Agent", "key_bench")],
-    )
-    # About 5 KB on the wire: four paragraphs, once as text and once as HTML.
-    return compose_message(draft)
+    return compose_message(bench_draft(DOMAIN))
 
 
 def _rate(sign: Callable[[], object], seconds: float) -> float:

@@ -22,12 +22,12 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import aiosmtplib
+from _drafts import bench_draft
 from bench_delivery import _SinkProcess
 
-from multimail.mail.compose import OutboundDraft, build_message
+from multimail.mail.compose import build_message
 from multimail.mail.dkim import generate_rsa_keypair, sign_message
 from multimail.smtp.outbound import RelayConfig, RelayTransport
 
@@ -38,19 +38,7 @@ RECIPIENTS = ["someone@example.org"]
 
 def _message() -> bytes:
     """The message bench_delivery's worker sends: four paragraphs as text and HTML, signed."""
-    paragraph = "The quick brown fox jumps over the lazy dog, again and again. " * 8
-    draft = OutboundDraft(
-        from_address=SENDER,
-        from_name="Bench Agent",
-        to=RECIPIENTS,
-        cc=[],
-        reply_to=None,
-        subject="Benchmark message",
-        markdown="\n\n".join([paragraph] * 4),
-        message_id=f"<bench-1@{DOMAIN}>",
-        date=datetime(2024, 1, 1, tzinfo=UTC),
-        extra_headers=[("X-MultiMail-Agent", "key_bench")],
-    )
+    draft = bench_draft(DOMAIN, to=RECIPIENTS[0])
     keypair = generate_rsa_keypair(2048)
     return sign_message(
         build_message(draft), domain=DOMAIN, selector="bench", private_pem=keypair.private_pem
