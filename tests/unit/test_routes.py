@@ -7,27 +7,7 @@ import re
 
 from starlette.routing import BaseRoute, Match
 
-from multimail.api.routers import (
-    admin,
-    identity,
-    inbox,
-    links,
-    outbound,
-    oversight,
-    system,
-    webhooks,
-)
-
-ROUTERS = {
-    "admin": admin.router,
-    "identity": identity.router,
-    "inbox": inbox.router,
-    "links": links.router,
-    "outbound": outbound.router,
-    "oversight": oversight.router,
-    "system": system.router,
-    "webhooks": webhooks.router,
-}
+from multimail.api.app import ROUTERS
 
 
 def _routes() -> list[tuple[str, BaseRoute]]:

@@ -22,6 +22,20 @@ from multimail.mcp.server import mount_mcp
 from multimail.services.context import Services
 from multimail.tools.http_routes import install_tool_routes
 
+# In the order they are included. Sends are the busiest route and Starlette tries routes in
+# order, so theirs go first (no two routers answer the same request,
+# tests/unit/test_routes.py, so the order changes speed only).
+ROUTERS = {
+    "outbound": outbound.router,
+    "system": system.router,
+    "admin": admin.router,
+    "oversight": oversight.router,
+    "inbox": inbox.router,
+    "webhooks": webhooks.router,
+    "links": links.router,
+    "identity": identity.router,
+}
+
 
 def create_app(services: Services) -> FastAPI:
     app = FastAPI(
@@ -35,16 +49,8 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     errors.install(app)
-    # Sends are the busiest route: Starlette tries routes in order, so theirs go first (no
-    # two routers answer the same request, tests/unit/test_routes.py, so order is free).
-    app.include_router(outbound.router)
-    app.include_router(system.router)
-    app.include_router(admin.router)
-    app.include_router(oversight.router)
-    app.include_router(inbox.router)
-    app.include_router(webhooks.router)
-    app.include_router(links.router)
-    app.include_router(identity.router)
+    for router in ROUTERS.values():
+        app.include_router(router)
     # Tool-named endpoints come last: a hand-written short form with the same path wins.
     install_tool_routes(app)
     mount_mcp(app, services)
