@@ -34,17 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+from _stack import make_desk, make_services
 from _support import databases
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from pydantic import SecretStr
 from sqlalchemy import func, insert, select
 
-from multimail.config import Settings
 from multimail.ids import new_id, utcnow
 from multimail.mail.markdown import render_markdown
-from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes
-from multimail.services.context import Actor, Services
+from multimail.services.context import Services
 from multimail.store.tables import messages
 from multimail.workers import composer, delivery, runner
 
@@ -121,25 +118,11 @@ class _SinkProcess:
 def _setup(
     data_dir: Path, port: int, database_url: str | None, compose_processes: int = 0
 ) -> tuple[Services, str, str]:
-    settings = Settings(
-        data_dir=data_dir,
-        domain="bench.test",
-        smtp_url=SecretStr(f"smtp://127.0.0.1:{port}"),
-        database_url=database_url,
-        compose_processes=compose_processes,
+    services = make_services(
+        data_dir, database_url, relay_port=port, compose_processes=compose_processes
     )
-    services = build_services(settings)
-    boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
-    actor = Actor(type="system", id=None, name="bench", account_id=boot.account["id"])
-    with services.db.write() as conn:
-        box = mailboxes.create_mailbox(
-            conn,
-            actor=actor,
-            settings=settings,
-            address="agent@bench.test",
-            oversight_mode="autonomous",
-        )
-    return services, boot.account["id"], box["id"]
+    desk = make_desk(services, ["autonomous"], address="agent@{domain}")
+    return services, desk.boot.account["id"], desk.boxes["autonomous"]["id"]
 
 
 def _queue(services: Services, account_id: str, mailbox_id: str, n: int) -> list[str]:

@@ -40,15 +40,12 @@ from typing import Any
 import aiosmtplib
 import httpx
 import uvicorn
+from _stack import make_desk, make_services
 from aiosmtpd.controller import Controller
 from fastapi import FastAPI
-from pydantic import SecretStr
+from send_setup import send_body
 from sqlalchemy import Engine, event, select
 
-from multimail.config import Settings
-from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes
-from multimail.services.context import Actor
 from multimail.store.tables import messages
 from multimail.testing.server import LiveServer
 
@@ -136,14 +133,8 @@ def _load(
     return sum(counts), elapsed
 
 
-def message(n: int) -> dict[str, Any]:
-    """The body of the ``n``-th request (the baseline stores it, the API sends it)."""
-    return {
-        "to": f"customer{n % 50}@example.com",
-        "subject": f"Order update {n}",
-        "markdown": "Hello,\n\nyour order **has shipped**. Thanks for waiting.\n\n- Acme",
-        "metadata": {"n": n},
-    }
+# The body of the ``n``-th request (the baseline stores it, the API sends it).
+message = send_body
 
 
 def _load_elsewhere(
@@ -303,26 +294,10 @@ def main() -> None:
         figures["baseline_cpu_ms"] = baseline_cpu
         figures["cpu_ms_per_send"] = {}
 
-        settings = Settings(
-            data_dir=Path(tmp) / "mm",
-            domain="bench.test",
-            rate_limit_per_minute=10_000_000,
-            rate_limit_burst=10_000_000,
-            smtp_url=SecretStr(f"smtp://127.0.0.1:{sink_port}"),
-        )
-        services = build_services(settings)
-        boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
-        operator = Actor(type="system", id=None, name="bench", account_id=boot.account["id"])
-        boxes = {}
-        with services.db.write() as conn:
-            for mode in ("gated_send", "autonomous"):
-                boxes[mode] = mailboxes.create_mailbox(
-                    conn,
-                    actor=operator,
-                    settings=settings,
-                    address=f"{mode.replace('_', '-')}@bench.test",
-                    oversight_mode=mode,
-                )["id"]
+        services = make_services(Path(tmp) / "mm", None, relay_port=sink_port)
+        desk = make_desk(services, ("gated_send", "autonomous"))
+        boot = desk.boot
+        boxes = {mode: box["id"] for mode, box in desk.boxes.items()}
         headers = {"Authorization": f"Bearer {boot.agent_key}"}
         counter = _StatementCounter(services.db.engine)
         figures["statements_per_send"] = {}

@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from _stack import make_desk, make_services
 from pydantic import SecretStr
 
-from multimail.config import Settings
-from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes
-from multimail.services.context import Actor, Services
+from multimail.services import accounts
+from multimail.services.context import Services
 
 
 def send_body(n: int) -> dict[str, Any]:
@@ -31,22 +30,6 @@ def send_world(data_dir: Path, mode: str) -> tuple[Services, accounts.Bootstrap,
 
     Rate limits are out of the way and the relay points at the discard port: only the send
     path is measured, never delivery."""
-    settings = Settings(
-        data_dir=data_dir,
-        domain="bench.test",
-        rate_limit_per_minute=10_000_000,
-        rate_limit_burst=10_000_000,
-        smtp_url=SecretStr("smtp://127.0.0.1:9"),
-    )
-    services = build_services(settings)
-    boot = accounts.bootstrap(services.db, account_name="Bench", operator_email="o@bench.test")
-    operator = Actor(type="system", id=None, name="bench", account_id=boot.account["id"])
-    with services.db.write() as conn:
-        box = mailboxes.create_mailbox(
-            conn,
-            actor=operator,
-            settings=settings,
-            address="box@bench.test",
-            oversight_mode=mode,
-        )["id"]
-    return services, boot, str(box)
+    services = make_services(data_dir, None, smtp_url=SecretStr("smtp://127.0.0.1:9"))
+    desk = make_desk(services, [mode], address="box@{domain}")
+    return services, desk.boot, str(desk.boxes[mode]["id"])
