@@ -34,6 +34,7 @@ from multimail.domain.audit import GENESIS_HASH, HASHED_FIELDS, entry_hash
 from multimail.errors import InvalidInput, NotFound
 from multimail.ids import isoformat, parse_datetime, utcnow
 from multimail.services.context import Actor
+from multimail.store import fast
 from multimail.store.db import Database
 from multimail.store.tables import audit_checkpoints, audit_entries, mailboxes
 
@@ -59,12 +60,12 @@ class Entry:
     details: Mapping[str, Any] | None = None
 
 
-# Built once: constructing and coercing a statement per call costs more than running it.
-_HEAD = (
+# Compiled once: every state change appends, so these run on every write path.
+_HEAD = fast.Compiled(
     select(audit_entries.c.seq, audit_entries.c.hash).order_by(audit_entries.c.seq.desc()).limit(1)
 )
-_INSERT = audit_entries.insert()
-_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_INSERT = fast.Compiled(audit_entries.insert())
+_LOCK = fast.Compiled(text("SELECT pg_advisory_xact_lock(:k)"))
 
 
 def append(
@@ -110,10 +111,10 @@ def append_many(
     if not entries:
         return []
     if conn.dialect.name == "postgresql":
-        conn.execute(_LOCK, {"k": _AUDIT_LOCK})
-    head = conn.execute(_HEAD).first()
-    seq = head.seq if head else 0
-    prev_hash = head.hash if head else GENESIS_HASH
+        _LOCK.execute(conn, {"k": _AUDIT_LOCK})
+    head = _HEAD.first(conn)
+    seq = head["seq"] if head else 0
+    prev_hash = head["hash"] if head else GENESIS_HASH
     at = isoformat(utcnow())
     written: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
@@ -138,7 +139,7 @@ def append_many(
         entry["hash"] = prev_hash = entry_hash(entry)
         written.append(entry)
         rows.append(entry | {"details": stored_details})
-    conn.execute(_INSERT, rows)
+    _INSERT.executemany(conn, rows)
     return written
 
 

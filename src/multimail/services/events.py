@@ -32,6 +32,7 @@ from multimail.errors import InvalidInput
 from multimail.ids import isoformat, new_id, utcnow
 from multimail.services import audit
 from multimail.services.context import Actor
+from multimail.store import fast
 from multimail.store.tables import events, mailboxes, webhook_deliveries, webhooks
 from multimail.webhook_signature import generate_secret
 
@@ -274,8 +275,8 @@ def sync_mailbox_subscription(
 # --- emitting ---------------------------------------------------------------------------------
 
 # Built once: constructing and coercing a statement per call costs more than running it.
-_INSERT_EVENT = events.insert()
-_INSERT_DELIVERY = webhook_deliveries.insert()
+_INSERT_EVENT = fast.Compiled(events.insert())
+_INSERT_DELIVERY = fast.Compiled(webhook_deliveries.insert())
 _SUBSCRIBERS = (
     select(webhooks.c.id, webhooks.c.events)
     .where(
@@ -285,7 +286,7 @@ _SUBSCRIBERS = (
     )
     .order_by(webhooks.c.id)
 )
-_MAILBOX_SUBSCRIPTION = (
+_MAILBOX_SUBSCRIPTION = fast.Compiled(
     select(
         mailboxes.c.webhook_url,
         mailboxes.c.deleted_at,
@@ -309,14 +310,14 @@ def _subscription_in_step(conn: Connection, mailbox_id: str) -> bool:
     Every emit must see the mailbox's current ``webhook_url``, but it almost never changed
     since the last one: checking costs one joined read, syncing is left for when it differs.
     """
-    rows = conn.execute(_MAILBOX_SUBSCRIPTION, {"mailbox_id": mailbox_id}).all()
+    rows = _MAILBOX_SUBSCRIPTION.all(conn, {"mailbox_id": mailbox_id})
     if len(rows) != 1:
         return not rows  # no such mailbox: nothing to sync; several subscriptions: let sync pick
     row = rows[0]
-    url = row.webhook_url if row.deleted_at is None else None
-    if row.webhook_id is None:
+    url = row["webhook_url"] if row["deleted_at"] is None else None
+    if row["webhook_id"] is None:
         return not url
-    return (not url or url == row.url) and (bool(url) or not row.enabled)
+    return (not url or url == row["url"]) and (bool(url) or not row["enabled"])
 
 
 def delivery_rows(
@@ -378,8 +379,8 @@ def emit(
         message=message,
         extra=extra,
     )
-    conn.execute(
-        _INSERT_EVENT,
+    _INSERT_EVENT.execute(
+        conn,
         {
             "id": event_id,
             "account_id": account_id,
@@ -397,7 +398,7 @@ def emit(
     subs = conn.execute(_SUBSCRIBERS, {"account_id": account_id, "mailbox_id": mailbox_id})
     deliveries = delivery_rows(subs, event_id, event_type, now)
     if deliveries:
-        conn.execute(_INSERT_DELIVERY, deliveries)
+        _INSERT_DELIVERY.executemany(conn, deliveries)
     queued = len(deliveries)
     if queued:
         nudge_after_commit(conn)
