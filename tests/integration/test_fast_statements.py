@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import bindparam, event, select, update
+from sqlalchemy import bindparam, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from multimail.ids import new_id
@@ -220,3 +220,15 @@ def test_any_json_and_time_round_trip_like_sqlalchemy(
     assert a == dict(c)
     assert a["payload"] == payload
     assert a["created_at"].replace(tzinfo=UTC) - at == timedelta(0)
+
+
+def test_constant_literal_parameters_are_written_into_the_sql(db: Database) -> None:
+    # aggregate_strings' separator is a literal SQLAlchemy renders at execution time.
+    joined = select(func.aggregate_strings(events.c.type, "\n").label("types")).where(
+        events.c.account_id == bindparam("account_id")
+    )
+    with db.write() as conn:
+        INSERT_EVENT.executemany(conn, [_event({}), _event({})])
+        fast = Compiled(joined).scalar(conn, {"account_id": "acct_fast"})
+        slow = conn.execute(joined, {"account_id": "acct_fast"}).scalar()
+    assert fast == slow == "message.sent\nmessage.sent"

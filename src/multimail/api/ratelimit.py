@@ -28,8 +28,9 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Float, text
 
+from multimail.store import fast
 from multimail.store.db import Database
 
 Backend = Literal["auto", "memory", "database"]
@@ -136,7 +137,9 @@ class DatabaseBuckets:
         self._db = db
         self._rate = _Rate(per_minute, burst)
         refilled = _REFILLED["postgresql" if db.dialect == "postgresql" else "sqlite"]
-        self._statement = text(_UPSERT.format(refilled=refilled))
+        self._statement = fast.Compiled(
+            text(_UPSERT.format(refilled=refilled)).columns(tokens=Float, updated_at=Float)
+        )
         self._last_now = 0.0
         self._now_lock = threading.Lock()
 
@@ -189,8 +192,9 @@ class DatabaseBuckets:
             "now": now,
             "rate": self._rate.per_second,
         }
-        row = conn.execute(self._statement, params).one()
-        tokens, updated_at = float(row[0]), float(row[1])
+        row = self._statement.first(conn, params)
+        assert row is not None  # an upsert with RETURNING always returns its row
+        tokens, updated_at = float(row["tokens"]), float(row["updated_at"])
         if updated_at == now:
             return self._rate.decision(True, tokens)
         return self._rate.decision(False, self._rate.refill(tokens, updated_at, now))

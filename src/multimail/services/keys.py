@@ -22,6 +22,7 @@ from multimail.ids import aware, new_id, utcnow
 from multimail.services import audit
 from multimail.services.common import jsonable
 from multimail.services.context import Actor
+from multimail.store import fast
 from multimail.store.db import Database
 from multimail.store.tables import api_keys
 
@@ -141,17 +142,19 @@ def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) 
 
 
 # Built once: this runs on every request, and building the statement costs more than running it.
-_BY_HASH = select(
-    api_keys.c.id,
-    api_keys.c.account_id,
-    api_keys.c.name,
-    api_keys.c.scopes,
-    api_keys.c.mode,
-    api_keys.c.mailbox_ids,
-    api_keys.c.operator_credential,
-    api_keys.c.last_used_at,
-    api_keys.c.revoked_at,
-).where(api_keys.c.key_hash == bindparam("key_hash"))
+_BY_HASH = fast.Compiled(
+    select(
+        api_keys.c.id,
+        api_keys.c.account_id,
+        api_keys.c.name,
+        api_keys.c.scopes,
+        api_keys.c.mode,
+        api_keys.c.mailbox_ids,
+        api_keys.c.operator_credential,
+        api_keys.c.last_used_at,
+        api_keys.c.revoked_at,
+    ).where(api_keys.c.key_hash == bindparam("key_hash"))
+)
 
 
 def check_format(raw_key: str | None) -> str:
@@ -187,7 +190,7 @@ def _actor(row: Any) -> Actor:
     )
 
 
-_TOUCH = (
+_TOUCH = fast.Compiled(
     update(api_keys)
     .where(api_keys.c.id == bindparam("key_id"))
     .values(last_used_at=bindparam("used_at"))
@@ -204,12 +207,12 @@ def authenticate(db: Database, raw_key: str | None) -> Actor:
     """The key's actor, or AuthenticationFailed. Revocation is read on every request."""
     raw_key = check_format(raw_key)
     with db.read() as conn:
-        row = conn.execute(_BY_HASH, {"key_hash": hash_key(raw_key)}).mappings().first()
+        row = _BY_HASH.first(conn, {"key_hash": hash_key(raw_key)})
     actor = _actor(row)
     now = utcnow()
     if _last_used_due(row, now):
         with db.write() as conn:
-            conn.execute(_TOUCH, {"key_id": actor.id, "used_at": now})
+            _TOUCH.execute(conn, {"key_id": actor.id, "used_at": now})
     return actor
 
 
@@ -218,9 +221,9 @@ def authenticate_in(conn: Connection, raw_key: str | None) -> Actor:
     transaction: one transaction per request instead of two). Revocation is read here, on
     every request, as in :func:`authenticate`."""
     raw_key = check_format(raw_key)
-    row = conn.execute(_BY_HASH, {"key_hash": hash_key(raw_key)}).mappings().first()
+    row = _BY_HASH.first(conn, {"key_hash": hash_key(raw_key)})
     actor = _actor(row)
     now = utcnow()
     if _last_used_due(row, now):
-        conn.execute(_TOUCH, {"key_id": actor.id, "used_at": now})
+        _TOUCH.execute(conn, {"key_id": actor.id, "used_at": now})
     return actor

@@ -82,7 +82,7 @@ from multimail.mail.markdown import RenderedBody, render_markdown
 from multimail.services import audit, directory, events, mailboxes, notify, threads
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
-from multimail.store import jobs
+from multimail.store import fast, jobs
 from multimail.store.db import Database
 from multimail.store.tables import (
     accounts,
@@ -633,7 +633,7 @@ def _mailbox_and_limits_query(asked: int, locked: bool) -> Select[Any]:
 
 
 _MAILBOX_AND_LIMITS = {
-    (asked, locked): _mailbox_and_limits_query(asked, locked)
+    (asked, locked): fast.Compiled(_mailbox_and_limits_query(asked, locked))
     for asked in range(_SUPPRESSED_WITH_MAILBOX + 1)
     for locked in (False, True)
 }
@@ -655,10 +655,9 @@ def _mailbox_and_limits(
         asked = []
     params.update((f"s{i}", address) for i, address in enumerate(asked))
     query = _MAILBOX_AND_LIMITS[(len(asked), conn.dialect.name == "postgresql")]
-    found = conn.execute(query, params).mappings().first()
-    if found is None or (actor.mailbox_ids is not None and found["id"] not in actor.mailbox_ids):
+    row = query.first(conn, params)
+    if row is None or (actor.mailbox_ids is not None and row["id"] not in actor.mailbox_ids):
         raise NotFound(f"mailbox {mailbox_id!r} not found", code="mailbox_not_found")
-    row = dict(found)
     patterns = row.pop(_ALLOWLIST_LABEL)
     suppressed = row.pop(_SUPPRESSED_LABEL, None)
     quota, oversight_email, cap_hour, cap_day = (row.pop(label) for label in _LIMIT_LABELS)
@@ -952,7 +951,7 @@ def _enqueue_delivery(conn: Connection, message_id: str) -> None:
 
 
 # Built once: constructing and coercing an INSERT per call costs more than running it.
-_INSERT_MESSAGE = messages.insert()
+_INSERT_MESSAGE = fast.Compiled(messages.insert())
 _INSERT_ATTACHMENT = attachments.insert()
 
 _STATUS_ACTION = {
@@ -1548,7 +1547,7 @@ def _write_send(
         "created_at": now,
         "updated_at": now,
     }
-    conn.execute(_INSERT_MESSAGE, row)
+    _INSERT_MESSAGE.execute(conn, row)
     if draft.attachments:
         conn.execute(
             _INSERT_ATTACHMENT,

@@ -16,6 +16,7 @@ from sqlalchemy import Connection, bindparam, or_, select, update
 from multimail.errors import InvalidInput, NotFound
 from multimail.ids import new_id, utcnow
 from multimail.services.context import Actor
+from multimail.store import fast
 from multimail.store.tables import messages, threads
 
 _PREFIX = re.compile(r"^\s*((re|fw|fwd|aw|sv|wg)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
@@ -32,7 +33,7 @@ def public_thread_id(row: Any) -> str:
 
 
 # Built once: constructing an INSERT/UPDATE with values per call costs more than running it.
-_INSERT = threads.insert()
+_INSERT = fast.Compiled(threads.insert())
 _TOUCH = (
     update(threads)
     .where(threads.c.id == bindparam("thread_id"))
@@ -62,7 +63,7 @@ def _create(
         "created_at": now,
         "last_activity_at": now,
     }
-    conn.execute(_INSERT, record)
+    _INSERT.execute(conn, record)
     return record
 
 

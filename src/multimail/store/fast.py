@@ -67,15 +67,26 @@ def _plan(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...] | No
     what = " ".join(compiled.string.split())[:80]
     if compiled.insert_prefetch or compiled.update_prefetch:
         raise TypeError(f"{what}: Python-side column defaults need conn.execute")
-    if compiled.literal_execute_params or compiled.post_compile_params:
-        raise TypeError(f"{what}: expanding or literal parameters need conn.execute")
+    if compiled.post_compile_params:
+        raise TypeError(f"{what}: expanding parameters need conn.execute")
     if compiled.schema_translate_map:
         raise TypeError(f"{what}: schema translation needs conn.execute")
+    sql = compiled.string
+    literal: set[str] = set()
+    for bind in compiled.literal_execute_params:
+        # Constants SQLAlchemy writes into the SQL at execution (aggregate_strings'
+        # separator): written in once here. One a caller gives cannot be, so it is refused.
+        if bind.expanding or bind.required or not bind.key.startswith("%("):
+            raise TypeError(f"{what}: a literal parameter ({bind.key}) needs conn.execute")
+        name = compiled.bind_names[bind]
+        rendered = compiled.render_literal_value(bind.value, bind.type)
+        sql = sql.replace(f"__[POSTCOMPILE_{name}]", rendered)
+        literal.add(name)
     if compiled.positional:
         assert compiled.positiontup is not None
-        order = list(compiled.positiontup)
+        order = [name for name in compiled.positiontup if name not in literal]
     else:
-        order = list(compiled.bind_names.values())
+        order = [name for name in compiled.bind_names.values() if name not in literal]
     by_name = {name: bind for bind, name in compiled.bind_names.items()}
     processors = compiled._bind_processors
     params = []
@@ -92,7 +103,7 @@ def _plan(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...] | No
     if len(set(columns)) != len(columns):
         raise TypeError(f"{what}: result columns share a name; label them")
     return _Plan(
-        sql=compiled.string,
+        sql=sql,
         positional=compiled.positional,
         names=names,
         params=tuple(params),

@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from multimail.ids import aware, new_id, utcnow
+from multimail.store import fast
 from multimail.store.db import Database
 from multimail.store.tables import jobs
 
@@ -44,14 +45,18 @@ class Job:
 # Built once per dialect: a deduplicated job is one INSERT … ON CONFLICT DO NOTHING (no
 # look-up first, no savepoint), which both databases decide on the unique ``dedupe_key``;
 # PostgreSQL waits for a concurrent insert of the same key and then adds nothing.
-_INSERT = jobs.insert()
+_INSERT = fast.Compiled(jobs.insert())
 _INSERT_DEDUPED = {
-    "sqlite": sqlite_insert(jobs)
-    .on_conflict_do_nothing(index_elements=[jobs.c.dedupe_key])
-    .returning(jobs.c.id),
-    "postgresql": postgresql_insert(jobs)
-    .on_conflict_do_nothing(index_elements=[jobs.c.dedupe_key])
-    .returning(jobs.c.id),
+    "sqlite": fast.Compiled(
+        sqlite_insert(jobs)
+        .on_conflict_do_nothing(index_elements=[jobs.c.dedupe_key])
+        .returning(jobs.c.id)
+    ),
+    "postgresql": fast.Compiled(
+        postgresql_insert(jobs)
+        .on_conflict_do_nothing(index_elements=[jobs.c.dedupe_key])
+        .returning(jobs.c.id)
+    ),
 }
 
 
@@ -102,9 +107,9 @@ def enqueue(
     )
     if dedupe_key is not None:
         statement = _INSERT_DEDUPED[conn.dialect.name]
-        inserted = conn.execute(statement, record).first()
-        return None if inserted is None else str(inserted.id)
-    conn.execute(_INSERT, record)
+        inserted = statement.first(conn, record)
+        return None if inserted is None else str(inserted["id"])
+    _INSERT.execute(conn, record)
     return str(record["id"])
 
 
@@ -128,8 +133,7 @@ def enqueue_many(
         _record(kind, payload, now, run_at=run_at, dedupe_key=None, max_attempts=max_attempts)
         for kind, payload in new_jobs
     ]
-    if records:
-        conn.execute(_INSERT, records)
+    _INSERT.executemany(conn, records)
     return [str(record["id"]) for record in records]
 
 
