@@ -152,9 +152,6 @@ _SWEEP_BATCH = 500
 _POLL_S = 0.02
 # SMTP sessions one batch keeps open at once.
 _MAX_SESSIONS = 16
-_PREPARE_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
-    weakref.WeakKeyDictionary()
-)
 
 _log = logging.getLogger(__name__)
 
@@ -1577,49 +1574,165 @@ async def _deliver_job(services: Services, job: Job, worker_id: str) -> datetime
     return item.outcome.retry_at if item.outcome is not None else None
 
 
-def _claim_due(worker_id: str, limit: int, lease: timedelta) -> _Claimer:
+# The deliver jobs due now, in claim order, past those this worker's other pipelines are
+# composing (``jobs.peek`` with an exclusion): corrupt payloads included, so the claim
+# quarantines them instead of their filling every look for ever.
+_PEEK_DUE = (
+    select(jobs_table.c.id, jobs_table.c.payload)
+    .where(
+        jobs_table.c.kind == DELIVER,
+        jobs_table.c.run_at <= bindparam("now"),
+        or_(
+            jobs_table.c.status == "pending",
+            and_(jobs_table.c.status == "running", jobs_table.c.locked_until < bindparam("now")),
+        ),
+        jobs_table.c.id.not_in(bindparam("busy", expanding=True)),
+    )
+    .order_by(jobs_table.c.run_at)
+    .limit(bindparam("limit"))
+)
+# What ``jobs.claim_in`` does, for the jobs looked at: only those still due are taken.
+_CLAIMABLE = (
+    select(
+        jobs_table.c.id,
+        jobs_table.c.payload,
+        jobs_table.c.attempts,
+        jobs_table.c.max_attempts,
+        jobs_table.c.created_at,
+    )
+    .where(
+        jobs_table.c.id.in_(bindparam("ids", expanding=True)),
+        jobs_table.c.run_at <= bindparam("now"),
+        or_(
+            jobs_table.c.status == "pending",
+            and_(jobs_table.c.status == "running", jobs_table.c.locked_until < bindparam("now")),
+        ),
+    )
+    .order_by(jobs_table.c.run_at)
+)
+_CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update(skip_locked=True)
+_TAKE_JOBS = (
+    update(jobs_table)
+    .where(jobs_table.c.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        status="running",
+        locked_by=bindparam("worker"),
+        locked_until=bindparam("until"),
+        attempts=jobs_table.c.attempts + 1,
+        updated_at=bindparam("now"),
+    )
+)
+_QUARANTINE_JOBS = (
+    update(jobs_table)
+    .where(jobs_table.c.id.in_(bindparam("ids", expanding=True)))
+    .values(status="quarantined", last_error="payload is not an object")
+)
+
+
+@dataclass
+class _Looks:
+    """The deliver jobs one worker's pipelines have looked at and not yet claimed.
+
+    A pipeline looks at due jobs, composes their messages (the long part), then claims
+    them. Only the look is taken in turns: the next pipeline looks past the jobs reserved
+    here, so it composes other messages while this one composes or commits.
+    """
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reserved: set[str] = field(default_factory=set)
+
+
+_LOOKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Looks]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _look(conn: Connection, looks: _Looks, limit: int) -> list[tuple[str, Any]]:
+    """Up to ``limit`` due deliver jobs nobody here is composing, reserved for the caller."""
+    with looks.lock:
+        rows = conn.execute(
+            _PEEK_DUE, {"now": utcnow(), "busy": sorted(looks.reserved), "limit": limit}
+        ).all()
+        looks.reserved.update(r.id for r in rows)
+    return [(r.id, r.payload) for r in rows]
+
+
+def _claim_looked(worker_id: str, job_ids: list[str], lease: timedelta) -> _Claimer:
+    """Claim the jobs looked at that are still due (``jobs.claim_in`` for those ids)."""
+
     def claim(conn: Connection) -> list[_Item]:
+        now = utcnow()
+        query = _CLAIMABLE_LOCKED if conn.dialect.name == "postgresql" else _CLAIMABLE
+        rows = conn.execute(query, {"ids": job_ids, "now": now}).all()
+        if not rows:
+            return []
+        conn.execute(
+            _TAKE_JOBS,
+            {"ids": [r.id for r in rows], "worker": worker_id, "until": now + lease, "now": now},
+        )
         items: list[_Item] = []
-        for job in jobs.claim_in(conn, worker_id, kinds=[DELIVER], limit=limit, lease=lease):
-            message_id = job.payload.get("message_id")
+        corrupt: list[str] = []
+        for row in rows:
+            if not isinstance(row.payload, dict):
+                corrupt.append(row.id)
+                continue
+            job = Job(
+                id=row.id,
+                kind=DELIVER,
+                payload=row.payload,
+                attempts=int(row.attempts) + 1,
+                max_attempts=int(row.max_attempts),
+                created_at=aware(row.created_at),
+            )
+            message_id = row.payload.get("message_id")
             if isinstance(message_id, str):
                 items.append(_Item(message_id, job))
             else:
                 jobs.fail(conn, job.id, worker_id, error="a deliver job needs a message_id")
+        if corrupt:
+            # A corrupt row must not stop the queue: quarantined, as jobs.claim_in does.
+            conn.execute(_QUARANTINE_JOBS, {"ids": corrupt})
         return items
 
     return claim
 
 
 def _prepare_due(
-    services: Services, worker_id: str, limit: int, lease: timedelta
+    services: Services, worker_id: str, limit: int, lease: timedelta, looks: _Looks
 ) -> list[_Item] | None:
     """Look at the due jobs, compose their messages, then claim-and-start (commit 1); None
-    when nothing was due. The look and the composing share one read transaction."""
+    when nothing was due. The jobs looked at stay reserved from this worker's other
+    pipelines until claimed (or not), so no two of them compose the same message."""
     pool = composer.compose_pool(services)
-    with services.db.read() as conn:
-        due = jobs.peek(conn, kinds=[DELIVER], limit=limit)
-        peeked = [m for m in (j.payload.get("message_id") for j in due) if isinstance(m, str)]
-        if not due:
-            return None
-        prebuilt = _prebuild_in(conn, services, peeked) if peeked and pool is None else {}
-    if peeked and pool is not None:
-        # The children read the rows themselves; this thread waits without the GIL.
-        from_children = pool.build(peeked)
-        prebuilt = from_children if from_children is not None else _prebuild(services, peeked)
-    return _claim_and_start(services, worker_id, _claim_due(worker_id, limit, lease), prebuilt)
+    job_ids: list[str] = []
+    try:
+        with services.db.read() as conn:
+            due = _look(conn, looks, limit)
+            if not due:
+                return None
+            job_ids = [job_id for job_id, _payload in due]
+            peeked = [
+                p["message_id"]
+                for _job_id, p in due
+                if isinstance(p, dict) and isinstance(p.get("message_id"), str)
+            ]
+            prebuilt = _prebuild_in(conn, services, peeked) if peeked and pool is None else {}
+        if peeked and pool is not None:
+            # The children read the rows themselves; this thread waits without the GIL.
+            from_children = pool.build(peeked)
+            prebuilt = from_children if from_children is not None else _prebuild(services, peeked)
+        claimer = _claim_looked(worker_id, job_ids, lease)
+        return _claim_and_start(services, worker_id, claimer, prebuilt)
+    finally:
+        with looks.lock:
+            looks.reserved.difference_update(job_ids)
 
 
 @runner.register_batch(DELIVER)
 async def _deliver_batch(services: Services, worker_id: str, limit: int, lease: timedelta) -> int:
     """The runner's deliver loop: up to ``limit`` due messages per two commits."""
-    # Pipelines of one worker take turns preparing and claiming (so they never compose the
-    # same messages twice) and overlap only while talking SMTP and recording.
-    lock = _PREPARE_LOCKS.setdefault(asyncio.get_running_loop(), {}).setdefault(
-        worker_id, asyncio.Lock()
-    )
-    async with lock:
-        items = await asyncio.to_thread(_prepare_due, services, worker_id, limit, lease)
+    looks = _LOOKS.setdefault(asyncio.get_running_loop(), {}).setdefault(worker_id, _Looks())
+    items = await asyncio.to_thread(_prepare_due, services, worker_id, limit, lease, looks)
     if items is None:
         return 0
     await _complete(services, worker_id, items, lease)
