@@ -57,11 +57,6 @@ def db(db_url: str) -> Iterator[Database]:
     database.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a listener's error bypasses _handle_dbapi_exception in store.fast "
-    "(remove this marker with the fix)",
-)
 def test_a_driver_error_raised_by_a_statement_listener_is_sqlalchemys(db: Database) -> None:
     driver_error = db.engine.dialect.loaded_dbapi.OperationalError
 
@@ -79,11 +74,6 @@ def test_a_driver_error_raised_by_a_statement_listener_is_sqlalchemys(db: Databa
         event.remove(db.engine, "before_cursor_execute", refuse)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: store.fast ignores what retval=True listeners return "
-    "(remove this marker with the fix)",
-)
 def test_a_retval_listener_rewrites_fast_statements_too(db: Database) -> None:
     def redirect(
         _conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any
@@ -106,11 +96,6 @@ def test_a_retval_listener_rewrites_fast_statements_too(db: Database) -> None:
     assert fast == dict(slow)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: store.fast statements are not logged by sqlalchemy.engine "
-    "(remove this marker with the fix)",
-)
 def test_sql_logging_shows_fast_statements(db: Database, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="sqlalchemy.engine"):
         with db.write() as conn:

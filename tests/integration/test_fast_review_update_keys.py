@@ -56,11 +56,6 @@ def _stored(db: Database, job_id: str) -> tuple[int, str | None]:
     return row.attempts, row.last_error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: store.fast compiles UPDATE without the caller's keys; column-named keys "
-    "are dropped silently (remove this marker with the fix)",
-)
 def test_an_update_writes_a_column_the_caller_names_as_conn_execute_does(db: Database) -> None:
     params = {"last_error": "421 try later"}
     with db.write() as conn:

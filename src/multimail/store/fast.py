@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Insert
+from sqlalchemy import Connection, Insert, Update
 from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
@@ -69,8 +69,6 @@ def _plan(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...] | No
         raise TypeError(f"{what}: Python-side column defaults need conn.execute")
     if compiled.post_compile_params:
         raise TypeError(f"{what}: expanding parameters need conn.execute")
-    if compiled.schema_translate_map:
-        raise TypeError(f"{what}: schema translation needs conn.execute")
     sql = compiled.string
     literal: set[str] = set()
     for bind in compiled.literal_execute_params:
@@ -117,28 +115,26 @@ class Compiled:
     parameters, per set of column names) on first use."""
 
     def __init__(self, statement: ClauseElement, *, keys: Sequence[str] | None = None) -> None:
-        """``keys``: for an INSERT built without ``.values()``, the columns every execution
-        gives (the rest take their server defaults). Without it the first execution's keys
-        decide, and a later execution with other keys compiles again."""
+        """``keys``: for an INSERT or UPDATE, the parameter names every execution gives.
+        Without it each execution's own keys decide, as with ``conn.execute``: a key naming
+        a column of the table adds that column to the VALUES or the SET clause."""
         self._statement = statement
         self._keys = tuple(keys) if keys is not None else None
-        self._plans: dict[tuple[str, tuple[str, ...] | None], _Plan] = {}
+        # An INSERT or UPDATE compiles its VALUES/SET from the keys it is given.
+        self._keyed = isinstance(statement, (Insert, Update))
+        self._plans: dict[tuple[str, str, tuple[str, ...] | None], _Plan] = {}
 
     def _plan_for(self, conn: Connection, first: Mapping[str, Any] | None) -> _Plan:
         keys = self._keys
-        if keys is None and first is not None and self._is_bare_insert():
+        if keys is None and first is not None and self._keyed:
             keys = tuple(first)
-        slot = (conn.dialect.name, keys)
+        dialect = conn.dialect
+        # By driver too: the parameter style and type processors are the driver's.
+        slot = (dialect.name, dialect.driver, keys)
         plan = self._plans.get(slot)
         if plan is None:
-            plan = self._plans[slot] = _plan(self._statement, conn.dialect, keys)
+            plan = self._plans[slot] = _plan(self._statement, dialect, keys)
         return plan
-
-    def _is_bare_insert(self) -> bool:
-        # An INSERT without .values() compiles its VALUES from the keys it is given.
-        return bool(getattr(self._statement, "is_insert", False)) and not getattr(
-            self._statement, "_values", None
-        )
 
     @staticmethod
     def _values(plan: _Plan, params: Mapping[str, Any]) -> Any:
@@ -155,18 +151,28 @@ class Compiled:
     def _run(
         self, conn: Connection, plan: _Plan, parameters: Any, many: bool
     ) -> tuple[int, Sequence[Any]]:
+        if "schema_translate_map" in conn._execution_options:
+            raise TypeError("schema translation needs conn.execute")
         if not conn.in_transaction():
             conn._autobegin()  # as conn.execute would: never autocommit by accident
+        elif (conn._transaction is not None and not conn._transaction.is_active) or (
+            conn._nested_transaction is not None and not conn._nested_transaction.is_active
+        ):
+            conn._invalid_transaction()  # raises PendingRollbackError, as conn.execute does
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
-        cursor = dbapi.cursor()
         sql = plan.sql
-        observed = bool(conn.dispatch.before_cursor_execute) or bool(
-            conn.dispatch.after_cursor_execute
-        )
-        if observed:
-            conn.dispatch.before_cursor_execute(conn, cursor, sql, parameters, None, many)
+        cursor = dbapi.cursor()
         try:
+            if conn.dispatch.before_cursor_execute:
+                # One by one, as conn.execute does: a retval=True listener may rewrite them
+                # (SQLAlchemy wraps the others to hand back what they were given).
+                for listener in conn.dispatch.before_cursor_execute:
+                    sql, parameters = listener(conn, cursor, sql, parameters, None, many)
+            if conn._echo:
+                conn._log_info(sql)
+                if not conn.engine.hide_parameters:
+                    conn._log_info("[store.fast] %r", parameters)
             if many:
                 cursor.executemany(sql, parameters)
             else:
@@ -174,13 +180,17 @@ class Compiled:
             rows = cursor.fetchall() if plan.columns else []
             if plan.columns and plan.result_processors is None:
                 plan.result_processors = self._result_processors(conn, plan, cursor)
-        except Exception as exc:
-            conn._handle_dbapi_exception(exc, sql, parameters, cursor, None)
-        if observed:
-            conn.dispatch.after_cursor_execute(conn, cursor, sql, parameters, None, many)
-        rowcount = cursor.rowcount
-        cursor.close()
-        return rowcount, rows
+            if conn.dispatch.after_cursor_execute:
+                conn.dispatch.after_cursor_execute(conn, cursor, sql, parameters, None, many)
+            return cursor.rowcount, rows
+        except BaseException as exc:
+            # As conn.execute: driver errors become SQLAlchemy's (a dropped connection is
+            # invalidated), an interrupt invalidates too; anything else passes unchanged.
+            if isinstance(exc, conn.dialect.loaded_dbapi.Error) or not isinstance(exc, Exception):
+                conn._handle_dbapi_exception(exc, sql, parameters, cursor, None)
+            raise
+        finally:
+            cursor.close()
 
     @staticmethod
     def _result_processors(conn: Connection, plan: _Plan, cursor: Any) -> tuple[_Processor, ...]:
