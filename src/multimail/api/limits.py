@@ -9,6 +9,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Where BodySizeLimit leaves the whole body it read, for a route that would rather not read it
+# again through the ASGI receive channel (the send routes, ``routers/outbound.py``).
+BODY_SCOPE_KEY = "multimail.body"
+
 _NUL_ERROR = "the request contains a NUL character (\\u0000 or %00); remove it and try again"
 
 
@@ -77,6 +81,7 @@ class BodySizeLimit:
         if _nul_in_request(scope, body):
             await _answer(send, 422, {"error": _NUL_ERROR, "code": "nul_character"})
             return
+        scope[BODY_SCOPE_KEY] = body
         replayed = False
 
         async def replay() -> Message:
