@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -97,3 +101,53 @@ async def test_a_child_killed_under_the_worker_costs_no_message(
         await until(status_is(world, message_id, "delivered"), within=30)
     assert child not in pool.pids()
     assert len(relay.messages) == 9
+
+
+# A worker process that starts its compose child and reports the child's pid.
+_WORKER = """
+import sys, time
+from multimail.config import load_settings
+from multimail.runtime import build_services
+from multimail.workers import composer
+services = build_services(load_settings(), run_migrations=False)
+pool = composer.compose_pool(services)
+pool.warm()
+print(pool.pids()[0], flush=True)
+time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def test_a_worker_killed_outright_takes_its_compose_child_with_it(svc: Services) -> None:
+    """SIGKILL of a worker left its compose child waiting for work for ever (its parent
+    became init): an idle process per killed worker, piling up across restarts."""
+    settings = svc.settings
+    env = {
+        **os.environ,
+        "MULTIMAIL_DATABASE_URL": settings.effective_database_url,
+        "MULTIMAIL_DATA_DIR": str(settings.data_dir),
+        "MULTIMAIL_DOMAIN": settings.domain,
+        "MULTIMAIL_SECRET_KEY": svc.extras["secret_key"].decode(),  # type: ignore[attr-defined]
+        "MULTIMAIL_COMPOSE_PROCESSES": "1",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _WORKER], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout is not None
+        child = int(worker.stdout.readline())
+        assert _running(child)
+    finally:
+        worker.kill()
+        worker.wait(10)
+    deadline = time.monotonic() + 20
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(child)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 from collections.abc import Sequence
@@ -38,9 +39,29 @@ _BATCH_TIMEOUT_S = 60.0
 _CHILD: dict[str, Any] = {}
 
 
+def _exit_with_parent() -> None:
+    """End this child when the worker that started it ends, however it ends.
+
+    A pool's children wait for work on a queue whose pipe they hold both ends of, so a
+    worker killed outright (SIGKILL, the OOM killer) left them waiting for ever, one idle
+    process per compose child and restart. The parent's sentinel is a pipe the parent
+    holds open until it exits.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="compose-parent-watch", daemon=True).start()
+
+
 def _start_child(settings: Settings) -> None:
     from multimail.wiring import build_services
 
+    _exit_with_parent()
     # The worker process has migrated the database and created the keys already.
     _CHILD["services"] = build_services(settings, run_migrations=False)
 
