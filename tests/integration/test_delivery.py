@@ -64,7 +64,11 @@ def _services(settings: Settings, **changes: Any) -> Services:
 
 @pytest.fixture
 def svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Services]:
-    services = _services(settings, smtp_url=SecretStr(f"smtp://127.0.0.1:{relay.port}"))
+    # Composing in the worker, whatever the machine's default: test_compose_children runs
+    # these paths with a compose child.
+    services = _services(
+        settings, smtp_url=SecretStr(f"smtp://127.0.0.1:{relay.port}"), compose_processes=0
+    )
     yield services
     services.db.dispose()
 
