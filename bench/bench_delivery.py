@@ -1,7 +1,11 @@
 """Signed deliveries per second through the real worker, beside raw aiosmtplib sends.
 
     .venv/bin/python bench/bench_delivery.py [--messages 300] [--latency 50] [--concurrency 8]
-        [--batch 32] [--pipelines 2] [--poll 0.2] [--database sqlite|postgresql]
+        [--batch N] [--pipelines 2] [--poll 0.2] [--database sqlite|postgresql]
+        [--compose-processes N]
+
+``--batch`` and ``--compose-processes`` default to what a worker gets by default on this
+machine (``delivery_batch_size``; ``compose_processes``: one child on two or more CPUs).
 
 Both sides hand messages to the same local aiosmtpd sink on loopback, which runs in a
 process of its own (it stands in for the internet; sharing our interpreter it would eat
@@ -39,6 +43,7 @@ from _support import databases
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, insert, select
 
+from multimail.config import Settings
 from multimail.ids import new_id, utcnow
 from multimail.mail.markdown import render_markdown
 from multimail.services.context import Services
@@ -266,7 +271,10 @@ def main() -> None:
         "--latency", type=int, default=50, help="deliver_now timings (0 skips that phase)"
     )
     parser.add_argument("--concurrency", type=int, default=8, help="baseline connections")
-    parser.add_argument("--batch", type=int, default=32)
+    defaults = Settings()
+    parser.add_argument(
+        "--batch", type=int, default=defaults.delivery_batch_size, help="default: the setting's"
+    )
     parser.add_argument("--pipelines", type=int, default=2)
     # serve's own interval: the one-job loop polls for other kinds at this pace throughout
     # (each poll is a thread hop and a read transaction, ~0.4 ms of CPU).
@@ -280,8 +288,9 @@ def main() -> None:
     parser.add_argument(
         "--compose-processes",
         type=int,
-        default=0,
-        help="the worker's compose children (the compose_processes setting; 0 = in-process)",
+        default=defaults.compose_processes,
+        help="the worker's compose children (0 = in-process; default: the setting's on this "
+        "machine)",
     )
     args = parser.parse_args()
     n = max(1, min(args.messages, 5000))
