@@ -178,12 +178,39 @@ def test_statement_listeners_see_fast_statements(db: Database) -> None:
     assert any(s.lstrip().upper().startswith("INSERT INTO EVENTS") for s in seen)
 
 
-def test_statements_that_need_execution_time_work_are_refused(db: Database) -> None:
-    expanding = Compiled(
-        select(events.c.id).where(events.c.id.in_(bindparam("ids", expanding=True)))
+def test_expanding_in_lists_of_any_length_match_sqlalchemy(db: Database) -> None:
+    rows = [_event({"i": i}, NOW + timedelta(seconds=i)) for i in range(4)]
+    by_ids = select(events.c.id, events.c.payload).where(
+        events.c.id.in_(bindparam("ids", expanding=True)),
+        events.c.created_at.in_(bindparam("times", expanding=True)),
+        events.c.type == "message.sent",
     )
-    with db.read() as conn, pytest.raises(TypeError, match="expanding"):
-        expanding.all(conn, {"ids": ["a"]})
+    fast = Compiled(by_ids)
+    with db.write() as conn:
+        INSERT_EVENT.executemany(conn, rows)
+        for ids, times in (
+            ([], [NOW]),
+            ([rows[0]["id"]], [NOW]),
+            ([r["id"] for r in rows], [NOW, NOW + timedelta(seconds=2)]),
+            ([r["id"] for r in rows[1:]], [r["created_at"] for r in rows]),
+        ):
+            params = {"ids": ids, "times": times}
+            got = sorted(fast.all(conn, params), key=lambda r: r["id"])
+            want = conn.execute(by_ids, params).mappings().all()
+            assert got == sorted((dict(r) for r in want), key=lambda r: r["id"])
+        assert len(fast.all(conn, {"ids": [r["id"] for r in rows], "times": [NOW]})) == 1
+        with pytest.raises(TypeError, match="executemany"):
+            fast.executemany(conn, [{"ids": ["a"], "times": [NOW]}])
+
+
+def test_statements_that_need_execution_time_work_are_refused(db: Database) -> None:
+    literal = Compiled(select(events.c.id).where(events.c.id == literal_column_param()))
+    with db.read() as conn, pytest.raises(TypeError, match="literal parameter"):
+        literal.all(conn, {"given": "a"})
+
+
+def literal_column_param() -> Any:
+    return bindparam("given", literal_execute=True)
 
 
 json_values = st.recursive(

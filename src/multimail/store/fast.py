@@ -19,8 +19,9 @@ What stays the same as ``conn.execute``:
   execution context), so statement counters in tests and benchmarks still count.
 
 Only statements that need nothing at execution time qualify: no Python-side column
-defaults, no expanding ``IN`` parameters, no callables as values. Compiling one that does
-raises at once, so a statement that does not fit fails its first test, never silently.
+defaults, no callables as values, no literal parameters a caller gives. Compiling one that
+does raises at once, so a statement that does not fit fails its first test, never silently.
+An expanding ``IN`` list is planned once per list length (SQLAlchemy renders it).
 Rows come back as plain dicts keyed like ``RowMapping``.
 """
 
@@ -44,6 +45,7 @@ class _Param:
     key: str  # the name callers pass it under
     processor: _Processor
     default: Any  # the value written into the statement, or _MISSING when required
+    index: int = -1  # >= 0: this element of the list given under ``key`` (an expanding IN)
 
 
 @dataclass
@@ -54,11 +56,21 @@ class _Plan:
     params: tuple[_Param, ...]
     columns: tuple[str, ...]  # result keys; empty for statements returning nothing
     column_types: tuple[Any, ...]
+    expands: bool = False  # has expanding IN lists (one execution at a time)
     # Result processors depend on the driver's type codes, known after the first execution.
     result_processors: tuple[_Processor, ...] | None = None
 
 
-def _plan(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...] | None) -> _Plan:
+@dataclass(frozen=True, eq=False)
+class _Form:
+    """A statement compiled for one driver (and key set), before expanding lists."""
+
+    compiled: SQLCompiler
+    what: str  # the start of its SQL, for errors
+    expanding: tuple[str, ...]  # the keys of its expanding IN lists, in a fixed order
+
+
+def _compile(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...] | None) -> _Form:
     if isinstance(statement, Insert) and not statement._returning:
         # Nobody asks for the new primary key: without this PostgreSQL would return it.
         statement = statement.inline()
@@ -67,33 +79,58 @@ def _plan(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...] | No
     what = " ".join(compiled.string.split())[:80]
     if compiled.insert_prefetch or compiled.update_prefetch:
         raise TypeError(f"{what}: Python-side column defaults need conn.execute")
-    if compiled.post_compile_params:
-        raise TypeError(f"{what}: expanding parameters need conn.execute")
-    sql = compiled.string
-    literal: set[str] = set()
     for bind in compiled.literal_execute_params:
         # Constants SQLAlchemy writes into the SQL at execution (aggregate_strings'
-        # separator): written in once here. One a caller gives cannot be, so it is refused.
+        # separator) are written in once per plan; one a caller gives cannot be.
         if bind.expanding or bind.required or not bind.key.startswith("%("):
             raise TypeError(f"{what}: a literal parameter ({bind.key}) needs conn.execute")
-        name = compiled.bind_names[bind]
-        rendered = compiled.render_literal_value(bind.value, bind.type)
-        sql = sql.replace(f"__[POSTCOMPILE_{name}]", rendered)
-        literal.add(name)
-    if compiled.positional:
-        assert compiled.positiontup is not None
-        order = [name for name in compiled.positiontup if name not in literal]
-    else:
-        order = [name for name in compiled.bind_names.values() if name not in literal]
+    for bind in compiled.post_compile_params:
+        if not bind.expanding or compiled.escaped_bind_names:
+            raise TypeError(f"{what}: parameter {bind.key} needs conn.execute")
+    expanding = tuple(sorted(bind.key for bind in compiled.post_compile_params))
+    return _Form(compiled, what, expanding)
+
+
+def _plan(form: _Form, lengths: tuple[int, ...]) -> _Plan:
+    """The plan for lists of these lengths (one per ``form.expanding`` key)."""
+    compiled, what = form.compiled, form.what
     by_name = {name: bind for bind, name in compiled.bind_names.items()}
-    processors = compiled._bind_processors
+    processors = dict(compiled._bind_processors)
+    sql = compiled.string
+    # An expanded name (ids_2) is that element of its list (ids).
+    element: dict[str, tuple[str, int]] = {}
+    if compiled.literal_execute_params or compiled.post_compile_params:
+        length_of = dict(zip(form.expanding, lengths, strict=True))
+        values = {
+            name: [None] * length_of[bind.key] if bind.expanding else bind.value
+            for name, bind in by_name.items()
+        }
+        # SQLAlchemy's own rendering of the lists and literals; the values of the list
+        # elements do not change the SQL, only their number does.
+        expanded = compiled._process_parameters_for_postcompile(values)
+        sql = expanded.statement
+        processors.update(expanded.processors)
+        for name, parts in expanded.parameter_expansion.items():
+            element.update((part, (name, i)) for i, part in enumerate(parts))
+        if compiled.positional:
+            assert expanded.positiontup is not None
+            order = list(expanded.positiontup)
+        else:
+            order = list(expanded.parameters)
+    elif compiled.positional:
+        assert compiled.positiontup is not None
+        order = list(compiled.positiontup)
+    else:
+        order = list(compiled.bind_names.values())
     params = []
     for name in order:
-        bind = by_name[name]
+        source, index = element.get(name, (name, -1))
+        bind = by_name[source]
         if bind.callable is not None:
             raise TypeError(f"{what}: a callable parameter ({name}) needs conn.execute")
         default = _MISSING if bind.required else bind.value
-        params.append(_Param(bind.key, processors.get(name), default))  # type: ignore[arg-type]
+        processor = processors.get(name)
+        params.append(_Param(bind.key, processor, default, index))  # type: ignore[arg-type]
     escaped = compiled.escaped_bind_names
     names = tuple(escaped.get(name, name) for name in order)
     entries = compiled._result_columns
@@ -107,6 +144,7 @@ def _plan(statement: ClauseElement, dialect: Dialect, keys: tuple[str, ...] | No
         params=tuple(params),
         columns=columns,
         column_types=tuple(entry.type for entry in entries),
+        expands=bool(form.expanding),
     )
 
 
@@ -122,18 +160,23 @@ class Compiled:
         self._keys = tuple(keys) if keys is not None else None
         # An INSERT or UPDATE compiles its VALUES/SET from the keys it is given.
         self._keyed = isinstance(statement, (Insert, Update))
-        self._plans: dict[tuple[str, str, tuple[str, ...] | None], _Plan] = {}
+        self._forms: dict[tuple[str, str, tuple[str, ...] | None], _Form] = {}
+        self._plans: dict[tuple[_Form, tuple[int, ...]], _Plan] = {}
 
-    def _plan_for(self, conn: Connection, first: Mapping[str, Any] | None) -> _Plan:
+    def _plan_for(self, conn: Connection, first: Mapping[str, Any]) -> _Plan:
         keys = self._keys
-        if keys is None and first is not None and self._keyed:
+        if keys is None and self._keyed:
             keys = tuple(first)
         dialect = conn.dialect
         # By driver too: the parameter style and type processors are the driver's.
         slot = (dialect.name, dialect.driver, keys)
-        plan = self._plans.get(slot)
+        form = self._forms.get(slot)
+        if form is None:
+            form = self._forms[slot] = _compile(self._statement, dialect, keys)
+        lengths = tuple(len(first[key]) for key in form.expanding) if form.expanding else ()
+        plan = self._plans.get((form, lengths))
         if plan is None:
-            plan = self._plans[slot] = _plan(self._statement, dialect, keys)
+            plan = self._plans[(form, lengths)] = _plan(form, lengths)
         return plan
 
     @staticmethod
@@ -143,6 +186,8 @@ class Compiled:
             value = params.get(param.key, param.default)
             if value is _MISSING:
                 raise KeyError(f"the statement needs a value for {param.key!r}")
+            if param.index >= 0:
+                value = value[param.index]
             values.append(value if param.processor is None else param.processor(value))
         if plan.positional:
             return tuple(values)
@@ -215,6 +260,8 @@ class Compiled:
         if not rows:
             return
         plan = self._plan_for(conn, rows[0])
+        if plan.expands:
+            raise TypeError("expanding IN lists cannot be used with executemany")
         self._run(conn, plan, [self._values(plan, row) for row in rows], many=True)
 
     def all(
