@@ -12,8 +12,9 @@ import httpx
 import pytest
 from sqlalchemy import insert, select, update
 
+from multimail.errors import InvalidInput
 from multimail.ids import aware, isoformat, new_id, utcnow
-from multimail.services import accounts, domains, mailboxes, sending
+from multimail.services import accounts, domains, keys, mailboxes, sending
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
 from multimail.store.tables import (
@@ -693,3 +694,21 @@ def test_schedule_edits(api: Api, boot: accounts.Bootstrap, services: Services) 
         f"/v1/mailboxes/{free['id']}/emails/{queued}/schedule", json={"subject": "x"}
     )
     assert_envelope(late, 409, "already_approved")
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_metadata_is_refused_by_the_service_and_nothing_is_stored(
+    services: Services, boot: accounts.Bootstrap, number: float
+) -> None:
+    """Every transport (MCP, CLI, the Python client, HTTP) reaches sending.send; NaN or an
+    infinity in metadata is not JSON, and stored it broke every later read of the message."""
+    box = make_mailbox(services, boot, "nanmeta", "autonomous")
+    agent = keys.authenticate(services.db, boot.agent_key)
+    request = sending.SendRequest.model_validate(
+        {"to": "a@example.com", "subject": "s", "markdown": "b", "metadata": {"x": [number]}}
+    )
+    with pytest.raises(InvalidInput) as refused:
+        sending.send(services, agent, mailbox_ref=box["id"], request=request)
+    assert refused.value.code == "invalid_metadata"
+    with services.db.read() as conn:
+        assert conn.execute(select(messages.c.id)).first() is None

@@ -335,7 +335,16 @@ def _parse(request: SendRequest, now: datetime) -> _Draft:
                 "gate_timing must be 'gate_first' or 'schedule_first'", code="invalid_gate_timing"
             ) from None
     if request.metadata is not None:
-        size = len(json.dumps(request.metadata, default=str).encode())
+        try:
+            # allow_nan=False: NaN and Infinity are not JSON; stored, they would fail every
+            # later reading of the message (the 202 itself, webhooks, the API).
+            size = len(json.dumps(request.metadata, default=str, allow_nan=False).encode())
+        except ValueError:
+            raise InvalidInput(
+                "metadata may not hold NaN or infinite numbers (they are not JSON); send "
+                "them as strings or null",
+                code="invalid_metadata",
+            ) from None
         if size > MAX_METADATA_BYTES:
             raise InvalidInput(
                 f"metadata is {size} bytes of JSON; at most {MAX_METADATA_BYTES} are allowed",
