@@ -55,16 +55,12 @@ def test_a_nul_in_a_plain_utf8_body_is_refused(
     assert rows(services, messages) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: BodySizeLimit reads the last Content-Type header, the routes the first; "
-    "with 'application/json' then 'text/plain' the NUL check is skipped and the NUL is stored "
-    "(SQLite: 202, PostgreSQL: 500 DataError)",
-)
 @HANDLERS
 def test_a_nul_behind_a_second_content_type_header_is_refused(
     api: Api, boot: accounts.Bootstrap, services: Services, content_type: str
 ) -> None:
+    """The guard read the last Content-Type header, the routes the first: with 'application/json'
+    then 'text/plain' the NUL was stored (SQLite: 202, PostgreSQL: 500)."""
     path = _send_path(services, boot)
     raw = json.dumps(_WITH_NUL).encode()
     headers = [("content-type", content_type), ("content-type", "text/plain")]
@@ -73,17 +69,13 @@ def test_a_nul_behind_a_second_content_type_header_is_refused(
     assert rows(services, messages) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: BodySizeLimit looks for the bytes '\\u0000' in the body, but json.loads "
-    "also reads UTF-16 and UTF-32 bodies, where those bytes never appear; the NUL is stored "
-    "(SQLite: 202, PostgreSQL: 500 DataError)",
-)
 @HANDLERS
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
 def test_a_nul_in_a_utf16_or_utf32_body_is_refused(
     api: Api, boot: accounts.Bootstrap, services: Services, content_type: str, encoding: str
 ) -> None:
+    """json.loads also reads UTF-16 and UTF-32, where the escape's ASCII bytes never appear: the
+    guard looks in the text json.loads reads."""
     path = _send_path(services, boot)
     raw = json.dumps(_WITH_NUL).encode(encoding)
     answer = _post(api, boot.agent_key, path, raw, [("content-type", content_type)])
@@ -91,33 +83,24 @@ def test_a_nul_in_a_utf16_or_utf32_body_is_refused(
     assert rows(services, messages) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: BodySizeLimit's NUL check catches only ValueError from json.loads; a "
-    "deeply nested body containing the text \\u0000 raises RecursionError there: a 500 for "
-    "anyone, before any key is checked",
-)
 @HANDLERS
 def test_a_deeply_nested_body_naming_a_nul_is_a_client_error(
     api: Api, boot: accounts.Bootstrap, services: Services, content_type: str
 ) -> None:
+    """The guard's parse raised RecursionError (it caught ValueError only): a 500 for anyone."""
     path = _send_path(services, boot)
     raw = b'{"markdown": "\\u0000", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     answer = _post(api, None, path, raw, [("content-type", content_type)])
     assert answer.status_code in (400, 422), answer.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: json.loads accepts NaN/Infinity/1e999, the send stores the metadata, then "
-    "rendering the response fails: a 500 that says nothing changed, while on SQLite the "
-    "message was written (a retry sends it twice); PostgreSQL fails at the INSERT",
-)
 @HANDLERS
 @pytest.mark.parametrize("literal", ["NaN", "1e999"])
 def test_a_non_finite_number_is_refused_and_writes_nothing(
     api: Api, boot: accounts.Bootstrap, services: Services, content_type: str, literal: str
 ) -> None:
+    """json.loads reads NaN and 1e999 (inf); stored, the response then failed (a 500 after the
+    write on SQLite, so a retry sent twice)."""
     path = _send_path(services, boot)
     body: dict[str, Any] = {"to": "customer@example.com", "subject": "Order", "markdown": "m"}
     raw = json.dumps(body).encode()[:-1] + b', "metadata": {"score": ' + literal.encode() + b"}}"

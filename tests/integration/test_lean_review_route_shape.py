@@ -13,7 +13,6 @@ import asyncio
 from typing import Annotated
 
 import httpx
-import pytest
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -56,13 +55,9 @@ async def _post_both(
     return answers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: _lean_shape accepts a str path parameter by its annotation alone; the lean "
-    "handler passes request.path_params through unvalidated, so Path(max_length=..., "
-    "pattern=...) constraints are skipped (FastAPI answers 422)",
-)
 def test_path_parameter_constraints_are_checked() -> None:
+    """The lean handler passed path parameters through unvalidated: a constrained one keeps
+    FastAPI's handler."""
     router = APIRouter(route_class=LeanRoute)
 
     @router.post("/boxes/{box}/notes")
@@ -76,12 +71,9 @@ def test_path_parameter_constraints_are_checked() -> None:
     assert answers[LEAN][0].status_code == 422, answers[LEAN][0].text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the lean handler calls each sub-dependency once per parameter; FastAPI "
-    "calls a dependency named twice once per request (use_cache=True, the default)",
-)
 def test_a_dependency_named_twice_runs_once() -> None:
+    """FastAPI runs a dependency named twice once per request (its cache); the lean handler ran
+    it twice. Such a route keeps FastAPI's handler."""
     calls: list[str] = []
 
     async def who(request: Request) -> str:
@@ -102,12 +94,9 @@ def test_a_dependency_named_twice_runs_once() -> None:
     assert calls.count(LEAN) == 1, calls
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: the lean handler ignores Depends(..., max_concurrency=N): the dependency "
-    "runs without FastAPI's semaphore, so the limit does not hold on the lean path",
-)
 def test_a_dependency_concurrency_limit_holds() -> None:
+    """``Depends(..., max_concurrency=N)`` was ignored on the lean path; such a route keeps
+    FastAPI's handler."""
     inside: dict[str, int] = {LEAN: 0, FASTAPI: 0}
     most: dict[str, int] = {LEAN: 0, FASTAPI: 0}
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
+from multimail.api import lean
 from multimail.api.lean import LeanRoute
 from multimail.api.limits import BODY_SCOPE_KEY, BodySizeLimit
 
@@ -40,6 +41,10 @@ def _router() -> APIRouter:
     @router.post("/tagged")
     async def tagged(request: Request, note: Note, tag: str = Query("none")) -> JSONResponse:
         return JSONResponse({"text": note.text, "tag": tag})
+
+    @router.post("/form")
+    async def form(request: Request, note: Annotated[Note, Form()]) -> JSONResponse:
+        return JSONResponse({"text": note.text})
 
     return router
 
@@ -157,3 +162,34 @@ def test_a_route_with_a_query_parameter_keeps_fastapis_handler(query: str) -> No
     # Not lean: the scope's body is not read.
     status, _ = _asgi_post("/tagged", b'{"text": "scope"}', b"application/json")
     assert status == 422
+
+
+def test_a_form_body_keeps_fastapis_handler() -> None:
+    """A form model is a single body field too, but FastAPI reads it as a form, never as
+    JSON: the lean handler answered a JSON body that FastAPI refuses."""
+    status, _ = _asgi_post("/form", b'{"text": "scope"}', b"application/json")
+    assert status == 422
+
+
+def test_an_unknown_dependant_field_keeps_fastapis_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A field FastAPI adds to ``Dependant`` may stand for work the lean handler does not do
+    (as ``concurrency`` did): until it is known here, no route is lean."""
+    status, _ = _asgi_post("/boxes/b1/notes", b'{"text": "scope"}', b"application/json")
+    assert status == 200
+    monkeypatch.setattr(lean, "_KNOWN_DEPENDANT_FIELDS", lean._KNOWN_DEPENDANT_FIELDS - {"scope"})
+    status, _ = _asgi_post("/boxes/b1/notes", b'{"text": "scope"}', b"application/json")
+    assert status == 422
+
+
+def test_a_validation_error_is_raised_as_fastapi_raises_it() -> None:
+    """The lean handler validates the body itself (after the dependencies): the refusal is
+    FastAPI's, to the byte."""
+    with TestClient(_app()) as client:
+        answers = [
+            client.post(
+                "/boxes/b1/notes", content=b'{"text": 5}', headers={"content-type": content_type}
+            )
+            for content_type in ("application/json", "application/json; charset=utf-8")
+        ]
+    assert answers[0].status_code == 422
+    assert answers[0].content == answers[1].content

@@ -31,6 +31,17 @@ _HTTP_CODES = {
 }
 
 
+class BodyRefused(StarletteHTTPException):
+    """A body refused while it is parsed (``api/limits.py``), answered with its own ``code``.
+
+    An ``HTTPException`` because FastAPI's handler passes those on from its body reading; any
+    other exception there becomes a generic 400 ("There was an error parsing the body")."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(status, message)
+        self.code = code
+
+
 def error_response(
     status: int, message: str, code: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
@@ -102,6 +113,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyRefused):
+            return error_response(exc.status_code, str(exc.detail), exc.code)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path}"

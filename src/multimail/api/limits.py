@@ -1,13 +1,19 @@
 """Request limits enforced before the app sees a request: body size (before the body is read
 into memory) and NUL characters, which no field of ours can hold (PostgreSQL text refuses
-them, SMTP forbids them) and which must be a clear 422, not a database error."""
+them, SMTP forbids them) and which must be a clear 422, not a database error.
+
+Also the JSON parse the send routes share (:func:`parse_json`): ``json.loads`` refusing the
+non-finite numbers it would otherwise accept."""
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from multimail.api.errors import BodyRefused
 
 # Where BodySizeLimit leaves the whole body it read, for a route that would rather not read it
 # again through the ASGI receive channel (the send routes, ``routers/outbound.py``).
@@ -16,31 +22,95 @@ BODY_SCOPE_KEY = "multimail.body"
 _NUL_ERROR = "the request contains a NUL character (\\u0000 or %00); remove it and try again"
 
 
+def _refuse_constant(name: str) -> Any:
+    raise BodyRefused(
+        400,
+        f"the body holds {name}, which is not a JSON number (nor is any infinite number); send "
+        "it as a string or null",
+        "non_finite_number",
+    )
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise BodyRefused(
+            400,
+            f"the body holds the number {shown}, which is too large for a 64-bit float; send it "
+            "as a string",
+            "non_finite_number",
+        )
+    return number
+
+
+def parse_json(raw: bytes) -> Any:
+    """``json.loads(raw)`` (what Starlette's ``Request.json()`` does), but NaN, Infinity and
+    numbers beyond a float's range (``1e999``) are refused with :class:`BodyRefused` (400,
+    ``non_finite_number``): Python reads them, but they are not JSON, so a message holding
+    one could be stored and then fail every later reading of it (the 202 itself included).
+    Any other failure is ``json.loads``'s own exception."""
+    return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
+    # Iterative: a body nested as deep as the parser allows must not overflow the stack here.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return False
 
 
-def _nul_in_request(scope: Scope, body: bytes) -> bool:
-    if "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b""):
-        return True
-    content_type = b""
+def _content_type(scope: Scope) -> bytes:
+    # The first header, as Starlette's ``Headers.get`` (and so every route) reads it.
     for name, value in scope.get("headers", []):
         if name == b"content-type":
-            content_type = value.lower()
-    if b"json" in content_type and b"\\u0000" in body:
-        # The escape can also be text (a backslash, then "u0000"): parse to be sure. Only
-        # bodies that contain it pay for the parse.
+            return bytes(value).lower()
+    return b""
+
+
+def _refusal(scope: Scope, body: bytes) -> tuple[int, dict[str, Any]] | None:
+    if "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b""):
+        return 422, {"error": _NUL_ERROR, "code": "nul_character"}
+    content_type = _content_type(scope)
+    if b"json" in content_type:
+        if _json_has_nul(body):
+            return 422, {"error": _NUL_ERROR, "code": "nul_character"}
+    elif b"x-www-form-urlencoded" in content_type and b"%00" in body:
+        return 422, {"error": _NUL_ERROR, "code": "nul_character"}
+    return None
+
+
+def _json_has_nul(body: bytes) -> bool:
+    """Whether a JSON body holds a NUL: JSON can only write one as the escape ``\\u0000``
+    (the parser refuses a raw one). Only bodies with that text pay for a parse."""
+    # json.loads also reads UTF-16 and UTF-32 (guessing from the first bytes), where the
+    # escape's bytes differ from its UTF-8 (ASCII) form: look in the text json.loads reads.
+    encoding = json.detect_encoding(body[:4])
+    text: bytes | str = body
+    if encoding in ("utf-8", "utf-8-sig"):
+        if b"\\u0000" not in body:
+            return False
+    else:
         try:
-            return _has_nul(json.loads(body))
-        except ValueError:
-            return False  # malformed JSON: the route's own parser answers 400
-    return b"x-www-form-urlencoded" in content_type and b"%00" in body
+            text = body.decode(encoding, "surrogatepass")
+        except UnicodeDecodeError:
+            return False  # not JSON json.loads can read: the route's parser answers 400
+        if "\\u0000" not in text:
+            return False
+    # The escape can also be text (a backslash, then "u0000"): parse to be sure.
+    try:
+        return _has_nul(json.loads(text))
+    except (ValueError, RecursionError):
+        return False  # not JSON we can read: the route's parser answers 400
 
 
 class BodySizeLimit:
@@ -78,8 +148,9 @@ class BodySizeLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if _nul_in_request(scope, body):
-            await _answer(send, 422, {"error": _NUL_ERROR, "code": "nul_character"})
+        refusal = _refusal(scope, body)
+        if refusal is not None:
+            await _answer(send, *refusal)
             return
         scope[BODY_SCOPE_KEY] = body
         replayed = False
