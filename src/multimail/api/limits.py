@@ -94,12 +94,14 @@ def _json_has_nul(body: bytes) -> bool:
     (the parser refuses a raw one). Only bodies with that text pay for a parse."""
     # json.loads also reads UTF-16 and UTF-32 (guessing from the first bytes), where the
     # escape's bytes differ from its UTF-8 (ASCII) form: look in the text json.loads reads.
-    encoding = json.detect_encoding(body[:4])
+    # Such a body has a NUL byte or a UTF-16/32 byte order mark in its first four bytes.
+    head = body[:4]
     text: bytes | str = body
-    if encoding in ("utf-8", "utf-8-sig"):
+    if b"\x00" not in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
         if b"\\u0000" not in body:
             return False
     else:
+        encoding = json.detect_encoding(head)
         try:
             text = body.decode(encoding, "surrogatepass")
         except UnicodeDecodeError:
