@@ -111,3 +111,16 @@ def test_the_lean_handler_answers_valid_and_invalid_sends_itself(
     )
     assert typed.status_code == 202, typed.text
     assert resolver_calls == [FASTAPI]
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"1e999"])
+def test_the_tool_route_refuses_a_non_finite_number_too(
+    api: Api, boot: accounts.Bootstrap, services: Services, literal: bytes
+) -> None:
+    """POST /send_email (the tool-named route) parsed with json.loads and answered 500."""
+    _routes(services, boot)
+    before = rows(services, messages)
+    raw = b'{"to": "customer@example.com", "subject": "s", "markdown": "m", "metadata": {"x": '
+    answer = _post(api, boot.agent_key, "/send_email", raw + literal + b"}}", LEAN)
+    assert (answer.status_code, answer.json()["code"]) == (400, "non_finite_number")
+    assert rows(services, messages) == before

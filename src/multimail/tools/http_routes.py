@@ -9,7 +9,6 @@ audit) is the REST API's, and the answer adds the short field names the guides r
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import httpx
@@ -18,7 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
 from multimail.api.deps import get_services, raw_api_key
-from multimail.api.errors import error_response
+from multimail.api.errors import BodyRefused, error_response
+from multimail.api.limits import parse_json
 from multimail.client import AsyncMultimailClient, MultimailAPIError, RateLimitError
 from multimail.errors import AuthenticationFailed
 from multimail.services import keys
@@ -50,8 +50,10 @@ async def _arguments(request: Request) -> dict[str, Any] | JSONResponse:
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
-    except ValueError:
+        data = parse_json(raw)
+    except BodyRefused as exc:
+        return error_response(exc.status_code, str(exc.detail), exc.code)
+    except (ValueError, RecursionError):
         return error_response(400, "the request body is not valid JSON", "malformed_json")
     if not isinstance(data, dict):
         return error_response(422, "send the tool's arguments as a JSON object", "invalid_body")
