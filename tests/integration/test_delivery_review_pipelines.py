@@ -188,13 +188,6 @@ async def test_delivery_goes_on_where_compose_children_cannot_be_made(
     assert len(relay.wait_for(1)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="review: a deliver job whose stored payload is not JSON at all (SQLite keeps it "
-    "as text) makes every look raise while decoding it, so no deliver job is ever claimed "
-    "again; the quarantine covers only well-formed payloads that are not objects",
-)
 async def test_a_deliver_job_whose_payload_is_not_json_stops_nothing_else(
     world: World, relay: CapturingSMTPServer
 ) -> None:

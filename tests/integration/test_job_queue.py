@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, event, select
+import pytest
+from sqlalchemy import Engine, event, select, text
 
 from multimail.ids import utcnow
 from multimail.services.context import Services
@@ -82,3 +83,30 @@ def test_enqueue_many_takes_enqueues_options_and_nothing_is_no_statement(
     with services.db.read() as conn:
         due_now = jobs.peek(conn, kinds=["deliver"])
     assert due_now == [], "a job enqueued for later is not due now"
+
+
+def test_a_job_whose_payload_is_not_json_is_quarantined_and_the_others_are_claimed(
+    services: Services,
+) -> None:
+    """DUR-4: SQLite stores any text in the JSON column; one row that does not decode must
+    not make every peek and claim raise."""
+    if not services.db.is_sqlite:
+        pytest.skip("PostgreSQL refuses to store a payload that is not JSON")
+    with services.db.write() as conn:
+        broken = jobs.enqueue(conn, "deliver", {"message_id": "broken"})
+        good = jobs.enqueue(conn, "deliver", {"message_id": "good"})
+        conn.execute(
+            text("UPDATE jobs SET payload = :raw WHERE id = :id"),
+            {"raw": '{"message_id": "trunc', "id": broken},
+        )
+    with services.db.read() as conn:
+        assert [j.id for j in jobs.peek(conn, kinds=["deliver"])] == [good]
+    (claimed,) = jobs.claim(services.db, "w1", kinds=["deliver"])
+    assert claimed.id == good and claimed.payload == {"message_id": "good"}
+    assert claimed.attempts == 1
+    with services.db.read() as conn:
+        found = conn.execute(
+            select(jobs_table.c.id, jobs_table.c.status).where(jobs_table.c.id.in_([broken, good]))
+        )
+        statuses = {row.id: row.status for row in found}
+    assert statuses == {broken: "quarantined", good: "running"}

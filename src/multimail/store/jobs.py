@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, or_, select, update
+from sqlalchemy import Connection, Select, Text, and_, cast, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -150,9 +150,25 @@ def claim(
         return claim_in(conn, worker, kinds=kinds, limit=limit, lease=lease)
 
 
+# The payload as the text stored: decoded per row by :func:`payload_of`, so one row that is
+# not JSON at all (SQLite stores any text) is quarantined instead of failing every fetch.
+PAYLOAD_TEXT = cast(jobs.c.payload, Text).label("payload")
+
+
+def payload_of(raw: str | None) -> dict[str, Any] | None:
+    """A stored payload (:data:`PAYLOAD_TEXT`) as the object it must be; None when corrupt."""
+    if raw is None:
+        return None
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 def _due(kinds: list[str] | None, limit: int, now: datetime) -> Select[Any]:
     query = (
-        select(jobs)
+        select(*(PAYLOAD_TEXT if c is jobs.c.payload else c for c in jobs.c))
         .where(
             jobs.c.run_at <= now,
             or_(
@@ -171,7 +187,12 @@ def _due(kinds: list[str] | None, limit: int, now: datetime) -> Select[Any]:
 def peek(conn: Connection, *, kinds: list[str] | None = None, limit: int = 10) -> list[Job]:
     """The jobs :func:`claim` would take now, without taking them (to prepare work early)."""
     rows = conn.execute(_due(kinds, limit, utcnow())).mappings().all()
-    return [_job(row, attempts=row["attempts"]) for row in rows if isinstance(row["payload"], dict)]
+    found: list[Job] = []
+    for row in rows:
+        payload = payload_of(row["payload"])
+        if payload is not None:
+            found.append(_job(row, payload, attempts=row["attempts"]))
+    return found
 
 
 def claim_in(
@@ -205,8 +226,9 @@ def claim_in(
     claimed: list[Job] = []
     corrupt: list[str] = []
     for row in rows:
-        if isinstance(row["payload"], dict):
-            claimed.append(_job(row, attempts=row["attempts"] + 1))
+        payload = payload_of(row["payload"])
+        if payload is not None:
+            claimed.append(_job(row, payload, attempts=row["attempts"] + 1))
         else:
             corrupt.append(row["id"])
     if corrupt:
@@ -219,11 +241,11 @@ def claim_in(
     return claimed
 
 
-def _job(row: Any, *, attempts: int) -> Job:
+def _job(row: Any, payload: dict[str, Any], *, attempts: int) -> Job:
     return Job(
         id=row["id"],
         kind=row["kind"],
-        payload=row["payload"],
+        payload=payload,
         attempts=attempts,
         max_attempts=row["max_attempts"],
         created_at=aware(row["created_at"]),

@@ -1578,7 +1578,7 @@ async def _deliver_job(services: Services, job: Job, worker_id: str) -> datetime
 # composing (``jobs.peek`` with an exclusion): corrupt payloads included, so the claim
 # quarantines them instead of their filling every look for ever.
 _PEEK_DUE = (
-    select(jobs_table.c.id, jobs_table.c.payload)
+    select(jobs_table.c.id, jobs.PAYLOAD_TEXT)
     .where(
         jobs_table.c.kind == DELIVER,
         jobs_table.c.run_at <= bindparam("now"),
@@ -1595,7 +1595,7 @@ _PEEK_DUE = (
 _CLAIMABLE = (
     select(
         jobs_table.c.id,
-        jobs_table.c.payload,
+        jobs.PAYLOAD_TEXT,
         jobs_table.c.attempts,
         jobs_table.c.max_attempts,
         jobs_table.c.created_at,
@@ -1647,14 +1647,15 @@ _LOOKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Looks]] 
 )
 
 
-def _look(conn: Connection, looks: _Looks, limit: int) -> list[tuple[str, Any]]:
-    """Up to ``limit`` due deliver jobs nobody here is composing, reserved for the caller."""
+def _look(conn: Connection, looks: _Looks, limit: int) -> list[tuple[str, dict[str, Any] | None]]:
+    """Up to ``limit`` due deliver jobs nobody here is composing, reserved for the caller,
+    with their payloads (None for a corrupt one, which the claim quarantines)."""
     with looks.lock:
         rows = conn.execute(
             _PEEK_DUE, {"now": utcnow(), "busy": sorted(looks.reserved), "limit": limit}
         ).all()
         looks.reserved.update(r.id for r in rows)
-    return [(r.id, r.payload) for r in rows]
+    return [(r.id, jobs.payload_of(r.payload)) for r in rows]
 
 
 def _claim_looked(worker_id: str, job_ids: list[str], lease: timedelta) -> _Claimer:
@@ -1673,18 +1674,19 @@ def _claim_looked(worker_id: str, job_ids: list[str], lease: timedelta) -> _Clai
         items: list[_Item] = []
         corrupt: list[str] = []
         for row in rows:
-            if not isinstance(row.payload, dict):
+            payload = jobs.payload_of(row.payload)
+            if payload is None:
                 corrupt.append(row.id)
                 continue
             job = Job(
                 id=row.id,
                 kind=DELIVER,
-                payload=row.payload,
+                payload=payload,
                 attempts=int(row.attempts) + 1,
                 max_attempts=int(row.max_attempts),
                 created_at=aware(row.created_at),
             )
-            message_id = row.payload.get("message_id")
+            message_id = payload.get("message_id")
             if isinstance(message_id, str):
                 items.append(_Item(message_id, job))
             else:
@@ -1714,7 +1716,7 @@ def _prepare_due(
             peeked = [
                 p["message_id"]
                 for _job_id, p in due
-                if isinstance(p, dict) and isinstance(p.get("message_id"), str)
+                if p is not None and isinstance(p.get("message_id"), str)
             ]
             prebuilt = _prebuild_in(conn, services, peeked) if peeked and pool is None else {}
         if peeked and pool is not None:
