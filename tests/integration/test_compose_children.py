@@ -8,13 +8,18 @@ the worker composes itself, and a child that dies must cost nothing but its spee
 from __future__ import annotations
 
 import asyncio
+import errno
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -23,7 +28,7 @@ from multimail.config import Settings
 from multimail.runtime import build_services
 from multimail.services.context import Services
 from multimail.testing.smtp import CapturingSMTPServer
-from multimail.workers import composer, runner
+from multimail.workers import composer, delivery, runner
 from tests.integration import test_delivery
 from tests.integration.test_delivery import World, status_is, until
 
@@ -151,3 +156,45 @@ def test_a_worker_killed_outright_takes_its_compose_child_with_it(svc: Services)
     while _running(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _running(child)
+
+
+async def test_a_pool_that_cannot_be_made_is_tried_once_and_delivery_goes_on(
+    world: World,
+    relay: CapturingSMTPServer,
+    svc: Services,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without a working sem_open every batch failed to create the pool and delivered
+    nothing; now the first failure is logged once and the worker composes in-process."""
+    tries: list[int] = []
+
+    def no_sem_open(self: Any, *args: Any, **kwargs: Any) -> None:
+        tries.append(1)
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(multiprocessing.synchronize.SemLock, "__init__", no_sem_open)
+    batch = runner.BATCHES[delivery.DELIVER]
+    lease = timedelta(minutes=2)
+    for round_ in range(3):
+        ids = [world.message(to=[f"s{round_}-{i}@example.test"]) for i in range(2)]
+        assert await batch(svc, "worker-noshm", 8, lease) == 2
+        assert {world.row(m)["status"] for m in ids} == {"delivered"}
+    assert len(tries) == 1
+    warnings = [r for r in caplog.records if "cannot be started" in r.getMessage()]
+    assert len(warnings) == 1
+    pool = composer.compose_pool(svc)
+    assert pool is not None and not pool.usable and pool.pids() == []
+    assert len(relay.wait_for(6)) == 6
+
+
+def test_a_closed_pool_starts_no_children(svc: Services) -> None:
+    """A batch abandoned at a worker's stop may reach the pool after the stop hook closed
+    it; children started then would never be ended."""
+    pool = composer.compose_pool(svc)
+    assert pool is not None
+    pool.close()
+    assert pool.build(["msg_after_stop"]) is None
+    pool.warm()
+    assert pool.pids() == []
+    assert multiprocessing.active_children() == []

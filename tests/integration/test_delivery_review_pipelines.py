@@ -162,13 +162,6 @@ def child_svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Servic
     services.db.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="review: where multiprocessing has no working sem_open (no or read-only "
-    "/dev/shm), creating the compose pool raises outside ComposePool.build's fallback, so "
-    "every deliver batch fails and nothing is ever delivered",
-)
 async def test_delivery_goes_on_where_compose_children_cannot_be_made(
     child_svc: Services, relay: CapturingSMTPServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

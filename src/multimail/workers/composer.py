@@ -10,7 +10,9 @@ event loop goes on talking SMTP and recording the batch before.
 Nothing depends on the children for correctness: what a child returns is the same
 "prebuilt" map the worker builds itself, and a message missing from it (a child that died,
 timed out or refused) is composed again by the worker when it starts the message, as
-before. A pool that broke is replaced on the next batch.
+before. A pool that broke is replaced on the next batch. Where no pool can be made at all
+(no working ``sem_open``: no or a read-only ``/dev/shm`` in some containers) the worker
+composes in-process from then on.
 """
 
 from __future__ import annotations
@@ -82,24 +84,44 @@ class ComposePool:
         self._processes = processes
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        # Set for good: a host that cannot make a pool once will not later, and trying
+        # again costs every batch a failed start and a log line.
+        self._unavailable = False
+        # A batch abandoned at a worker's stop may still get here after close(); children
+        # started then would outlive the stop hook that was to end them.
+        self._closed = False
 
-    def _executor(self) -> ProcessPoolExecutor:
+    @property
+    def usable(self) -> bool:
+        """False once closed or once no pool could be made: compose in-process then."""
+        return not (self._closed or self._unavailable)
+
+    def _executor(self) -> ProcessPoolExecutor | None:
         with self._lock:
-            if self._pool is None:
-                # spawn, not fork: the worker runs threads (the event loop's executor, the
-                # SMTP sessions' loop), and a forked child would inherit their locks.
-                self._pool = ProcessPoolExecutor(
-                    self._processes,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_child,
-                    initargs=(self._settings,),
-                )
+            if self._pool is None and self.usable:
+                try:
+                    # spawn, not fork: the worker runs threads (the event loop's executor,
+                    # the SMTP sessions' loop), and a forked child would inherit their locks.
+                    self._pool = ProcessPoolExecutor(
+                        self._processes,
+                        mp_context=multiprocessing.get_context("spawn"),
+                        initializer=_start_child,
+                        initargs=(self._settings,),
+                    )
+                except (OSError, NotImplementedError, ImportError):
+                    self._unavailable = True
+                    _log.warning(
+                        "compose child processes cannot be started here; composing in-process",
+                        exc_info=True,
+                    )
             return self._pool
 
     def build(self, message_ids: Sequence[str]) -> dict[str, bytes] | None:
         """The prebuilt messages, or None when the children could not build them (the
         caller composes in-process then)."""
         pool = self._executor()
+        if pool is None:
+            return None
         try:
             return pool.submit(_build, list(message_ids)).result(timeout=_BATCH_TIMEOUT_S)
         except Exception:
@@ -117,6 +139,8 @@ class ComposePool:
         """Start the children now (each imports the package and opens the database once),
         so that the first batch does not wait for them."""
         pool = self._executor()
+        if pool is None:
+            return
         for future in [pool.submit(_build, []) for _ in range(self._processes)]:
             future.result(timeout=_BATCH_TIMEOUT_S)
 
@@ -129,6 +153,7 @@ class ComposePool:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -1706,6 +1706,8 @@ def _prepare_due(
     when nothing was due. The jobs looked at stay reserved from this worker's other
     pipelines until claimed (or not), so no two of them compose the same message."""
     pool = composer.compose_pool(services)
+    if pool is not None and not pool.usable:
+        pool = None  # compose in the look's transaction, as without children
     job_ids: list[str] = []
     try:
         with services.db.read() as conn:
