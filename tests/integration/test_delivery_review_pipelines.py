@@ -109,12 +109,6 @@ async def test_a_worker_that_lost_its_look_to_another_process_takes_the_other_du
     assert {world.row(m)["status"] for m in ids} == {"delivered"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a batch cancelled (worker stop after its grace) between look and claim "
-    "still claims its jobs in the abandoned thread and never hands them back: they stay "
-    "running and the messages sending until the lease runs out",
-)
 async def test_a_batch_cancelled_before_its_claim_leaves_no_job_claimed(
     world: World, relay: CapturingSMTPServer
 ) -> None:
@@ -198,3 +192,45 @@ async def test_a_deliver_job_whose_payload_is_not_json_stops_nothing_else(
     assert await batch(services, "worker-json", 50, _LEASE) == 1
     assert world.row(good)["status"] == "delivered"
     assert _job_rows(services, [broken])[broken][0] == "quarantined"
+
+
+async def test_a_batch_cancelled_during_its_claim_hands_its_jobs_back(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """The stop comes after the claim's check but before its commit: the thread finds the
+    batch no longer wanted and hands the jobs back itself, so the next worker takes them at
+    once instead of after the lease."""
+    services = world.services
+    ids = [world.message(to=[f"h{i}@example.test"]) for i in range(3)]
+    claiming = threading.Event()
+    go_on = threading.Event()
+
+    def stall(_conn: Any, _cursor: Any, _sql: str, _params: Any, context: Any, _many: bool) -> None:
+        compiled = getattr(context, "compiled", None)
+        if compiled is not None and compiled.statement is delivery._MARK_SENDING:
+            claiming.set()
+            go_on.wait(10)
+
+    event.listen(services.db.engine, "before_cursor_execute", stall)
+    try:
+        task = asyncio.create_task(
+            runner.BATCHES[delivery.DELIVER](services, "worker-stopping", 50, _LEASE)
+        )
+        assert await asyncio.to_thread(claiming.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        go_on.set()
+        looks = delivery._LOOKS[asyncio.get_running_loop()]["worker-stopping"]
+        for _ in range(500):  # the thread ends after its hand-back
+            if not looks.reserved:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        event.remove(services.db.engine, "before_cursor_execute", stall)
+    assert _job_rows(services, ids) == dict.fromkeys(ids, ("pending", None))
+    assert relay.messages == []
+    # Handed back due now: another worker delivers them without waiting out a lease.
+    assert await runner.BATCHES[delivery.DELIVER](services, "worker-next", 50, _LEASE) == 3
+    assert len(relay.wait_for(3)) == 3
+    assert {world.row(m)["status"] for m in ids} == {"delivered"}

@@ -1658,10 +1658,40 @@ def _look(conn: Connection, looks: _Looks, limit: int) -> list[tuple[str, dict[s
     return [(r.id, jobs.payload_of(r.payload)) for r in rows]
 
 
-def _claim_looked(worker_id: str, job_ids: list[str], lease: timedelta) -> _Claimer:
+@dataclass
+class _Stop:
+    """A batch's thread and the coroutine awaiting it, when that await is cancelled (a
+    worker stopping after its grace): cancelling the await does not stop the thread, which
+    would claim its jobs and move their messages to ``sending`` with nobody left to hand
+    them back. The thread claims nothing once stopped; whichever side comes second hands
+    back what it did claim."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stopped: bool = False
+    returned: bool = False
+
+    def stop(self) -> bool:
+        """Stop the thread; True when it has returned its batch already (the caller's to
+        hand back then)."""
+        with self.lock:
+            self.stopped = True
+            return self.returned
+
+    def give(self) -> bool:
+        """The thread is done: True when its batch is still wanted (else it hands it back)."""
+        with self.lock:
+            self.returned = not self.stopped
+            return self.returned
+
+
+def _claim_looked(
+    worker_id: str, job_ids: list[str], lease: timedelta, stop: _Stop | None = None
+) -> _Claimer:
     """Claim the jobs looked at that are still due (``jobs.claim_in`` for those ids)."""
 
     def claim(conn: Connection) -> list[_Item]:
+        if stop is not None and stop.stopped:
+            return []
         now = utcnow()
         query = _CLAIMABLE_LOCKED if conn.dialect.name == "postgresql" else _CLAIMABLE
         rows = conn.execute(query, {"ids": job_ids, "now": now}).all()
@@ -1700,11 +1730,17 @@ def _claim_looked(worker_id: str, job_ids: list[str], lease: timedelta) -> _Clai
 
 
 def _prepare_due(
-    services: Services, worker_id: str, limit: int, lease: timedelta, looks: _Looks
+    services: Services,
+    worker_id: str,
+    limit: int,
+    lease: timedelta,
+    looks: _Looks,
+    stop: _Stop | None = None,
 ) -> list[_Item] | None:
     """Look at the due jobs, compose their messages, then claim-and-start (commit 1); None
-    when nothing was due. The jobs looked at stay reserved from this worker's other
-    pipelines until claimed (or not), so no two of them compose the same message."""
+    when nothing was due or ``stop`` came. The jobs looked at stay reserved from this
+    worker's other pipelines until claimed (or not), so no two of them compose the same
+    message."""
     pool = composer.compose_pool(services)
     if pool is not None and not pool.usable:
         pool = None  # compose in the look's transaction, as without children
@@ -1721,12 +1757,18 @@ def _prepare_due(
                 if p is not None and isinstance(p.get("message_id"), str)
             ]
             prebuilt = _prebuild_in(conn, services, peeked) if peeked and pool is None else {}
+        if stop is not None and stop.stopped:
+            return None  # nobody is waiting for these any more: compose nothing
         if peeked and pool is not None:
             # The children read the rows themselves; this thread waits without the GIL.
             from_children = pool.build(peeked)
             prebuilt = from_children if from_children is not None else _prebuild(services, peeked)
-        claimer = _claim_looked(worker_id, job_ids, lease)
-        return _claim_and_start(services, worker_id, claimer, prebuilt)
+        claimer = _claim_looked(worker_id, job_ids, lease, stop)
+        items = _claim_and_start(services, worker_id, claimer, prebuilt)
+        if stop is None or stop.give():
+            return items
+        _hand_back(services, worker_id, items)
+        return None
     finally:
         with looks.lock:
             looks.reserved.difference_update(job_ids)
@@ -1736,7 +1778,21 @@ def _prepare_due(
 async def _deliver_batch(services: Services, worker_id: str, limit: int, lease: timedelta) -> int:
     """The runner's deliver loop: up to ``limit`` due messages per two commits."""
     looks = _LOOKS.setdefault(asyncio.get_running_loop(), {}).setdefault(worker_id, _Looks())
-    items = await asyncio.to_thread(_prepare_due, services, worker_id, limit, lease, looks)
+    stop = _Stop()
+    work = asyncio.ensure_future(
+        asyncio.to_thread(_prepare_due, services, worker_id, limit, lease, looks, stop)
+    )
+    try:
+        items = await asyncio.shield(work)
+    except asyncio.CancelledError:
+        if stop.stop():
+            # Claimed before the stop came: hand the jobs back rather than leave them to
+            # wait out their lease (the thread is done, so this wait is short).
+            with contextlib.suppress(Exception):
+                taken = await work
+                if taken:
+                    await asyncio.to_thread(_hand_back, services, worker_id, taken)
+        raise
     if items is None:
         return 0
     await _complete(services, worker_id, items, lease)
