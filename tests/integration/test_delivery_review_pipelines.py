@@ -76,12 +76,6 @@ def _job_rows(services: Services, message_ids: list[str]) -> dict[str, tuple[str
     return {keys[r.dedupe_key]: (r.status, r.locked_by) for r in rows}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a worker whose looked-at jobs another worker process claimed first "
-    "claims nothing though other jobs are due; the batch reports 0 and the runner sleeps "
-    "a poll interval (its compose work wasted)",
-)
 async def test_a_worker_that_lost_its_look_to_another_process_takes_the_other_due_jobs(
     world: World, relay: CapturingSMTPServer
 ) -> None:
@@ -234,3 +228,49 @@ async def test_a_batch_cancelled_during_its_claim_hands_its_jobs_back(
     assert await runner.BATCHES[delivery.DELIVER](services, "worker-next", 50, _LEASE) == 3
     assert len(relay.wait_for(3)) == 3
     assert {world.row(m)["status"] for m in ids} == {"delivered"}
+
+
+async def test_a_worker_that_lost_part_of_its_look_skips_what_its_other_pipelines_hold(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """The jobs taken to make up for those lost are due ones that none of this worker's
+    other pipelines is composing."""
+    services = world.services
+    ids = [world.message(to=[f"p{i}@example.test"]) for i in range(7)]
+    with services.db.read() as conn:
+        job_of = {
+            r.dedupe_key: r.id
+            for r in conn.execute(select(jobs_table.c.dedupe_key, jobs_table.c.id)).all()
+        }
+    # Another pipeline of worker-2 is composing the fifth message (due after the first four).
+    held = job_of[delivery.job_key(ids[4])]
+    loop = asyncio.get_running_loop()
+    looks = delivery._LOOKS.setdefault(loop, {}).setdefault("worker-2", delivery._Looks())
+    looks.reserved.add(held)
+    taken: list[delivery._Item] = []
+
+    def other_worker_batch() -> None:
+        found = delivery._prepare_due(services, "worker-1", 2, _LEASE, delivery._Looks())
+        taken.extend(found or [])
+
+    try:
+        with _after_look(services, other_worker_batch):
+            claimed = await runner.BATCHES[delivery.DELIVER](services, "worker-2", 4, _LEASE)
+    finally:
+        looks.reserved.discard(held)
+    await delivery._complete(services, "worker-1", taken, _LEASE)
+    assert [i.message_id for i in taken] == ids[:2]
+    # Two of its four still claimable, two more past the held one.
+    assert claimed == 4
+    rows = _job_rows(services, ids)
+    assert rows[ids[4]] == ("pending", None)
+    assert [m for m in ids if world.row(m)["status"] == "delivered"] == [
+        ids[0],
+        ids[1],
+        ids[2],
+        ids[3],
+        ids[5],
+        ids[6],
+    ]
+    assert len(relay.wait_for(6)) == 6
+    assert delivery._LOOKS[loop]["worker-2"].reserved == set()

@@ -1611,6 +1611,29 @@ _CLAIMABLE = (
     .order_by(jobs_table.c.run_at)
 )
 _CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update(skip_locked=True)
+# Other due jobs, for a claim that lost some of those it looked at to another worker process
+# (whose look cannot see this one's reservations): ``jobs.claim_in`` past them.
+_CLAIM_OTHERS = (
+    select(
+        jobs_table.c.id,
+        jobs.PAYLOAD_TEXT,
+        jobs_table.c.attempts,
+        jobs_table.c.max_attempts,
+        jobs_table.c.created_at,
+    )
+    .where(
+        jobs_table.c.kind == DELIVER,
+        jobs_table.c.run_at <= bindparam("now"),
+        or_(
+            jobs_table.c.status == "pending",
+            and_(jobs_table.c.status == "running", jobs_table.c.locked_until < bindparam("now")),
+        ),
+        jobs_table.c.id.not_in(bindparam("busy", expanding=True)),
+    )
+    .order_by(jobs_table.c.run_at)
+    .limit(bindparam("limit"))
+)
+_CLAIM_OTHERS_LOCKED = _CLAIM_OTHERS.with_for_update(skip_locked=True)
 _TAKE_JOBS = (
     update(jobs_table)
     .where(jobs_table.c.id.in_(bindparam("ids", expanding=True)))
@@ -1685,16 +1708,44 @@ class _Stop:
 
 
 def _claim_looked(
-    worker_id: str, job_ids: list[str], lease: timedelta, stop: _Stop | None = None
+    services: Services,
+    worker_id: str,
+    job_ids: list[str],
+    lease: timedelta,
+    *,
+    looks: _Looks,
+    prebuilt: dict[str, bytes],
+    stop: _Stop | None = None,
 ) -> _Claimer:
-    """Claim the jobs looked at that are still due (``jobs.claim_in`` for those ids)."""
+    """Claim the jobs looked at that are still due (``jobs.claim_in`` for those ids).
+
+    Those another worker process claimed first are made up for with other due jobs, past
+    the ones this worker's pipelines reserved, composed here in the claim's transaction:
+    else the batch could come back empty though work is due, and the runner would sleep.
+    The jobs taken so are added to ``job_ids`` and ``looks`` (the caller releases both)."""
 
     def claim(conn: Connection) -> list[_Item]:
         if stop is not None and stop.stopped:
             return []
         now = utcnow()
-        query = _CLAIMABLE_LOCKED if conn.dialect.name == "postgresql" else _CLAIMABLE
-        rows = conn.execute(query, {"ids": job_ids, "now": now}).all()
+        postgres = conn.dialect.name == "postgresql"
+        rows = list(
+            conn.execute(
+                _CLAIMABLE_LOCKED if postgres else _CLAIMABLE, {"ids": job_ids, "now": now}
+            ).all()
+        )
+        others: set[str] = set()
+        lost = len(job_ids) - len(rows)
+        if lost > 0:
+            with looks.lock:
+                extra = conn.execute(
+                    _CLAIM_OTHERS_LOCKED if postgres else _CLAIM_OTHERS,
+                    {"now": now, "busy": sorted(looks.reserved), "limit": lost},
+                ).all()
+                others = {r.id for r in extra}
+                looks.reserved.update(others)
+            job_ids.extend(others)
+            rows.extend(extra)
         if not rows:
             return []
         conn.execute(
@@ -1724,6 +1775,13 @@ def _claim_looked(
         if corrupt:
             # A corrupt row must not stop the queue: quarantined, as jobs.claim_in does.
             conn.execute(_QUARANTINE_JOBS, {"ids": corrupt})
+        unbuilt = [
+            i.message_id
+            for i in items
+            if i.job is not None and i.job.id in others and i.message_id not in prebuilt
+        ]
+        if unbuilt:
+            prebuilt.update(_prebuild_in(conn, services, unbuilt))
         return items
 
     return claim
@@ -1763,7 +1821,9 @@ def _prepare_due(
             # The children read the rows themselves; this thread waits without the GIL.
             from_children = pool.build(peeked)
             prebuilt = from_children if from_children is not None else _prebuild(services, peeked)
-        claimer = _claim_looked(worker_id, job_ids, lease, stop)
+        claimer = _claim_looked(
+            services, worker_id, job_ids, lease, looks=looks, prebuilt=prebuilt, stop=stop
+        )
         items = _claim_and_start(services, worker_id, claimer, prebuilt)
         if stop is None or stop.give():
             return items
