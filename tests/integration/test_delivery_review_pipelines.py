@@ -1,5 +1,5 @@
 """Review of the look-then-claim delivery pipelines (8e2446b) and the compose-child default
-(e658bab): strict-xfail tests for the defects found.
+(e658bab): tests for the defects found (strict xfail until fixed in session 4).
 
 Each test drives the real batch runner against the real database and a capturing relay.
 The interleavings are forced with a SQLAlchemy ``before_cursor_execute`` listener that fires
