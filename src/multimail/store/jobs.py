@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, Text, and_, cast, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Select, Text, and_, cast, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -166,16 +166,23 @@ def payload_of(raw: str | None) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
+def is_due(now: Any) -> ColumnElement[bool]:
+    """A job a worker may take at ``now`` (a time or a bind parameter): its time has come, and
+    it is pending or its worker's lease has run out. The one definition every look and claim
+    (here, the delivery worker's, the runner's) uses."""
+    return and_(
+        jobs.c.run_at <= now,
+        or_(
+            jobs.c.status == "pending",
+            and_(jobs.c.status == "running", jobs.c.locked_until < now),
+        ),
+    )
+
+
 def _due(kinds: list[str] | None, limit: int, now: datetime) -> Select[Any]:
     query = (
         select(*(PAYLOAD_TEXT if c is jobs.c.payload else c for c in jobs.c))
-        .where(
-            jobs.c.run_at <= now,
-            or_(
-                jobs.c.status == "pending",
-                and_(jobs.c.status == "running", jobs.c.locked_until < now),
-            ),
-        )
+        .where(is_due(now))
         .order_by(jobs.c.run_at)
         .limit(limit)
     )

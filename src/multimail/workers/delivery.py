@@ -1581,11 +1581,7 @@ _PEEK_DUE = (
     select(jobs_table.c.id, jobs.PAYLOAD_TEXT)
     .where(
         jobs_table.c.kind == DELIVER,
-        jobs_table.c.run_at <= bindparam("now"),
-        or_(
-            jobs_table.c.status == "pending",
-            and_(jobs_table.c.status == "running", jobs_table.c.locked_until < bindparam("now")),
-        ),
+        jobs.is_due(bindparam("now")),
         jobs_table.c.id.not_in(bindparam("busy", expanding=True)),
     )
     .order_by(jobs_table.c.run_at)
@@ -1602,11 +1598,7 @@ _CLAIMABLE = (
     )
     .where(
         jobs_table.c.id.in_(bindparam("ids", expanding=True)),
-        jobs_table.c.run_at <= bindparam("now"),
-        or_(
-            jobs_table.c.status == "pending",
-            and_(jobs_table.c.status == "running", jobs_table.c.locked_until < bindparam("now")),
-        ),
+        jobs.is_due(bindparam("now")),
     )
     .order_by(jobs_table.c.run_at)
 )
@@ -1623,11 +1615,7 @@ _CLAIM_OTHERS = (
     )
     .where(
         jobs_table.c.kind == DELIVER,
-        jobs_table.c.run_at <= bindparam("now"),
-        or_(
-            jobs_table.c.status == "pending",
-            and_(jobs_table.c.status == "running", jobs_table.c.locked_until < bindparam("now")),
-        ),
+        jobs.is_due(bindparam("now")),
         jobs_table.c.id.not_in(bindparam("busy", expanding=True)),
     )
     .order_by(jobs_table.c.run_at)

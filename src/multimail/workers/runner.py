@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, and_, bindparam, delete, or_, select
+from sqlalchemy import Connection, bindparam, delete, select
 
 from multimail.errors import MultimailError, TemporaryDeliveryError
 from multimail.ids import utcnow
@@ -330,11 +330,7 @@ _ANY_DUE = (
     select(jobs_table.c.id)
     .where(
         jobs_table.c.kind.in_(bindparam("kinds", expanding=True)),
-        jobs_table.c.run_at <= bindparam("now"),
-        or_(
-            jobs_table.c.status == "pending",
-            and_(jobs_table.c.status == "running", jobs_table.c.locked_until < bindparam("now")),
-        ),
+        jobs.is_due(bindparam("now")),
     )
     .limit(1)
 )
