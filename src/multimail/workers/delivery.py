@@ -1587,15 +1587,17 @@ _PEEK_DUE = (
     .order_by(jobs_table.c.run_at)
     .limit(bindparam("limit"))
 )
+# What a claim reads of each job it takes.
+_CLAIM_COLUMNS = (
+    jobs_table.c.id,
+    jobs.PAYLOAD_TEXT,
+    jobs_table.c.attempts,
+    jobs_table.c.max_attempts,
+    jobs_table.c.created_at,
+)
 # What ``jobs.claim_in`` does, for the jobs looked at: only those still due are taken.
 _CLAIMABLE = (
-    select(
-        jobs_table.c.id,
-        jobs.PAYLOAD_TEXT,
-        jobs_table.c.attempts,
-        jobs_table.c.max_attempts,
-        jobs_table.c.created_at,
-    )
+    select(*_CLAIM_COLUMNS)
     .where(
         jobs_table.c.id.in_(bindparam("ids", expanding=True)),
         jobs.is_due(bindparam("now")),
@@ -1606,13 +1608,7 @@ _CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update(skip_locked=True)
 # Other due jobs, for a claim that lost some of those it looked at to another worker process
 # (whose look cannot see this one's reservations): ``jobs.claim_in`` past them.
 _CLAIM_OTHERS = (
-    select(
-        jobs_table.c.id,
-        jobs.PAYLOAD_TEXT,
-        jobs_table.c.attempts,
-        jobs_table.c.max_attempts,
-        jobs_table.c.created_at,
-    )
+    select(*_CLAIM_COLUMNS)
     .where(
         jobs_table.c.kind == DELIVER,
         jobs.is_due(bindparam("now")),
