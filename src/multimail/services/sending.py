@@ -1228,11 +1228,13 @@ class _Prepared:
 
 def _prepare(
     request: SendRequest,
-    mailbox_refs: Sequence[str | None],
+    mailbox_ref: str | None,
     reply_ref: str | None,
     *,
     keep_error: bool = False,
 ) -> _Prepared:
+    # The mailbox as the path names it, else as the body does (short routes, /v1/send).
+    mailbox_refs = [mailbox_ref, request.from_, request.mailbox_id]
     now = utcnow()
     try:
         draft = _parse(request, now)
@@ -1249,13 +1251,13 @@ def _submit(
     services: Services,
     actor: Actor,
     *,
-    mailbox_refs: Sequence[str | None],
+    mailbox_ref: str | None,
     request: SendRequest,
     reply_ref: str | None,
 ) -> SendResult:
     actor.require(Scope.SEND)
     _refuse_unknown(services, actor, request.model_extra, "reply" if reply_ref else "send")
-    prepared = _prepare(request, mailbox_refs, reply_ref)
+    prepared = _prepare(request, mailbox_ref, reply_ref)
 
     def write(conn: Connection, _: Actor | None) -> SendResult:
         return _write_send(conn, services, actor, prepared)
@@ -1325,7 +1327,7 @@ def _submit_admitting(
     services: Services,
     gate: Gate,
     *,
-    mailbox_refs: Sequence[str | None],
+    mailbox_ref: str | None,
     request: SendRequest,
     reply_ref: str | None,
 ) -> SendResult:
@@ -1333,9 +1335,9 @@ def _submit_admitting(
         # PostgreSQL: the token's row lock must not be held for the whole send.
         actor = gate.admit_alone()
         return _submit(
-            services, actor, mailbox_refs=mailbox_refs, request=request, reply_ref=reply_ref
+            services, actor, mailbox_ref=mailbox_ref, request=request, reply_ref=reply_ref
         )
-    write, admit = _admitted_work(services, gate, mailbox_refs, request, reply_ref)
+    write, admit = _admitted_work(services, gate, mailbox_ref, request, reply_ref)
     return _shared_commits(services.db).run(write, admit)
 
 
@@ -1346,13 +1348,13 @@ _AdmitFn = Callable[[Connection], Actor]
 def _admitted_work(
     services: Services,
     gate: Gate,
-    mailbox_refs: Sequence[str | None],
+    mailbox_ref: str | None,
     request: SendRequest,
     reply_ref: str | None,
 ) -> tuple[_WriteFn, _AdmitFn]:
     """The send prepared (parsed, rendered) and its two steps in the shared transaction:
     admitting the caller (key, token, scope, unknown fields) and writing the message."""
-    prepared = _prepare(request, mailbox_refs, reply_ref, keep_error=True)
+    prepared = _prepare(request, mailbox_ref, reply_ref, keep_error=True)
     action = "reply" if reply_ref else "send"
 
     def admit(conn: Connection) -> Actor:
@@ -1393,8 +1395,7 @@ async def send_in_shared_commit(
     coroutine, without a thread of its own: the small body is prepared here and the send
     waits for the database's writer (:class:`_SharedCommits`). Only for requests
     :func:`admits_in_shared_commit` takes."""
-    mailbox_refs = [mailbox_ref, request.from_, request.mailbox_id]
-    write, admit = _admitted_work(services, gate, mailbox_refs, request, email_id)
+    write, admit = _admitted_work(services, gate, mailbox_ref, request, email_id)
     return await _shared_commits(services.db).run_async(write, admit)
 
 
@@ -1663,13 +1664,7 @@ def send(
     services: Services, actor: Actor, *, mailbox_ref: str | None, request: SendRequest
 ) -> SendResult:
     """Create one outbound message from ``mailbox_ref`` (or the ``from``/``mailbox_id`` fields)."""
-    return _submit(
-        services,
-        actor,
-        mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
-        request=request,
-        reply_ref=None,
-    )
+    return _submit(services, actor, mailbox_ref=mailbox_ref, request=request, reply_ref=None)
 
 
 def reply(
@@ -1681,13 +1676,7 @@ def reply(
     request: SendRequest,
 ) -> SendResult:
     """Answer ``email_id`` in its thread (In-Reply-To, References); the mailbox defaults to its."""
-    return _submit(
-        services,
-        actor,
-        mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
-        request=request,
-        reply_ref=email_id,
-    )
+    return _submit(services, actor, mailbox_ref=mailbox_ref, request=request, reply_ref=email_id)
 
 
 def send_admitting(
@@ -1697,11 +1686,7 @@ def send_admitting(
     limit) inside the send's own transaction when it can, in one of its own otherwise. The
     refusals and their order are :func:`send`'s behind the API's ``require_send``."""
     return _submit_admitting(
-        services,
-        gate,
-        mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
-        request=request,
-        reply_ref=None,
+        services, gate, mailbox_ref=mailbox_ref, request=request, reply_ref=None
     )
 
 
@@ -1715,11 +1700,7 @@ def reply_admitting(
 ) -> SendResult:
     """:func:`reply` for a caller not yet authenticated (see :func:`send_admitting`)."""
     return _submit_admitting(
-        services,
-        gate,
-        mailbox_refs=[mailbox_ref, request.from_, request.mailbox_id],
-        request=request,
-        reply_ref=email_id,
+        services, gate, mailbox_ref=mailbox_ref, request=request, reply_ref=email_id
     )
 
 

@@ -49,6 +49,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Connection,
+    Select,
     Text,
     and_,
     bindparam,
@@ -1577,16 +1578,21 @@ async def _deliver_job(services: Services, job: Job, worker_id: str) -> datetime
 # The deliver jobs due now, in claim order, past those this worker's other pipelines are
 # composing (``jobs.peek`` with an exclusion): corrupt payloads included, so the claim
 # quarantines them instead of their filling every look for ever.
-_PEEK_DUE = (
-    select(jobs_table.c.id, jobs.PAYLOAD_TEXT)
-    .where(
-        jobs_table.c.kind == DELIVER,
-        jobs.is_due(bindparam("now")),
-        jobs_table.c.id.not_in(bindparam("busy", expanding=True)),
+def _due_past_busy(*columns: Any) -> Select[Any]:
+    """The first ``limit`` deliver jobs due at ``now``, not among ``busy``, in claim order."""
+    return (
+        select(*columns)
+        .where(
+            jobs_table.c.kind == DELIVER,
+            jobs.is_due(bindparam("now")),
+            jobs_table.c.id.not_in(bindparam("busy", expanding=True)),
+        )
+        .order_by(jobs_table.c.run_at)
+        .limit(bindparam("limit"))
     )
-    .order_by(jobs_table.c.run_at)
-    .limit(bindparam("limit"))
-)
+
+
+_PEEK_DUE = _due_past_busy(jobs_table.c.id, jobs.PAYLOAD_TEXT)
 # What a claim reads of each job it takes.
 _CLAIM_COLUMNS = (
     jobs_table.c.id,
@@ -1607,16 +1613,7 @@ _CLAIMABLE = (
 _CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update(skip_locked=True)
 # Other due jobs, for a claim that lost some of those it looked at to another worker process
 # (whose look cannot see this one's reservations): ``jobs.claim_in`` past them.
-_CLAIM_OTHERS = (
-    select(*_CLAIM_COLUMNS)
-    .where(
-        jobs_table.c.kind == DELIVER,
-        jobs.is_due(bindparam("now")),
-        jobs_table.c.id.not_in(bindparam("busy", expanding=True)),
-    )
-    .order_by(jobs_table.c.run_at)
-    .limit(bindparam("limit"))
-)
+_CLAIM_OTHERS = _due_past_busy(*_CLAIM_COLUMNS)
 _CLAIM_OTHERS_LOCKED = _CLAIM_OTHERS.with_for_update(skip_locked=True)
 _TAKE_JOBS = (
     update(jobs_table)
