@@ -403,6 +403,10 @@ async def run_workers(
                 task = asyncio.create_task(execute(services, job, worker, lease=lease))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
+                # A job that ends while this loop is claiming (its reschedule committed after
+                # the claim looked) has left ``inflight`` before the wait below could see it:
+                # without the wake, a job rescheduled for now waited out the whole poll.
+                task.add_done_callback(lambda _task: wake_event.set())
             if claimed and len(inflight) < concurrency + batch_loops:
                 continue  # a full batch may mean more work is due right now
             await _wait_for_work(stop, wake_event, inflight, poll_interval)
