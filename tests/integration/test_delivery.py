@@ -894,8 +894,9 @@ async def test_a_batch_writes_the_events_and_webhook_deliveries_emit_would(
         ).mappings()
         got: dict[str, list[tuple[str, str]]] = {m: [] for m in sent}
         for row in rows:
-            assert row["payload"]["message_id"] == row["message_id"]
-            assert row["payload"]["type"] == row["type"]
+            payload = events_service.expanded_payload(row["payload"])
+            assert payload["message_id"] == row["message_id"]
+            assert payload["type"] == row["type"]
             assert row["status"] == "pending"
             got[row["message_id"]].append((hooks[row["webhook_id"]], row["event_name"]))
     for message_id in sent:
@@ -911,8 +912,9 @@ async def test_a_batch_stores_each_event_payload_as_emit_would(
     world: World, relay: CapturingSMTPServer
 ) -> None:
     """A batch reads each message once and encodes its events' payloads itself (the body
-    once, not once per copy): the stored JSON must still be ``json.dumps`` of the payload
-    ``events.emit`` builds from the message as it stands after the commit, to the byte."""
+    once, not once per copy): the stored JSON must still be ``json.dumps`` of what
+    ``events.emit`` stores, and expand to the payload it builds from the message as it
+    stands after the commit, to the byte."""
     body = 'Grüße — "quoted" \\ back\tslash, </script> and a long line. ' * 6
     sent = [world.message(to=[f"r{i}@example.test"], markdown=f"{body}\n\n{i}") for i in range(4)]
     with world.services.db.write() as conn:
@@ -944,13 +946,16 @@ async def test_a_batch_stores_each_event_payload_as_emit_would(
                 .one()
             )
             assert message["status"] == "delivered"
-            assert payload == events_service.payload_for(
+            built = events_service.payload_for(
                 event_id=row.id,
                 event_type=row.type,
                 created_at=payload["created_at"],
                 mailbox_id=row.mailbox_id,
                 message=message_views.full_view(conn, message),
             )
+            assert row.text == json.dumps(events_service.stored_payload(built))
+            assert json.dumps(events_service.expanded_payload(payload)) == json.dumps(built)
+            assert len(row.text) < len(json.dumps(built)) / 2  # the body once, not eight times
     assert [m.as_email()["Message-ID"] for m in relay.wait_for(4)]
 
 

@@ -17,6 +17,8 @@ Rules callers can rely on:
   does not carry it); ``POST /v1/webhooks/{id}/rotate-secret`` reveals a fresh one.
 * Dispatchers in this process are nudged once the transaction commits (never on rollback), so
   delivery starts within milliseconds instead of at the next poll.
+* ``events.payload`` holds :func:`stored_payload` (the message's view once, no copies); read it
+  through :func:`expanded_payload`, which gives back the payload receivers get, to the byte.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sqlalchemy import Connection, and_, bindparam, event, insert, or_, select, 
 
 from multimail.errors import InvalidInput
 from multimail.ids import isoformat, new_id, utcnow
-from multimail.services import audit
+from multimail.services import audit, messages
 from multimail.services.context import Actor
 from multimail.store import fast
 from multimail.store.tables import events, mailboxes, webhook_deliveries, webhooks
@@ -135,6 +137,56 @@ def payload_for(
             body["original_message_id"] = message.get("reply_to_email_id") or message.get("id")
     body.update(extra or {})
     return body
+
+
+# Always stored: the event's own fields (the rest of a payload comes from its message).
+_EVENT_KEYS = frozenset({"id", "type", "event", "created_at", "mailbox_id", "message"})
+_NONE = object()  # what a key payload_for does not derive is "derived" as: equal to nothing
+
+
+def stored_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` as the events table keeps it: the message's view once, without copies.
+
+    :func:`payload_for` repeats the message's fields at the top level and the view repeats
+    its body; kept whole, a delivered message's two events store its body sixteen times.
+    What :func:`expanded_payload` derives is left out when it equals the derivation, so an
+    ``extra`` that overrides a derived field is kept.
+    """
+    message = payload.get("message")
+    if not isinstance(message, dict):
+        return payload
+    derived = payload_for(
+        event_id=payload.get("id", ""),
+        event_type=str(payload.get("type", "")),
+        created_at=payload.get("created_at", ""),
+        mailbox_id=payload.get("mailbox_id"),
+        message=message,
+    )
+    out: dict[str, Any] = {}
+    for key, value in payload.items():
+        if key == "message":
+            out[key] = messages.compact_view(message)
+        elif key in _EVENT_KEYS or not messages.same_json_value(value, derived.get(key, _NONE)):
+            out[key] = value
+    return out
+
+
+def expanded_payload(stored: dict[str, Any]) -> dict[str, Any]:
+    """The payload :func:`stored_payload` kept ``stored`` of (a whole one comes back as is)."""
+    message = stored.get("message")
+    if not isinstance(message, dict):
+        return dict(stored)
+    out = payload_for(
+        event_id=stored.get("id", ""),
+        event_type=str(stored.get("type", "")),
+        created_at=stored.get("created_at", ""),
+        mailbox_id=stored.get("mailbox_id"),
+        message=messages.expand_view(message),
+    )
+    for key, value in stored.items():
+        if key != "message":
+            out[key] = value
+    return out
 
 
 def renamed(payload: dict[str, Any], name: str) -> dict[str, Any]:
@@ -387,7 +439,7 @@ def emit(
             "mailbox_id": mailbox_id,
             "message_id": message.get("id") if message else None,
             "type": event_type,
-            "payload": payload,
+            "payload": stored_payload(payload),
             "created_at": now,
         },
     )

@@ -192,3 +192,83 @@ def views(conn: Connection, rows: list[Mapping[str, Any]]) -> list[dict[str, Any
 
 def full_view(conn: Connection, row: Mapping[str, Any]) -> dict[str, Any]:
     return views(conn, [row])[0]
+
+
+# --- stored snapshots ---------------------------------------------------------------------
+# Events keep the view of the message as it was, and a view repeats itself: the body up to
+# seven times, for the names the guides read. A stored snapshot keeps one copy of each
+# value; ``expand_view`` rebuilds the very view (same keys, same order). Each entry: the
+# copy, the key it copies, and the key it follows in ``view`` (where it goes back).
+_COPIES: tuple[tuple[str, str, str], ...] = (
+    ("message_id", "id", "id"),
+    ("email_id", "id", "message_id"),
+    ("sender", "from", "from_name"),
+    ("body_text", "markdown", "markdown"),
+    ("draft_body", "markdown", "bcc"),
+)
+_COPY_OF = {copy: source for copy, source, _ in _COPIES}
+_FOLLOWS = {copy: follows for copy, _, follows in _COPIES}
+_FOLLOWERS: dict[str, list[tuple[str, str]]] = {}
+for _copy, _source, _follows in _COPIES:
+    _FOLLOWERS.setdefault(_follows, []).append((_copy, _source))
+# ``body`` groups values the view also has at the top level; only ``quoted_text`` is its own.
+_BODY_OWN = ("quoted_text",)
+_BODY_SOURCES = frozenset({"direction", "markdown", "body_text", "html"})
+
+
+def _grouped_body(data: Mapping[str, Any], quoted_text: Any) -> dict[str, Any]:
+    return {
+        "untrusted": data.get("direction") == "inbound",
+        "markdown": data.get("markdown"),
+        "text": data.get("body_text"),
+        "html": data.get("html"),
+        "quoted_text": quoted_text,
+    }
+
+
+def compact_view(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a :func:`view`) without the copies :func:`expand_view` can put back.
+
+    A key is dropped only when it equals what it copies, so a view that differs from the
+    usual shape (an older one, one edited after the fact) keeps what makes it differ.
+    """
+    out: dict[str, Any] = {}
+    seen: set[str] = set()
+    previous = None
+    for key, value in data.items():
+        # Dropped only where expand_view puts it back: right after the key it follows.
+        source = _COPY_OF.get(key)
+        if source in seen and previous == _FOLLOWS[key] and same_json_value(value, data[source]):
+            seen.add(key)
+            previous = key
+            continue
+        if key == "body" and isinstance(value, dict) and seen >= _BODY_SOURCES:
+            own = {k: value.get(k) for k in _BODY_OWN}
+            if value == _grouped_body(data, own["quoted_text"]):
+                value = own
+        out[key] = value
+        seen.add(key)
+        previous = key
+    return out
+
+
+def same_json_value(value: Any, other: Any) -> bool:
+    """Equal as JSON: ``True == 1`` in Python, not in the JSON a receiver reads."""
+    return value is other or (type(value) is type(other) and value == other)
+
+
+def expand_view(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The view :func:`compact_view` made ``stored`` from; a full view comes back as it is."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        out[key] = value
+        for copy, source in _FOLLOWERS.get(key, ()):
+            if copy not in stored and source in out:
+                put(copy, out[source])
+
+    for key, value in stored.items():
+        if key == "body" and isinstance(value, dict) and list(value) == list(_BODY_OWN):
+            value = _grouped_body(out, value["quoted_text"])
+        put(key, value)
+    return out

@@ -1392,7 +1392,7 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
                 "mailbox_id": mailbox_id,
                 "message_id": view.get("id"),
                 "type": event_type,
-                "payload_json": encode(payload),
+                "payload_json": encode(events.stored_payload(payload)),
                 "created_at": now,
             }
         )

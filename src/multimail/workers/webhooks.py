@@ -287,7 +287,7 @@ class Dispatcher:
                         event_id=row["event_id"],
                         event_name=row["event_name"],
                         account_id=row["account_id"],
-                        payload=dict(row["payload"]),
+                        payload=events.expanded_payload(row["payload"]),
                         url=row["url"],
                         secrets=signing_secrets(row, now),
                         attempt=row["attempts"] + 1,
