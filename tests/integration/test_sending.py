@@ -162,6 +162,32 @@ def test_gated_send_waits_for_approval_with_audit_and_event(
     assert jobs_for(services, body["id"]) == []
 
 
+@pytest.mark.parametrize(
+    ("markdown", "stored_text", "body_text"),
+    [
+        ("Hi there,\n\nthanks.", None, "Hi there,\n\nthanks."),  # the text part is the markdown
+        ("Hi there\r\nthanks.\n", "Hi there\nthanks.", "Hi there\nthanks."),  # normalised
+    ],
+)
+def test_the_text_part_is_stored_only_when_it_is_not_the_markdown(
+    api: Api,
+    boot: accounts.Bootstrap,
+    services: Services,
+    markdown: str,
+    stored_text: str | None,
+    body_text: str,
+) -> None:
+    """The row keeps the body once when the text part is the markdown itself; every reader
+    still sees the text part (the view falls back to the markdown)."""
+    box = make_mailbox(services, boot, "texts", "autonomous")
+    agent = api.client(boot.agent_key)
+    body = send(agent, box["id"], markdown=markdown).json()
+    row = message_row(services, body["id"])
+    assert row["markdown"] == markdown and row["text"] == stored_text
+    shown = agent.get(f"/v1/emails/{body['id']}").json()
+    assert shown["body_text"] == body_text and shown["body"]["text"] == body_text
+
+
 def test_caller_can_tighten_but_never_loosen_the_mode(
     api: Api, boot: accounts.Bootstrap, services: Services
 ) -> None:

@@ -47,6 +47,13 @@ def get_row(
     return dict(row)
 
 
+def text_column(markdown: str, text: str) -> str | None:
+    """The ``text`` column of an outbound message: NULL when the text part is the markdown
+    itself (the usual case: it is the markdown, normalised), so the row holds the body once
+    less; :func:`view` shows the markdown then, and the worker never reads the column."""
+    return None if text == markdown else text
+
+
 def tags_for(conn: Connection, ids: Iterable[str]) -> dict[str, dict[str, str]]:
     ids = list(ids)
     out: dict[str, dict[str, str]] = {i: {} for i in ids}

@@ -242,7 +242,8 @@ def _decide_locked(
             values["subject"] = revision.subject
         if revision.markdown is not None:
             rendered = render_markdown(revision.markdown)
-            values.update(markdown=revision.markdown, html=rendered.html, text=rendered.text)
+            text = message_views.text_column(revision.markdown, rendered.text)
+            values.update(markdown=revision.markdown, html=rendered.html, text=text)
     result = conn.execute(
         update(messages)
         .where(messages.c.id == row["id"], messages.c.status == current.value)

@@ -1543,7 +1543,7 @@ def _write_send(
         "subject": subject,
         "markdown": markdown,
         "html": rendered.html,
-        "text": rendered.text,
+        "text": message_views.text_column(markdown, rendered.text),
         "metadata": draft.metadata,
         "scan_findings": [f.as_dict() for f in findings],
         "oversight_mode": mode.value,
@@ -1886,7 +1886,7 @@ def _edit_values(
     if body is not None:
         values["markdown"] = body
         rendered = render_markdown(body)
-        values.update(html=rendered.html, text=rendered.text)
+        values.update(html=rendered.html, text=message_views.text_column(body, rendered.text))
     return {k: v for k, v in values.items() if v != row.get(k)}
 
 
