@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from multimail.cpus import usable_cpus
+
 Role = Literal["all", "api", "smtp", "worker"]
 
 
@@ -24,12 +26,10 @@ def default_compose_processes() -> int:
     Composing and DKIM-signing is about 40 % of a delivery's CPU and, in the worker, holds
     the interpreter lock the worker's own work needs; a child puts it on another core. On a
     single CPU a child would only take turns with the worker, at the cost of its start.
+    A cgroup CPU quota caps the count and a fractional one counts up (1.5 CPUs -> a child),
+    since the child's composing can spend the half CPU the lock-bound worker cannot.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))  # a container's CPU set, not the host's
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return 1 if cpus > 1 else 0
+    return 1 if usable_cpus() > 1 else 0
 
 
 class Settings(BaseSettings):
@@ -113,7 +113,8 @@ class Settings(BaseSettings):
         le=64,
         description="Child processes that compose and DKIM-sign outbound mail for each "
         "delivery worker, so signing uses cores beyond the worker's own; 0 = compose in the "
-        "worker. Default: 1 when this process may run on two or more CPUs, else 0.",
+        "worker. Default: 1 when this process may run on two or more CPUs (its affinity "
+        "mask capped by a cgroup CPU quota, rounded up), else 0.",
     )
     secret_key: SecretStr | None = Field(
         None,
