@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import dkim
 from _drafts import bench_draft
+from _support import rate
 
 from multimail.mail.compose import ComposedMessage, compose_message
 from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair, sign_message
@@ -27,16 +26,6 @@ SELECTOR = "bench"
 
 def _message() -> ComposedMessage:
     return compose_message(bench_draft(DOMAIN))
-
-
-def _rate(sign: Callable[[], object], seconds: float) -> float:
-    sign()  # warm caches before timing
-    count = 0
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        sign()
-        count += 1
-    return count / elapsed
 
 
 def main() -> None:
@@ -76,9 +65,9 @@ def main() -> None:
         )
         return result
 
-    ours_rate = _rate(ours, args.seconds)
-    split_rate = _rate(ours_split, args.seconds)
-    plain_rate = _rate(plain, args.seconds)
+    ours_rate = rate(ours, args.seconds)
+    split_rate = rate(ours_split, args.seconds)
+    plain_rate = rate(plain, args.seconds)
     print(f"message size:        {len(raw)} bytes, RSA-2048, relaxed/relaxed")
     print(f"multimail signer:    {ours_rate:8.0f} signatures/s")
     print(f"  fields from compose: {split_rate:6.0f} signatures/s")

@@ -17,6 +17,9 @@ Then approve → received: ``--approvals`` gated sends, each approved with
 ``POST /v1/oversight/decide`` by the reviewer key, timed from the decide request until the
 local SMTP sink has the message (p50/p99), beside bare aiosmtplib sends of the same signed
 bytes to the same sink. Target: p50 under 50 ms on loopback.
+
+First of all, one line on this machine's speed against the issue's (``_support.machine_speed``):
+the ratios above are measured within the run, the absolute rates are this machine's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import aiosmtplib
 import httpx
 import uvicorn
 from _stack import make_desk, make_services
+from _support import machine_speed
 from aiosmtpd.controller import Controller
 from fastapi import FastAPI
 from send_setup import send_body
@@ -268,7 +272,12 @@ def main() -> None:
         help="run the load clients in a process of their own instead of the server's",
     )
     args = parser.parse_args()
+    # First, with nothing else of the bench running: the rates below are this machine's, and
+    # this line says how it compares with the one the issue's figures came from.
+    machine = machine_speed()
+    print(machine.line())
     figures: dict[str, Any] = {
+        "machine": machine.figures(),
         "clients": args.clients,
         "seconds": args.seconds,
         "clients_in": "their own process" if args.clients_process else "the server's process",

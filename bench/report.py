@@ -15,7 +15,9 @@ before and after, git commit) is saved as ``bench/results/<name>.json``, replaci
 bench's previous result; the report is rendered from the latest result of every bench, so a
 partial run (``--only``) updates its own sections and keeps the others, each section saying
 when, with which arguments and at what load it was measured. The report goes to stdout and
-to ``docs/performance.md`` (``--output``), with the machine.
+to ``docs/performance.md`` (``--output``), with the machine. The send and delivery sections
+also say how fast the machine was against issue #3's, whose absolute targets (deliveries/s)
+were set on another machine (each of those benches measures it before its run).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from _support import machine_line
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get(
@@ -237,6 +241,22 @@ def after(text: str, pattern: str) -> float | None:
 # --------------------------------------------------------------------------- areas
 
 
+def machine_notes(run: Run) -> list[str]:
+    """The bench's line on this machine's speed against issue #3's, from its ``--json``
+    figures, else its printed text ([] for results saved before benches measured it)."""
+    measured = (run.figures or {}).get("machine")
+    printed = (line for line in run.stdout.splitlines() if line.startswith("machine: "))
+    line = machine_line(measured) if measured else next(printed, None)
+    if line is None:
+        return []
+    return [
+        "This machine, measured by the bench before its run (the absolute rates are this"
+        " machine's; the ratios to same-run baselines travel between machines): "
+        + line.removeprefix("machine: ")
+        + "."
+    ]
+
+
 def dkim_area(run: Run) -> Area:
     area = Area("DKIM signing (RSA-2048, relaxed/relaxed, ~5 KB message)")
     f = run.figures or {}
@@ -256,6 +276,7 @@ def dkim_area(run: Run) -> Area:
 
 def send_area(run: Run) -> Area:
     area = Area("Sending through the API (SQLite, WAL, synchronous=FULL)")
+    area.notes += machine_notes(run)
     f = run.figures or {}
     base = f["baseline_per_s"]
     for mode, rate in f.get("sends", {}).items():
@@ -292,6 +313,7 @@ def send_area(run: Run) -> Area:
 
 def delivery_area(run: Run) -> Area:
     area = Area("Outbound delivery (worker → local SMTP sink, SQLite)")
+    area.notes += machine_notes(run)
     raw = after(run.stdout, r"raw aiosmtplib sends[^:]*")
     ours = after(run.stdout, r"MultiMail signed deliveries[^:]*")
     if raw is None or ours is None:
