@@ -559,6 +559,23 @@ def _shape(raw: bytes) -> tuple[list[tuple[str, str]], list[tuple[object, ...]]]
     return headers, parts
 
 
+def _assert_reads_like_the_email_packages(draft: OutboundDraft) -> None:
+    """Our writer and the email package give the same headers and decoded parts for
+    ``draft``, or both refuse it; what we write is wire-safe."""
+    try:
+        reference: bytes | None = _reference_build(draft)
+    except InvalidInput:
+        reference = None
+    try:
+        ours = build_message(draft)
+    except InvalidInput:
+        assert reference is None
+        return
+    assert reference is not None
+    _assert_wire_safe(ours)
+    assert _shape(ours) == _shape(reference)
+
+
 _names = st.text(max_size=80) | st.sampled_from(
     ["Acme Support", "J. Smith", 'Say "hi"', "back\\slash", "Zoë", "a" * 70, "=?x?=", "a  b"]
 )
@@ -611,18 +628,7 @@ def test_written_message_reads_like_the_email_packages(
         extra_headers=extra,
         attachments=attachments,
     )
-    try:
-        reference: bytes | None = _reference_build(draft)
-    except InvalidInput:
-        reference = None
-    try:
-        ours = build_message(draft)
-    except InvalidInput:
-        assert reference is None
-        return
-    assert reference is not None
-    _assert_wire_safe(ours)
-    assert _shape(ours) == _shape(reference)
+    _assert_reads_like_the_email_packages(draft)
 
 
 @given(st.text(max_size=200).filter(lambda s: "=?" not in s))
@@ -867,18 +873,7 @@ def test_attachment_names_read_like_the_email_packages(names: list[str]) -> None
     folded onto a second) give the email package's decoded names, or both refuse."""
     files = [OutboundAttachment(n, "application/pdf", b"data") for n in names]
     draft = replace(DRAFT, attachments=files)
-    try:
-        reference: bytes | None = _reference_build(draft)
-    except InvalidInput:
-        reference = None
-    try:
-        ours = build_message(draft)
-    except InvalidInput:
-        assert reference is None
-        return
-    assert reference is not None
-    _assert_wire_safe(ours)
-    assert _shape(ours) == _shape(reference)
+    _assert_reads_like_the_email_packages(draft)
 
 
 def _wire_is_safe(raw: bytes) -> bool:
