@@ -22,36 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from multimail.config import Settings
-from multimail.runtime import build_services
 from multimail.services.context import Services
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import composer, delivery, runner
-from tests.integration import test_delivery
+from tests.integration import relay_support, test_delivery
+from tests.integration.relay_support import relayed_services
 from tests.integration.test_delivery import World, status_is, until
 
 # The delivery tests' fixtures, resolved against this module's ``svc`` (with a compose child).
 world = test_delivery.world
 workers = test_delivery.workers
-
-
-@pytest.fixture
-def relay() -> Iterator[CapturingSMTPServer]:
-    with CapturingSMTPServer() as server:
-        yield server
+relay = relay_support.relay
 
 
 @pytest.fixture
 def svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Services]:
-    changes = {"smtp_url": SecretStr(f"smtp://127.0.0.1:{relay.port}"), "compose_processes": 1}
-    services = build_services(settings.model_copy(update=changes))
-    yield services
-    pool = composer.compose_pool(services)
-    if pool is not None:
-        pool.close()
-    services.db.dispose()
+    with relayed_services(settings, relay, compose_processes=1) as services:
+        yield services
 
 
 async def test_children_compose_what_the_relay_receives_once_each(

@@ -19,16 +19,15 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import event, select, text
 
 from multimail.config import Settings
-from multimail.runtime import build_services
 from multimail.services.context import Services
 from multimail.store.tables import jobs as jobs_table
 from multimail.testing.smtp import CapturingSMTPServer
-from multimail.workers import composer, delivery, runner
+from multimail.workers import delivery, runner
 from tests.integration import test_delivery
+from tests.integration.relay_support import relayed_services
 from tests.integration.test_delivery import World
 
 relay = test_delivery.relay
@@ -141,13 +140,8 @@ async def test_a_batch_cancelled_before_its_claim_leaves_no_job_claimed(
 @pytest.fixture
 def child_svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Services]:
     # compose_processes=1 is the default wherever the process may use two or more CPUs.
-    changes = {"smtp_url": SecretStr(f"smtp://127.0.0.1:{relay.port}"), "compose_processes": 1}
-    services = build_services(settings.model_copy(update=changes))
-    yield services
-    pool = composer.compose_pool(services)
-    if pool is not None:
-        pool.close()
-    services.db.dispose()
+    with relayed_services(settings, relay, compose_processes=1) as services:
+        yield services
 
 
 async def test_delivery_goes_on_where_compose_children_cannot_be_made(
