@@ -50,6 +50,7 @@ from sqlalchemy import func, insert, select
 from multimail.config import Settings
 from multimail.ids import new_id, utcnow
 from multimail.mail.markdown import render_markdown
+from multimail.services import messages as message_views
 from multimail.services.context import Services
 from multimail.store.tables import messages
 from multimail.workers import composer, delivery, runner
@@ -159,7 +160,7 @@ def _queue(services: Services, account_id: str, mailbox_id: str, n: int) -> list
                     "subject": "Benchmark message",
                     "markdown": markdown,
                     "html": rendered.html,
-                    "text": rendered.text,
+                    "text": message_views.text_column(markdown, rendered.text),
                     "oversight_mode": "autonomous",
                     "created_at": now,
                     "updated_at": now,
