@@ -14,17 +14,17 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from multimail.api import app as app_module
 from multimail.config import Settings
 from multimail.dashboard import mount_dashboard
-from multimail.runtime import build_services
 from multimail.services import accounts, mailboxes, operators
 from multimail.services.context import Actor, Services
 from multimail.testing import server as server_module
 from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturingSMTPServer
+from tests.integration import relay_support
+from tests.integration.relay_support import relayed_services
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
@@ -61,19 +61,13 @@ def _dashboard_in_app(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_module, "create_app", create_app)
 
 
-@pytest.fixture
-def relay() -> Iterator[CapturingSMTPServer]:
-    with CapturingSMTPServer() as server:
-        yield server
+relay = relay_support.relay
 
 
 @pytest.fixture
 def svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Services]:
-    services = build_services(
-        settings.model_copy(update={"smtp_url": SecretStr(f"smtp://127.0.0.1:{relay.port}")})
-    )
-    yield services
-    services.db.dispose()
+    with relayed_services(settings, relay) as services:
+        yield services
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import select, update
 
 from multimail.api import app as app_module
@@ -30,6 +29,8 @@ from multimail.testing import server as server_module
 from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers.signing import default_dkim_record
+from tests.integration import relay_support
+from tests.integration.relay_support import relayed_services
 
 PASSWORD = "correct horse battery staple"
 
@@ -46,19 +47,13 @@ def _dashboard_in_app(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_module, "create_app", create_app)
 
 
-@pytest.fixture
-def relay() -> Iterator[CapturingSMTPServer]:
-    with CapturingSMTPServer() as server:
-        yield server
+relay = relay_support.relay
 
 
 @pytest.fixture
 def svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Services]:
-    services = build_services(
-        settings.model_copy(update={"smtp_url": SecretStr(f"smtp://127.0.0.1:{relay.port}")})
-    )
-    yield services
-    services.db.dispose()
+    with relayed_services(settings, relay) as services:
+        yield services
 
 
 class Tenant:

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.engine import make_url
 
 from multimail.config import Settings
 from multimail.ids import utcnow
-from multimail.runtime import build_services
 from multimail.services import accounts, health, keys, mailboxes, oversight, sending
 from multimail.services.context import Actor, Services
 from multimail.store.tables import audit_entries, messages
@@ -35,23 +33,17 @@ from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import runner
 from tests.conftest import BACKEND, PG_ADMIN_URL
+from tests.integration import relay_support
+from tests.integration.relay_support import relayed_services
 from tests.integration.test_delivery_crash import Worker
 
-
-@pytest.fixture
-def relay() -> Iterator[CapturingSMTPServer]:
-    with CapturingSMTPServer() as server:
-        yield server
+relay = relay_support.relay
 
 
 @pytest.fixture
 def svc(settings: Settings, relay: CapturingSMTPServer) -> Iterator[Services]:
-    services = build_services(
-        settings.model_copy(update={"smtp_url": SecretStr(f"smtp://127.0.0.1:{relay.port}")}),
-        run_migrations=False,
-    )
-    yield services
-    services.db.dispose()
+    with relayed_services(settings, relay) as services:
+        yield services
 
 
 class Desk:
