@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from sqlalchemy import insert, select
+from sqlalchemy import select, update
 
-from multimail.ids import new_id, utcnow
+from multimail.store import jobs
 from multimail.store.tables import jobs as jobs_table
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import delivery, runner
@@ -67,21 +67,13 @@ async def test_a_corrupt_deliver_job_is_quarantined_even_when_alone(
 ) -> None:
     """The look skipped jobs whose payload is not an object; when such a job was the only
     one due, nothing claimed it and it stayed pending and due for ever."""
-    now = utcnow()
-    corrupt = new_id("job")
     with world.services.db.write() as conn:
+        corrupt = jobs.enqueue(conn, delivery.DELIVER, {}, max_attempts=5)
+        # enqueue takes objects only: the list is written over the payload it stored.
         conn.execute(
-            insert(jobs_table).values(
-                id=corrupt,
-                kind=delivery.DELIVER,
-                payload=["not", "an", "object"],
-                status="pending",
-                run_at=now,
-                attempts=0,
-                max_attempts=5,
-                created_at=now,
-                updated_at=now,
-            )
+            update(jobs_table)
+            .where(jobs_table.c.id == corrupt)
+            .values(payload=["not", "an", "object"])
         )
     batch = runner.BATCHES[delivery.DELIVER]
     assert await batch(world.services, "w", 50, _LEASE) == 0

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, select, text
+from sqlalchemy import event, select, text
 
 from multimail.config import Settings
-from multimail.ids import new_id, utcnow
+from multimail.ids import utcnow
 from multimail.runtime import build_services
 from multimail.services import accounts, inbound, mailboxes
 from multimail.services.context import Actor, Services
@@ -228,22 +228,9 @@ def test_corrupt_jobs_are_quarantined_and_the_server_still_serves(
     """DUR-4: a job without a usable payload is set aside; good jobs around it still run."""
     _mailbox(services, boot.account["id"], "bot@mm.test")
     _store(services, _body(7))
-    now = utcnow()
     with services.db.write() as conn:
         for payload in ({"inbound_id": 12}, {"inbound_id": "inb_missing"}, {}):
-            conn.execute(
-                insert(jobs).values(
-                    id=new_id("job"),
-                    kind=inbound.JOB_KIND,
-                    payload=payload,
-                    status="pending",
-                    run_at=now,
-                    attempts=0,
-                    max_attempts=5,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            queue.enqueue(conn, inbound.JOB_KIND, payload, max_attempts=5)
     claimed = queue.claim(services.db, "w1", kinds=[inbound.JOB_KIND], limit=10)
     assert len(claimed) == 4
     for job in claimed:
