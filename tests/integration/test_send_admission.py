@@ -20,7 +20,7 @@ from sqlalchemy import event, func, insert, select, update
 from multimail.config import Settings
 from multimail.ids import new_id, utcnow
 from multimail.runtime import build_services
-from multimail.services import accounts, audit, keys, sending
+from multimail.services import accounts, audit, directory, keys, sending
 from multimail.services.context import Actor, Services
 from multimail.store.tables import (
     audit_entries,
@@ -28,7 +28,6 @@ from multimail.store.tables import (
     idempotency_keys,
     mailbox_allowlist,
     messages,
-    suppressions,
     webhook_deliveries,
 )
 from multimail.store.tables import mailboxes as mailbox_rows
@@ -64,6 +63,28 @@ def tight(settings: Settings) -> Iterator[Services]:
 def _client(server: LiveServer, key: str) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"}
     return httpx.Client(base_url=server.base_url, headers=headers, timeout=30)
+
+
+def _post_together(
+    server: LiveServer, requests: list[tuple[str, str, dict[str, Any]]]
+) -> list[int]:
+    """POST every (key, path, body) at once, each from a client of its own; the status codes
+    in the order given."""
+    codes: list[int] = [0] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(index: int) -> None:
+        key, path, body = requests[index]
+        with _client(server, key) as client:
+            start.wait()
+            codes[index] = client.post(path, json=body).status_code
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return codes
 
 
 def test_revoked_key_is_refused_by_the_very_next_send(
@@ -217,21 +238,15 @@ def test_concurrent_sends_with_a_revoked_key_among_them(
             conn, actor=operator, account_id=boot.account["id"], key_id=revoked.record["id"]
         )
     senders = 12
-    codes: list[int] = [0] * senders
-    start = threading.Barrier(senders)
-
-    def run(index: int) -> None:
-        key = revoked.raw_key if index % 3 == 0 else boot.agent_key
-        with _client(live, key) as client:
-            start.wait()
-            body = BODY | {"subject": f"Order {index}"}
-            codes[index] = client.post(f"/v1/mailboxes/{box}/send", json=body).status_code
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    requests = [
+        (
+            revoked.raw_key if i % 3 == 0 else boot.agent_key,
+            f"/v1/mailboxes/{box}/send",
+            BODY | {"subject": f"Order {i}"},
+        )
+        for i in range(senders)
+    ]
+    codes = _post_together(live, requests)
     assert codes == [401 if i % 3 == 0 else 202 for i in range(senders)]
     with services.db.read() as conn:
         subjects = set(conn.execute(select(messages.c.subject)).scalars())
@@ -362,22 +377,16 @@ def test_concurrent_refusals_keep_their_tokens_and_leave_no_key(
     try:
         open_box = _mailbox(svc, boot, "autonomous")
         closed_box = _mailbox(svc, boot, "read_only")
-        codes: list[int] = [0] * senders
-        start = threading.Barrier(senders)
+        requests = [
+            (
+                boot.agent_key,
+                f"/v1/mailboxes/{closed_box if i % 2 else open_box}/send",
+                BODY | {"subject": f"N {i}", "idempotency_key": f"k{i}"},
+            )
+            for i in range(senders)
+        ]
         with LiveServer(svc) as server:
-
-            def run(index: int) -> None:
-                box = closed_box if index % 2 else open_box
-                body = BODY | {"subject": f"N {index}", "idempotency_key": f"k{index}"}
-                with _client(server, boot.agent_key) as client:
-                    start.wait()
-                    codes[index] = client.post(f"/v1/mailboxes/{box}/send", json=body).status_code
-
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(senders)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(60)
+            codes = _post_together(server, requests)
             with _client(server, boot.agent_key) as agent:
                 last = agent.post(f"/v1/mailboxes/{open_box}/send", json=BODY)
                 over = agent.post(f"/v1/mailboxes/{open_box}/send", json=BODY)
@@ -395,15 +404,10 @@ def test_concurrent_refusals_keep_their_tokens_and_leave_no_key(
 
 
 def _suppress(services: Services, account_id: str, address: str) -> None:
+    operator = Actor(type="system", id=None, name="test", account_id=account_id)
     with services.db.write() as conn:
-        conn.execute(
-            insert(suppressions).values(
-                id=new_id("sup"),
-                account_id=account_id,
-                address=address,
-                reason="hard_bounce",
-                created_at=utcnow(),
-            )
+        directory.suppress(
+            conn, actor=operator, account_id=account_id, address=address, reason="hard_bounce"
         )
 
 
