@@ -33,6 +33,7 @@ from multimail.store.tables import (
 from multimail.store.tables import mailboxes as mailbox_rows
 from multimail.store.tables import webhooks as webhook_rows
 from multimail.testing.server import LiveServer
+from tests.integration.concurrency_support import run_at_once
 from tests.integration.test_sending import make_mailbox
 
 BODY = {"to": "customer@example.com", "subject": "Order", "markdown": "Shipped."}
@@ -71,19 +72,14 @@ def _post_together(
     """POST every (key, path, body) at once, each from a client of its own; the status codes
     in the order given."""
     codes: list[int] = [0] * len(requests)
-    start = threading.Barrier(len(requests))
 
-    def run(index: int) -> None:
+    def post(index: int, start: threading.Barrier) -> None:
         key, path, body = requests[index]
         with _client(server, key) as client:
             start.wait()
             codes[index] = client.post(path, json=body).status_code
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_at_once(len(requests), post)
     return codes
 
 
