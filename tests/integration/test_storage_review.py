@@ -1,6 +1,6 @@
 """Review of the storage changes 823893b (events store a compact payload) and 7f10275 (an
 outbound row stores ``text`` only when it is not the markdown): tests for the defects
-found, strict xfail until fixed. On SQLite and PostgreSQL.
+found, each failed before its fix. On SQLite and PostgreSQL.
 
 Rows written before 7f10275 hold ``text`` equal to the markdown; the tests make such a row
 by writing the column back the way the old send path did.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import update
 
 from multimail.ids import isoformat, utcnow
@@ -32,11 +31,6 @@ def _as_written_before_7f10275(services: Services, message_id: str) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_edit_values compares the new text_column (NULL) with an older row's stored "
-    "text, so resubmitting the unchanged body counts as a content edit that voids the approval",
-)
 def test_rescheduling_an_older_approved_message_with_its_own_body_keeps_the_approval(
     api: Api, boot: accounts.Bootstrap, services: Services
 ) -> None:
@@ -69,11 +63,6 @@ def test_rescheduling_an_older_approved_message_with_its_own_body_keeps_the_appr
     assert [e["type"] for e in rows(services, events, events.c.message_id == msg_id)] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_edit_values keeps text=None against an older row's stored text, so an edit "
-    "that changes nothing writes the row and audits an empty schedule edit",
-)
 def test_an_edit_that_changes_nothing_on_an_older_row_writes_and_audits_nothing(
     api: Api, boot: accounts.Bootstrap, services: Services
 ) -> None:

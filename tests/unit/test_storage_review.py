@@ -1,5 +1,5 @@
 """Review of 823893b (events store a compact payload): the defects found in its pure parts,
-strict xfail until fixed.
+each failed before its fix.
 
 The claim under review: ``expanded_payload`` of what the events table holds gives back the
 very JSON text (key order included) receivers got before, for every message shape,
@@ -36,11 +36,6 @@ def _view(metadata: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same_json_value compares dicts with Python ==, which ignores key order and "
-    "takes 1 for True inside them, so a dict-valued override is dropped and re-derived",
-)
 @pytest.mark.parametrize(
     ("metadata", "extra"),
     [

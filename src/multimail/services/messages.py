@@ -54,6 +54,12 @@ def text_column(markdown: str, text: str) -> str | None:
     return None if text == markdown else text
 
 
+def shown_text(row: Mapping[str, Any]) -> str | None:
+    """The text part a row shows: its ``text`` column, or the markdown when that is NULL."""
+    text = row.get("text")
+    return text if text is not None else row.get("markdown")
+
+
 def tags_for(conn: Connection, ids: Iterable[str]) -> dict[str, dict[str, str]]:
     ids = list(ids)
     out: dict[str, dict[str, str]] = {i: {} for i in ids}
@@ -117,7 +123,7 @@ def view(
     """The JSON shape of a message everywhere it appears (API, events, pending queue)."""
     inbound = row["direction"] == "inbound"
     decision = _decision(row)
-    text = row.get("text") if row.get("text") is not None else row.get("markdown")
+    text = shown_text(row)
     data: dict[str, Any] = {
         "id": row["id"],
         "message_id": row["id"],
@@ -260,8 +266,19 @@ def compact_view(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def same_json_value(value: Any, other: Any) -> bool:
-    """Equal as JSON: ``True == 1`` in Python, not in the JSON a receiver reads."""
-    return value is other or (type(value) is type(other) and value == other)
+    """The same JSON text: Python's ``==`` has ``True == 1`` and ignores a dict's key order,
+    a receiver reading (and verifying a signature over) the text does not."""
+    if value is other:
+        return True
+    if type(value) is not type(other):
+        return False
+    if isinstance(value, dict):
+        return list(value) == list(other) and all(
+            same_json_value(item, other[key]) for key, item in value.items()
+        )
+    if isinstance(value, list):
+        return len(value) == len(other) and all(map(same_json_value, value, other))
+    return bool(value == other)
 
 
 def expand_view(stored: Mapping[str, Any]) -> dict[str, Any]:

@@ -1887,7 +1887,14 @@ def _edit_values(
         values["markdown"] = body
         rendered = render_markdown(body)
         values.update(html=rendered.html, text=message_views.text_column(body, rendered.text))
-    return {k: v for k, v in values.items() if v != row.get(k)}
+    changed = {k: v for k, v in values.items() if v != row.get(k)}
+    # A row written before text_column holds the text part even where it is the markdown:
+    # the same text part shown is no change (a change would re-open the approval).
+    if "text" in changed and message_views.shown_text(
+        {**row, **changed}
+    ) == message_views.shown_text(row):
+        del changed["text"]
+    return changed
 
 
 def edit_scheduled(
