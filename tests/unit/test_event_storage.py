@@ -11,6 +11,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,7 +107,7 @@ def test_a_payload_stored_whole_reads_back_unchanged(row: dict[str, Any]) -> Non
     assert _text_of(events.expanded_payload(json.loads(_text_of(built)))) == _text_of(built)
 
 
-def _delivered_view() -> dict[str, Any]:
+def _delivered_view(metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     body = "Your refund is on its way. " * 80
     now = datetime(2026, 1, 1, tzinfo=UTC)
     return view(
@@ -116,11 +117,13 @@ def _delivered_view() -> dict[str, Any]:
             "direction": "outbound",
             "status": "delivered",
             "from_address": "agent@acme.test",
+            "from_name": "Acme Agent",
             "to": ["customer@example.test"],
             "subject": "Refund",
             "markdown": body,
             "text": body,
             "html": f"<p>{body}</p>",
+            "metadata": metadata or {},
             "created_at": now,
         }
     )
@@ -191,3 +194,32 @@ def test_a_copy_out_of_its_usual_place_is_kept_where_it_was() -> None:
     stored = compact_view(shown)
     assert "sender" in stored
     assert _text_of(expand_view(stored)) == _text_of(shown)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "extra"),
+    [
+        # JSON 1 is not JSON true, but {"retry": 1} == {"retry": True} in Python.
+        ({"retry": True}, {"metadata": {"retry": 1}}),
+        # The same members in another order are another JSON text (and another signature).
+        ({}, {"from": {"name": "Acme Agent", "address": "agent@acme.test"}}),
+    ],
+    ids=["int-for-bool", "key-order"],
+)
+def test_a_dict_valued_extra_that_overrides_a_derived_field_comes_back_as_given(
+    metadata: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """An extra equal to a derived dict field (``from``, ``tags``, ``metadata``) in Python but
+    not in JSON is kept, so the receiver gets the text a whole stored payload gave (found
+    in review: Python's == had dropped it)."""
+    built = events.payload_for(
+        event_id="evt_01",
+        event_type="message.delivered",
+        created_at="2026-01-01T00:00:00Z",
+        mailbox_id="mbx_01",
+        message=_delivered_view(metadata),
+        extra=extra,
+    )
+    # What the JSON column gives back to the dispatcher.
+    stored = json.loads(_text_of(events.stored_payload(built)))
+    assert _text_of(events.expanded_payload(stored)) == _text_of(built)
