@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BACKEND
+from tests.integration.bench_support import run_bench
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_delivery.py"
 
@@ -18,15 +17,7 @@ sqlite_leg = pytest.mark.skipif(BACKEND != "sqlite", reason="the SQLite leg runs
 
 
 def _run(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--messages", "4", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return run_bench(str(BENCH), "--messages", "4", *args)
 
 
 @sqlite_leg

@@ -8,16 +8,13 @@ delivery benches print it, and ``bench/report.py`` puts it under their sections.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import BACKEND
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.integration.bench_support import run_bench
 
 # Neither uses the test database: one leg is enough.
 pytestmark = pytest.mark.skipif(BACKEND != "sqlite", reason="no database involved")
@@ -39,16 +36,7 @@ NOTE = "RSA-2048 2,350/s, Ed25519 18,500/s (the issue's machine: 4,700/s, 37,000
 
 
 def _python(code: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=BENCH,  # benches import _support from their own directory
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return run_bench("-c", code)
 
 
 def _saved(name: str, stdout: str, figures: dict[str, Any] | None) -> dict[str, Any]:
@@ -74,22 +62,7 @@ def _render(tmp_path: Path, *results: dict[str, Any]) -> str:
     for result in results:
         (directory / f"{result['name']}.json").write_text(json.dumps(result))
     output = tmp_path / "performance.md"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "report.py"),
-            "--render-only",
-            "--results",
-            str(directory),
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_bench("report.py", "--render-only", "--results", str(directory), "--output", str(output))
     return output.read_text()
 
 

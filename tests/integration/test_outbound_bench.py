@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BACKEND
+from tests.integration.bench_support import run_bench
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_transport.py"
 
@@ -18,14 +17,7 @@ pytestmark = pytest.mark.skipif(BACKEND != "sqlite", reason="the bench uses no d
 
 def test_transport_bench_reports_both_sides_and_their_ratio() -> None:
     """A few messages per side: every one reaches the sink and both figures are printed."""
-    done = subprocess.run(
-        [sys.executable, str(BENCH), "--messages", "20", "--concurrency", "2", "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "bare aiosmtplib sendmail, reused" in done.stdout
-    assert "RelayTransport.deliver, pooled" in done.stdout
-    assert "ratio ours / bare CPU per message:" in done.stdout
+    stdout = run_bench(str(BENCH), "--messages", "20", "--concurrency", "2", "--rounds", "1")
+    assert "bare aiosmtplib sendmail, reused" in stdout
+    assert "RelayTransport.deliver, pooled" in stdout
+    assert "ratio ours / bare CPU per message:" in stdout
