@@ -6,6 +6,7 @@ need by writing the rows the sending path writes (same table, same columns).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,8 +20,11 @@ from multimail.config import Settings
 from multimail.ids import new_id, utcnow
 from multimail.services import accounts, mailboxes, threads
 from multimail.services.context import Actor, Services
+from multimail.smtp.outbound import RelayTransport
+from multimail.store import jobs as job_store
 from multimail.store.tables import api_keys, audit_entries, events, jobs, messages
 from multimail.testing.smtp import CapturingSMTPServer
+from multimail.workers import delivery, runner
 
 CODE = re.compile(r"\*\*([A-Z2-9]{8})\*\*")
 
@@ -148,6 +152,25 @@ def job_rows(services: Services, kind: str) -> list[dict[str, Any]]:
     with services.db.read() as conn:
         rows = conn.execute(select(jobs).where(jobs.c.kind == kind).order_by(jobs.c.id))
         return [dict(r) for r in rows.mappings()]
+
+
+def run_operator_mail(services: Services, job_id: str) -> None:
+    """Send one queued ``system_mail`` job the way a worker does (its handler, to the relay)."""
+    with services.db.read() as conn:
+        payload = conn.execute(select(jobs.c.payload).where(jobs.c.id == job_id)).scalar_one()
+    job = job_store.Job(job_id, delivery.SYSTEM_MAIL, dict(payload), 1, 5, utcnow())
+
+    transport = delivery.outbound_transport(services)
+    assert isinstance(transport, RelayTransport), "the tests send through the capturing relay"
+
+    async def run() -> None:
+        try:
+            await runner.HANDLERS[delivery.SYSTEM_MAIL](services, job, "test-worker")  # type: ignore[misc]
+        finally:
+            # This loop ends here: the transport's sessions cannot serve another one.
+            await transport.close()
+
+    asyncio.run(run())
 
 
 def last_code(services: Services) -> str:

@@ -44,10 +44,11 @@ def _pending_with_links(
     msg = make_message(services, box, created_by_key_id=agent)
     with services.db.write() as conn:
         notify.notify_pending(conn, services, msg)
-    mail = [
-        j for j in job_rows(services, "system_mail") if j["payload"]["kind"] == "approval_request"
-    ][-1]
-    approve, reject = LINK.findall(mail["payload"]["markdown"])
+    # The job only names the message; the worker writes the mail (and its links) with this.
+    with services.db.read() as conn:
+        written = notify.approval_request_mail(conn, services, msg["id"])
+    assert written is not None
+    approve, reject = LINK.findall(written[1])
     return msg["id"], approve, reject
 
 

@@ -419,8 +419,17 @@ def test_pending_notification_has_links_and_fences_the_draft(
         notify.notify_monitored_copy(conn, services, msg)
     mails = job_rows(services, "system_mail")
     pending = next(j["payload"] for j in mails if j["payload"]["kind"] == "approval_request")
-    assert pending["to"] == ["ops@mm.test"] and pending["account_id"] == boot.account["id"]
-    text = pending["markdown"]
+    assert pending == {
+        "to": ["ops@mm.test"],
+        "kind": "approval_request",
+        "account_id": boot.account["id"],
+        "message_id": msg["id"],
+    }
+    with services.db.read() as conn:
+        written = notify.approval_request_mail(conn, services, msg["id"])
+    assert written is not None
+    subject, text = written
+    assert subject == "[MultiMail] Approval needed: Quarterly numbers"
     base = services.settings.base_url
     assert text.count(f"]({base}/v1/approve/") == 2
     assert "an API key" in text

@@ -133,7 +133,8 @@ def insert_inbound(services: Services, boot: accounts.Bootstrap, mailbox: dict[s
 def test_gated_send_waits_for_approval_with_audit_and_event(
     api: Api, boot: accounts.Bootstrap, services: Services
 ) -> None:
-    """gated_send: 202 pending_send_approval, oversight.pending emitted, no delivery job."""
+    """gated_send: 202 pending_send_approval, oversight.pending emitted, no delivery job (the
+    one job is the operator's approval request)."""
     box = make_mailbox(services, boot, "support")
     agent = api.client(boot.agent_key)
     response = send(agent, box["id"], metadata={"salesforce_case_id": "500X"})
@@ -159,7 +160,7 @@ def test_gated_send_waits_for_approval_with_audit_and_event(
     assert [e["type"] for e in rows(services, events, events.c.message_id == body["id"])] == [
         "oversight.pending"
     ]
-    assert jobs_for(services, body["id"]) == []
+    assert [j["kind"] for j in jobs_for(services, body["id"])] == ["system_mail"]
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,19 @@ Nothing here talks SMTP: each notification is a ``system_mail`` job written in t
 transaction, so it exists exactly when the change that caused it does. The delivery worker
 sends it from ``multimail@<server domain>`` to the account's ``oversight_email``.
 
-Job payload (the contract with the worker)::
+Job payload (the contract with the worker), one of::
 
     {"to": ["ops@example.com"], "subject": "...", "markdown": "...",
-     "account_id": "acct_...", "kind": "approval_request" | "reminder" | ...}
+     "account_id": "acct_...", "kind": "reminder" | "approval_code" | "monitored_copy" | ...}
+
+    {"to": ["ops@example.com"], "kind": "approval_request",
+     "account_id": "acct_...", "message_id": "msg_..."}
+
+The first is sent as it stands. The second only records that a decision is asked for: the
+worker writes the mail when it sends it (:func:`approval_request_mail`: fresh links, the
+draft as it is then) and sends nothing when the message no longer waits for a decision.
+Approval requests queued by earlier releases carry subject and markdown and are sent as
+they stand.
 
 Agent-written text (drafts, subjects, thread excerpts) is shown inside fenced code blocks:
 a draft must never be able to put its own "Approve" link into the operator's email.
@@ -26,6 +35,7 @@ from sqlalchemy import Connection, RowMapping, select
 
 from multimail.domain.addresses import AddressError, normalize_address
 from multimail.domain.linktokens import make_token, new_nonce, read_token
+from multimail.domain.oversight import DECIDABLE
 from multimail.errors import InvalidInput
 from multimail.ids import isoformat
 from multimail.services import directory
@@ -34,6 +44,7 @@ from multimail.store import jobs
 from multimail.store.tables import accounts, mailboxes, messages
 
 SYSTEM_MAIL_JOB = "system_mail"
+APPROVAL_REQUEST_KIND = "approval_request"
 APPROVAL_PURPOSE = "approval"
 UNSUBSCRIBE_PURPOSE = "unsubscribe"
 APPROVAL_LINK_TTL = timedelta(hours=72)
@@ -86,14 +97,9 @@ def enqueue_operator_mail(
     subject: str,
     markdown: str,
     kind: str,
-    *,
-    to_address: str | _Unknown | None = _UNKNOWN,
 ) -> str | None:
-    """Queue one email to the account's oversight address; None when the account has none.
-
-    ``to_address`` is that address when the caller read it in this transaction already.
-    """
-    to = oversight_address(conn, account_id) if isinstance(to_address, _Unknown) else to_address
+    """Queue one email to the account's oversight address; None when the account has none."""
+    to = oversight_address(conn, account_id)
     if not to:
         return None
     payload = {
@@ -175,7 +181,7 @@ def _excerpt(row: Mapping[str, Any] | RowMapping) -> str:
 
 
 def thread_context(
-    conn: Connection, row: Mapping[str, Any], *, limit: int = THREAD_CONTEXT_LIMIT
+    conn: Connection, row: Mapping[str, Any] | RowMapping, *, limit: int = THREAD_CONTEXT_LIMIT
 ) -> list[dict[str, Any]]:
     """The messages before this one in its thread, oldest first, each summarised."""
     if not row.get("thread_id"):
@@ -210,14 +216,8 @@ def _mailbox_address(conn: Connection, mailbox_id: str) -> str:
     return str(found.address) if found is not None else mailbox_id
 
 
-def _draft_markdown(
-    conn: Connection,
-    row: Mapping[str, Any],
-    *,
-    mailbox_address: str | None = None,
-    first_in_thread: bool = False,
-) -> list[str]:
-    mailbox = mailbox_address or _mailbox_address(conn, row["mailbox_id"])
+def _draft_markdown(conn: Connection, row: Mapping[str, Any] | RowMapping) -> list[str]:
+    mailbox = _mailbox_address(conn, row["mailbox_id"])
     lines = [
         f"- **Mailbox:** {mailbox}",
         f"- **Direction:** {row['direction']}",
@@ -239,7 +239,7 @@ def _draft_markdown(
                 lines.append(f"- {_SPACES.sub(' ', str(label))}")
             else:
                 lines.append(f"- {_SPACES.sub(' ', str(finding))}")
-    context = [] if first_in_thread else thread_context(conn, row)
+    context = thread_context(conn, row)
     if context:
         lines += ["", "**Earlier in this thread:**", ""]
         for item in context:
@@ -254,26 +254,48 @@ def notify_pending(
     services: Services,
     message_row: Mapping[str, Any],
     *,
-    mailbox_address: str | None = None,
     oversight_email: str | _Unknown | None = _UNKNOWN,
-    first_in_thread: bool = False,
 ) -> str | None:
-    """Tell the operator a message waits for a decision, with one-click Approve / Reject.
+    """Record that the operator is owed an approval request for this message.
 
-    The keyword arguments are facts the caller already read in this transaction (the
-    mailbox's address, the account's oversight address, that the message opened a new
-    thread); given, they save a query each and change nothing in the mail.
+    Only the job is written here; the worker writes the mail when it sends it
+    (:func:`approval_request_mail`), so a send does not pay for the links and the draft
+    text, and the links' 72 hours start when the mail goes out. ``oversight_email`` is the
+    account's oversight address when the caller read it in this transaction already.
     """
-    message_id = str(message_row["id"])
+    account_id = str(message_row["account_id"])
+    to = (
+        oversight_address(conn, account_id)
+        if isinstance(oversight_email, _Unknown)
+        else oversight_email
+    )
+    if not to:
+        return None
+    payload = {
+        "to": [to],
+        "kind": APPROVAL_REQUEST_KIND,
+        "account_id": account_id,
+        "message_id": str(message_row["id"]),
+    }
+    return jobs.enqueue(conn, SYSTEM_MAIL_JOB, payload)
+
+
+def approval_request_mail(
+    conn: Connection, services: Services, message_id: str
+) -> tuple[str, str] | None:
+    """The approval request for ``message_id`` as ``(subject, markdown)``, with fresh
+    one-click Approve / Reject links; None when the message no longer waits for a decision
+    (decided, cancelled, expired or gone).
+    """
+    found = conn.execute(select(messages).where(messages.c.id == message_id)).mappings().first()
+    if found is None or found["status"] not in DECIDABLE:
+        return None
     approve = approval_link(services, message_id, "approve")
     reject = approval_link(services, message_id, "reject")
-    draft = _draft_markdown(
-        conn, message_row, mailbox_address=mailbox_address, first_in_thread=first_in_thread
-    )
     lines = [
         "A message is waiting for your decision.",
         "",
-        *draft,
+        *_draft_markdown(conn, found),
         "",
         f"[Approve]({approve}) · [Reject]({reject})",
         "",
@@ -281,16 +303,8 @@ def notify_pending(
         "The links work once and expire in 72 hours. You can also decide in the dashboard "
         f"or with `POST /v1/oversight/decide` (message {message_id}).",
     ]
-    subject = f"[MultiMail] Approval needed: {_SPACES.sub(' ', message_row.get('subject') or '')}"
-    return enqueue_operator_mail(
-        conn,
-        services,
-        str(message_row["account_id"]),
-        subject[:200],
-        "\n".join(lines),
-        "approval_request",
-        to_address=oversight_email,
-    )
+    subject = f"[MultiMail] Approval needed: {_SPACES.sub(' ', found['subject'] or '')}"
+    return subject[:200], "\n".join(lines)
 
 
 def notify_reminder(

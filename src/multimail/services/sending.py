@@ -1486,8 +1486,7 @@ def _write_send(
         _check_duplicate_reply(conn, original["id"], now)
 
     # Counted as joined here (a new thread is inserted counting it), not touched later.
-    # first_in_thread: the operator's mail has no earlier messages to quote.
-    thread, first_in_thread = threads.join_outbound(
+    thread, _ = threads.join_outbound(
         conn,
         account_id=account_id,
         mailbox_id=mailbox["id"],
@@ -1639,14 +1638,7 @@ def _write_send(
             no_subscribers=limits.webhooks_possible is False
             and not (mailbox.get("webhook_url") and mailbox.get("deleted_at") is None),
         )
-        notify.notify_pending(
-            conn,
-            services,
-            row,
-            mailbox_address=mailbox["address"],
-            oversight_email=limits.oversight_email,
-            first_in_thread=first_in_thread,
-        )
+        notify.notify_pending(conn, services, row, oversight_email=limits.oversight_email)
     response = _summary(row, thread_public)
     if draft.idempotency_key:
         conn.execute(

@@ -2018,6 +2018,11 @@ def _system_payload(job: Job) -> tuple[list[str], str, str, str | None]:
     )
 
 
+def _approval_request_mail(services: Services, message_id: str) -> tuple[str, str] | None:
+    with services.db.read() as conn:
+        return notify.approval_request_mail(conn, services, message_id)
+
+
 def _system_raw(services: Services, job: Job, to: list[str], subject: str, body: str) -> bytes:
     settings = services.settings
     draft = OutboundDraft(
@@ -2080,6 +2085,31 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
     with more mail, and a bounce of a bounce cannot happen.
     """
     to, subject, body, account_id = _system_payload(job)
+    message_id = job.payload.get("message_id")
+    if (
+        job.payload.get("kind") == notify.APPROVAL_REQUEST_KIND
+        and isinstance(message_id, str)
+        and not body
+    ):
+        # The send only recorded that a decision is asked for; the mail is written now, so
+        # its links start their 72 hours when it goes out and a decided message gets none.
+        written = await asyncio.to_thread(_approval_request_mail, services, message_id)
+        if written is None:
+            await asyncio.to_thread(
+                _system_record,
+                services,
+                job,
+                worker_id,
+                account_id,
+                "system_mail.skipped",
+                {
+                    "to": to,
+                    "message_id": message_id,
+                    "reason": "the message no longer waits for a decision",
+                },
+            )
+            return None
+        subject, body = written
     rcpts = await asyncio.to_thread(_system_unsuppressed, services, account_id, to)
     if not rcpts:
         await asyncio.to_thread(
