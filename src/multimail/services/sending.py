@@ -1486,7 +1486,7 @@ def _write_send(
         _check_duplicate_reply(conn, original["id"], now)
 
     # Counted as joined here (a new thread is inserted counting it), not touched later.
-    thread, _ = threads.join_outbound(
+    thread = threads.join_outbound(
         conn,
         account_id=account_id,
         mailbox_id=mailbox["id"],

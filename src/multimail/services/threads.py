@@ -154,19 +154,18 @@ def join_outbound(
     at: datetime,
     external_id: str | None = None,
     replying_to: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], bool]:
+) -> dict[str, Any]:
     """:func:`for_outbound` with the joining message counted (as :func:`touch` would).
 
-    Returns the thread as it was before the message joined it, and whether the message is its
-    first. A new thread is inserted already counting its first message: one statement, not an
-    insert and then a touch.
+    Returns the thread as it was before the message joined it. A new thread is inserted
+    already counting its first message: one statement, not an insert and then a touch.
     """
     found = _existing_for_outbound(
         conn, mailbox_id=mailbox_id, external_id=external_id, replying_to=replying_to
     )
     if found is not None:
         touch(conn, found["id"], at)
-        return found, found.get("message_count") == 0
+        return found
     created = _create(
         conn,
         account_id=account_id,
@@ -176,7 +175,7 @@ def join_outbound(
         message_count=1,
         at=at,
     )
-    return created | {"message_count": 0}, True
+    return created | {"message_count": 0}
 
 
 def for_inbound(
