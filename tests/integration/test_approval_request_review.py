@@ -1,18 +1,18 @@
-"""Review of 4eef5bc (the worker writes the approval request): defects found, as strict xfails.
-
-Each test states the behaviour the operator should get; it fails today, and the xfail's
-reason says why. When a fix lands the test passes, strict xfail turns that into a failure,
-and the marker is removed.
+"""Review of 4eef5bc (the worker writes the approval request): the defects found, and the
+Approve link bound to the draft it showed (the fix of one of them). A defect not fixed yet
+is a strict xfail whose reason says why.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
 
-from multimail.services import accounts
+from multimail.domain.linktokens import make_token, new_nonce
+from multimail.services import accounts, notify
 from multimail.services.context import Services
 from multimail.testing.smtp import CapturedMessage, CapturingSMTPServer
 from tests.conftest import Api
@@ -72,12 +72,6 @@ def _to_operator(relay: CapturingSMTPServer) -> list[CapturedMessage]:
     return [m for m in relay.messages if m.rcpt_tos == [OPERATOR]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each content edit queues another bare request job and every job renders the "
-    "current draft, so an edit made before the worker runs mails the operator two identical "
-    "approval requests",
-)
 def test_an_edit_before_the_worker_runs_mails_the_operator_one_request(
     api: Api,
     services: Services,
@@ -101,11 +95,6 @@ def test_an_edit_before_the_worker_runs_mails_the_operator_one_request(
     assert len(mails) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an approval link names only the message, not the draft the mail showed, so a "
-    "link from a request showing the old text approves (and delivers) the agent's later edit",
-)
 def test_a_link_from_a_request_showing_the_old_draft_does_not_approve_an_edit(
     api: Api,
     services: Services,
@@ -130,3 +119,40 @@ def test_a_link_from_a_request_showing_the_old_draft_does_not_approve_an_edit(
     assert decided.status_code == 409, decided.text
     assert message_row(services, message_id)["decision"] is None
     assert not [m for m in relay.messages if m.rcpt_tos == ["bob@example.org"]]
+
+
+def test_a_reject_link_from_an_older_draft_still_rejects(
+    api: Api,
+    services: Services,
+    boot: accounts.Bootstrap,
+    box: dict[str, Any],
+    relay: CapturingSMTPServer,
+) -> None:
+    """Only approval is bound to the draft shown: refusing to send is never unsafe."""
+    message_id = _gated_send(api, boot, box, "Old words.")
+    [first_job] = _request_job_ids(services, message_id)
+    run_operator_mail(services, first_job)
+    [mail] = _to_operator(relay)
+    _approve, reject = LINK.findall(_text(mail))
+    _edit_body(api, boot, message_id, "New words.")
+    decided = api.client(None).post("/v1/" + reject.split("/v1/", 1)[1])
+    assert decided.status_code == 200, decided.text
+    assert message_row(services, message_id)["decision"] == "reject"
+
+
+def test_an_approve_link_minted_before_links_named_their_draft_still_approves(
+    api: Api, services: Services, boot: accounts.Bootstrap, box: dict[str, Any]
+) -> None:
+    """Links already in operators' inboxes at the upgrade name the message only."""
+    message_id = _gated_send(api, boot, box, "Words.")
+    token = make_token(
+        notify.secret_key(services),
+        purpose=notify.APPROVAL_PURPOSE,
+        subject_id=message_id,
+        action="approve",
+        expires_at=int(time.time()) + 3600,
+        nonce=new_nonce(),
+    )
+    decided = api.client(None).post(f"/v1/approve/{token}")
+    assert decided.status_code == 200, decided.text
+    assert message_row(services, message_id)["decision"] == "approve"

@@ -40,7 +40,7 @@ from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
 from multimail.workers.runner import run_workers
-from tests.integration.oversight_support import key_id, last_code
+from tests.integration.oversight_support import key_id, last_code, message_row
 from tests.integration.test_bola_matrix import CASES as BOLA_CASES
 from tests.integration.test_bola_matrix import _walk
 
@@ -994,7 +994,7 @@ def setup(walk: Walk) -> None:
                 address=f"blocked-{n}@example.org",
                 reason="manual",
             )
-    approve = notify.approval_link(walk.services, ids["p3"], "approve")
+    approve = notify.approval_link(walk.services, message_row(walk.services, ids["p3"]), "approve")
     ids["approve_link"] = "/v1/approve/" + approve.rsplit("/v1/approve/", 1)[1]
     unsubscribe = notify.unsubscribe_url(walk.services, ids["acc"], "bob@example.org")
     ids["unsubscribe_link"] = "/v1/unsubscribe/" + unsubscribe.rsplit("/", 1)[1]
@@ -1071,7 +1071,9 @@ def reads_write_nothing(walk: Walk) -> list[str]:
     for page in ("queue", "messages", "mailboxes", "keys", "webhooks", "domains", "audit"):
         walk.browser.get(f"/dashboard/{page}")
     walk.anonymous.get(walk.ids["approve_link"].replace(walk.ids["p3"], walk.ids["p8"]))
-    approve = notify.approval_link(walk.services, walk.ids["p8"], "approve")
+    approve = notify.approval_link(
+        walk.services, message_row(walk.services, walk.ids["p8"]), "approve"
+    )
     walk.anonymous.get("/v1/approve/" + approve.rsplit("/v1/approve/", 1)[1])
     wrote = [
         (e["action"], e["subject_id"])

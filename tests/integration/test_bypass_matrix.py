@@ -22,6 +22,7 @@ from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
 from multimail.workers.runner import run_workers
+from tests.integration.oversight_support import message_row
 
 
 class Stack:
@@ -143,7 +144,7 @@ def test_no_way_around_the_gate(stack: Stack, boot: accounts.Bootstrap) -> None:
     assert edit.status_code == 409
 
     # a link for an already-decided message cannot decide it again
-    link = notify.approval_link(stack.services, again["id"], "reject")
+    link = notify.approval_link(stack.services, message_row(stack.services, again["id"]), "reject")
     path = "/v1/approve/" + link.rsplit("/v1/approve/", 1)[1]
     assert httpx.post(stack.server.base_url + path).status_code in (409, 410)
 

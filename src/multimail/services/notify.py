@@ -25,6 +25,8 @@ a draft must never be able to put its own "Approve" link into the operator's ema
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -53,6 +55,10 @@ THREAD_CONTEXT_LIMIT = 5
 EXCERPT_CHARS = 300
 
 _SPACES = re.compile(r"\s+")
+# An approval link's subject: "<message id>|<draft digest>" (64 bits: a collision would need
+# an agent to find a second draft with the same digest within the link's 72 hours).
+_DIGEST_SEP = "|"
+_DIGEST_CHARS = 16
 
 
 def secret_key(services: Services) -> bytes:
@@ -125,11 +131,31 @@ def _link(services: Services, purpose: str, subject_id: str, action: str, ttl: t
     return f"{services.settings.base_url}/v1/{path}/{token}"
 
 
-def approval_link(services: Services, message_id: str, action: str) -> str:
-    """A signed, single-use, 72-hour link whose POST approves or rejects ``message_id``."""
+def draft_digest(row: Mapping[str, Any] | RowMapping) -> str:
+    """A short digest of what a reviewer approves: recipients, subject and body."""
+    content = [
+        row.get("subject") or "",
+        row.get("markdown") or "",
+        *(list(row.get(field) or []) for field in ("to", "cc", "bcc")),
+    ]
+    encoded = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(encoded.encode()).hexdigest()[:_DIGEST_CHARS]
+
+
+def approval_link(services: Services, draft: Mapping[str, Any] | RowMapping, action: str) -> str:
+    """A signed, single-use, 72-hour link whose POST approves or rejects the message ``draft``
+    is the row of; an Approve link approves only this draft (see :func:`link_subject`)."""
     if action not in ("approve", "reject"):
         raise InvalidInput("an approval link is for 'approve' or 'reject'")
-    return _link(services, APPROVAL_PURPOSE, message_id, action, APPROVAL_LINK_TTL)
+    subject_id = f"{draft['id']}{_DIGEST_SEP}{draft_digest(draft)}"
+    return _link(services, APPROVAL_PURPOSE, subject_id, action, APPROVAL_LINK_TTL)
+
+
+def link_subject(subject_id: str) -> tuple[str, str | None]:
+    """``(message_id, digest)`` of an approval link's subject; the digest is None in links
+    minted before links named the draft they showed."""
+    message_id, separator, digest = subject_id.partition(_DIGEST_SEP)
+    return message_id, (digest if separator else None)
 
 
 def unsubscribe_url(services: Services, account_id: str, address: str) -> str:
@@ -290,8 +316,8 @@ def approval_request_mail(
     found = conn.execute(select(messages).where(messages.c.id == message_id)).mappings().first()
     if found is None or found["status"] not in DECIDABLE:
         return None
-    approve = approval_link(services, message_id, "approve")
-    reject = approval_link(services, message_id, "reject")
+    approve = approval_link(services, found, "approve")
+    reject = approval_link(services, found, "reject")
     lines = [
         "A message is waiting for your decision.",
         "",
@@ -318,8 +344,8 @@ def notify_reminder(
         "",
         *_draft_markdown(conn, message_row),
         "",
-        f"[Approve]({approval_link(services, message_id, 'approve')}) · "
-        f"[Reject]({approval_link(services, message_id, 'reject')})",
+        f"[Approve]({approval_link(services, message_row, 'approve')}) · "
+        f"[Reject]({approval_link(services, message_row, 'reject')})",
     ]
     subject = f"[MultiMail] Reminder: approval needed ({message_id})"
     return enqueue_operator_mail(

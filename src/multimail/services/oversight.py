@@ -435,11 +435,20 @@ def read_approval_link(services: Services, token: str) -> LinkRequest:
         ).first()
         if used is not None:
             raise LinkAlreadyUsed("this link was already used", status="used")
-        row = conn.execute(select(messages).where(messages.c.id == link.subject_id)).mappings()
+        message_id, digest = notify.link_subject(link.subject_id)
+        row = conn.execute(select(messages).where(messages.c.id == message_id)).mappings()
         first = row.first()
         if first is None:
             raise NotFound("the message of this link no longer exists", code="message_not_found")
         found = dict(first)
+        if action == "approve" and digest is not None and digest != notify.draft_digest(found):
+            # The approval covers the draft the operator was shown, nothing else.
+            raise Conflict(
+                "the draft changed after this link was sent: approve it from the newest "
+                "approval request or in the dashboard",
+                code="draft_changed",
+                status=found["status"],
+            )
         email = notify.oversight_address(conn, found["account_id"]) or "operator"
         return LinkRequest(
             message=message_views.full_view(conn, found),

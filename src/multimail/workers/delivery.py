@@ -2018,9 +2018,27 @@ def _system_payload(job: Job) -> tuple[list[str], str, str, str | None]:
     )
 
 
-def _approval_request_mail(services: Services, message_id: str) -> tuple[str, str] | None:
+def _approval_request_mail(services: Services, job: Job, message_id: str) -> tuple[str, str] | str:
+    """The request's ``(subject, markdown)``, or why none is sent."""
     with services.db.read() as conn:
-        return notify.approval_request_mail(conn, services, message_id)
+        # Each edit of a waiting draft queues another request, and each is written when it
+        # is sent, showing the draft as it is then: only the newest one still says anything.
+        later = conn.execute(
+            select(jobs_table.c.payload).where(
+                jobs_table.c.kind == SYSTEM_MAIL,
+                jobs_table.c.status == "pending",
+                jobs_table.c.id > job.id,
+            )
+        )
+        if any(
+            isinstance(payload, dict)
+            and payload.get("kind") == notify.APPROVAL_REQUEST_KIND
+            and payload.get("message_id") == message_id
+            for (payload,) in later
+        ):
+            return "a newer approval request for this message follows"
+        written = notify.approval_request_mail(conn, services, message_id)
+        return "the message no longer waits for a decision" if written is None else written
 
 
 def _system_raw(services: Services, job: Job, to: list[str], subject: str, body: str) -> bytes:
@@ -2093,8 +2111,8 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
     ):
         # The send only recorded that a decision is asked for; the mail is written now, so
         # its links start their 72 hours when it goes out and a decided message gets none.
-        written = await asyncio.to_thread(_approval_request_mail, services, message_id)
-        if written is None:
+        written = await asyncio.to_thread(_approval_request_mail, services, job, message_id)
+        if isinstance(written, str):
             await asyncio.to_thread(
                 _system_record,
                 services,
@@ -2105,7 +2123,7 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
                 {
                     "to": to,
                     "message_id": message_id,
-                    "reason": "the message no longer waits for a decision",
+                    "reason": written,
                 },
             )
             return None
