@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import httpx
 import pytest
 
+from multimail.domain.linktokens import make_token, new_nonce
 from multimail.services import accounts, notify
 from multimail.services.context import Services
 from multimail.store import jobs
@@ -35,23 +37,38 @@ def box(services: Services, boot: accounts.Bootstrap) -> dict[str, Any]:
     return make_mailbox(services, boot.account["id"], oversight_mode="gated_send")
 
 
-def _gated_send(api: Api, boot: accounts.Bootstrap, box: dict[str, Any]) -> str:
+def _gated_send(
+    api: Api, boot: accounts.Bootstrap, box: dict[str, Any], markdown: str = "Hi **Bob**"
+) -> str:
     response = api.client(boot.agent_key).post(
         f"/v1/mailboxes/{box['id']}/send",
-        json={"to": "bob@example.org", "subject": "Quarterly numbers", "markdown": "Hi **Bob**"},
+        json={"to": "bob@example.org", "subject": "Quarterly numbers", "markdown": markdown},
     )
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
 
 
-def _request_job(services: Services, message_id: str) -> dict[str, Any]:
-    [job] = [
-        j
+def _request_job_ids(services: Services, message_id: str) -> list[str]:
+    return [
+        str(j["id"])
         for j in job_rows(services, "system_mail")
         if j["payload"].get("kind") == "approval_request"
         and j["payload"].get("message_id") == message_id
     ]
+
+
+def _request_job(services: Services, message_id: str) -> dict[str, Any]:
+    [job_id] = _request_job_ids(services, message_id)
+    [job] = [j for j in job_rows(services, "system_mail") if j["id"] == job_id]
     return job
+
+
+def _edit_body(api: Api, boot: accounts.Bootstrap, message_id: str, markdown: str) -> None:
+    response = api.client(boot.agent_key).patch(
+        f"/v1/emails/{message_id}/schedule", json={"markdown": markdown}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "pending_send_approval"
 
 
 def _text(mail: CapturedMessage) -> str:
@@ -174,3 +191,92 @@ def test_a_request_queued_with_its_text_is_sent_as_it_stands(
     assert mail.as_email()["Subject"] == "[MultiMail] Approval needed: from the last release"
     assert _text(mail).strip() == markdown
     assert "system_mail.sent" in [a["action"] for a in audit_actions(services, str(job_id))]
+
+
+# --- found in review: edits of a waiting draft ---------------------------------------------
+
+
+def test_an_edit_before_the_worker_runs_mails_the_operator_one_request(
+    api: Api,
+    services: Services,
+    boot: accounts.Bootstrap,
+    box: dict[str, Any],
+    relay: CapturingSMTPServer,
+) -> None:
+    """The agent edits its pending draft before the first request went out: the operator is
+    asked once, about the edited text (before 4eef5bc the two mails at least differed: old
+    draft, then new; now both show the new draft, so the second says nothing new)."""
+    message_id = _gated_send(api, boot, box, "First draft.")
+    _edit_body(api, boot, message_id, "Second draft.")
+    job_ids = _request_job_ids(services, message_id)
+    assert len(job_ids) == 2  # one from the send, one from the edit re-opening approval
+
+    for job_id in job_ids:
+        run_operator_mail(services, job_id)
+
+    mails = _to_operator(relay)
+    assert all("Second draft." in _text(m) for m in mails)
+    assert len(mails) == 1
+
+
+def test_a_link_from_a_request_showing_the_old_draft_does_not_approve_an_edit(
+    api: Api,
+    services: Services,
+    boot: accounts.Bootstrap,
+    box: dict[str, Any],
+    relay: CapturingSMTPServer,
+) -> None:
+    """The operator reads "Old words." in the request, the agent then edits the draft, the
+    operator clicks Approve in that mail: the approval must not cover text the operator was
+    never shown (the edit queued a new request for that). Pre-existing before 4eef5bc; the
+    worker now writing the mail makes the link able to carry the digest of what it shows."""
+    message_id = _gated_send(api, boot, box, "Old words.")
+    [first_job] = _request_job_ids(services, message_id)
+    run_operator_mail(services, first_job)
+    [mail] = _to_operator(relay)
+    assert "Old words." in _text(mail)
+    approve, _reject = LINK.findall(_text(mail))
+
+    _edit_body(api, boot, message_id, "New words.")
+    decided = api.client(None).post("/v1/" + approve.split("/v1/", 1)[1])
+
+    assert decided.status_code == 409, decided.text
+    assert message_row(services, message_id)["decision"] is None
+    assert not [m for m in relay.messages if m.rcpt_tos == ["bob@example.org"]]
+
+
+def test_a_reject_link_from_an_older_draft_still_rejects(
+    api: Api,
+    services: Services,
+    boot: accounts.Bootstrap,
+    box: dict[str, Any],
+    relay: CapturingSMTPServer,
+) -> None:
+    """Only approval is bound to the draft shown: refusing to send is never unsafe."""
+    message_id = _gated_send(api, boot, box, "Old words.")
+    [first_job] = _request_job_ids(services, message_id)
+    run_operator_mail(services, first_job)
+    [mail] = _to_operator(relay)
+    _approve, reject = LINK.findall(_text(mail))
+    _edit_body(api, boot, message_id, "New words.")
+    decided = api.client(None).post("/v1/" + reject.split("/v1/", 1)[1])
+    assert decided.status_code == 200, decided.text
+    assert message_row(services, message_id)["decision"] == "reject"
+
+
+def test_an_approve_link_minted_before_links_named_their_draft_still_approves(
+    api: Api, services: Services, boot: accounts.Bootstrap, box: dict[str, Any]
+) -> None:
+    """Links already in operators' inboxes at the upgrade name the message only."""
+    message_id = _gated_send(api, boot, box, "Words.")
+    token = make_token(
+        notify.secret_key(services),
+        purpose=notify.APPROVAL_PURPOSE,
+        subject_id=message_id,
+        action="approve",
+        expires_at=int(time.time()) + 3600,
+        nonce=new_nonce(),
+    )
+    decided = api.client(None).post(f"/v1/approve/{token}")
+    assert decided.status_code == 200, decided.text
+    assert message_row(services, message_id)["decision"] == "approve"
