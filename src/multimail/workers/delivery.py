@@ -2103,6 +2103,14 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
     with more mail, and a bounce of a bounce cannot happen.
     """
     to, subject, body, account_id = _system_payload(job)
+
+    async def record(
+        action: str, details: dict[str, Any], remaining: list[str] | None = None
+    ) -> None:
+        await asyncio.to_thread(
+            _system_record, services, job, worker_id, account_id, action, details, remaining
+        )
+
     message_id = job.payload.get("message_id")
     if (
         job.payload.get("kind") == notify.APPROVAL_REQUEST_KIND
@@ -2113,12 +2121,7 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
         # its links start their 72 hours when it goes out and a decided message gets none.
         written = await asyncio.to_thread(_approval_request_mail, services, job, message_id)
         if isinstance(written, str):
-            await asyncio.to_thread(
-                _system_record,
-                services,
-                job,
-                worker_id,
-                account_id,
+            await record(
                 "system_mail.skipped",
                 {
                     "to": to,
@@ -2130,12 +2133,7 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
         subject, body = written
     rcpts = await asyncio.to_thread(_system_unsuppressed, services, account_id, to)
     if not rcpts:
-        await asyncio.to_thread(
-            _system_record,
-            services,
-            job,
-            worker_id,
-            account_id,
+        await record(
             "system_mail.skipped",
             {"to": to, "subject": subject, "reason": "every recipient is suppressed"},
         )
@@ -2148,23 +2146,13 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
     deferred = [r for r, res in handover.results.items() if not res.ok and not res.permanent]
     expired = utcnow() - job.created_at >= MAX_RETRY_WINDOW or job.attempts >= job.max_attempts
     if accepted:
-        await asyncio.to_thread(
-            _system_record,
-            services,
-            job,
-            worker_id,
-            account_id,
+        await record(
             "system_mail.sent",
             {"to": accepted, "subject": subject, "kind": job.payload.get("kind")},
         )
     if refused or (deferred and expired):
         failed = refused + (deferred if expired else [])
-        await asyncio.to_thread(
-            _system_record,
-            services,
-            job,
-            worker_id,
-            account_id,
+        await record(
             "system_mail.failed",
             {
                 "to": failed,
@@ -2173,12 +2161,7 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
             },
         )
     if deferred and not expired:
-        await asyncio.to_thread(
-            _system_record,
-            services,
-            job,
-            worker_id,
-            account_id,
+        await record(
             "system_mail.deferred",
             {"to": deferred, "subject": subject},
             deferred,
