@@ -223,3 +223,14 @@ def test_a_dict_valued_extra_that_overrides_a_derived_field_comes_back_as_given(
     # What the JSON column gives back to the dispatcher.
     stored = json.loads(_text_of(events.stored_payload(built)))
     assert _text_of(events.expanded_payload(stored)) == _text_of(built)
+
+
+def test_a_body_group_equal_only_in_python_is_kept_as_it_was() -> None:
+    """``body`` is rebuilt only when its JSON text is what the rebuild gives: not when its
+    keys are in another order or a flag is ``1`` instead of ``true``."""
+    shown = _delivered_view()
+    reordered = dict(reversed(list(shown["body"].items())))
+    for body in (reordered, {**shown["body"], "untrusted": 0}):
+        stored = compact_view({**shown, "body": body})
+        assert stored["body"] == body
+        assert _text_of(expand_view(stored)) == _text_of({**shown, "body": body})

@@ -257,7 +257,7 @@ def compact_view(data: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key == "body" and isinstance(value, dict) and seen >= _BODY_SOURCES:
             own = {k: value.get(k) for k in _BODY_OWN}
-            if value == _grouped_body(data, own["quoted_text"]):
+            if same_json_value(value, _grouped_body(data, own["quoted_text"])):
                 value = own
         out[key] = value
         seen.add(key)
