@@ -8,17 +8,20 @@
 machine (``delivery_batch_size``; ``compose_processes``: one child on two or more CPUs).
 
 Both sides hand messages to the same local aiosmtpd sink on loopback, which runs in a
-process of its own (it stands in for the internet; sharing our interpreter it would eat
-half the CPU and the lock we are measuring). Two baselines send the very bytes our worker
+process of its own (it stands in for the internet; sharing our interpreter it would eat half
+the CPU and the lock we are measuring). Two baselines send the very bytes our worker
 produced (already signed) with bare aiosmtplib, ``--concurrency`` at a time: one connection
 per message (as the issue words it), and one reused connection per concurrent sender (what
-our connection pool does, so the comparison is honest). CPU ms per message is this
-process's CPU time over each phase, divided by the messages (load-independent, unlike the
-rates). Ours runs the whole path per message (claim the job, gate and suppression checks,
-compose, DKIM-sign, store the bytes, SMTP, record the attempt, audit, events, complete the
-job) on an embedded SQLite database (``--database postgresql``: a fresh PostgreSQL one),
-``--batch`` messages per group commit (claim + start in one commit, every outcome in one
-more) and ``--pipelines`` batches in flight, the runner
+our connection pool does, so the comparison is honest). CPU ms per message is this process's
+CPU time over each phase, divided by the messages (load-independent, unlike the rates);
+"(sink …)" beside it is the sink's, which shares the same cores. The last lines put ours
+against this machine's ceiling: its CPUs over the CPU of one RSA-2048 signature, one raw
+reused-connection send and the sink's receipt, the rate signing and handing over alone would
+allow with nothing stored (``_Ceiling``). Ours runs the whole path per message (claim the
+job, gate and suppression checks, compose, DKIM-sign, store the bytes, SMTP, record the
+attempt, audit, events, complete the job) on an embedded SQLite database (``--database
+postgresql``: a fresh PostgreSQL one), ``--batch`` messages per group commit (claim + start
+in one commit, every outcome in one more) and ``--pipelines`` batches in flight, the runner
 polling every ``--poll`` seconds as ``serve`` does (it used to poll 20 times as often). Then
 ``deliver_now`` latency (what an approval waits for) per message, p50/p99. Bounded: a few
 thousand messages at most; the sink stops by itself after 15 minutes.
@@ -37,6 +40,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import func, insert, select
 
 from multimail.config import Settings
+from multimail.cpus import usable_cpus
 from multimail.ids import new_id, utcnow
 from multimail.mail.markdown import render_markdown
 from multimail.services import messages as message_views
@@ -124,6 +129,10 @@ class _SinkProcess:
     def count(self) -> int:
         return int(self._count.value)
 
+    def cpu_s(self) -> float:
+        """CPU seconds the sink has used so far: what receiving costs on the same cores."""
+        return _process_cpu_s(self._process.pid)
+
 
 def _setup(
     data_dir: Path, port: int, database_url: str | None, compose_processes: int = 0
@@ -195,6 +204,10 @@ class _Run:
     seconds: float
     cpu_s: float  # this process's, plus the compose children's
     children_cpu_s: float = 0.0
+    sink_cpu_s: float = 0.0  # the receiving side's, on the same cores
+
+    def sink_ms(self, n: int) -> float:
+        return self.sink_cpu_s * 1000 / n
 
     def rate(self, n: int) -> float:
         return n / self.seconds
@@ -229,11 +242,13 @@ def _children_cpu(pool: composer.ComposePool | None) -> float:
     """CPU seconds the compose children have used so far (from /proc: they are alive)."""
     if pool is None:
         return 0.0
-    total = 0
-    for pid in pool.pids():
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(_process_cpu_s(pid) for pid in pool.pids())
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a live process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _baseline(raw: bytes, port: int, n: int, concurrency: int) -> _Run:
@@ -267,6 +282,43 @@ async def _baseline_reuse(raw: bytes, port: int, n: int, concurrency: int) -> _R
     started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(sender(c) for c in share if c))
     return _Run(time.perf_counter() - started, time.process_time() - cpu)
+
+
+@dataclass(frozen=True)
+class _Ceiling:
+    """What this machine's cores allow for signed deliveries with nothing else done: one
+    RSA-2048 signature, a send on a reused aiosmtplib connection and the sink's receipt
+    each cost CPU here; the cores divided by their sum is the rate no worker can pass
+    (storage, MIME, audit and events add to it, and the processes never overlap perfectly).
+    """
+
+    cpus: int
+    rsa_ms: float
+    send_ms: float
+    sink_ms: float
+
+    @property
+    def per_s(self) -> float:
+        return self.cpus * 1000 / (self.rsa_ms + self.send_ms + self.sink_ms)
+
+    def line(self) -> str:
+        return (
+            f"ceiling here: {self.cpus} CPUs / (RSA-2048 signature {self.rsa_ms:.3f}"
+            f" + raw reused send {self.send_ms:.3f} + sink {self.sink_ms:.3f} CPU ms)"
+            f" = {self.per_s:,.0f} deliveries/s with nothing stored"
+        )
+
+
+def _ceiling(rsa_per_s: float, reuse: _Run, n: int) -> _Ceiling:
+    return _Ceiling(usable_cpus(), 1000 / rsa_per_s, reuse.cpu_ms(n), reuse.sink_ms(n))
+
+
+def _charging_sink(sink: _SinkProcess, phase: Callable[[], Coroutine[Any, Any, _Run]]) -> _Run:
+    """Runs one phase and adds the sink's CPU over it to its figures."""
+    before = sink.cpu_s()
+    run = asyncio.run(phase())
+    run.sink_cpu_s = sink.cpu_s() - before
+    return run
 
 
 def main() -> None:
@@ -312,11 +364,13 @@ def main() -> None:
         services, account_id, mailbox_id = _setup(Path(tmp), port, url, args.compose_processes)
         try:
             _queue(services, account_id, mailbox_id, n)
-            ours = asyncio.run(_ours(services, sink, n, args.batch, args.pipelines, args.poll))
+            ours = _charging_sink(
+                sink, lambda: _ours(services, sink, n, args.batch, args.pipelines, args.poll)
+            )
             with services.db.read() as conn:
                 raw = conn.execute(select(messages.c.raw).limit(1)).scalar_one()
-            base = asyncio.run(_baseline(raw, port, n, args.concurrency))
-            reuse = asyncio.run(_baseline_reuse(raw, port, n, args.concurrency))
+            base = _charging_sink(sink, lambda: _baseline(raw, port, n, args.concurrency))
+            reuse = _charging_sink(sink, lambda: _baseline_reuse(raw, port, n, args.concurrency))
             latencies = []
             for message_id in _queue(services, account_id, mailbox_id, args.latency):
                 started = time.perf_counter()
@@ -336,14 +390,17 @@ def main() -> None:
     print(
         f"raw aiosmtplib sends (same signed bytes, a connection per message): "
         f"{base.rate(n):8.1f} msg/s  {base.cpu_ms(n):6.3f} CPU ms/msg"
+        f"  (sink {base.sink_ms(n):5.3f})"
     )
     print(
         f"raw aiosmtplib, one reused connection per sender (same bytes):       "
         f"{reuse.rate(n):8.1f} msg/s  {reuse.cpu_ms(n):6.3f} CPU ms/msg"
+        f"  (sink {reuse.sink_ms(n):5.3f})"
     )
     print(
         f"MultiMail signed deliveries (full path):                             "
         f"{ours.rate(n):8.1f} msg/s  {ours.cpu_ms(n):6.3f} CPU ms/msg"
+        f"  (sink {ours.sink_ms(n):5.3f})"
     )
     if args.compose_processes:
         print(
@@ -351,6 +408,9 @@ def main() -> None:
         )
     print(f"ratio ours / raw per-message connections: {ours.rate(n) / base.rate(n):8.2f}")
     print(f"ratio ours / raw reused connections:      {ours.rate(n) / reuse.rate(n):8.2f}")
+    ceiling = _ceiling(machine.rsa_per_s, reuse, n)
+    print(ceiling.line())
+    print(f"ratio ours / ceiling:                     {ours.rate(n) / ceiling.per_s:8.2f}")
     if not latencies:
         return  # --latency 0: no latency phase
     latencies.sort()

@@ -334,6 +334,17 @@ def delivery_area(run: Run) -> Area:
             verdict(ours >= 1000),
         )
     )
+    ceiling = re.search(r"ceiling here: .*? = ([\d,]+) deliveries/s", run.stdout)
+    if ceiling:
+        area.rows.append(
+            versus(
+                "the same vs this machine's ceiling (its CPUs over the CPU of one RSA-2048"
+                " signature + one raw reused-connection send + the sink's receipt)",
+                ours,
+                float(ceiling[1].replace(",", "")),
+                "/s",
+            )
+        )
     p50, p99 = after(run.stdout, r"p50"), after(run.stdout, r"p99")
     if p50 is not None and p99 is not None:
         area.rows.append(

@@ -253,6 +253,10 @@ class _Tools(Generic[R]):
     ) -> R:
         """Change a mailbox's oversight mode (tightening is immediate; loosening needs
         request_upgrade), gate timing, auto_cc/auto_bcc, signature.
+
+        Asked by an API key, some changes answer ``approval_required`` and apply once called
+        again with the operator's ``approval_code``: auto_cc/auto_bcc, a new webhook_url,
+        raising or removing a send cap, turning ai_disclosure off. Tightening is immediate.
         """
         return self._tool("configure_mailbox", locals())
 
@@ -275,7 +279,12 @@ class _Tools(Generic[R]):
         approval_code: str | None = None,
         mailbox_id: str | None = None,
     ) -> R:
-        """Change a mailbox's settings (display name, signature, webhook_url, limits)."""
+        """Change a mailbox's settings (display name, signature, webhook_url, limits).
+
+        Asked by an API key, some changes answer ``approval_required`` and apply once called
+        again with the operator's ``approval_code``: auto_cc/auto_bcc, a new webhook_url,
+        raising or removing a send cap, turning ai_disclosure off. Tightening is immediate.
+        """
         return self._tool("update_mailbox", locals())
 
     def delete_mailbox(self, *, mailbox_id: str | None = None) -> R:
@@ -510,8 +519,12 @@ class _Tools(Generic[R]):
         daily_send_quota: int | None = None,
         approval_code: str | None = None,
     ) -> R:
-        """Change the account's name, oversight_email or postal address (some changes need the
-        operator's approval_code).
+        """Change the account's name, oversight_email, postal address or daily quota.
+
+        Asked by an API key, changing oversight_email and raising or removing the daily quota
+        answer ``approval_required`` and apply once called again with the operator's
+        ``approval_code``; oversight_email must be an address the operator reads outside
+        MultiMail (not a mailbox hosted here).
         """
         return self._tool("update_account", locals())
 

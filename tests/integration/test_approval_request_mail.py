@@ -112,7 +112,9 @@ def test_gated_send_queues_a_bare_request_and_the_worker_mails_working_links(
     text = _text(mail)
     assert "```text\nHi **Bob**\n```" in text and f"(message {message_id})" in text
     approve, reject = LINK.findall(text)
-    assert "system_mail.sent" in [a["action"] for a in audit_actions(services, job["id"])]
+    [sent] = [a for a in audit_actions(services, job["id"]) if a["action"] == "system_mail.sent"]
+    # Found from the message too, not only from the job.
+    assert json.loads(sent["details"])["message_id"] == message_id
 
     anon = api.client(None)
     done = anon.post(_path(approve))
@@ -278,5 +280,49 @@ def test_an_approve_link_minted_before_links_named_their_draft_still_approves(
         nonce=new_nonce(),
     )
     decided = api.client(None).post(f"/v1/approve/{token}")
+    assert decided.status_code == 200, decided.text
+    assert message_row(services, message_id)["decision"] == "approve"
+
+
+def _approve_token(services: Services, subject_id: str) -> str:
+    return make_token(
+        notify.secret_key(services),
+        purpose=notify.APPROVAL_PURPOSE,
+        subject_id=subject_id,
+        action="approve",
+        expires_at=int(time.time()) + 3600,
+        nonce=new_nonce(),
+    )
+
+
+def test_an_approve_link_names_its_draft_by_the_whole_sha256(
+    api: Api, services: Services, boot: accounts.Bootstrap, box: dict[str, Any]
+) -> None:
+    """The agent writes both drafts, so a digest must resist collisions, not only second
+    preimages: 64 bits fell to ~2**32 hashes. A 32-character prefix of the right digest (a
+    length never minted) is refused, and so is a wrong full digest."""
+    message_id = _gated_send(api, boot, box, "Words.")
+    digest = notify.draft_digest(message_row(services, message_id))
+    assert len(digest) == 64
+    for wrong in (digest[:32], "0" * 64):
+        refused = api.client(None).post(
+            f"/v1/approve/{_approve_token(services, f'{message_id}|{wrong}')}"
+        )
+        assert refused.status_code == 409, refused.text
+    decided = api.client(None).post(
+        f"/v1/approve/{_approve_token(services, f'{message_id}|{digest}')}"
+    )
+    assert decided.status_code == 200, decided.text
+
+
+def test_an_approve_link_with_the_previous_releases_short_digest_still_approves(
+    api: Api, services: Services, boot: accounts.Bootstrap, box: dict[str, Any]
+) -> None:
+    """Links minted before the digest grew (16 characters) live out their 72 hours."""
+    message_id = _gated_send(api, boot, box, "Words.")
+    short = notify.draft_digest(message_row(services, message_id))[:16]
+    decided = api.client(None).post(
+        f"/v1/approve/{_approve_token(services, f'{message_id}|{short}')}"
+    )
     assert decided.status_code == 200, decided.text
     assert message_row(services, message_id)["decision"] == "approve"

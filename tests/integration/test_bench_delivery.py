@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,19 @@ def test_runs_on_a_fresh_postgresql_database() -> None:
     out = _run("--latency", "1", "--database", "postgresql")
     assert "database: postgresql" in out
     assert "deliver_now latency over 1:" in out
+
+
+@sqlite_leg
+def test_prints_the_sinks_cpu_and_the_machines_ceiling() -> None:
+    out = _run("--latency", "0")
+    assert out.count("(sink ") == 3  # each of the three phases charges the sink's CPU
+    found = re.search(
+        r"ceiling here: (\d+) CPUs / \(RSA-2048 signature ([\d.]+) \+ raw reused send ([\d.]+)"
+        r" \+ sink ([\d.]+) CPU ms\) = ([\d,]+) deliveries/s",
+        out,
+    )
+    assert found, out
+    cpus, rsa, send, sink = int(found[1]), float(found[2]), float(found[3]), float(found[4])
+    assert rsa > 0 and send > 0
+    assert int(found[5].replace(",", "")) == round(cpus * 1000 / (rsa + send + sink))
+    assert "ratio ours / ceiling:" in out

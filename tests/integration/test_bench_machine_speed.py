@@ -136,3 +136,16 @@ def test_report_renders_results_saved_before_benches_measured_the_machine(
     for title in (SEND, DELIVERY):
         assert "the issue's machine" not in _section(report, title)
     assert "| 600 /s | 1,000 /s | 0.60x |" in _section(report, DELIVERY)
+
+
+def test_report_shows_deliveries_against_the_machines_ceiling(tmp_path: Path) -> None:
+    """The delivery bench's ceiling line becomes a row beside the deliveries/s; output saved
+    before the bench printed it renders without that row (the test above)."""
+    ceiling = (
+        "ceiling here: 2 CPUs / (RSA-2048 signature 0.500 + raw reused send 0.300"
+        " + sink 0.200 CPU ms) = 2,000 deliveries/s with nothing stored\n"
+    )
+    delivery = _saved("delivery", DELIVERY_OUTPUT.format(machine="") + ceiling, None)
+    section = _section(_render(tmp_path, delivery), DELIVERY)
+    assert "vs this machine's ceiling" in section
+    assert "| 600 /s | 2,000 /s | 0.30x |" in section

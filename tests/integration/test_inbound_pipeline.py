@@ -7,6 +7,7 @@ LiveServer, with a LocalDNSServer publishing SPF, DKIM and DMARC for ``sender.te
 from __future__ import annotations
 
 import base64
+import json
 import smtplib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from multimail.ids import new_id, utcnow
 from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair
 from multimail.services import accounts, threads
 from multimail.services.context import Services
-from multimail.store.tables import events, messages, suppressions
+from multimail.store.tables import audit_entries, events, messages, suppressions
 from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.testing.dns import LocalDNSServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
@@ -275,6 +276,35 @@ def test_complaint_and_unsubscribe_reply_suppress_the_sender(stack: Stack) -> No
         ).all()
     assert suppressed == {("carol@isp.test", "complaint"), ("dave@sender.test", "unsubscribe")}
     assert len(complained) == 2
+
+
+def test_an_unsubscribe_request_in_a_forged_name_suppresses_nobody(stack: Stack) -> None:
+    """Anyone can write any From: "unsubscribe" in the name of it@forged.test, from an address
+    its SPF does not allow (DMARC fails), would have stopped the account's mail to it. It is
+    kept for the operator instead (the message, and an audit entry saying why). Found by
+    review: the reply was acted on with no check at all."""
+    forged = simple("unsubscribe", "Please unsubscribe me.", sender="it@forged.test")
+    unverified = simple("unsubscribe", "Stop.", sender="eve@nowhere.test")  # no SPF, no DMARC
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        client.send_message(forged, from_addr="it@forged.test")
+        client.send_message(unverified, from_addr="eve@nowhere.test")
+    rows = stack.inbound(2)
+    with stack.services.db.read() as conn:
+        suppressed = conn.execute(select(suppressions)).all()
+        complained = conn.execute(
+            select(events.c.id).where(events.c.type == "message.complained")
+        ).all()
+        kept = conn.execute(
+            select(audit_entries.c.subject_id, audit_entries.c.details).where(
+                audit_entries.c.action == "message.unsubscribe_unverified"
+            )
+        ).all()
+    assert suppressed == [] and complained == []
+    assert sorted(r.subject_id for r in kept) == sorted(r["id"] for r in rows)
+    assert {json.loads(r.details)["address"] for r in kept} == {
+        "it@forged.test",
+        "eve@nowhere.test",
+    }
 
 
 def test_forged_phishing_mail_lands_in_spam_and_can_be_released(stack: Stack) -> None:

@@ -446,7 +446,8 @@ def test_prepend_header_folds_and_matches_line_endings() -> None:
 
 def test_prepend_header_refuses_a_bad_field_name() -> None:
     """A field name with a colon, space or newline is refused as InvalidInput."""
-    for name in ("Bad Name", "X:Y", "X\r\nBcc", ""):
+    # "X-Test\n": a pattern ending in $ matched before a final newline.
+    for name in ("Bad Name", "X:Y", "X\r\nBcc", "", "X-Test\n"):
         with pytest.raises(InvalidInput):
             prepend_header(WELL_FORMED, name, "v")
 

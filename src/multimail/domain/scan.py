@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from multimail.domain.spam import EXECUTABLE_EXTENSIONS
+from multimail.errors import InvalidInput
+from multimail.mail.compose import attachment_filename
 
 __all__ = [
     "BLOCKED_EXTENSIONS",
@@ -302,9 +304,33 @@ def _zip_members(data: bytes) -> list[str] | None:
     return [i.filename for i in infos[:_MAX_ZIP_ENTRIES]]
 
 
+def _shown_name(name: str) -> str | None:
+    """The filename a recipient's mail program shows (RFC 2047 encoded-words decoded, as the
+    composer writes it); None when the composer would refuse it."""
+    try:
+        return attachment_filename(name)
+    except InvalidInput:
+        return None
+
+
 def _attachment_findings(attachment: ScanAttachment) -> Iterator[Finding]:
     name = attachment.filename
-    ext = _extension(name)
+    shown = _shown_name(name)
+    if shown is None:
+        yield Finding(
+            "blocked_attachment",
+            "block",
+            f"The attachment name {name[:100]!r} cannot be written into a message (line "
+            "breaks, control characters or slashes); it cannot be sent.",
+            {"filename": name[:255], "reason": "filename"},
+        )
+        return
+    # The name shown is judged, and the name given too: "=?utf-8?b?cnVuLnZicw==?=" is
+    # shown as run.vbs.
+    ext = _extension(shown)
+    if ext not in BLOCKED_EXTENSIONS and _extension(name) in BLOCKED_EXTENSIONS:
+        ext = _extension(name)
+    name = shown
     ctype = attachment.content_type.split(";", 1)[0].strip().lower()
     if ext in BLOCKED_EXTENSIONS:
         yield Finding(

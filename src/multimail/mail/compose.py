@@ -34,6 +34,13 @@ from email.policy import Policy
 from email.utils import encode_rfc2231
 from functools import lru_cache
 
+from multimail.domain.addresses import AddressError, idna_ascii
+from multimail.domain.headertext import (
+    LINE_BREAKS,
+    MAX_DECODE_ROUNDS,
+    HeaderTextError,
+    decoded_header_text,
+)
 from multimail.errors import InvalidInput
 from multimail.mail.markdown import normalise_text, render_markdown, sanitise_fragment
 
@@ -42,8 +49,12 @@ __all__ = [
     "ComposedMessage",
     "OutboundAttachment",
     "OutboundDraft",
+    "attachment_content_type",
+    "attachment_filename",
     "body_sha256",
     "build_message",
+    "check_address",
+    "check_message_id",
     "compose_body",
     "compose_html",
     "compose_message",
@@ -58,15 +69,14 @@ MAX_SUBJECT_CHARS = 998
 MAX_DISPLAY_NAME_CHARS = 256
 MAX_FILENAME_CHARS = 255
 MAX_LINE_OCTETS = 998
-_MAX_DECODE_ROUNDS = 8
 _FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD stay within 78 characters
 
 # 7bit keeps the message deliverable through relays without 8BITMIME.
 _POLICY = email.policy.SMTP.clone(cte_type="7bit")
 _DECODE_POLICY = email.policy.default
 
-# Everything str.splitlines() treats as a line boundary, plus NUL.
-_BREAKS = re.compile("\r\n|[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00]")
+# One definition with the settings that end up in headers (a mailbox's display name).
+_BREAKS = LINE_BREAKS
 _OTHER_CONTROLS = re.compile("[\x01-\x08\x0e-\x1f\x7f]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
@@ -79,6 +89,19 @@ _HOSTNAME = re.compile(
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
 _DOT_ATOM_ADDRESS = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[A-Za-z0-9.-]+")
 _MIME_TYPE = re.compile(r"([a-z0-9][a-z0-9!#$&^_.+-]*)/([a-z0-9][a-z0-9!#$&^_.+-]*)")
+# RFC 2045 5.1: parameter = attribute "=" value; value := token / quoted-string. Quoted
+# strings hold printable ASCII but no quoted-pair: readers (the email package among them)
+# disagree on where a string with an escaped quote or backslash ends.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MIME_PARAMETER = re.compile(
+    rf'[ \t]*;[ \t]*({_TOKEN})[ \t]*=[ \t]*({_TOKEN}|"[ !#-\[\]-~]*")[ \t]*'
+)
+_TOKEN_VALUE = re.compile(_TOKEN)
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# Parameters a Content-Type never carries from a caller: the file's name is the
+# Content-Disposition's (a second name in ``name=`` is one more a reader may show, unscanned),
+# and a boundary belongs to multipart types only.
+_DROPPED_PARAMETERS = frozenset({"name", "filename", "boundary"})
 
 _RESERVED_HEADERS = frozenset(
     {
@@ -163,16 +186,14 @@ class _RawHeader(str):
 
 
 def _decode_like_email_package(value: str) -> str:
-    # Decode with the same parser EmailMessage.__setitem__ uses, until a fixed point.
-    # Honest text is encoded once; nesting deeper than a few levels is an attack.
-    if "=?" not in value and not _SURROGATES.search(value):
-        return value  # no encoded-word to decode (a test pins this against the parser)
-    for _ in range(_MAX_DECODE_ROUNDS):
-        decoded = str(_DECODE_POLICY.header_factory("x-multimail-check", value))
-        if decoded == value:
-            return value
-        value = decoded
-    raise InvalidInput("a header value is nested in too many encodings", code="header_injection")
+    # Decoded with the parser EmailMessage.__setitem__ uses (a test pins the shortcut for
+    # text without encoded-words against it).
+    try:
+        return decoded_header_text(value)
+    except HeaderTextError:
+        raise InvalidInput(
+            "a header value is nested in too many encodings", code="header_injection"
+        ) from None
 
 
 def _refuse_breaks(value: str, what: str) -> str:
@@ -184,22 +205,31 @@ def _refuse_breaks(value: str, what: str) -> str:
     return decoded
 
 
-def _address(value: str, what: str) -> str:
+def check_address(value: str, what: str = "an address") -> str:
+    """The address as the message will carry it (encoded-words decoded, the domain in IDNA
+    ASCII), or ``InvalidInput`` (``header_injection``, ``invalid_address``) when it cannot be
+    written into a header field. The sending service calls this on every recipient it
+    accepts, so that an accepted message is never refused here at delivery."""
     value = _refuse_breaks(value, what).strip()
     local, at, domain = value.rpartition("@")
     if not at:
         raise InvalidInput(f"invalid email address in {what}", code="invalid_address", field=what)
-    if domain.isascii() and _HOSTNAME.fullmatch(domain):
-        ascii_domain = domain  # what the idna codec returns for it, without the codec's cost
+    if domain.isascii():
+        ascii_domain = domain  # _HOSTNAME judges it below
+    elif domain.endswith("."):
+        ascii_domain = ""  # idna_ascii would drop the root's dot: not the address given
     else:
         try:
-            ascii_domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
+            ascii_domain = idna_ascii(domain)  # IDNA 2008 + UTS #46, as the service stores it
+        except AddressError:
             ascii_domain = ""
     spec = f"{local}@{ascii_domain.lower()}"
     if not _valid_addr_spec(spec, ascii_domain):
         raise InvalidInput(f"invalid email address in {what}", code="invalid_address", field=what)
     return spec
+
+
+_address = check_address
 
 
 def _valid_addr_spec(spec: str, ascii_domain: str) -> bool:
@@ -235,7 +265,7 @@ def safe_subject(subject: str) -> str:
             f"the subject is longer than {MAX_SUBJECT_CHARS} characters", code="subject_too_long"
         )
     value = subject
-    for _ in range(_MAX_DECODE_ROUNDS):
+    for _ in range(MAX_DECODE_ROUNDS):
         cleaned = _OTHER_CONTROLS.sub("", _BREAKS.sub(" ", _SURROGATES.sub("\ufffd", value)))
         cleaned = _decode_like_email_package(cleaned)
         if cleaned == value:
@@ -244,12 +274,17 @@ def safe_subject(subject: str) -> str:
     raise InvalidInput("the subject is nested in too many encodings", code="header_injection")
 
 
-def _message_id(value: str, what: str) -> str:
+def check_message_id(value: str, what: str = "a message id") -> str:
+    """``value`` as the message will carry it in Message-ID, In-Reply-To or References, or
+    ``InvalidInput`` (``invalid_message_id``, ``header_injection``)."""
     _refuse_breaks(value, what)
     value = value.strip()
     if not _MSG_ID.fullmatch(value) or len(value) > 900:
         raise InvalidInput(f"invalid message id in {what}", code="invalid_message_id", field=what)
     return value
+
+
+_message_id = check_message_id
 
 
 def _extra_header(name: str, value: str) -> tuple[str, str | _RawHeader]:
@@ -271,22 +306,95 @@ def _extra_header(name: str, value: str) -> tuple[str, str | _RawHeader]:
     return name, _SURROGATES.sub("\ufffd", value)
 
 
-def _attachment_type(attachment: OutboundAttachment) -> tuple[str, str]:
-    match = _MIME_TYPE.fullmatch(attachment.content_type.strip().lower())
+def _content_type(value: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """(maintype, subtype, parameters) of a caller's content type, or ``InvalidInput``."""
+    text = value.strip()
+    slash_end = re.match(r"[^;]*", text)
+    assert slash_end is not None
+    match = _MIME_TYPE.fullmatch(slash_end.group().strip().lower())
     if match is None or match.group(1) == "multipart":
         raise InvalidInput(
-            "invalid attachment content type",
+            f"the content type {value[:100]!r} is not a MIME type such as 'application/pdf' or "
+            "'text/csv; charset=utf-8'",
             code="invalid_content_type",
-            content_type=attachment.content_type[:100],
+            content_type=value[:100],
         )
-    if match.group(1) == "message":
+    parameters: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    position = slash_end.end()
+    while position < len(text):
+        if not text[position:].strip(" \t;"):
+            break  # a trailing ";" (as some libraries write) ends the list
+        parameter = _MIME_PARAMETER.match(text, position)
+        if parameter is None or parameter.end() == position:
+            raise InvalidInput(
+                f"the content type {value[:100]!r} has a parameter that is not "
+                'name=value (the value a token or a "quoted string" of printable ASCII '
+                "without quotes or backslashes in it)",
+                code="invalid_content_type",
+                content_type=value[:100],
+            )
+        position = parameter.end()
+        attribute, raw = parameter.group(1).lower(), parameter.group(2)
+        if attribute in seen:
+            raise InvalidInput(
+                f"the content type {value[:100]!r} gives the parameter {attribute!r} twice",
+                code="invalid_content_type",
+                content_type=value[:100],
+            )
+        seen.add(attribute)
+        if attribute.split("*", 1)[0] in _DROPPED_PARAMETERS:
+            continue
+        if raw.startswith('"'):
+            if attribute.endswith("*"):
+                raise InvalidInput(
+                    f"the content type {value[:100]!r} quotes the RFC 2231 value of "
+                    f"{attribute!r}; write it unquoted (charset'language'percent-encoded)",
+                    code="invalid_content_type",
+                    content_type=value[:100],
+                )
+            raw = raw[1:-1]
+        parameters.append((attribute, raw))
+    return match.group(1), match.group(2), parameters
+
+
+def _parameter(attribute: str, value: str) -> str:
+    """``attribute=value``, the value quoted unless it is a plain word (RFC 2045 5.1 allows
+    any token bare, but readers, the email package among them, misread some: ``x='``).
+    An RFC 2231 extended value (``title*=utf-8''a%20b``) is never quoted."""
+    if _PLAIN_VALUE.fullmatch(value) or (attribute.endswith("*") and _TOKEN_VALUE.fullmatch(value)):
+        return f"{attribute}={value}"
+    return f'{attribute}="{value}"'
+
+
+def attachment_content_type(value: str) -> str:
+    """The content type as an attachment part will carry it: ``type/subtype`` in lower
+    case, then its well-formed parameters (``charset``, ``method``, ...; ``name`` and
+    ``boundary`` are dropped), values quoted only where RFC 2045 needs it. Raises
+    ``InvalidInput`` (``invalid_content_type``) for anything else: a reader could not parse
+    it, or it would be a second header. The sending service stores what this returns."""
+    maintype, subtype, parameters = _content_type(value)
+    return "; ".join([f"{maintype}/{subtype}", *(_parameter(a, v) for a, v in parameters)])
+
+
+def _attachment_content(attachment: OutboundAttachment) -> tuple[str, str, list[tuple[str, str]]]:
+    maintype, subtype, parameters = _content_type(attachment.content_type)
+    if maintype == "message":
         # message/* may not be base64-encoded (RFC 2046 5.2.1) and an attached message
         # is not guaranteed 7-bit clean; clients still open a .eml sent as bytes.
-        return "application", "octet-stream"
-    return match.group(1), match.group(2)
+        return "application", "octet-stream", []
+    return maintype, subtype, parameters
 
 
-def _filename(value: str) -> str:
+def _attachment_type(attachment: OutboundAttachment) -> tuple[str, str]:
+    maintype, subtype, _ = _attachment_content(attachment)
+    return maintype, subtype
+
+
+def attachment_filename(value: str) -> str:
+    """The filename as a recipient's mail program will show it (RFC 2047 encoded-words
+    decoded), or ``InvalidInput`` (``header_injection``, ``invalid_filename``): line breaks,
+    control characters, slashes, an empty or overlong name. What the scan must judge."""
     name = _refuse_breaks(value, "an attachment filename")
     if _OTHER_CONTROLS.search(name) or _SURROGATES.search(name):
         raise InvalidInput("control characters in a filename", code="header_injection")
@@ -294,6 +402,9 @@ def _filename(value: str) -> str:
     if not name or len(name) > MAX_FILENAME_CHARS or "/" in name or "\\" in name:
         raise InvalidInput("invalid attachment filename", code="invalid_filename")
     return name
+
+
+_filename = attachment_filename
 
 
 def compose_body(draft: OutboundDraft) -> str:
@@ -560,20 +671,28 @@ def _disposition(filename: str) -> str | None:
 
 
 def _attachment_part(attachment: OutboundAttachment) -> bytes:
-    maintype, subtype = _attachment_type(attachment)
+    maintype, subtype, parameters = _attachment_content(attachment)
     filename = _filename(attachment.filename)
     disposition = _disposition(filename)
     if disposition is None:
         part = MIMEPart(policy=_POLICY)
         part.set_content(
-            attachment.data, maintype, subtype, disposition="attachment", filename=filename
+            attachment.data,
+            maintype,
+            subtype,
+            disposition="attachment",
+            filename=filename,
+            params=dict(parameters),
         )
         return part.as_bytes(policy=_POLICY)
-    head = (
-        f"Content-Type: {maintype}/{subtype}\r\n"
-        f"Content-Transfer-Encoding: base64\r\n{disposition}\r\n"
+    # Parameters are printable ASCII (see _content_type): folded between them, each whole.
+    content_type = _fold_words(
+        "Content-Type",
+        [f"{maintype}/{subtype}", *(_parameter(a, v) for a, v in parameters)],
+        separator="; ",
     )
-    return head.encode("ascii") + _CRLF + _base64_lines(attachment.data)
+    head = content_type + f"Content-Transfer-Encoding: base64\r\n{disposition}\r\n".encode()
+    return head + _CRLF + _base64_lines(attachment.data)
 
 
 def _multipart(subtype: str, parts: Sequence[bytes]) -> tuple[bytes, bytes]:

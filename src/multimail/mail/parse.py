@@ -602,7 +602,7 @@ def _unreadable(raw: bytes, exc: Exception) -> ParsedMessage:
 # --------------------------------------------------------------------------- raw editing
 
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
-_VALID_NAME = re.compile(r"^[!-9;-~]+$")
+_VALID_NAME = re.compile(r"[!-9;-~]+")
 
 
 def _header_block_end(lines: list[bytes]) -> int:
@@ -657,7 +657,7 @@ def prepend_header(raw: bytes, name: str, value: str) -> bytes:
 
     CR/LF in ``value`` are folded to spaces so a value can never start a new field.
     """
-    if not _VALID_NAME.match(name):
+    if not _VALID_NAME.fullmatch(name):
         raise InvalidInput(f"{name!r} is not a valid header field name.", field="name")
     clean = " ".join(_CONTROL.sub(" ", value).split())
     first_line, has_newline, _ = raw.partition(b"\n")

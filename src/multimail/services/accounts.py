@@ -14,6 +14,7 @@ from multimail.domain.addresses import AddressError, normalize_address
 from multimail.errors import Conflict, InvalidInput, NotFound
 from multimail.ids import new_id, utcnow
 from multimail.services import audit, keys
+from multimail.services import mailboxes as mailbox_service
 from multimail.services.common import jsonable
 from multimail.services.context import SYSTEM, Actor
 from multimail.store.db import Database
@@ -22,6 +23,34 @@ from multimail.store.tables import accounts, mailboxes, messages, operator_users
 _hasher = PasswordHasher()
 
 UPDATABLE_ACCOUNT_FIELDS = ("name", "oversight_email", "postal_address", "daily_send_quota")
+
+
+def check_oversight_email(conn: Connection, value: Any) -> Any:
+    """``oversight_email`` as it will be stored, or 422.
+
+    It must be an address the composer writes as given (see
+    :func:`mailboxes.setting_address`: approval requests and codes are mailed there), and not
+    a mailbox hosted by this server, in any account: whoever holds a key that reads that
+    mailbox would read the approval-request mails (one-click Approve links), the trust-ladder
+    codes and the approval codes, and so approve their own requests. Takes
+    :func:`mailboxes.lock_addresses` (before any audit append of the caller's transaction),
+    so a mailbox created at the same moment cannot take the address either. Empty or null
+    (no oversight address) is given back as it came.
+    """
+    if not value:
+        return value
+    address = mailbox_service.setting_address(value, "oversight_email")
+    mailbox_service.lock_addresses(conn)
+    if mailbox_service.hosted_here(conn, address):
+        raise InvalidInput(
+            f"oversight_email cannot be {address}: that is a mailbox on this MultiMail server, "
+            "and an agent that can read it would read the approval requests (with their "
+            "one-click Approve links) and the approval codes meant for the operator. Use an "
+            "address the operator reads outside MultiMail (their own mail provider)",
+            code="oversight_email_hosted_here",
+            field="oversight_email",
+        )
+    return address
 
 
 def create_account(
@@ -33,11 +62,7 @@ def create_account(
     postal_address: str | None = None,
 ) -> dict[str, Any]:
     now = utcnow()
-    if oversight_email:
-        try:
-            oversight_email = normalize_address(oversight_email)
-        except AddressError as exc:
-            raise InvalidInput(str(exc), code="invalid_address") from None
+    oversight_email = check_oversight_email(conn, oversight_email)
     record: dict[str, Any] = {
         "id": new_id("acct"),
         "name": name.strip() or "MultiMail",
@@ -120,11 +145,8 @@ def update_account(
         )
     current = get_account(conn, account_id)
     values = dict(changes)
-    if values.get("oversight_email"):
-        try:
-            values["oversight_email"] = normalize_address(values["oversight_email"])
-        except AddressError as exc:
-            raise InvalidInput(str(exc), code="invalid_address") from None
+    if "oversight_email" in values:
+        values["oversight_email"] = check_oversight_email(conn, values["oversight_email"])
     if not values:
         return account_view(conn, account_id)
     values["updated_at"] = utcnow()

@@ -31,8 +31,9 @@ from multimail.domain.oversight import OversightMode, is_loosening, parse_mode
 from multimail.domain.scopes import Scope
 from multimail.errors import ApprovalRequired, Conflict, Forbidden, InvalidInput, NotFound
 from multimail.ids import aware, isoformat, new_id, utcnow
-from multimail.services import audit, keys, mailboxes, notify
+from multimail.services import accounts, audit, keys, mailboxes, notify
 from multimail.services.context import Actor, Services
+from multimail.store.tables import accounts as account_table
 from multimail.store.tables import approval_codes, mailbox_allowlist
 from multimail.store.tables import mailboxes as mailbox_table
 
@@ -50,7 +51,9 @@ PURPOSES = {
     "api_key_create": "create an API key",
     "webhook_create": "create a webhook",
     "mailbox_copies": "change a mailbox's auto_cc / auto_bcc",
+    "mailbox_settings": "change mailbox settings that loosen its oversight",
     "oversight_email": "change the account's oversight email",
+    "account_settings": "change account settings that loosen its oversight",
     "allowlist_add": "add a recipient to a mailbox's allowlist",
 }
 
@@ -207,6 +210,79 @@ def _refuse(problem: str) -> Forbidden:
     return Forbidden(problem, code="invalid_approval_code")
 
 
+@dataclass(frozen=True)
+class Gate:
+    """What an API key needs the operator's code for: one purpose, bound to ``params`` (the
+    whole set of gated changes in the request), shown to the operator as ``summary``."""
+
+    purpose: str
+    params: Mapping[str, Any]
+    summary: str
+    subject_id: str | None = None
+
+
+def with_operator_gate(
+    services: Services,
+    actor: Actor,
+    *,
+    code: str | None,
+    gate: Callable[[Connection], Gate | None],
+    action: Callable[[Connection], T],
+) -> T:
+    """Run ``action`` in one transaction if what ``gate`` asks for was approved.
+
+    ``gate`` runs first in that same transaction (so it can lock and read what it judges) and
+    answers what needs the operator, or ``None`` when nothing does. Operators act directly. An
+    API key without a code gets :class:`ApprovalRequired` (202) after a code was mailed; with a
+    valid code for exactly the gate's purpose, subject and params the code is spent in the
+    action's own transaction; a wrong code is counted and refused (403).
+    """
+    with services.db.write() as conn:
+        needed = None if actor.is_operator else gate(conn)
+        if needed is None:
+            return action(conn)
+        if not code:
+            body = issue_code(
+                conn,
+                services,
+                actor,
+                purpose=needed.purpose,
+                subject_id=needed.subject_id,
+                params=needed.params,
+                summary=needed.summary,
+            )
+            problem = None
+        else:
+            checked = _check(
+                conn,
+                actor,
+                purpose=needed.purpose,
+                subject_id=needed.subject_id,
+                params=needed.params,
+                code=code,
+                now=utcnow(),
+            )
+            if checked.problem is None:
+                audit.append(
+                    conn,
+                    actor=actor,
+                    action="approval_code.used",
+                    subject_type="approval_code",
+                    subject_id=needed.subject_id,
+                    details={"purpose": needed.purpose, "approved_by": "operator code"},
+                )
+                return action(conn)
+            problem = checked.problem
+    # Committed: the mailed code, or the wrong guess counted.
+    if problem is not None:
+        raise _refuse(problem)
+    raise ApprovalRequired(
+        f"this needs the operator's approval: a one-time code was sent to "
+        f'{body["sent_to"]}; repeat the same request with "approval_code" set to it',
+        **body,
+    )
+
+
 def with_operator_approval(
     services: Services,
     actor: Actor,
@@ -218,52 +294,10 @@ def with_operator_approval(
     action: Callable[[Connection], T],
     subject_id: str | None = None,
 ) -> T:
-    """Run ``action`` in one transaction if the operator approved it.
-
-    Operators act directly. An API key without a code gets :class:`ApprovalRequired` (202)
-    after a code was mailed; with a valid code for these exact ``params`` the code is spent
-    in the action's own transaction; a wrong code is counted and refused (403).
-    """
-    if actor.is_operator:
-        with services.db.write() as conn:
-            return action(conn)
-    if not code:
-        with services.db.write() as conn:
-            body = issue_code(
-                conn,
-                services,
-                actor,
-                purpose=purpose,
-                subject_id=subject_id,
-                params=params,
-                summary=summary,
-            )
-        raise ApprovalRequired(
-            f"this needs the operator's approval: a one-time code was sent to "
-            f'{body["sent_to"]}; repeat the same request with "approval_code" set to it',
-            **body,
-        )
-    with services.db.write() as conn:
-        checked = _check(
-            conn,
-            actor,
-            purpose=purpose,
-            subject_id=subject_id,
-            params=params,
-            code=code,
-            now=utcnow(),
-        )
-        if checked.problem is None:
-            audit.append(
-                conn,
-                actor=actor,
-                action="approval_code.used",
-                subject_type="approval_code",
-                subject_id=subject_id,
-                details={"purpose": purpose, "approved_by": "operator code"},
-            )
-            return action(conn)
-    raise _refuse(str(checked.problem))
+    """Run ``action`` if the operator approved it: an action that always needs the code
+    (see :func:`with_operator_gate`)."""
+    needed = Gate(purpose, params, summary, subject_id)
+    return with_operator_gate(services, actor, code=code, gate=lambda conn: needed, action=action)
 
 
 # --- the trust ladder ------------------------------------------------------------------------
@@ -390,6 +424,22 @@ def create_mailbox(
     actor.require(Scope.ADMIN)
     params = {k: v for k, v in fields.items() if v is not None}
     address = params.get("address") or params.get("address_local_part") or "?"
+    needed = Gate(
+        "mailbox_create", params, f"create mailbox {address} with {_canonical(params)}", None
+    )
+
+    def gate(conn: Connection) -> Gate:
+        # Before the code's audit entry (mailboxes.lock_addresses): an address that cannot be
+        # had (invalid, a domain not owned, an oversight_email) is refused before a code is
+        # mailed for it.
+        mailboxes.claim_address(
+            conn,
+            services.settings,
+            str(actor.account_id),
+            fields.get("address"),
+            fields.get("address_local_part"),
+        )
+        return needed
 
     def create(conn: Connection) -> dict[str, Any]:
         args = dict(fields)
@@ -412,15 +462,29 @@ def create_mailbox(
             )
         return view
 
-    return with_operator_approval(
-        services,
-        actor,
-        purpose="mailbox_create",
-        params=params,
-        code=approval_code,
-        summary=f"create mailbox {address} with {_canonical(params)}",
-        action=create,
-    )
+    return with_operator_gate(services, actor, code=approval_code, gate=gate, action=create)
+
+
+def _shown(field: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "no limit" if field.startswith(("send_cap_", "daily_send_quota")) else "none"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def _changes_summary(title: str, gated: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = [title]
+    lines += [
+        f"  {field}: {_shown(field, c['from'])} -> {_shown(field, c['to'])}"
+        for field, c in gated.items()
+    ]
+    return "\n".join(lines)
+
+
+COPIES = frozenset({"auto_cc", "auto_bcc"})
 
 
 def update_mailbox(
@@ -430,24 +494,33 @@ def update_mailbox(
     changes: dict[str, Any],
     approval_code: str | None,
 ) -> dict[str, Any]:
-    """Mailbox settings; a change of auto_cc / auto_bcc needs the operator's code."""
+    """Mailbox settings. For an API key, the changes that loosen the operator's hold (see
+    :func:`mailboxes.loosening_changes`: auto_cc / auto_bcc, a new webhook_url, a raised or
+    removed send cap, ai_disclosure turned off) need the operator's code, one code for all of
+    them together; the rest, tightening included, applies at once. Judged on the locked row,
+    in the update's own transaction."""
     actor.require(Scope.ADMIN)
-    copies: dict[str, Any] = {k: changes[k] for k in ("auto_cc", "auto_bcc") if k in changes}
-    if not copies:
-        with services.db.write() as conn:
-            return mailboxes.update_mailbox(conn, actor=actor, ref=mailbox_ref, changes=changes)
-    with services.db.read() as conn:
-        box_id = mailboxes.resolve(conn, actor, mailbox_ref)["id"]
-    return with_operator_approval(
+
+    def gate(conn: Connection) -> Gate | None:
+        box = mailboxes.resolve(conn, actor, mailbox_ref, for_update=True)
+        gated = mailboxes.loosening_changes(box, changes, actor)
+        if not gated:
+            return None
+        # The code is bound to what the caller asked for, as asked (the operator sees it).
+        params = {k: changes[k] for k in gated}
+        summary = _changes_summary(f"mailbox {box['address']}:", gated)
+        # Copies alone keep the purpose and params codes were issued with before the other
+        # fields were gated, so such a code still approves exactly the change it named.
+        purpose = "mailbox_copies" if set(gated) <= COPIES else "mailbox_settings"
+        return Gate(purpose, params, summary, box["id"])
+
+    return with_operator_gate(
         services,
         actor,
-        purpose="mailbox_copies",
-        subject_id=box_id,
-        params=copies,
         code=approval_code,
-        summary=f"mailbox {mailbox_ref}: {_canonical(copies)}",
+        gate=gate,
         action=lambda conn: mailboxes.update_mailbox(
-            conn, actor=actor, ref=box_id, changes=changes
+            conn, actor=actor, ref=mailbox_ref, changes=changes
         ),
     )
 
@@ -459,20 +532,56 @@ def guard_oversight_email(
     approval_code: str | None,
     action: Callable[[Connection], T],
 ) -> T:
-    """Changing where codes go needs a code sent to where they go now."""
-    if "oversight_email" not in changes:
-        with services.db.write() as conn:
-            return action(conn)
-    return with_operator_approval(
-        services,
-        actor,
-        purpose="oversight_email",
-        subject_id=actor.account_id,
-        params={"oversight_email": changes["oversight_email"]},
-        code=approval_code,
-        summary=f"oversight_email -> {changes['oversight_email']}",
-        action=action,
-    )
+    """PATCH /v1/account by an API key: changing where codes go needs a code sent to where
+    they go now, and raising or removing the daily send quota needs the operator too
+    (lowering it, or setting one where there was none, applies at once). Both in one request
+    need one code for both. A new oversight_email is validated (and locked against mailbox
+    creation, see :func:`accounts.check_oversight_email`) before any code is mailed."""
+
+    def gate(conn: Connection) -> Gate | None:
+        gated: dict[str, dict[str, Any]] = {}
+        if "oversight_email" in changes:
+            accounts.check_oversight_email(conn, changes["oversight_email"])
+        query = select(account_table).where(account_table.c.id == actor.account_id)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        account = conn.execute(query).mappings().first()
+        current = dict(account) if account is not None else {}
+        if "oversight_email" in changes:
+            gated["oversight_email"] = {
+                "from": current.get("oversight_email"),
+                "to": changes["oversight_email"],
+            }
+        if "daily_send_quota" in changes:
+            quota = changes["daily_send_quota"]
+            if quota is not None and (
+                not isinstance(quota, int) or isinstance(quota, bool) or quota < 0
+            ):
+                raise InvalidInput(
+                    "daily_send_quota must be a non-negative whole number or null",
+                    code="invalid_field",
+                    field="daily_send_quota",
+                )
+            if mailboxes.cap_loosened(current.get("daily_send_quota"), quota):
+                gated["daily_send_quota"] = {"from": current.get("daily_send_quota"), "to": quota}
+        if not gated:
+            return None
+        if set(gated) == {"oversight_email"}:
+            # As before the quota was gated: codes issued then still fit this change.
+            return Gate(
+                "oversight_email",
+                {"oversight_email": changes["oversight_email"]},
+                f"oversight_email -> {changes['oversight_email']}",
+                actor.account_id,
+            )
+        return Gate(
+            "account_settings",
+            {k: changes[k] for k in gated},
+            _changes_summary("the account:", gated),
+            actor.account_id,
+        )
+
+    return with_operator_gate(services, actor, code=approval_code, gate=gate, action=action)
 
 
 # --- the recipient allowlist -----------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import ColumnElement, Connection, Select, func, select, text
+from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, select, text
 
 from multimail.domain.addresses import AddressError, normalize_address
 from multimail.domain.audit import GENESIS_HASH, HASHED_FIELDS, entry_hash
@@ -163,10 +163,19 @@ class EntryFilter:
     subject_id: str | None = None
     date_after: str | None = None  # ISO strings, compared with ``at`` (same fixed format)
     date_before: str | None = None
+    # A key restricted to some mailboxes (``Actor.mailbox_ids``) sees those mailboxes'
+    # entries and the account-level ones (no mailbox) it wrote itself; ``None``: no limit.
+    visible_mailbox_ids: frozenset[str] | None = None
+    own_actor_id: str | None = None
 
     def conditions(self) -> list[ColumnElement[bool]]:
         c = audit_entries.c
         wanted: list[ColumnElement[bool]] = []
+        if self.visible_mailbox_ids is not None:
+            mine: ColumnElement[bool] = c.mailbox_id.in_(sorted(self.visible_mailbox_ids))
+            if self.own_actor_id is not None:
+                mine = or_(mine, and_(c.mailbox_id.is_(None), c.actor_id == self.own_actor_id))
+            wanted.append(mine)
         for column, value in (
             (c.account_id, self.account_id),
             (c.actor_id, self.actor_id),
@@ -198,23 +207,36 @@ def _date_bound(value: str | datetime | None, name: str) -> str | None:
         ) from None
 
 
-def _mailbox_id(conn: Connection, account_id: str | None, ref: str) -> str:
-    """A mailbox id from an id or an address; deleted mailboxes keep their history."""
+def _mailbox_id(conn: Connection, actor: Actor, ref: str) -> str:
+    """The id of the caller's mailbox named by id or address; NotFound for anything else.
+
+    The rule of ``mailboxes.resolve`` (the caller's account, and a restricted key's own
+    mailboxes only), except that a deleted mailbox still names its history here. The answer
+    does not repeat the reference: another account's mailbox and one that exists nowhere
+    answer the same bytes (a filter must not tell them apart).
+    """
+    missing = NotFound("mailbox not found", code="mailbox_not_found")
+    query = select(mailboxes.c.id).where(mailboxes.c.account_id == actor.account_id)
     if ref.startswith("mbx_"):
-        return ref
-    try:
-        address = normalize_address(ref)
-    except AddressError:
-        raise NotFound(f"mailbox {ref!r} not found", code="mailbox_not_found") from None
+        query = query.where(mailboxes.c.id == ref)
+    else:
+        try:
+            query = query.where(mailboxes.c.address == normalize_address(ref))
+        except AddressError:
+            raise missing from None
     row = conn.execute(
-        select(mailboxes.c.id)
-        .where(mailboxes.c.account_id == account_id, mailboxes.c.address == address)
-        .order_by(mailboxes.c.deleted_at.is_not(None), mailboxes.c.id.desc())
-        .limit(1)
+        query.order_by(mailboxes.c.deleted_at.is_not(None), mailboxes.c.id.desc()).limit(1)
     ).first()
-    if row is None:
-        raise NotFound(f"mailbox {ref!r} not found", code="mailbox_not_found")
+    if row is None or (actor.mailbox_ids is not None and row.id not in actor.mailbox_ids):
+        raise missing
     return str(row.id)
+
+
+def _visible_to(actor: Actor | None) -> dict[str, Any]:
+    """The limit an actor's mailbox restriction puts on every read of the log."""
+    if actor is None or actor.mailbox_ids is None:
+        return {}
+    return {"visible_mailbox_ids": frozenset(actor.mailbox_ids), "own_actor_id": actor.id}
 
 
 def make_filter(
@@ -228,15 +250,20 @@ def make_filter(
     date_after: str | datetime | None = None,
     date_before: str | datetime | None = None,
 ) -> EntryFilter:
-    """The caller's account's entries, narrowed by the filters of ``GET /v1/audit-log``."""
+    """The caller's account's entries, narrowed by the filters of ``GET /v1/audit-log``.
+
+    A key restricted to some mailboxes sees only theirs (and its own account-level entries);
+    naming another mailbox answers 404, as every mailbox-scoped read does.
+    """
     return EntryFilter(
         account_id=actor.account_id,
         actor_id=actor_id or None,
         action=action or None,
-        mailbox_id=_mailbox_id(conn, actor.account_id, mailbox) if mailbox else None,
+        mailbox_id=_mailbox_id(conn, actor, mailbox) if mailbox else None,
         subject_id=subject_id or None,
         date_after=_date_bound(date_after, "date_after"),
         date_before=_date_bound(date_before, "date_before"),
+        **_visible_to(actor),
     )
 
 
@@ -660,11 +687,14 @@ def export_filter(
     account_id: str | None,
     date_after: str | datetime | None = None,
     date_before: str | datetime | None = None,
+    actor: Actor | None = None,
 ) -> EntryFilter:
+    """What an export covers; ``actor`` (the API caller) narrows it as ``make_filter`` does."""
     return EntryFilter(
         account_id=account_id,
         date_after=_date_bound(date_after, "date_after"),
         date_before=_date_bound(date_before, "date_before"),
+        **_visible_to(actor),
     )
 
 

@@ -291,6 +291,24 @@ def check_dmarc(
     return AuthResult("fail", from_domain, f"policy={policy}")
 
 
+def sender_verified(auth: AuthResults, from_address: str | None, from_count: int = 1) -> bool:
+    """True when the From address is vouched for: DMARC passes, or (for a domain with no
+    DMARC record) SPF or DKIM passes for a domain aligned with it. What a request made in the
+    sender's name (an "unsubscribe" reply) needs before we act on it: anyone can write any
+    From."""
+    if from_count != 1 or not from_address or "@" not in from_address:
+        return False
+    if auth.dmarc.result == "pass":
+        return True
+    if auth.dmarc.result not in ("none", ""):
+        return False  # the domain publishes DMARC and this message failed it
+    from_domain = from_address.rpartition("@")[2]
+    return any(
+        item.result == "pass" and _aligned(item.domain, from_domain, False)
+        for item in (auth.spf, auth.dkim)
+    )
+
+
 def authenticate(
     raw: bytes,
     *,

@@ -57,7 +57,12 @@ from multimail.mail.reports import (
     parse_dsn,
 )
 from multimail.services import audit, directory, events, mailboxes, messages, threads
-from multimail.services.authresults import AuthResults, authenticate, make_resolver
+from multimail.services.authresults import (
+    AuthResults,
+    authenticate,
+    make_resolver,
+    sender_verified,
+)
 from multimail.services.context import Actor, Services
 from multimail.smtp.inbound import (
     ACCEPT,
@@ -660,7 +665,9 @@ def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> 
             original_ids=[analysis.arf.original_message_id],
             report_row=row,
         )
-    elif analysis.unsubscribe:
+    elif analysis.unsubscribe and sender_verified(
+        analysis.auth, row["from_address"], analysis.parsed.from_count
+    ):
         _apply_complaint(
             conn,
             account_id,
@@ -668,6 +675,23 @@ def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> 
             reason="unsubscribe",
             original_ids=[analysis.parsed.in_reply_to, *analysis.parsed.references],
             report_row=row,
+        )
+    elif analysis.unsubscribe:
+        # A forged From would otherwise stop the account's mail to anyone: the request is
+        # kept (the message itself is in the mailbox) for the operator to act on.
+        audit.append(
+            conn,
+            actor=_system(account_id),
+            action="message.unsubscribe_unverified",
+            subject_type="message",
+            subject_id=row["id"],
+            mailbox_id=row["mailbox_id"],
+            details={
+                "address": row["from_address"],
+                "spf": analysis.auth.spf.result,
+                "dkim": analysis.auth.dkim.result,
+                "dmarc": analysis.auth.dmarc.result,
+            },
         )
     return row
 

@@ -6,13 +6,15 @@ mailbox is "not found", never "forbidden": existence is not leaked.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from multimail.config import Settings
 from multimail.domain.addresses import AddressError, domain_of, normalize_address
+from multimail.domain.headertext import HeaderTextError, has_line_break
 from multimail.domain.oversight import (
     DEFAULT_MODE,
     GateTiming,
@@ -23,10 +25,11 @@ from multimail.domain.oversight import (
 )
 from multimail.errors import Conflict, Forbidden, InvalidInput, NotFound
 from multimail.ids import new_id, utcnow
+from multimail.mail.compose import check_address
 from multimail.services import audit
 from multimail.services.common import jsonable
 from multimail.services.context import Actor
-from multimail.store.tables import domains, mailboxes
+from multimail.store.tables import accounts, domains, mailboxes
 
 SETTABLE = {
     "display_name",
@@ -77,6 +80,70 @@ def resolve(
     return dict(row)
 
 
+def setting_address(value: Any, field: str) -> str:
+    """An address saved in a setting (``auto_cc`` / ``auto_bcc``, ``oversight_email``),
+    normalised, and exactly what the composer will write into a header for it (as the send
+    path's recipients are): an address the composer refuses (a line break, an encoded-word it
+    cannot read) or reads as another (an RFC 2047 encoded-word in the local part is decoded)
+    is refused now with 422 ``invalid_address`` naming ``field``, not at every later send."""
+    try:
+        address = normalize_address(value)
+    except AddressError as exc:
+        raise InvalidInput(f"{field}: {exc}", code="invalid_address", field=field) from None
+    try:
+        written = check_address(address, field)
+    except InvalidInput:
+        written = None
+    if written != address:
+        raise InvalidInput(
+            f"{field}: {value!r} is not a plain email address (it holds an RFC 2047 "
+            "encoded-word, =?...?=, that mail programs would decode, or something no header "
+            "can carry); give it as name@example.com",
+            code="invalid_address",
+            field=field,
+        )
+    return address
+
+
+# Mailbox addresses and accounts' oversight_email must never meet (see refuse_oversight_address
+# and accounts.check_oversight_email). On PostgreSQL both sides take this transaction-level
+# advisory lock before they look, so a mailbox created and an oversight_email set at the same
+# moment cannot both pass. Take it before the transaction's first audit append: audit takes its
+# own lock then and holds it to commit, so the other order could deadlock.
+_ADDRESS_LOCK = 7_240_003
+
+
+def lock_addresses(conn: Connection) -> None:
+    """Serialise mailbox creation against oversight_email changes (PostgreSQL; SQLite's single
+    writer already does)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADDRESS_LOCK})
+
+
+def hosted_here(conn: Connection, address: str) -> bool:
+    """Whether ``address`` (normalised) is a live mailbox on this server, in any account."""
+    query = select(mailboxes.c.id).where(
+        mailboxes.c.address == address, mailboxes.c.deleted_at.is_(None)
+    )
+    return conn.execute(query.limit(1)).first() is not None
+
+
+def refuse_oversight_address(conn: Connection, address: str) -> None:
+    """A new mailbox may not take an address that is some account's oversight_email: whoever
+    holds a key to that mailbox would read the approval-request mails (one-click Approve
+    links) and the approval codes meant for the operator. 409 ``address_is_oversight_email``:
+    the address is well formed, it conflicts with how it is already used; the account(s) it
+    belongs to are not named. Caller holds :func:`lock_addresses`."""
+    query = select(accounts.c.id).where(func.lower(accounts.c.oversight_email) == address)
+    if conn.execute(query.limit(1)).first() is not None:
+        raise Conflict(
+            f"{address} cannot be a mailbox: it is where an operator receives approval "
+            "requests and approval codes (an account's oversight_email), and a mailbox's "
+            "agents could read them and approve their own requests; pick another address",
+            code="address_is_oversight_email",
+        )
+
+
 def _address_list(values: Any, field: str) -> list[str]:
     if values is None:
         return []
@@ -84,13 +151,7 @@ def _address_list(values: Any, field: str) -> list[str]:
         values = [v for v in (p.strip() for p in values.split(",")) if v]
     if not isinstance(values, list):
         raise InvalidInput(f"{field} must be a list of addresses", code="invalid_field")
-    out = []
-    for value in values:
-        try:
-            out.append(normalize_address(value))
-        except AddressError as exc:
-            raise InvalidInput(f"{field}: {exc}", code="invalid_address") from None
-    return out
+    return [setting_address(value, field) for value in values]
 
 
 def _validate_settings(values: dict[str, Any]) -> dict[str, Any]:
@@ -110,12 +171,16 @@ def _validate_settings(values: dict[str, Any]) -> dict[str, Any]:
     for field in ("auto_cc", "auto_bcc"):
         if field in clean:
             clean[field] = _address_list(clean[field], field)
+    if "ai_disclosure" in clean and not isinstance(clean["ai_disclosure"], bool):
+        raise InvalidInput(
+            "ai_disclosure must be true or false", code="invalid_field", field="ai_disclosure"
+        )
     if clean.get("display_name") is not None:
-        name = str(clean["display_name"])
-        if any(c in name for c in "\r\n\0") or len(name) > 200:
-            raise InvalidInput(
-                "display_name must be one line of at most 200 characters", code="invalid_field"
-            )
+        clean["display_name"] = _display_name(clean["display_name"])
+    if clean.get("signature") is not None and not isinstance(clean["signature"], str):
+        raise InvalidInput(
+            "signature must be text or null", code="invalid_field", field="signature"
+        )
     for field in ("approval_timeout_seconds", "approval_expiry_seconds"):
         if field in clean and (not isinstance(clean[field], int) or clean[field] < 60):
             raise InvalidInput(
@@ -131,6 +196,30 @@ def _validate_settings(values: dict[str, Any]) -> dict[str, Any]:
         if not url.startswith(("https://", "http://")) or len(url) > 2048:
             raise InvalidInput("webhook_url must be an https:// URL", code="webhook_url_invalid")
     return clean
+
+
+def _display_name(value: Any) -> str:
+    """The From name as the composer will take it: one line (no break of any kind, itself or
+    in an encoded-word: the composer refuses those, so every send would fail), <= 200 chars."""
+    if not isinstance(value, str) or len(value) > 200:
+        raise InvalidInput(
+            "display_name must be one line of text of at most 200 characters",
+            code="invalid_field",
+            field="display_name",
+        )
+    try:
+        broken = has_line_break(value)
+    except HeaderTextError:
+        broken = True
+    if broken:
+        raise InvalidInput(
+            "display_name must be one line: it may not hold a line break (CR, LF, VT, FF, "
+            "NEL, U+2028, U+2029, NUL or a file/group/record separator), written out or "
+            "inside an =?...?= encoded-word",
+            code="invalid_field",
+            field="display_name",
+        )
+    return value
 
 
 def _check_domain(
@@ -152,6 +241,37 @@ def _check_domain(
     return str(row.id)
 
 
+def claim_address(
+    conn: Connection,
+    settings: Settings,
+    account_id: str,
+    address: str | None,
+    address_local_part: str | None,
+) -> tuple[str, str | None]:
+    """The address a new mailbox asks for, normalised, and its domain row: 422 when it is
+    missing or invalid or the account does not own its domain, 409 when it is an account's
+    oversight_email. Takes :func:`lock_addresses` (so call it before any audit append)."""
+    address = _new_address(settings, address, address_local_part)
+    domain_id = _check_domain(conn, settings, account_id, address)
+    lock_addresses(conn)
+    refuse_oversight_address(conn, address)
+    return address, domain_id
+
+
+def _new_address(settings: Settings, address: str | None, address_local_part: str | None) -> str:
+    if not address and address_local_part:
+        address = f"{address_local_part}@{settings.domain}"
+    if not address:
+        raise InvalidInput(
+            "give the mailbox an 'address' (name@domain) or an 'address_local_part'",
+            code="missing_address",
+        )
+    try:
+        return normalize_address(address)
+    except AddressError as exc:
+        raise InvalidInput(str(exc), code="invalid_address") from None
+
+
 def create_mailbox(
     conn: Connection,
     *,
@@ -166,20 +286,12 @@ def create_mailbox(
         raise InvalidInput(
             f"unknown mailbox fields: {', '.join(sorted(unknown))}", code="unknown_fields"
         )
-    if not address and address_local_part:
-        address = f"{address_local_part}@{settings.domain}"
-    if not address:
-        raise InvalidInput(
-            "give the mailbox an 'address' (name@domain) or an 'address_local_part'",
-            code="missing_address",
-        )
-    try:
-        address = normalize_address(address)
-    except AddressError as exc:
-        raise InvalidInput(str(exc), code="invalid_address") from None
-    clean = _validate_settings(fields)
     assert actor.account_id is not None
-    domain_id = _check_domain(conn, settings, actor.account_id, address)
+    _new_address(settings, address, address_local_part)  # a missing address is said first
+    clean = _validate_settings(fields)
+    address, domain_id = claim_address(
+        conn, settings, actor.account_id, address, address_local_part
+    )
     requested = OversightMode(clean.get("oversight_mode") or DEFAULT_MODE.value)
     mode = requested
     upgrade_requested = None
@@ -245,6 +357,67 @@ def list_mailboxes(conn: Connection, actor: Actor) -> list[dict[str, Any]]:
     ]
 
 
+def cap_loosened(current: int | None, wanted: int | None) -> bool:
+    """A send cap (or quota) is loosened when it is removed or raised; ``None`` is no cap.
+    Lowering it, or setting one where there was none, tightens."""
+    if wanted is None:
+        return current is not None
+    return current is not None and wanted > current
+
+
+def loosening_changes(
+    row: Mapping[str, Any], changes: Mapping[str, Any], actor: Actor
+) -> dict[str, Any]:
+    """The changes an API key needs the operator's approval_code for (SPEC §2: loosening the
+    operator's hold on the mailbox), as ``{field: {"from": now, "to": wanted}}``; everything
+    else, tightening included, applies at once.
+
+    ``auto_cc`` / ``auto_bcc``: whenever given (adding a copy can leak mail, removing one can
+    drop the operator's own copy; gated as given, as before the other fields were).
+    ``webhook_url``: a new or different URL (it subscribes to all of the mailbox's events,
+    like creating a webhook); clearing it does not. ``send_cap_*``: a raised or removed cap.
+    ``ai_disclosure``: turning it off (recipients stop being told an AI wrote the message;
+    SPEC: on by default); turning it on does not.
+    A loosening ``oversight_mode`` has its own flow and is refused here (403) as in
+    :func:`update_mailbox`. Everything is validated first, so an invalid or refused request
+    gets its error before any code is mailed. ``approval_timeout_seconds`` and
+    ``approval_expiry_seconds`` need no code: they decide when the operator is reminded and
+    when a pending draft dies unsent, never whether a message passes the gate.
+    """
+    unknown = set(changes) - SETTABLE
+    if unknown:
+        raise InvalidInput(
+            f"unknown mailbox fields: {', '.join(sorted(unknown))}", code="unknown_fields"
+        )
+    clean = _validate_settings(dict(changes))
+    check_mode_change(row, clean, actor)
+    gated: dict[str, Any] = {}
+    for field in ("auto_cc", "auto_bcc"):
+        if field in clean:
+            gated[field] = clean[field]
+    if clean.get("webhook_url") is not None and clean["webhook_url"] != row.get("webhook_url"):
+        gated["webhook_url"] = clean["webhook_url"]
+    for field in ("send_cap_hour", "send_cap_day"):
+        if field in clean and cap_loosened(row.get(field), clean[field]):
+            gated[field] = clean[field]
+    if clean.get("ai_disclosure") is False and row.get("ai_disclosure"):
+        gated["ai_disclosure"] = False
+    return {k: {"from": row.get(k), "to": v} for k, v in gated.items()}
+
+
+def check_mode_change(row: Mapping[str, Any], clean: Mapping[str, Any], actor: Actor) -> None:
+    """Tightening the mode is immediate; loosening it is the trust ladder's (request-upgrade)."""
+    if "oversight_mode" in clean and clean["oversight_mode"] is not None:
+        new_mode = OversightMode(clean["oversight_mode"])
+        if is_loosening(OversightMode(row["oversight_mode"]), new_mode) and not actor.is_operator:
+            raise Forbidden(
+                f"loosening this mailbox from {row['oversight_mode']} to {new_mode.value} needs "
+                f"the operator: call POST /v1/mailboxes/{row['id']}/request-upgrade, then "
+                "/upgrade with the code mailed to the oversight address",
+                code="upgrade_requires_approval",
+            )
+
+
 def update_mailbox(
     conn: Connection, *, actor: Actor, ref: str, changes: dict[str, Any]
 ) -> dict[str, Any]:
@@ -255,15 +428,7 @@ def update_mailbox(
         )
     row = resolve(conn, actor, ref, for_update=True)
     clean = _validate_settings(changes)
-    if "oversight_mode" in clean and clean["oversight_mode"] is not None:
-        new_mode = OversightMode(clean["oversight_mode"])
-        if is_loosening(OversightMode(row["oversight_mode"]), new_mode) and not actor.is_operator:
-            raise Forbidden(
-                f"loosening this mailbox from {row['oversight_mode']} to {new_mode.value} needs "
-                f"the operator: call POST /v1/mailboxes/{row['id']}/request-upgrade, then "
-                "/upgrade with the code mailed to the oversight address",
-                code="upgrade_requires_approval",
-            )
+    check_mode_change(row, clean, actor)
     if not clean:
         return mailbox_view(row)
     clean["updated_at"] = utcnow()

@@ -29,8 +29,15 @@ def get_row(
     mailbox_id: str | None = None,
     for_update: bool = False,
 ) -> dict[str, Any]:
-    """The caller's message (by ``msg_`` id, or RFC Message-ID); NotFound for anything else."""
+    """The caller's message (by ``msg_`` id, or RFC Message-ID); NotFound for anything else.
+
+    ``for_update`` is for a change (decide, cancel, edit): a test key changes only test
+    messages, and a live one answers as absent. A test key never hands mail to SMTP (SPEC
+    §1), and an edit of a live scheduled message's recipients would.
+    """
     query = select(messages).where(messages.c.account_id == actor.account_id)
+    if for_update and actor.test_mode:
+        query = query.where(messages.c.test.is_(True))
     if message_ref.startswith("msg_"):
         query = query.where(messages.c.id == message_ref)
     else:

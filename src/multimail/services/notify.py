@@ -26,6 +26,7 @@ a draft must never be able to put its own "Approve" link into the operator's ema
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 import time
@@ -55,10 +56,13 @@ THREAD_CONTEXT_LIMIT = 5
 EXCERPT_CHARS = 300
 
 _SPACES = re.compile(r"\s+")
-# An approval link's subject: "<message id>|<draft digest>" (64 bits: a collision would need
-# an agent to find a second draft with the same digest within the link's 72 hours).
+# An approval link's subject: "<message id>|<draft digest>". The whole SHA-256: the agent
+# writes both drafts, so what it needs is a collision, which a 64-bit digest would give it
+# for about 2**32 hashes. Links minted with the 16-character digest of the release before
+# are still read (for the 72 hours they live) by comparing that prefix.
 _DIGEST_SEP = "|"
-_DIGEST_CHARS = 16
+_DIGEST_CHARS = 64
+_LEGACY_DIGEST_CHARS = 16
 
 
 def secret_key(services: Services) -> bytes:
@@ -140,6 +144,13 @@ def draft_digest(row: Mapping[str, Any] | RowMapping) -> str:
     ]
     encoded = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()[:_DIGEST_CHARS]
+
+
+def draft_matches(row: Mapping[str, Any] | RowMapping, digest: str) -> bool:
+    """True when an approval link's ``digest`` names the draft ``row`` holds now."""
+    if len(digest) not in (_DIGEST_CHARS, _LEGACY_DIGEST_CHARS):
+        return False
+    return hmac.compare_digest(digest, draft_digest(row)[: len(digest)])
 
 
 def approval_link(services: Services, draft: Mapping[str, Any] | RowMapping, action: str) -> str:

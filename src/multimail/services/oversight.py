@@ -5,6 +5,11 @@ transaction as its audit entry, event and delivery job, so under any number of c
 reviewers exactly one decision lands and exactly one audit entry records it. Delivery is
 attempted right after the commit ("approve tries delivery at once"); the job written with the
 decision makes sure the message goes out even if that attempt does not finish.
+
+A draft past its mailbox's approval expiry is expired, never decided: a decision that arrives
+before the sweep does expires it itself (as the sweep would) and answers 409
+``approval_expired``. A reviewer's revision is scanned like the send path scans a draft; a
+blocking finding refuses the approval (422 ``scan_blocked``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Integer,
+    RowMapping,
+    and_,
+    case,
+    cast,
+    extract,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from multimail.domain.linktokens import read_token
@@ -33,7 +52,7 @@ from multimail.errors import Conflict, Forbidden, InvalidInput, MultimailError, 
 from multimail.ids import aware, isoformat, utcnow
 from multimail.mail.compose import safe_subject
 from multimail.mail.markdown import render_markdown
-from multimail.services import audit, events, mailboxes, notify
+from multimail.services import audit, events, mailboxes, notify, sending
 from multimail.services import messages as message_views
 from multimail.services.common import clamp_limit
 from multimail.services.context import Actor, Services
@@ -63,6 +82,12 @@ class LinkAlreadyUsed(Conflict):
     """An approval link was already used; each link decides at most once."""
 
     code = "link_already_used"
+
+
+class ApprovalExpired(Conflict):
+    """The draft waited past its mailbox's approval expiry: it is expired, never sent."""
+
+    code = "approval_expired"
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,8 @@ def list_pending(
             where.append(messages.c.mailbox_id == mailboxes.resolve(conn, actor, mailbox_ref)["id"])
         if actor.mailbox_ids is not None:
             where.append(messages.c.mailbox_id.in_(actor.mailbox_ids))
+        if actor.test_mode:
+            where.append(messages.c.test.is_(True))  # a test key's queue is the sandbox's
         total = conn.execute(select(func.count()).select_from(messages).where(*where)).scalar_one()
         query = select(messages).where(*where)
         if cursor:
@@ -174,7 +201,18 @@ def _clean_revision(row: Mapping[str, Any], action: str, revision: Revision) -> 
     return Revision(subject=subject, markdown=markdown)
 
 
+def _expired_error(row: Mapping[str, Any]) -> ApprovalExpired:
+    return ApprovalExpired(
+        f"message {row['id']} waited longer than its mailbox's approval expiry and has "
+        "expired: it will never be sent, and no decision can be recorded on it; the agent "
+        "can send it again for a fresh review",
+        status=Status.EXPIRED.value,
+    )
+
+
 def _already_decided(row: Mapping[str, Any]) -> Conflict:
+    if row["status"] == Status.EXPIRED.value and not row.get("decision"):
+        return _expired_error(row)
     if row.get("decision"):
         return Conflict(
             f"message {row['id']} was already decided: {row['decision']} by "
@@ -205,6 +243,57 @@ def _target_status(row: Mapping[str, Any], action: str, now: datetime) -> Status
     return after_approval(scheduled_in_future=future)
 
 
+def _expiry_seconds(conn: Connection, mailbox_id: str) -> int:
+    return int(
+        conn.execute(
+            select(mailbox_table.c.approval_expiry_seconds).where(mailbox_table.c.id == mailbox_id)
+        ).scalar_one()
+    )
+
+
+def _past_expiry(row: Mapping[str, Any], expiry_seconds: int, now: datetime) -> bool:
+    """Held inbound mail never expires; an outbound draft does once it waited ``expiry``."""
+    if row["status"] != Status.PENDING_SEND_APPROVAL.value:
+        return False
+    return now - _pending_since(row) >= timedelta(seconds=expiry_seconds)
+
+
+def _scan_revision(
+    conn: Connection, services: Services, row: Mapping[str, Any], revision: Revision
+) -> dict[str, Any]:
+    """Scan the draft as the reviewer's edit leaves it, with the send path's own scan.
+
+    Returns the columns the edit writes (body, findings, size); a blocking finding refuses
+    the approval with the envelope a scheduled message's content edit gets.
+    """
+    subject = row["subject"] if revision.subject is None else revision.subject
+    markdown = row["markdown"] if revision.markdown is None else revision.markdown
+    values: dict[str, Any] = {}
+    if revision.subject is not None:
+        values["subject"] = subject
+    html = row.get("html") or ""
+    if revision.markdown is not None:
+        rendered = render_markdown(markdown)
+        html = rendered.html
+        text = message_views.text_column(markdown, rendered.text)
+        values.update(markdown=markdown, html=html, text=text)
+    recipients = [*(row.get("to") or []), *(row.get("cc") or []), *(row.get("bcc") or [])]
+    values.update(
+        sending.rescan_stored_draft(
+            conn,
+            services,
+            row["id"],
+            row["account_id"],
+            recipients=recipients,
+            subject=subject,
+            markdown=markdown,
+            html=html,
+            what="the revised message",
+        )
+    )
+    return values
+
+
 def _decide_locked(
     conn: Connection,
     services: Services,
@@ -216,12 +305,27 @@ def _decide_locked(
     reviewer: str,
     revision: Revision,
 ) -> dict[str, Any]:
-    """Record one decision on ``row`` inside the caller's transaction; returns the new row."""
+    """Record one decision on ``row`` inside the caller's transaction; returns the new row.
+
+    A draft found past its approval expiry is expired instead (status, audit entry and event
+    as the sweep writes them) and the row comes back ``expired``: the caller commits that and
+    then answers 409 (``_after_commit`` raises ``approval_expired``).
+    """
     current = Status(row["status"])
     if current not in DECIDABLE:
         raise _already_decided(row)
-    revision = _clean_revision(row, action, revision)
     now = utcnow()
+    if current is Status.PENDING_SEND_APPROVAL and _past_expiry(
+        row, _expiry_seconds(conn, row["mailbox_id"]), now
+    ):
+        expired = _expire(
+            conn, row, now, noticed_by={"decision": action, "reviewer": reviewer[:200]}
+        )
+        if not expired:  # someone else changed it between our read and our write
+            now_row = conn.execute(select(messages).where(messages.c.id == row["id"]))
+            raise _already_decided(dict(now_row.mappings().one()))
+        return {**row, "status": Status.EXPIRED.value, "updated_at": now}
+    revision = _clean_revision(row, action, revision)
     target = _target_status(row, action, now)
     try:
         check_transition(current, target)
@@ -238,12 +342,7 @@ def _decide_locked(
     if not revision.empty:
         values["original_subject"] = row["subject"]
         values["original_markdown"] = row["markdown"]
-        if revision.subject is not None:
-            values["subject"] = revision.subject
-        if revision.markdown is not None:
-            rendered = render_markdown(revision.markdown)
-            text = message_views.text_column(revision.markdown, rendered.text)
-            values.update(markdown=revision.markdown, html=rendered.html, text=text)
+        values.update(_scan_revision(conn, services, row, revision))
     result = conn.execute(
         update(messages)
         .where(messages.c.id == row["id"], messages.c.status == current.value)
@@ -337,6 +436,9 @@ def _respond(row: Mapping[str, Any], status: str) -> dict[str, Any]:
 
 def _after_commit(services: Services, row: Mapping[str, Any]) -> dict[str, Any]:
     status = str(row["status"])
+    if status == Status.EXPIRED.value:
+        # _decide_locked expired the draft instead of deciding it; that is committed now.
+        raise _expired_error(row)
     if row["direction"] == "outbound" and status == Status.QUEUED.value:
         try:
             status = _attempt_delivery(services, row["id"])
@@ -364,6 +466,7 @@ def decide(
         raise InvalidInput("reviewer is at most 200 characters", code="invalid_field")
     revision = Revision(subject=revised_subject, markdown=revised_markdown)
     with services.db.write() as conn:
+        # A test key finds only test messages to decide (get_row, for_update).
         row = message_views.get_row(conn, actor, email_id, for_update=True)
         if actor.id is not None and actor.id == row.get("created_by_key_id"):
             raise Forbidden(
@@ -386,13 +489,26 @@ def decide(
 def decide_many(
     services: Services, actor: Actor, *, email_ids: list[str], action: str, **fields: Any
 ) -> dict[str, Any]:
-    """Each message decided on its own (own transaction): one failure does not undo others."""
+    """Each message decided on its own (own transaction): one failure does not undo others.
+
+    A revision is the reviewer's edit of one draft: with more than one message it is refused
+    as a whole (nothing decided), never written over every draft of the batch.
+    """
     actor.require(Scope.OVERSIGHT)
     if not email_ids:
         raise InvalidInput("email_ids is empty", code="invalid_field")
     if len(email_ids) > MAX_BATCH:
         raise InvalidInput(f"at most {MAX_BATCH} messages per batch", code="batch_too_large")
     parse_action(action)
+    revised = [
+        name for name in ("revised_subject", "revised_markdown") if fields.get(name) is not None
+    ]
+    if revised and len(dict.fromkeys(email_ids)) > 1:
+        raise InvalidInput(
+            "a revised subject or body is the edit of one draft: approve an edited message "
+            "on its own (email_id), not with email_ids; nothing was decided",
+            code="revision_needs_one_message",
+        )
     results: list[dict[str, Any]] = []
     for email_id in dict.fromkeys(email_ids):
         try:
@@ -421,6 +537,20 @@ class LinkRequest:
     nonce: str
     reviewer: str
     thread_context: list[dict[str, Any]]
+    # Past its mailbox's approval expiry, though the sweep has not marked it yet: the page
+    # offers no button (the POST would expire it and answer 409 approval_expired).
+    expired: bool = False
+    # The digest of the draft the link showed (None in links minted before they named one).
+    digest: str | None = None
+
+
+def _draft_changed(row: Mapping[str, Any] | RowMapping) -> Conflict:
+    return Conflict(
+        "the draft changed after this link was sent: approve it from the newest "
+        "approval request or in the dashboard",
+        code="draft_changed",
+        status=row["status"],
+    )
 
 
 def read_approval_link(services: Services, token: str) -> LinkRequest:
@@ -441,14 +571,9 @@ def read_approval_link(services: Services, token: str) -> LinkRequest:
         if first is None:
             raise NotFound("the message of this link no longer exists", code="message_not_found")
         found = dict(first)
-        if action == "approve" and digest is not None and digest != notify.draft_digest(found):
+        if action == "approve" and digest is not None and not notify.draft_matches(found, digest):
             # The approval covers the draft the operator was shown, nothing else.
-            raise Conflict(
-                "the draft changed after this link was sent: approve it from the newest "
-                "approval request or in the dashboard",
-                code="draft_changed",
-                status=found["status"],
-            )
+            raise _draft_changed(found)
         email = notify.oversight_address(conn, found["account_id"]) or "operator"
         return LinkRequest(
             message=message_views.full_view(conn, found),
@@ -456,6 +581,9 @@ def read_approval_link(services: Services, token: str) -> LinkRequest:
             nonce=link.nonce,
             reviewer=f"email link ({email})",
             thread_context=notify.thread_context(conn, found),
+            digest=digest,
+            expired=found["status"] == Status.PENDING_SEND_APPROVAL.value
+            and _past_expiry(found, _expiry_seconds(conn, found["mailbox_id"]), utcnow()),
         )
 
 
@@ -467,6 +595,14 @@ def decide_by_link(services: Services, token: str) -> dict[str, Any]:
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()
         row = conn.execute(query).mappings().one()
+        if (
+            request.action == "approve"
+            and request.digest is not None
+            and not notify.draft_matches(row, request.digest)
+        ):
+            # Checked again under the lock: an edit that committed after the read above
+            # must not ride on this approval (APP-2).
+            raise _draft_changed(row)
         account_id = row["account_id"]
         try:
             with conn.begin_nested():
@@ -509,6 +645,14 @@ def _set_paused(
     services: Services, actor: Actor, mailbox_ref: str | None, paused: bool
 ) -> dict[str, Any]:
     _require_admin_or_oversight(actor)
+    if actor.test_mode and not paused:
+        # Pausing only holds mail back; lifting a pause lets live mail out to SMTP, which a
+        # test key never does (SPEC §1).
+        raise Forbidden(
+            "a test key (mm_test_) cannot resume sending: that releases live mail; "
+            "use a live key or the dashboard",
+            code="test_key_cannot_release",
+        )
     account_id = actor.account_id
     action = "paused" if paused else "resumed"
     released = 0
@@ -602,7 +746,15 @@ def resume(services: Services, actor: Actor, mailbox_ref: str | None = None) -> 
 SWEEPER = Actor(type="system", id=None, name="approval sweeper", account_id=None)
 
 
-def _expire(conn: Connection, row: dict[str, Any], now: datetime) -> bool:
+def _expire(
+    conn: Connection,
+    row: dict[str, Any],
+    now: datetime,
+    *,
+    noticed_by: dict[str, Any] | None = None,
+) -> bool:
+    """Expire a pending draft (status, audit entry, the agent's event); ``noticed_by`` says
+    which decision found it past its expiry before the sweep did."""
     result = conn.execute(
         update(messages)
         .where(messages.c.id == row["id"], messages.c.status == Status.PENDING_SEND_APPROVAL.value)
@@ -620,7 +772,11 @@ def _expire(conn: Connection, row: dict[str, Any], now: datetime) -> bool:
         subject_id=row["id"],
         mailbox_id=row["mailbox_id"],
         oversight_mode=row.get("oversight_mode"),
-        details={"pending_since": isoformat(_pending_since(row)), "reason": "expired"},
+        details={
+            "pending_since": isoformat(_pending_since(row)),
+            "reason": "expired",
+            **({"noticed_by": noticed_by} if noticed_by else {}),
+        },
     )
     events.emit(
         conn,
@@ -660,48 +816,81 @@ def _remind(conn: Connection, services: Services, row: dict[str, Any], now: date
     return True
 
 
+def _epoch_seconds(conn: Connection, value: ColumnElement[Any]) -> ColumnElement[Any]:
+    """A timestamp column as epoch seconds (SQLite: whole seconds, rounded down)."""
+    if conn.dialect.name == "postgresql":
+        return extract("epoch", value)
+    return cast(func.strftime("%s", value), Integer)
+
+
+def _due_query(conn: Connection, now: datetime, after: str) -> Any:
+    """The next batch of decidable messages owed a reminder or an expiry, oldest id first.
+
+    Only due rows are read (the loop re-checks each in Python), so however many drafts wait
+    that are not due yet, they never crowd a due one out of the batch.
+    """
+    since = case(
+        (
+            and_(
+                messages.c.gate_timing == GateTiming.SCHEDULE_FIRST.value,
+                messages.c.send_at.is_not(None),
+                messages.c.send_at > messages.c.created_at,
+            ),
+            messages.c.send_at,
+        ),
+        else_=messages.c.created_at,
+    )
+    waited = now.timestamp() - _epoch_seconds(conn, since)
+    return (
+        select(
+            messages,
+            mailbox_table.c.approval_timeout_seconds,
+            mailbox_table.c.approval_expiry_seconds,
+        )
+        .join(mailbox_table, mailbox_table.c.id == messages.c.mailbox_id)
+        .where(
+            messages.c.status.in_([s.value for s in DECIDABLE]),
+            messages.c.id > after,
+            or_(
+                and_(
+                    messages.c.status == Status.PENDING_SEND_APPROVAL.value,
+                    waited >= mailbox_table.c.approval_expiry_seconds,
+                ),
+                and_(
+                    messages.c.reminded_at.is_(None),
+                    waited >= mailbox_table.c.approval_timeout_seconds,
+                ),
+            ),
+        )
+        .order_by(messages.c.id)
+        .limit(SWEEP_BATCH)
+    )
+
+
 def sweep_pending(services: Services, now: datetime | None = None) -> dict[str, int]:
     """One reminder after the mailbox's approval timeout; ``expired`` after its expiry.
 
     Held inbound mail is reminded about but never expires: releasing it unreviewed would
-    loosen the gate and dropping it would lose mail.
+    loosen the gate and dropping it would lose mail. Due messages are read in batches of
+    ``SWEEP_BATCH`` (ids ascending, each batch after the last) until none is left.
     """
     now = now or utcnow()
-    with services.db.read() as conn:
-        rows = (
-            conn.execute(
-                select(
-                    messages,
-                    mailbox_table.c.approval_timeout_seconds,
-                    mailbox_table.c.approval_expiry_seconds,
-                )
-                .join(mailbox_table, mailbox_table.c.id == messages.c.mailbox_id)
-                .where(
-                    messages.c.status.in_([s.value for s in DECIDABLE]),
-                    or_(
-                        messages.c.reminded_at.is_(None),
-                        and_(
-                            messages.c.status == Status.PENDING_SEND_APPROVAL.value,
-                            messages.c.reminded_at.is_not(None),
-                        ),
-                    ),
-                )
-                .order_by(messages.c.id)
-                .limit(SWEEP_BATCH)
-            )
-            .mappings()
-            .all()
-        )
     counts = {"reminded": 0, "expired": 0}
-    for found in rows:
-        row = dict(found)
-        timeout = timedelta(seconds=row.pop("approval_timeout_seconds"))
-        expiry = timedelta(seconds=row.pop("approval_expiry_seconds"))
-        age = now - _pending_since(row)
-        outbound = row["status"] == Status.PENDING_SEND_APPROVAL.value
-        with services.db.write() as conn:
-            if outbound and age >= expiry:
-                counts["expired"] += _expire(conn, row, now)
-            elif age >= timeout and row.get("reminded_at") is None:
-                counts["reminded"] += _remind(conn, services, row, now)
-    return counts
+    after = ""
+    while True:
+        with services.db.read() as conn:
+            rows = conn.execute(_due_query(conn, now, after)).mappings().all()
+        for found in rows:
+            row = dict(found)
+            timeout = timedelta(seconds=row.pop("approval_timeout_seconds"))
+            expiry = timedelta(seconds=row.pop("approval_expiry_seconds"))
+            age = now - _pending_since(row)
+            outbound = row["status"] == Status.PENDING_SEND_APPROVAL.value
+            with services.db.write() as conn:
+                if outbound and age >= expiry:
+                    counts["expired"] += _expire(conn, row, now)
+                elif age >= timeout and row.get("reminded_at") is None:
+                    counts["reminded"] += _remind(conn, services, row, now)
+        if len(rows) < SWEEP_BATCH:
+            return counts
+        after = str(rows[-1]["id"])

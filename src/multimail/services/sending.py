@@ -8,7 +8,9 @@ when everything it needs does.
 
 Idempotency keys (24 h) are inserted first in that same transaction, so the unique constraint
 decides which of many concurrent duplicates creates the message; the others answer with the
-stored response of the winner.
+winner's message as it is now. A test key's sends have a key space of their own, and a
+request refused as it stands (its ``send_at`` passed meanwhile) still replays the message it
+created before.
 
 ``release_scheduled`` is what the job runner calls when a ``scheduled`` message's time comes;
 ``cancel`` and ``edit_scheduled`` change messages that have not passed the gate yet. Every
@@ -63,6 +65,7 @@ from multimail.domain.oversight import (
     first_outbound_status,
     outbound_is_gated,
     parse_mode,
+    stricter,
 )
 from multimail.domain.scan import Finding, ScanAttachment, ScanInput, blocking, scan
 from multimail.domain.scopes import Scope, satisfies
@@ -76,7 +79,14 @@ from multimail.errors import (
     TooLarge,
 )
 from multimail.ids import aware, isoformat, new_id, parse_datetime, utcnow
-from multimail.mail.compose import MAX_SUBJECT_CHARS, safe_subject
+from multimail.mail.compose import (
+    MAX_SUBJECT_CHARS,
+    attachment_content_type,
+    attachment_filename,
+    check_address,
+    check_message_id,
+    safe_subject,
+)
 from multimail.mail.htmlmd import html_to_markdown
 from multimail.mail.markdown import RenderedBody, render_markdown
 from multimail.services import audit, directory, events, mailboxes, notify, threads
@@ -227,6 +237,29 @@ class _Draft:
 # --- parsing ---------------------------------------------------------------------------------
 
 
+def _address(item: str, field: str) -> str:
+    """``item`` normalised, and exactly what the composer will write into the header: an
+    address it would refuse, or read as another (an RFC 2047 encoded-word in the local part
+    is decoded by mail programs), is refused here rather than after approval."""
+    try:
+        address = normalize_address(item)
+    except AddressError as exc:
+        raise InvalidInput(f"{field}: {exc}", code="invalid_address", field=field) from None
+    try:
+        written = check_address(address, field)
+    except InvalidInput:
+        written = None
+    if written != address:
+        raise InvalidInput(
+            f"{field}: {item!r} is not a plain email address (it holds an RFC 2047 "
+            "encoded-word, =?...?=, that mail programs would decode); give it as "
+            "name@example.com",
+            code="invalid_address",
+            field=field,
+        )
+    return address
+
+
 def _addresses(value: AddressInput, field: str) -> list[str]:
     if value is None:
         return []
@@ -237,11 +270,7 @@ def _addresses(value: AddressInput, field: str) -> list[str]:
     for item in items:
         if not item:
             continue
-        try:
-            address = normalize_address(item)
-        except AddressError as exc:
-            raise InvalidInput(f"{field}: {exc}", code="invalid_address", field=field) from None
-        out[address] = None
+        out[_address(item, field)] = None
     return list(out)
 
 
@@ -294,14 +323,20 @@ def _send_at(value: str | None, now: datetime) -> datetime | None:
 
 
 def _attachments(items: list[AttachmentIn] | None) -> list[_Attachment]:
+    """The attachments as the message will carry them: the composer's own rules decide
+    what a name and a content type may be, and the name stored (shown to the reviewer,
+    scanned, sent) is the one mail programs will show, RFC 2047 encoded-words decoded."""
     out = []
     for index, item in enumerate(items or []):
-        name = (item.name or item.filename or "").strip()
-        if not name or any(c in name for c in "/\\\r\n\0"):
+        given = item.name or item.filename or ""
+        try:
+            name = attachment_filename(given)
+        except InvalidInput:
             raise InvalidInput(
-                f"attachment {index + 1} needs a plain file 'name' (no slashes or line breaks)",
+                f"attachment {index + 1} needs a plain file 'name' (no slashes, line breaks "
+                "or control characters, at most 255 characters)",
                 code="invalid_attachment",
-            )
+            ) from None
         encoded = item.content_base64 if item.content_base64 is not None else item.content
         if encoded is None:
             raise InvalidInput(
@@ -315,7 +350,13 @@ def _attachments(items: list[AttachmentIn] | None) -> list[_Attachment]:
                 code="invalid_base64",
             ) from None
         ctype = item.content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
-        out.append(_Attachment(name, ctype.strip().lower(), data))
+        try:
+            ctype = attachment_content_type(ctype)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                f"attachment {name!r}: {exc.message}", code=exc.code, **exc.context
+            ) from None
+        out.append(_Attachment(name, ctype, data))
     return out
 
 
@@ -367,8 +408,20 @@ def _parse(request: SendRequest, now: datetime) -> _Draft:
     )
 
 
-def _request_hash(request: SendRequest, mailbox_id: str, reply_to: str | None) -> str:
-    body = request.model_dump(mode="json", exclude_none=True, exclude=set(_ROUTING_FIELDS))
+@dataclass(frozen=True)
+class _RequestHash:
+    """What a send asked for, hashed. ``current`` is what is stored; ``legacy`` is the hash of
+    the caller's spelling that earlier releases stored, which rows written before still hold
+    for their 24 hours."""
+
+    current: str
+    legacy: str
+
+    def matches(self, stored: str) -> bool:
+        return stored in (self.current, self.legacy)
+
+
+def _hash_of(mailbox_id: str, reply_to: str | None, body: Mapping[str, Any]) -> str:
     canonical = json.dumps(
         {"mailbox": mailbox_id, "reply_to_email": reply_to, "body": body},
         sort_keys=True,
@@ -376,6 +429,23 @@ def _request_hash(request: SendRequest, mailbox_id: str, reply_to: str | None) -
         default=str,
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _request_hash(request: SendRequest, mailbox_id: str, reply_to: str | None) -> _RequestHash:
+    """The request's meaning, not its spelling: ``"to": "a@x"`` is ``["a@x"]``, and ``body`` or
+    ``text`` is ``markdown`` (the one the service takes), so the same JSON retried on
+    ``/send_email`` (which folds them first) replays a send made on ``/v1/send``."""
+    body = request.model_dump(mode="json", exclude_none=True, exclude=set(_ROUTING_FIELDS))
+    meaning = dict(body)
+    for field in ("to", "cc", "bcc", "reply_to"):
+        if isinstance(meaning.get(field), str):
+            meaning[field] = [meaning[field]]
+    texts = [meaning.pop(k) for k in ("markdown", "text", "body") if meaning.get(k) is not None]
+    if texts:
+        meaning["markdown"] = texts[0]
+    return _RequestHash(
+        current=_hash_of(mailbox_id, reply_to, meaning), legacy=_hash_of(mailbox_id, reply_to, body)
+    )
 
 
 def _bypass_refusal(
@@ -442,38 +512,98 @@ def _only_mailbox(conn: Connection, actor: Actor) -> dict[str, Any]:
     return mailboxes.resolve(conn, actor, listed[0]["id"])
 
 
-def _claim_idempotency(
-    conn: Connection, account_id: str, key: str, request_hash: str, now: datetime
-) -> dict[str, Any] | None:
-    """None when this call owns the key; the original response when it is a replay."""
+def _stored_key(key: str, test_mode: bool) -> str:
+    """The idempotency key as stored. A test key's sends have a key space of their own: a
+    live send must never be answered by a sandbox rehearsal that used the same key (keys
+    are often derived from CRM ids, the same in both). Live keys are stored as given, as
+    they always were; test keys as a digest under a prefix, which fits the column whatever
+    the key's length. Rows of test sends written before under the plain key are told apart
+    by their message (see ``_replay``)."""
+    if not test_mode:
+        return key
+    return "mm_test:" + hashlib.sha256(key.encode()).hexdigest()
 
-    def existing() -> Any:
-        return (
-            conn.execute(
-                select(idempotency_keys).where(
-                    idempotency_keys.c.account_id == account_id, idempotency_keys.c.key == key
-                )
+
+def _key_row(conn: Connection, account_id: str, stored: str) -> Any:
+    return (
+        conn.execute(
+            select(idempotency_keys).where(
+                idempotency_keys.c.account_id == account_id, idempotency_keys.c.key == stored
             )
-            .mappings()
-            .first()
         )
+        .mappings()
+        .first()
+    )
 
-    def replay(row: Any) -> dict[str, Any]:
-        if row["request_hash"] != request_hash:
-            raise InvalidInput(
-                "this idempotency_key was already used with a different request; use a new key "
-                "for a different message",
-                code="idempotency_key_reused",
-            )
-        return dict(row["response"] or {}) | {"idempotent": True}
 
-    row = existing()
+def _replay(
+    conn: Connection, row: Mapping[str, Any], request_hash: _RequestHash, test_mode: bool
+) -> dict[str, Any] | None:
+    """The answer to a repeated key: the original message as it is now (its status may
+    have moved on since: approved, cancelled, delivered), with ``"idempotent": true``.
+    None when the row belongs to the other mode (a test send stored under the plain key
+    before test keys had their own space). Refuses a key reused for another request."""
+    message: dict[str, Any] | None = None
+    if row["message_id"] is not None:
+        found = conn.execute(select(messages).where(messages.c.id == row["message_id"]))
+        current = found.mappings().first()
+        message = dict(current) if current is not None else None
+    stored = dict(row["response"] or {})
+    was_test = bool(message["test"]) if message is not None else bool(stored.get("test"))
+    if was_test and not test_mode:
+        return None
+    if not request_hash.matches(row["request_hash"]) or was_test != test_mode:
+        raise InvalidInput(
+            "this idempotency_key was already used with a different request; use a new key "
+            "for a different message",
+            code="idempotency_key_reused",
+        )
+    if message is None:
+        return stored | {"idempotent": True}  # the message is gone: what was answered then
+    thread_ids = message_views.public_thread_ids(conn, [message["thread_id"]])
+    return _summary(message, thread_ids.get(message["thread_id"] or "")) | {"idempotent": True}
+
+
+def _find_replay(
+    conn: Connection,
+    account_id: str,
+    key: str,
+    request_hash: _RequestHash,
+    now: datetime,
+    test_mode: bool,
+) -> dict[str, Any] | None:
+    """The replay of an earlier send with this key and request, if there is one; nothing
+    is written (for a request that would be refused, see ``_write_send``)."""
+    row = _key_row(conn, account_id, _stored_key(key, test_mode))
+    if (
+        row is None
+        or aware(row["expires_at"]) <= now
+        or not request_hash.matches(row["request_hash"])
+    ):
+        return None
+    return _replay(conn, row, request_hash, test_mode)
+
+
+def _claim_idempotency(
+    conn: Connection,
+    account_id: str,
+    key: str,
+    request_hash: _RequestHash,
+    now: datetime,
+    test_mode: bool,
+) -> dict[str, Any] | None:
+    """None when this call owns the key; the original message when it is a replay."""
+    stored = _stored_key(key, test_mode)
+    row = _key_row(conn, account_id, stored)
     if row is not None:
         if aware(row["expires_at"]) > now:
-            return replay(row)
+            replay = _replay(conn, row, request_hash, test_mode)
+            if replay is not None:
+                return replay
+        # Expired, or a test send's row under the plain key (see _stored_key): not ours.
         conn.execute(
             delete(idempotency_keys).where(
-                idempotency_keys.c.account_id == account_id, idempotency_keys.c.key == key
+                idempotency_keys.c.account_id == account_id, idempotency_keys.c.key == stored
             )
         )
     try:
@@ -481,18 +611,21 @@ def _claim_idempotency(
             conn.execute(
                 insert(idempotency_keys).values(
                     account_id=account_id,
-                    key=key,
-                    request_hash=request_hash,
+                    key=stored,
+                    request_hash=request_hash.current,
                     created_at=now,
                     expires_at=now + IDEMPOTENCY_TTL,
                 )
             )
     except IntegrityError:
         # A concurrent duplicate committed first (PostgreSQL waits for it on the unique index).
-        row = existing()
+        row = _key_row(conn, account_id, stored)
         if row is None:
             raise
-        return replay(row)
+        replay = _replay(conn, row, request_hash, test_mode)
+        if replay is None:
+            raise
+        return replay
     return None
 
 
@@ -691,29 +824,73 @@ def _limits(conn: Connection, actor: Actor, account_id: str) -> _Limits:
     return _Limits(row.daily_send_quota, row.oversight_email, row.send_cap_hour, row.send_cap_day)
 
 
+# PostgreSQL: the rows a key's caps and the account's daily quota are counted under, locked
+# before counting so that concurrent sends through one key (or one account) to different
+# mailboxes count each other's committed messages. FOR NO KEY UPDATE: it serialises these
+# sends without blocking the foreign-key checks of rows that reference the key or account.
+_LOCK_KEY = fast.Compiled(
+    select(api_keys.c.id)
+    .where(api_keys.c.id == bindparam("key_id"))
+    .with_for_update(key_share=True)
+)
+_LOCK_ACCOUNT = fast.Compiled(
+    select(accounts.c.id)
+    .where(accounts.c.id == bindparam("account_id"))
+    .with_for_update(key_share=True)
+)
+
+
+def _lock_counted(conn: Connection, actor: Actor, account_id: str, limits: _Limits) -> None:
+    """Lock what ``_check_caps`` and ``_check_quota`` count under, only when they will count.
+
+    The send's lock order is the mailbox row (``_targets``), then the API key, then the
+    account, then what the send writes (idempotency key, thread, audit chain); nothing else
+    locks a mailbox after a key or an account. Taken before anything the send writes, so a
+    send waiting here holds no row of its own that another send could be waiting for."""
+    if conn.dialect.name != "postgresql":
+        return  # SQLite serialises writers
+    if _key_capped(actor, limits):
+        _LOCK_KEY.first(conn, {"key_id": actor.id})
+    if not actor.test_mode and limits.daily_send_quota is not None:
+        _LOCK_ACCOUNT.first(conn, {"account_id": account_id})
+
+
+def _key_capped(actor: Actor, limits: _Limits) -> bool:
+    return (
+        actor.type == "key"
+        and bool(actor.id)
+        and (limits.key_cap_hour is not None or limits.key_cap_day is not None)
+    )
+
+
 def _check_caps(
     conn: Connection, actor: Actor, mailbox: Mapping[str, Any], limits: _Limits, now: datetime
 ) -> None:
+    """Per-mailbox and per-key send caps. A test key's captured mail (which never leaves the
+    server, and which the daily quota leaves out) is counted apart from live mail: test sends
+    have caps of their own, so a sandbox still meets the 429, and never use up the live cap."""
     windows = (("hour", timedelta(hours=1)), ("day", timedelta(days=1)))
+    same_kind = messages.c.test.is_(actor.test_mode)
+    kind = " in test mode" if actor.test_mode else ""
     for label, window in windows:
         cap = mailbox.get(f"send_cap_{label}")
         if cap is not None:
             _enforce_window(
                 conn,
-                messages.c.mailbox_id == mailbox["id"],
+                and_(messages.c.mailbox_id == mailbox["id"], same_kind),
                 cap,
                 window,
                 now,
-                f"this mailbox may send {cap} messages per {label}",
+                f"this mailbox may send {cap} messages{kind} per {label}",
             )
-    if actor.type != "key" or not actor.id:
+    if not _key_capped(actor, limits):
         return
     key_caps = (("hour", limits.key_cap_hour), ("day", limits.key_cap_day))
     for (label, window), (_, cap) in zip(windows, key_caps, strict=True):
         if cap is not None:
             _enforce_window(
                 conn,
-                messages.c.created_by_key_id == actor.id,
+                and_(messages.c.created_by_key_id == actor.id, same_kind),
                 cap,
                 window,
                 now,
@@ -751,6 +928,14 @@ def _check_quota(
         )
 
 
+_NEVER_SENT = [
+    Status.CANCELLED.value,
+    Status.SEND_FAILED.value,
+    Status.REJECTED.value,
+    Status.EXPIRED.value,
+]
+
+
 def _check_duplicate_reply(conn: Connection, original_id: str, now: datetime) -> None:
     recent = conn.execute(
         select(messages.c.id)
@@ -758,7 +943,9 @@ def _check_duplicate_reply(conn: Connection, original_id: str, now: datetime) ->
             messages.c.reply_to_email_id == original_id,
             messages.c.direction == "outbound",
             messages.c.created_at > now - DUPLICATE_REPLY_WINDOW,
-            messages.c.status.not_in([Status.CANCELLED.value, Status.SEND_FAILED.value]),
+            # Only a reply that was (or may still be) sent is a repeat: a rejected one is
+            # revised and resubmitted at once (SPEC §2), an expired one never went out.
+            messages.c.status.not_in(_NEVER_SENT),
         )
         .limit(1)
     ).first()
@@ -851,6 +1038,35 @@ def _reply_subject(original: Mapping[str, Any]) -> str:
     return f"Re: {subject}".strip()
 
 
+def _writable_id(value: Any) -> str | None:
+    """A message id from someone's headers as the composer will write it, or None when it
+    would refuse it (non-ASCII, no angle brackets, ...): those are dropped, never sent."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return check_message_id(value, "references")
+    except InvalidInput:
+        return None
+
+
+def _reply_threading(original: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+    """In-Reply-To and References of a reply (RFC 5322 3.6.4): the parent's References (or,
+    without them, its In-Reply-To) followed by its Message-ID. The customer's headers are
+    untrusted: an id the composer would refuse is dropped rather than fail the accepted
+    reply at delivery. Trimmed to MAX_REFERENCES, the thread's first id stays first (RFC
+    5537 3.4.4: readers that thread by the root key on it) before the newest ones."""
+    parent = _writable_id(original.get("message_id_header"))
+    chain = list(original.get("references") or [])
+    if not chain and original.get("in_reply_to"):
+        chain = [original["in_reply_to"]]
+    ids = [i for i in dict.fromkeys(map(_writable_id, chain)) if i and i != parent]
+    if parent is not None:
+        ids.append(parent)
+    if len(ids) > MAX_REFERENCES:
+        ids = [ids[0], *ids[1 - MAX_REFERENCES :]]
+    return parent, ids
+
+
 def _reply_recipients(original: Mapping[str, Any]) -> list[str]:
     if original["direction"] == "inbound":
         found = list(original.get("reply_to") or []) or [original.get("from_address") or ""]
@@ -859,10 +1075,50 @@ def _reply_recipients(original: Mapping[str, Any]) -> list[str]:
     out = []
     for item in found:
         try:
-            out.append(normalize_address(item))
-        except AddressError:
-            continue
+            out.append(_address(item, "to"))
+        except InvalidInput:
+            continue  # an address nobody can write to (the reply needs an explicit 'to')
     return out
+
+
+def rescan_stored_draft(
+    conn: Connection,
+    services: Services,
+    message_id: str,
+    account_id: str,
+    *,
+    recipients: Sequence[str],
+    subject: str,
+    markdown: str,
+    html: str,
+    what: str,
+) -> dict[str, Any]:
+    """The scan an edit of a stored draft goes through (an agent's schedule edit, a
+    reviewer's revision): the send path's own, with the draft's attachments and the
+    account's suppressions as they are now.
+
+    Returns the columns the edit writes (``scan_findings``, ``size_bytes``); a blocking
+    finding raises 422 ``scan_blocked`` with every finding, ``what`` naming the draft.
+    """
+    files = [
+        _Attachment(a.filename, a.content_type, a.data)
+        for a in conn.execute(
+            select(attachments.c.filename, attachments.c.content_type, attachments.c.data).where(
+                attachments.c.message_id == message_id
+            )
+        )
+    ]
+    size = _estimated_size(subject, markdown, html, files, len(recipients))
+    suppressed = directory.suppressed_among(conn, account_id, list(recipients))
+    findings = _scan_input(services, recipients, subject, markdown, files, suppressed, size)
+    blockers = blocking(findings)
+    if blockers:
+        raise InvalidInput(
+            f"{what} fails the scan: " + "; ".join(f.message for f in blockers),
+            code="scan_blocked",
+            scan_findings=[f.as_dict() for f in findings],
+        )
+    return {"scan_findings": [f.as_dict() for f in findings], "size_bytes": size}
 
 
 def _scan_input(
@@ -1257,7 +1513,11 @@ def _submit(
 ) -> SendResult:
     actor.require(Scope.SEND)
     _refuse_unknown(services, actor, request.model_extra, "reply" if reply_ref else "send")
-    prepared = _prepare(request, mailbox_ref, reply_ref)
+    # A refused request that names an idempotency_key is answered in the transaction: it
+    # may be the retry of one accepted before (see _replay_of_refused).
+    prepared = _prepare(
+        request, mailbox_ref, reply_ref, keep_error=request.idempotency_key is not None
+    )
 
     def write(conn: Connection, _: Actor | None) -> SendResult:
         return _write_send(conn, services, actor, prepared)
@@ -1399,24 +1659,19 @@ async def send_in_shared_commit(
     return await _shared_commits(services.db).run_async(write, admit)
 
 
-def _write_send(
-    conn: Connection, services: Services, actor: Actor, prepared: _Prepared
-) -> SendResult:
-    """The send's work inside its transaction: checks that read the database, then writes."""
-    if prepared.error is not None:
-        raise prepared.error
-    assert prepared.draft is not None and prepared.prerendered is not None
-    draft, prerendered, now = prepared.draft, prepared.prerendered, prepared.now
-    request, mailbox_refs, reply_ref = prepared.request, prepared.mailbox_refs, prepared.reply_ref
-    settings = services.settings
+def _targets(
+    conn: Connection, actor: Actor, prepared: _Prepared, recipients: Sequence[str]
+) -> tuple[dict[str, Any], _Limits | None, dict[str, Any] | None]:
+    """The sending mailbox (locked on PostgreSQL), the limits when read with it (the
+    suppressed among ``recipients`` too), and the message replied to."""
+    mailbox_refs, reply_ref = prepared.mailbox_refs, prepared.reply_ref
     named = [ref for ref in mailbox_refs if ref]
     by_id = named[0] if len(named) == 1 and named[0].startswith("mbx_") else None
 
     limits: _Limits | None = None
     mailbox: dict[str, Any] | None
     if by_id is not None:
-        named_recipients = [*draft.to, *draft.cc, *draft.bcc]
-        mailbox, limits = _mailbox_and_limits(conn, actor, by_id, named_recipients)
+        mailbox, limits = _mailbox_and_limits(conn, actor, by_id, recipients)
     else:
         mailbox = _choose_mailbox(conn, actor, mailbox_refs)
     original = None
@@ -1432,10 +1687,55 @@ def _write_send(
         # Serialises sends per mailbox so caps are counted against committed messages
         # (_mailbox_and_limits, which set limits, has locked the row already).
         mailbox = mailboxes.resolve(conn, actor, mailbox["id"], for_update=True)
+    return mailbox, limits, original
+
+
+def _replay_of_refused(conn: Connection, actor: Actor, prepared: _Prepared) -> SendResult | None:
+    """A request refused as it stands now (its ``send_at`` has passed since, a rule has
+    become stricter) may be the retry of one accepted before under its idempotency_key:
+    SPEC §5.1 answers that with the original message. None otherwise; nothing is written."""
+    request = prepared.request
+    if not request.idempotency_key or not isinstance(prepared.error, InvalidInput):
+        return None
+    try:
+        mailbox, _, original = _targets(conn, actor, prepared, ())
+    except MultimailError:
+        return None  # the request's own refusal says more
+    request_hash = _request_hash(request, mailbox["id"], original["id"] if original else None)
+    replay = _find_replay(
+        conn,
+        mailbox["account_id"],
+        request.idempotency_key,
+        request_hash,
+        prepared.now,
+        actor.test_mode,
+    )
+    return None if replay is None else SendResult(replay, created=False)
+
+
+def _write_send(
+    conn: Connection, services: Services, actor: Actor, prepared: _Prepared
+) -> SendResult:
+    """The send's work inside its transaction: checks that read the database, then writes."""
+    if prepared.error is not None:
+        replayed = _replay_of_refused(conn, actor, prepared)
+        if replayed is not None:
+            return replayed
+        raise prepared.error
+    assert prepared.draft is not None and prepared.prerendered is not None
+    draft, prerendered, now = prepared.draft, prepared.prerendered, prepared.now
+    request = prepared.request
+    settings = services.settings
+    mailbox, limits, original = _targets(conn, actor, prepared, [*draft.to, *draft.cc, *draft.bcc])
     account_id = mailbox["account_id"]
+    if limits is None:
+        limits = _limits(conn, actor, account_id)
+    _lock_counted(conn, actor, account_id, limits)
     if draft.idempotency_key:
         request_hash = _request_hash(request, mailbox["id"], original["id"] if original else None)
-        replay = _claim_idempotency(conn, account_id, draft.idempotency_key, request_hash, now)
+        replay = _claim_idempotency(
+            conn, account_id, draft.idempotency_key, request_hash, now, actor.test_mode
+        )
         if replay is not None:
             return SendResult(replay, created=False)
     mode = effective_mode(OversightMode(mailbox["oversight_mode"]), draft.mode)
@@ -1478,8 +1778,6 @@ def _write_send(
             code="message_too_large",
             limit=settings.max_message_bytes,
         )
-    if limits is None:
-        limits = _limits(conn, actor, account_id)
     _check_caps(conn, actor, mailbox, limits, now)
     _check_quota(conn, actor, account_id, limits, now)
     if original is not None and not draft.idempotency_key:
@@ -1516,11 +1814,7 @@ def _write_send(
     check_transition(Status.PENDING_SCAN, status)
 
     message_id = new_id("msg")
-    references: list[str] = []
-    in_reply_to = None
-    if original is not None and original.get("message_id_header"):
-        in_reply_to = original["message_id_header"]
-        references = [*list(original.get("references") or []), in_reply_to][-MAX_REFERENCES:]
+    in_reply_to, references = _reply_threading(original) if original else (None, [])
     row: dict[str, Any] = {
         "id": message_id,
         "account_id": account_id,
@@ -1645,7 +1939,7 @@ def _write_send(
             update(idempotency_keys)
             .where(
                 idempotency_keys.c.account_id == account_id,
-                idempotency_keys.c.key == draft.idempotency_key,
+                idempotency_keys.c.key == _stored_key(draft.idempotency_key, actor.test_mode),
             )
             .values(message_id=message_id, response=response)
         )
@@ -1732,10 +2026,18 @@ def release_scheduled(services: Services, message_id: str) -> str | None:
         now = utcnow()
         if row["send_at"] is not None and aware(row["send_at"]) > now + timedelta(seconds=1):
             return None
-        mode = OversightMode(row["oversight_mode"] or OversightMode.GATED_SEND.value)
+        # Tightening is immediate (SPEC §2): a message that has not passed the gate yet goes
+        # through it under the stricter of the mode it was sent under and the mailbox's now.
+        stored = OversightMode(row["oversight_mode"] or OversightMode.GATED_SEND.value)
+        mailbox_mode = conn.execute(
+            select(mailbox_rows.c.oversight_mode).where(mailbox_rows.c.id == row["mailbox_id"])
+        ).scalar_one_or_none()
+        mode = stored if mailbox_mode is None else stricter(stored, OversightMode(mailbox_mode))
         recipients = [*row["to"], *row["cc"], *row["bcc"]]
         needs_approval = (
-            outbound_is_gated(mode)
+            # read_only cannot send: only a reviewer's approval lets the message out (as the
+            # delivery worker's gate check has it), so it waits for one.
+            (outbound_is_gated(mode) or mode is OversightMode.READ_ONLY)
             and row["decision"] != "approve"
             and not (
                 mode is OversightMode.GATED_SEND
@@ -1743,10 +2045,18 @@ def release_scheduled(services: Services, message_id: str) -> str | None:
             )
         )
         new = Status.PENDING_SEND_APPROVAL if needs_approval else Status.QUEUED
-        if not _guarded_update(conn, row, new):
+        changed = {"oversight_mode": mode.value} if mode is not stored else {}
+        if not _guarded_update(conn, row, new, **changed):
             return None
-        row["status"] = new.value
+        row.update(status=new.value, **changed)
         actor = _system(row["account_id"], "scheduler")
+        details: dict[str, Any] = {
+            "status": new.value,
+            "released": True,
+            "send_at": isoformat(row["send_at"]),
+        }
+        if changed:
+            details.update(sent_under_mode=stored.value, mailbox_mode=mailbox_mode)
         audit.append(
             conn,
             actor=actor,
@@ -1755,7 +2065,7 @@ def release_scheduled(services: Services, message_id: str) -> str | None:
             subject_id=message_id,
             mailbox_id=row["mailbox_id"],
             oversight_mode=mode.value,
-            details={"status": new.value, "released": True, "send_at": isoformat(row["send_at"])},
+            details=details,
         )
         if new is Status.QUEUED:
             _enqueue_delivery(conn, message_id)
@@ -1940,34 +2250,25 @@ def edit_scheduled(
         if not values:
             thread_ids = message_views.public_thread_ids(conn, [row["thread_id"]])
             return _summary(row, thread_ids.get(row["thread_id"] or "")) | {"changed": []}
-        mode = OversightMode(row["oversight_mode"] or mailbox["oversight_mode"])
+        mailbox_mode = OversightMode(mailbox["oversight_mode"])
+        mode = stricter(OversightMode(row["oversight_mode"] or mailbox_mode), mailbox_mode)
         new_status = status
         merged = {**row, **values}
         if content:
             recipients = [*merged["to"], *merged["cc"], *merged["bcc"]]
-            files = [
-                _Attachment(a.filename, a.content_type, a.data)
-                for a in conn.execute(
-                    select(
-                        attachments.c.filename, attachments.c.content_type, attachments.c.data
-                    ).where(attachments.c.message_id == row["id"])
+            values.update(
+                rescan_stored_draft(
+                    conn,
+                    services,
+                    row["id"],
+                    row["account_id"],
+                    recipients=recipients,
+                    subject=merged["subject"],
+                    markdown=merged["markdown"],
+                    html=merged["html"] or "",
+                    what="the edited message",
                 )
-            ]
-            size = _estimated_size(
-                merged["subject"], merged["markdown"], merged["html"] or "", files, len(recipients)
             )
-            suppressed = directory.suppressed_among(conn, row["account_id"], recipients)
-            findings = _scan_input(
-                services, recipients, merged["subject"], merged["markdown"], files, suppressed, size
-            )
-            if blocking(findings):
-                raise InvalidInput(
-                    "the edited message fails the scan: "
-                    + "; ".join(f.message for f in blocking(findings)),
-                    code="scan_blocked",
-                    scan_findings=[f.as_dict() for f in findings],
-                )
-            values.update(scan_findings=[f.as_dict() for f in findings], size_bytes=size)
             gated = outbound_is_gated(mode) and not (
                 mode is OversightMode.GATED_SEND
                 and _all_allowlisted(conn, row["mailbox_id"], recipients)

@@ -20,7 +20,8 @@ from multimail.store import fast
 from multimail.store.tables import messages, threads
 
 _PREFIX = re.compile(r"^\s*((re|fw|fwd|aw|sv|wg)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
-_EXTERNAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,199}$")
+# Matched whole (fullmatch): "$" would also accept a final newline.
+_EXTERNAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,199}")
 
 
 def normalize_subject(subject: str | None) -> str:
@@ -76,7 +77,7 @@ def _existing_for_outbound(
 ) -> dict[str, Any] | None:
     """The thread an outbound message joins when it exists; None when a new one is needed."""
     if external_id is not None:
-        if not _EXTERNAL_ID.match(external_id):
+        if not _EXTERNAL_ID.fullmatch(external_id):
             raise InvalidInput(
                 "thread_id may hold letters, digits and . _ : @ / + - (at most 200 characters)",
                 code="invalid_thread_id",

@@ -312,6 +312,10 @@ class RecipientResult:
     permanent: bool
     code: int | None
     message: str
+    # False when a permanent refusal was about our sender or the session, not this address
+    # (a 5xx to MAIL FROM, a server without SMTPUTF8): the message fails, but the address
+    # is not suppressed, which would stop every later mail to it from the whole account.
+    blames_recipient: bool = True
 
 
 @dataclass
@@ -588,11 +592,20 @@ class _Transaction:
     reusable: bool = False
     # A reused session died before DATA: nothing was judged, a fresh one may try again.
     retry_fresh: bool = False
+    # The TLS handshake after STARTTLS failed: opportunistic TLS goes on in clear text.
+    retry_clear: bool = False
 
 
 @dataclass
 class _Session:
-    """Runs one SMTP transaction and turns every outcome into a DeliveryAttempt."""
+    """Runs one SMTP transaction and turns every outcome into a DeliveryAttempt.
+
+    ``opportunistic_tls`` (MX hosts; the client options then say ``start_tls=False``):
+    STARTTLS when offered, and in clear text when it is refused or its handshake fails, as
+    RFC 7435 and RFC 3207 §4 allow and MTAs do (Postfix's ``may``); without a policy that
+    requires TLS, holding the mail for days would protect nothing. A relay is never
+    opportunistic: its ``starttls`` setting is a requirement.
+    """
 
     host: str
     address: str
@@ -602,6 +615,7 @@ class _Session:
     total_timeout: float
     client_options: dict[str, Any]
     pool: SessionPool | None = None
+    opportunistic_tls: bool = False
 
     async def run(self, mail_from: str, rcpts: Sequence[str], wire: _Wire) -> DeliveryAttempt:
         started = _now()
@@ -615,17 +629,15 @@ class _Session:
                 reused.client.close()
                 outcome, reused = None, None
         if outcome is None:
-            reused = _Open(
-                aiosmtplib.SMTP(
-                    hostname=self.address,
-                    port=self.port,
-                    local_hostname=self.local_hostname,
-                    timeout=self.total_timeout,
-                    **self.client_options,
-                ),
-                tls=False,
-            )
+            reused = self._open()
             outcome = await self._transaction(reused, mail_from, rcpts, wire, fresh=True)
+            if outcome.retry_clear:
+                _log.info("SMTP %s [%s]: TLS handshake failed; going on in clear", self.host, key)
+                reused.client.close()
+                reused = self._open()
+                outcome = await self._transaction(
+                    reused, mail_from, rcpts, wire, fresh=True, tls=False
+                )
         assert reused is not None
         if outcome.reusable and self.pool is not None:
             reused.sent += 1
@@ -658,6 +670,33 @@ class _Session:
             reply_lost=reply_lost,
         )
 
+    def _open(self) -> _Open:
+        client = aiosmtplib.SMTP(
+            hostname=self.address,
+            port=self.port,
+            local_hostname=self.local_hostname,
+            timeout=self.total_timeout,
+            **self.client_options,
+        )
+        return _Open(client, tls=False)
+
+    async def _starttls(self, client: aiosmtplib.SMTP) -> None:
+        """Opportunistic STARTTLS on a fresh session (see the class); a refusal leaves the
+        session as it was (RFC 3207 §4), so it goes on in clear text on the same one."""
+        await client.ehlo()
+        if not client.supports_extension("starttls"):
+            return
+        try:
+            await client.starttls()
+        except aiosmtplib.SMTPResponseException as exc:
+            _log.info(
+                "SMTP %s [%s]: STARTTLS refused (%s %s); going on in clear",
+                self.host,
+                self.address,
+                exc.code,
+                exc.message[:200],
+            )
+
     async def _transaction(
         self,
         session: _Open,
@@ -666,6 +705,7 @@ class _Session:
         wire: _Wire,
         *,
         fresh: bool = False,
+        tls: bool = True,
     ) -> _Transaction:
         client = session.client
         out = _Transaction(tls=session.tls)
@@ -675,7 +715,12 @@ class _Session:
             async with asyncio.timeout(self.total_timeout):
                 if fresh:
                     await client.connect(timeout=self.connect_timeout)
-                    # connect() has done any STARTTLS already (or the session began in TLS).
+                    if self.opportunistic_tls and tls:
+                        stage = "starttls"
+                        await self._starttls(client)
+                        stage = "connect"
+                    # Else connect() has done any STARTTLS already (or the session began
+                    # in TLS).
                     session.tls = out.tls = client.get_transport_info("sslcontext") is not None
                     if client.is_ehlo_or_helo_needed:
                         await client.ehlo()
@@ -687,7 +732,13 @@ class _Session:
                 if utf8 and not client.supports_extension("smtputf8"):
                     out.reply = "the server does not offer SMTPUTF8 (RFC 6531 §3.2)"
                     self._settle(
-                        results, rcpts, ok=False, permanent=True, code=None, text=out.reply
+                        results,
+                        rcpts,
+                        ok=False,
+                        permanent=True,
+                        code=None,
+                        text=out.reply,
+                        blames_recipient=False,
                     )
                     out.reusable = True  # nothing was started on it
                 else:
@@ -720,14 +771,32 @@ class _Session:
                 return out
             out.code, out.reply = exc.code, exc.message
             # A refused login is our configuration, not the message: keep it for retry
-            # rather than bouncing mail because a password expired.
-            permanent = 500 <= exc.code < 600 and not isinstance(
-                exc, aiosmtplib.SMTPAuthenticationError
+            # rather than bouncing mail because a password expired. A 5xx greeting or EHLO
+            # says this host will not serve us (RFC 5321 §3.1), not that a mailbox is gone:
+            # the next MX may (Postfix's smtp_skip_5xx_greeting), else the retries.
+            before_mail = stage in ("connect", "starttls")
+            permanent = (
+                500 <= exc.code < 600
+                and not before_mail
+                and not isinstance(exc, aiosmtplib.SMTPAuthenticationError)
             )
             self._settle(
-                results, rcpts, ok=False, permanent=permanent, code=out.code, text=out.reply
+                results,
+                rcpts,
+                ok=False,
+                permanent=permanent,
+                code=out.code,
+                text=out.reply,
+                # Refusing MAIL FROM judges our sender; after DATA, the message to them.
+                blames_recipient=not before_mail and stage != "mail",
             )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            if stage == "starttls":
+                # The handshake failed (the reply to STARTTLS was 220): this connection is
+                # lost, a clear one may carry the mail.
+                results.clear()
+                out.retry_clear = True
+                return out
             dead = stage in ("mail", "rcpt") and isinstance(exc, _DEAD_SESSION)
             if not fresh and (stage == "probe" or dead):
                 # A pooled session that died while idle: nothing reached DATA, so a fresh
@@ -762,10 +831,13 @@ class _Session:
         permanent: bool,
         code: int | None,
         text: str,
+        blames_recipient: bool = True,
     ) -> None:
         """Record an outcome for each of ``rcpts`` that has none yet."""
         for rcpt in rcpts:
-            results.setdefault(rcpt, RecipientResult(rcpt, ok, permanent, code, text))
+            results.setdefault(
+                rcpt, RecipientResult(rcpt, ok, permanent, code, text, blames_recipient)
+            )
 
     @staticmethod
     def _mail_options(client: aiosmtplib.SMTP, wire: _Wire, utf8: bool) -> list[str]:
@@ -961,8 +1033,9 @@ class MXTransport:
             local_hostname=self.local_hostname,
             connect_timeout=self.connect_timeout,
             total_timeout=self.total_timeout,
-            client_options={"start_tls": None, "validate_certs": False},
+            client_options={"start_tls": False, "validate_certs": False},
             pool=self.pool,
+            opportunistic_tls=True,
         )
 
     @staticmethod

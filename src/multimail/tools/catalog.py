@@ -119,6 +119,15 @@ _SEND_RETURNS = (
     "retrying so nothing is sent twice."
 )
 
+# What update_mailbox and configure_mailbox (one route each, one service) say about SPEC §2's
+# two-step approval_code flow: an API key's loosening changes wait for the operator.
+_MAILBOX_APPROVALS = (
+    "Changes that loosen the operator's hold answer {status: approval_required} (the operator "
+    "was mailed a code; repeat with approval_code): auto_cc/auto_bcc, a new webhook_url, a "
+    "raised or removed send_cap_hour/send_cap_day, ai_disclosure off. Clearing webhook_url, "
+    "lowering a cap and ai_disclosure on apply at once. Returns the mailbox."
+)
+
 TOOLS: tuple[Tool, ...] = (
     Tool(
         "list_mailboxes",
@@ -147,7 +156,8 @@ TOOLS: tuple[Tool, ...] = (
         "configure_mailbox",
         "Configure a mailbox",
         "Change a mailbox's oversight mode (tightening is immediate; loosening needs "
-        "request_upgrade), gate timing, auto_cc/auto_bcc, signature. Returns the mailbox.",
+        "request_upgrade), gate timing, auto_cc/auto_bcc, signature and its other settings. "
+        + _MAILBOX_APPROVALS,
         i.ConfigureMailbox,
         Scope.ADMIN,
         Route("PATCH", "/v1/mailboxes/{mailbox}/configure"),
@@ -156,8 +166,8 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "update_mailbox",
         "Update a mailbox",
-        "Change a mailbox's settings (display name, signature, webhook_url, limits). Returns "
-        "the mailbox.",
+        "Change a mailbox's settings (display name, signature, webhook_url, send caps, "
+        "ai_disclosure, auto_cc/auto_bcc). " + _MAILBOX_APPROVALS,
         i.ConfigureMailbox,
         Scope.ADMIN,
         Route("PATCH", "/v1/mailboxes/{mailbox}"),
@@ -366,8 +376,11 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "update_account",
         "Update the account",
-        "Change the account's name, oversight_email or postal address (some changes need the "
-        "operator's approval_code). Returns the account.",
+        "Change the account's name, oversight_email, postal address or daily_send_quota. "
+        "Changing oversight_email, or raising or removing daily_send_quota, answers {status: "
+        "approval_required} (the operator was mailed a code; repeat with approval_code); "
+        "lowering the quota applies at once. oversight_email may not be a mailbox on this "
+        "server. Returns the account.",
         i.UpdateAccount,
         Scope.ADMIN,
         Route("PATCH", "/v1/account"),

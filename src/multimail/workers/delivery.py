@@ -41,10 +41,11 @@ import threading
 import time
 import weakref
 from _json import encode_basestring_ascii, make_encoder
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import (
     JSON,
@@ -331,6 +332,29 @@ def unsubscribe_url(settings: Settings, secret: bytes, account_id: str, address:
     return f"{settings.base_url}/v1/unsubscribe/{token}"
 
 
+def _unsubscribe_headers(
+    services: Services, row: Mapping[str, Any], mailbox_address: str, recipients: list[str]
+) -> list[tuple[str, str]]:
+    """``List-Unsubscribe`` (RFC 2369) and, for one recipient, one-click (RFC 8058).
+
+    The mailto: URI is the sending mailbox: our inbound server takes mail for it, and an
+    "unsubscribe" message suppresses its sender in the account (SPEC §4), so it works from
+    any mail client and names whoever sends it. The https URI must identify the recipient
+    (RFC 8058 §3.1), and every recipient gets the same bytes: with several, a token for one
+    would let another's click unsubscribe them, so it is offered only to a lone recipient.
+    """
+    # RFC 6068: what an addr-spec may hold beyond these is percent-encoded in a mailto: URI.
+    address = quote(mailbox_address, safe="@+-._~!$'*=")
+    mailto = f"<mailto:{address}?subject=unsubscribe>"
+    if len(recipients) != 1:
+        return [("List-Unsubscribe", mailto)]
+    web = unsubscribe_url(services.settings, _secret(services), row["account_id"], recipients[0])
+    return [
+        ("List-Unsubscribe", f"{mailto}, <{web}>"),
+        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+    ]
+
+
 def outbound_transport(services: Services) -> OutboundTransport:
     """The relay when ``MULTIMAIL_SMTP_URL`` is set, else direct MX delivery (cached)."""
     cached = services.extras.get("outbound_transport")
@@ -437,21 +461,14 @@ def _compose(
     settings = services.settings
     sender = row["from_address"] or mailbox["address"]
     to = _addresses(row["to"])
-    first = (to or _recipients(row) or [sender])[0]
+    recipients = _recipients(row)
     headers: list[tuple[str, str]] = []
     if row.get("created_by_key_id"):
         name = row.get("created_by_key_name") or "agent"
         headers.append(("X-MultiMail-Agent", f"{name} ({row['created_by_key_id']})"))
     if mailbox["ai_disclosure"]:
         headers.append(("X-AI-Generated", "true"))
-    unsubscribe = unsubscribe_url(settings, _secret(services), row["account_id"], first)
-    headers.append(
-        (
-            "List-Unsubscribe",
-            f"<mailto:unsubscribe@{settings.domain}?subject=unsubscribe>, <{unsubscribe}>",
-        )
-    )
-    headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+    headers.extend(_unsubscribe_headers(services, row, mailbox["address"], recipients))
     if files is None:
         files = _attachments_many(conn, [row["id"]])[row["id"]]
     reply_to = _addresses(row.get("reply_to"))
@@ -695,13 +712,17 @@ def _start_in(
         if accepted and _set_status(conn, row, Status.SENDING):
             # The rest went earlier; those still waiting were suppressed meanwhile.
             row["status"] = Status.SENDING.value
+            _audit_suppressed(conn, ctx, worker_id, suppressed)
             return _finish_in(services, conn, ctx, worker_id, [], {}, None, sent_before=accepted)
         reason = (
             "every recipient is on the suppression list"
             if suppressed
             else ("the message has no deliverable recipient")
         )
-        return _fail(conn, ctx, worker_id, "message.send_failed", reason)
+        failed = _fail(conn, ctx, worker_id, "message.send_failed", reason)
+        if failed.status == Status.SEND_FAILED.value:
+            _audit_suppressed(conn, ctx, worker_id, suppressed)
+        return failed
     raw = row["raw"]
     if raw is None:
         try:
@@ -714,14 +735,7 @@ def _start_in(
     if not _set_status(conn, row, Status.SENDING, **values):
         return _Outcome(_current_status(conn, message_id))
     row.update(values, status=Status.SENDING.value)
-    if suppressed:
-        _audit(
-            conn,
-            ctx,
-            worker_id,
-            "message.recipients_suppressed",
-            {"recipients": sorted(suppressed)},
-        )
+    _audit_suppressed(conn, ctx, worker_id, suppressed)
     if row["test"]:
         _record_captured(conn, ctx, worker_id, to_send)
         return _finish_in(services, conn, ctx, worker_id, [], {}, None, sent_before=set(to_send))
@@ -733,6 +747,20 @@ def _start_in(
         recipients=to_send,
         raw=raw,
     )
+
+
+def _audit_suppressed(
+    conn: Connection, ctx: _Context, worker_id: str, suppressed: Collection[str]
+) -> None:
+    """The message's own trail says who it skipped: the suppression list is the account's."""
+    if suppressed:
+        _audit(
+            conn,
+            ctx,
+            worker_id,
+            "message.recipients_suppressed",
+            {"recipients": sorted(suppressed)},
+        )
 
 
 def _prebuild(services: Services, message_ids: Sequence[str]) -> dict[str, bytes]:
@@ -892,7 +920,7 @@ def _finish_in(
     prev_accepted, _prev_refused = _previous_results(conn, message_id)
     accepted_all = prev_accepted | set(accepted_now) | (sent_before or set())
     now = utcnow()
-    for address in refused_now:
+    for address in (a for a in refused_now if results[a].blames_recipient):
         directory.suppress(
             conn,
             actor=_actor(worker_id, row["account_id"]),
@@ -937,6 +965,10 @@ def _finish_in(
                 "retry_at": retry_at.isoformat(),
             },
         )
+        if refused_now:
+            # Told now: the attempt that finally delivers to the deferred ones will not
+            # know these (each attempt reports only its own refusals).
+            _emit(conn, message_id, "message.bounced", bounced_recipients=refused_now, partial=True)
         return _Outcome(Status.DEFERRED.value, retry_at)
     if accepted_all:
         if not _set_status(
@@ -2103,15 +2135,24 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
     with more mail, and a bounce of a bounce cannot happen.
     """
     to, subject, body, account_id = _system_payload(job)
+    message_id = job.payload.get("message_id")
+    # The audit entries are about the job; one naming a message is found from it too.
+    about = {"message_id": message_id} if isinstance(message_id, str) else {}
 
     async def record(
         action: str, details: dict[str, Any], remaining: list[str] | None = None
     ) -> None:
         await asyncio.to_thread(
-            _system_record, services, job, worker_id, account_id, action, details, remaining
+            _system_record,
+            services,
+            job,
+            worker_id,
+            account_id,
+            action,
+            {**details, **about},
+            remaining,
         )
 
-    message_id = job.payload.get("message_id")
     if (
         job.payload.get("kind") == notify.APPROVAL_REQUEST_KIND
         and isinstance(message_id, str)
@@ -2123,11 +2164,7 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
         if isinstance(written, str):
             await record(
                 "system_mail.skipped",
-                {
-                    "to": to,
-                    "message_id": message_id,
-                    "reason": written,
-                },
+                {"to": to, "reason": written},
             )
             return None
         subject, body = written

@@ -55,7 +55,7 @@ def audit_export(
 ) -> StreamingResponse:
     # Validate the range before the first byte goes out; errors after that cannot be enveloped.
     where = audit.export_filter(
-        account_id=actor.account_id, date_after=date_after, date_before=date_before
+        account_id=actor.account_id, date_after=date_after, date_before=date_before, actor=actor
     )
     lines = audit.export_lines(audit.iter_entries(svc.db, where), format)
     return StreamingResponse(

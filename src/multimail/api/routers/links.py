@@ -64,7 +64,7 @@ def approval_page(token: str, svc: Services = Depends(get_services)) -> HTMLResp
         request = oversight.read_approval_link(svc, token)
     except MultimailError as exc:
         return _error_page(exc)
-    pending = Status(request.message["status"]) in DECIDABLE
+    pending = Status(request.message["status"]) in DECIDABLE and not request.expired
     title = "Approve this message?" if request.action == "approve" else "Reject this message?"
     return _page(
         "approve_confirm.html",
