@@ -16,6 +16,7 @@ import email.policy
 import smtplib
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -107,6 +108,20 @@ def _services(settings: Settings, **changes: Any) -> Services:
     return build_services(
         settings.model_copy(update={"compose_processes": 0, **changes}), run_migrations=False
     )
+
+
+@asynccontextmanager
+async def _mx_sender(
+    settings: Settings, dns: LocalDNSServer, mx_port: int
+) -> AsyncIterator[Sender]:
+    """A ``Sender`` whose worker resolves MX hosts at ``dns`` and connects to ``mx_port``;
+    its pooled SMTP sessions and database are closed after the test."""
+    services = _services(settings, dns_resolver=dns.address, mx_port=mx_port)
+    try:
+        yield Sender(services)
+    finally:
+        await delivery._close_sessions(services)
+        services.db.dispose()
 
 
 @pytest.fixture
@@ -226,16 +241,11 @@ async def test_a_5xx_greeting_at_the_preferred_mx_moves_on_to_the_next_mx(
     dns_server.add_record("y.test", "MX", "20 mx2.y.test.")
     dns_server.add_record("mx1.y.test", "A", "127.0.0.1")
     dns_server.add_record("mx2.y.test", "A", "127.0.0.1")
-    services = _services(settings, dns_resolver=dns_server.address, mx_port=scripted_mx.port)
-    try:
-        sender = Sender(services)
+    async with _mx_sender(settings, dns_server, scripted_mx.port) as sender:
         message_id = sender.queue(["bob@y.test"])
-        status = await delivery.deliver(services, message_id, "w1")
+        status = await delivery.deliver(sender.services, message_id, "w1")
         assert (status, sender.suppressed("bob@y.test")) == ("delivered", set())
         assert [rcpts for rcpts, _ in scripted_mx.delivered] == [["bob@y.test"]]
-    finally:
-        await delivery._close_sessions(services)
-        services.db.dispose()
 
 
 async def test_opportunistic_tls_falls_back_to_clear_text_when_starttls_is_refused(
@@ -248,15 +258,10 @@ async def test_opportunistic_tls_falls_back_to_clear_text_when_starttls_is_refus
     scripted_mx.starttls_reply = b"454 4.7.0 TLS not available due to temporary reason\r\n"
     dns_server.add_record("y.test", "MX", "10 mx.y.test.")
     dns_server.add_record("mx.y.test", "A", "127.0.0.1")
-    services = _services(settings, dns_resolver=dns_server.address, mx_port=scripted_mx.port)
-    try:
-        sender = Sender(services)
+    async with _mx_sender(settings, dns_server, scripted_mx.port) as sender:
         message_id = sender.queue(["bob@y.test"])
-        assert await delivery.deliver(services, message_id, "w1") == "delivered"
+        assert await delivery.deliver(sender.services, message_id, "w1") == "delivered"
         assert [rcpts for rcpts, _ in scripted_mx.delivered] == [["bob@y.test"]]
-    finally:
-        await delivery._close_sessions(services)
-        services.db.dispose()
 
 
 async def test_a_failed_tls_handshake_at_an_mx_is_retried_in_clear_text(
@@ -268,16 +273,11 @@ async def test_a_failed_tls_handshake_at_an_mx_is_retried_in_clear_text(
     scripted_mx.tls_junk = True
     dns_server.add_record("y.test", "MX", "10 mx.y.test.")
     dns_server.add_record("mx.y.test", "A", "127.0.0.1")
-    services = _services(settings, dns_resolver=dns_server.address, mx_port=scripted_mx.port)
-    try:
-        sender = Sender(services)
+    async with _mx_sender(settings, dns_server, scripted_mx.port) as sender:
         message_id = sender.queue(["bob@y.test"])
-        assert await delivery.deliver(services, message_id, "w1") == "delivered"
+        assert await delivery.deliver(sender.services, message_id, "w1") == "delivered"
         assert [rcpts for rcpts, _ in scripted_mx.delivered] == [["bob@y.test"]]
         assert scripted_mx.connections == 2
-    finally:
-        await delivery._close_sessions(services)
-        services.db.dispose()
 
 
 async def test_a_5xx_greeting_at_the_only_mx_defers_without_suppressing(
@@ -288,16 +288,11 @@ async def test_a_5xx_greeting_at_the_only_mx_defers_without_suppressing(
     scripted_mx.greetings = [b"554 5.7.1 not now\r\n"]
     dns_server.add_record("y.test", "MX", "10 mx.y.test.")
     dns_server.add_record("mx.y.test", "A", "127.0.0.1")
-    services = _services(settings, dns_resolver=dns_server.address, mx_port=scripted_mx.port)
-    try:
-        sender = Sender(services)
+    async with _mx_sender(settings, dns_server, scripted_mx.port) as sender:
         message_id = sender.queue(["bob@y.test"])
-        assert await delivery.deliver(services, message_id, "w1") == "deferred"
+        assert await delivery.deliver(sender.services, message_id, "w1") == "deferred"
         assert sender.suppressed("bob@y.test") == set()
-        assert await delivery.deliver(services, message_id, "w1") == "delivered"
-    finally:
-        await delivery._close_sessions(services)
-        services.db.dispose()
+        assert await delivery.deliver(sender.services, message_id, "w1") == "delivered"
 
 
 # -- 2. Per-recipient outcomes ---------------------------------------------------------------
@@ -316,24 +311,19 @@ async def test_a_hard_bounce_beside_a_deferral_still_emits_message_bounced(
         dns_server.add_record("mx.a.test", "A", "127.0.0.1")
         dns_server.add_record("c.test", "MX", "10 mx.c.test.", ttl=0)
         dns_server.add_record("mx.c.test", "A", "127.0.0.2", ttl=0)  # nobody listens there
-        services = _services(settings, dns_resolver=dns_server.address, mx_port=mx.port)
-        try:
-            sender = Sender(services)
+        async with _mx_sender(settings, dns_server, mx.port) as sender:
             message_id = sender.queue(["alice@a.test", "bob@a.test"], cc=["carol@c.test"])
-            assert await delivery.deliver(services, message_id, "w1") == "deferred"
+            assert await delivery.deliver(sender.services, message_id, "w1") == "deferred"
             assert sender.suppressed("bob@a.test") == {"bob@a.test"}
             dns_server.remove_records("mx.c.test")
             dns_server.add_record("mx.c.test", "A", "127.0.0.1", ttl=0)
-            assert await delivery.deliver(services, message_id, "w1") == "delivered"
+            assert await delivery.deliver(sender.services, message_id, "w1") == "delivered"
             assert sorted(r for m in mx.wait_for(2) for r in m.rcpt_tos) == [
                 "alice@a.test",
                 "carol@c.test",
             ]
             bounced = [e for e in sender.events(message_id) if e["type"] == "message.bounced"]
             assert [e["payload"].get("bounced_recipients") for e in bounced] == [["bob@a.test"]]
-        finally:
-            await delivery._close_sessions(services)
-            services.db.dispose()
 
 
 async def test_a_refused_sender_does_not_suppress_the_recipients(
@@ -461,15 +451,10 @@ async def test_an_idn_domain_is_sent_to_its_idna2008_a_label(
     with CapturingSMTPServer() as mx:
         dns_server.add_record("xn--fa-hia.test", "MX", "10 mx.xn--fa-hia.test.")
         dns_server.add_record("mx.xn--fa-hia.test", "A", "127.0.0.1")
-        services = _services(settings, dns_resolver=dns_server.address, mx_port=mx.port)
-        try:
-            sender = Sender(services)
+        async with _mx_sender(settings, dns_server, mx.port) as sender:
             message_id = sender.queue(["bob@faß.test"])
-            status = await delivery.deliver(services, message_id, "w1")
+            status = await delivery.deliver(sender.services, message_id, "w1")
             assert status == "delivered"
             [received] = mx.wait_for(1)
             assert received.rcpt_tos == ["bob@xn--fa-hia.test"]
             assert _parse(received.data)["To"] == "bob@xn--fa-hia.test"
-        finally:
-            await delivery._close_sessions(services)
-            services.db.dispose()

@@ -34,7 +34,7 @@ from email.policy import Policy
 from email.utils import encode_rfc2231
 from functools import lru_cache
 
-from multimail.domain.addresses import AddressError, idna_ascii
+from multimail.domain.addresses import AddressError, idna_ascii, normalize_address
 from multimail.domain.headertext import (
     LINE_BREAKS,
     MAX_DECODE_ROUNDS,
@@ -230,6 +230,31 @@ def check_address(value: str, what: str = "an address") -> str:
 
 
 _address = check_address
+
+
+def plain_address(value: str, field: str) -> str:
+    """``value`` normalised, refused with 422 ``invalid_address`` naming ``field`` unless it is
+    exactly what :func:`check_address` will write into a header for it. The send path's
+    recipients and the address settings (``auto_cc``, ``auto_bcc``, ``oversight_email``) both
+    pass here, so an address accepted now is never refused, or read as another (an RFC 2047
+    encoded-word in the local part is decoded by mail programs), after approval."""
+    try:
+        address = normalize_address(value)
+    except AddressError as exc:
+        raise InvalidInput(f"{field}: {exc}", code="invalid_address", field=field) from None
+    try:
+        written = check_address(address, field)
+    except InvalidInput:
+        written = None
+    if written != address:
+        raise InvalidInput(
+            f"{field}: {value!r} is not a plain email address (it holds an RFC 2047 "
+            "encoded-word, =?...?=, that mail programs would decode, or something no header "
+            "can carry); give it as name@example.com",
+            code="invalid_address",
+            field=field,
+        )
+    return address
 
 
 def _valid_addr_spec(spec: str, ascii_domain: str) -> bool:

@@ -25,7 +25,7 @@ from multimail.domain.oversight import (
 )
 from multimail.errors import Conflict, Forbidden, InvalidInput, NotFound
 from multimail.ids import new_id, utcnow
-from multimail.mail.compose import check_address
+from multimail.mail.compose import plain_address
 from multimail.services import audit
 from multimail.services.common import jsonable
 from multimail.services.context import Actor
@@ -81,28 +81,10 @@ def resolve(
 
 
 def setting_address(value: Any, field: str) -> str:
-    """An address saved in a setting (``auto_cc`` / ``auto_bcc``, ``oversight_email``),
-    normalised, and exactly what the composer will write into a header for it (as the send
-    path's recipients are): an address the composer refuses (a line break, an encoded-word it
-    cannot read) or reads as another (an RFC 2047 encoded-word in the local part is decoded)
-    is refused now with 422 ``invalid_address`` naming ``field``, not at every later send."""
-    try:
-        address = normalize_address(value)
-    except AddressError as exc:
-        raise InvalidInput(f"{field}: {exc}", code="invalid_address", field=field) from None
-    try:
-        written = check_address(address, field)
-    except InvalidInput:
-        written = None
-    if written != address:
-        raise InvalidInput(
-            f"{field}: {value!r} is not a plain email address (it holds an RFC 2047 "
-            "encoded-word, =?...?=, that mail programs would decode, or something no header "
-            "can carry); give it as name@example.com",
-            code="invalid_address",
-            field=field,
-        )
-    return address
+    """An address saved in a setting (``auto_cc`` / ``auto_bcc``, ``oversight_email``), checked
+    as a recipient of a send is (:func:`compose.plain_address`), now and not at every later
+    send."""
+    return plain_address(value, field)
 
 
 # Mailbox addresses and accounts' oversight_email must never meet (see refuse_oversight_address

@@ -53,7 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from multimail.domain.addresses import AddressError, domain_of, matches_pattern, normalize_address
+from multimail.domain.addresses import domain_of, matches_pattern
 from multimail.domain.oversight import (
     CANCELLABLE,
     PAST_THE_GATE,
@@ -83,8 +83,8 @@ from multimail.mail.compose import (
     MAX_SUBJECT_CHARS,
     attachment_content_type,
     attachment_filename,
-    check_address,
     check_message_id,
+    plain_address,
     safe_subject,
 )
 from multimail.mail.htmlmd import html_to_markdown
@@ -238,26 +238,7 @@ class _Draft:
 
 
 def _address(item: str, field: str) -> str:
-    """``item`` normalised, and exactly what the composer will write into the header: an
-    address it would refuse, or read as another (an RFC 2047 encoded-word in the local part
-    is decoded by mail programs), is refused here rather than after approval."""
-    try:
-        address = normalize_address(item)
-    except AddressError as exc:
-        raise InvalidInput(f"{field}: {exc}", code="invalid_address", field=field) from None
-    try:
-        written = check_address(address, field)
-    except InvalidInput:
-        written = None
-    if written != address:
-        raise InvalidInput(
-            f"{field}: {item!r} is not a plain email address (it holds an RFC 2047 "
-            "encoded-word, =?...?=, that mail programs would decode); give it as "
-            "name@example.com",
-            code="invalid_address",
-            field=field,
-        )
-    return address
+    return plain_address(item, field)
 
 
 def _addresses(value: AddressInput, field: str) -> list[str]:
