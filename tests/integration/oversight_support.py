@@ -41,6 +41,18 @@ def settings(settings: Settings, relay: CapturingSMTPServer) -> Settings:
     return settings.model_copy(update={"smtp_url": SecretStr(f"smtp://{relay.host}:{relay.port}")})
 
 
+@pytest.fixture
+def box(services: Services, boot: accounts.Bootstrap) -> dict[str, Any]:
+    """A gated mailbox of the bootstrap account (make_mailbox's defaults)."""
+    return make_mailbox(services, boot.account["id"])
+
+
+@pytest.fixture
+def agent_id(services: Services, boot: accounts.Bootstrap) -> str:
+    """The id of the bootstrap agent key (scope ``send``)."""
+    return key_id(services, "agent", boot.account["id"])
+
+
 def operator(account_id: str) -> Actor:
     return Actor(type="user", id=None, name="test operator", account_id=account_id)
 

@@ -18,24 +18,19 @@ from multimail.testing.smtp import CapturingSMTPServer
 from tests.conftest import Api
 from tests.integration.oversight_support import (
     audit_actions,
+    box,
     job_rows,
     key_id,
     last_code,
-    make_mailbox,
     make_message,
     message_row,
     relay,
     settings,
 )
 
-__all__ = ["relay", "settings"]  # fixtures, re-exported so pytest finds them here
+__all__ = ["box", "relay", "settings"]  # fixtures, re-exported so pytest finds them here
 
 LINK = re.compile(r"\((http://[^)]+/v1/approve/[^)]+)\)")
-
-
-@pytest.fixture
-def box(services: Services, boot: accounts.Bootstrap) -> dict[str, Any]:
-    return make_mailbox(services, boot.account["id"])
 
 
 def _pending_with_links(

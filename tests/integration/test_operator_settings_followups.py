@@ -28,6 +28,7 @@ from multimail.store.tables import approval_codes
 from multimail.store.tables import mailboxes as mailbox_table
 from tests.conftest import Api
 from tests.integration.oversight_support import (
+    box,
     job_rows,
     last_code,
     make_mailbox,
@@ -35,13 +36,10 @@ from tests.integration.oversight_support import (
     second_account,
 )
 
+__all__ = ["box"]  # a fixture, re-exported for pytest
+
 ENCODED = "=?utf-8?q?boss?=@example.org"  # mail programs read it as boss@example.org
 BROKEN = "=?utf-8?q?a=0Ab?=@example.org"  # decodes to a line break: the composer refuses it
-
-
-@pytest.fixture
-def box(services: Services, boot: accounts.Bootstrap) -> dict[str, Any]:
-    return make_mailbox(services, boot.account["id"])
 
 
 def _row(services: Services, mailbox_id: str) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import select, update
 
 from multimail.ids import utcnow
@@ -14,7 +13,9 @@ from multimail.services.context import Services
 from multimail.store.tables import accounts as account_table
 from tests.conftest import Api
 from tests.integration.oversight_support import (
+    agent_id,
     audit_actions,
+    box,
     event_types,
     job_rows,
     key_id,
@@ -27,17 +28,7 @@ from tests.integration.oversight_support import (
     settings,
 )
 
-__all__ = ["relay", "settings"]  # fixtures, re-exported so pytest finds them here
-
-
-@pytest.fixture
-def box(services: Services, boot: accounts.Bootstrap) -> dict[str, Any]:
-    return make_mailbox(services, boot.account["id"])
-
-
-@pytest.fixture
-def agent_id(services: Services, boot: accounts.Bootstrap) -> str:
-    return key_id(services, "agent", boot.account["id"])
+__all__ = ["agent_id", "box", "relay", "settings"]  # fixtures, re-exported for pytest
 
 
 def test_pending_queue_envelope_newest_first_with_thread_context(

@@ -24,8 +24,9 @@ from multimail.store.tables import messages, webhooks
 from multimail.testing.smtp import CapturingSMTPServer
 from tests.conftest import BACKEND, Api
 from tests.integration.oversight_support import (
+    agent_id,
+    box,
     job_rows,
-    key_id,
     make_mailbox,
     make_message,
     message_row,
@@ -34,19 +35,9 @@ from tests.integration.oversight_support import (
     settings,
 )
 
-__all__ = ["relay", "settings"]  # fixtures, re-exported so pytest finds them here
+__all__ = ["agent_id", "box", "relay", "settings"]  # fixtures, re-exported for pytest
 
 PAST_THE_GATE = ("queued", "sending", "deferred", "delivered")
-
-
-@pytest.fixture
-def box(services: Services, boot: accounts.Bootstrap) -> dict[str, Any]:
-    return make_mailbox(services, boot.account["id"])
-
-
-@pytest.fixture
-def agent_id(services: Services, boot: accounts.Bootstrap) -> str:
-    return key_id(services, "agent", boot.account["id"])
 
 
 def _mailbox_row(services: Services, mailbox_id: str) -> dict[str, Any]:

@@ -27,10 +27,11 @@ from multimail.store.tables import events
 from multimail.testing.smtp import CapturingSMTPServer
 from tests.conftest import Api
 from tests.integration.oversight_support import (
+    agent_id,
     audit_actions,
+    box,
     event_types,
     job_rows,
-    key_id,
     make_mailbox,
     make_message,
     message_row,
@@ -38,7 +39,12 @@ from tests.integration.oversight_support import (
     settings,
 )
 
-__all__ = ["relay", "settings"]  # fixtures, re-exported so pytest finds them here
+__all__ = [
+    "agent_id",
+    "box",
+    "relay",
+    "settings",
+]  # fixtures, re-exported so pytest finds them here
 
 PAST_THE_GATE = ("queued", "sending", "deferred", "delivered", "scheduled")
 PEM = (
@@ -47,16 +53,6 @@ PEM = (
     "-----END RSA PRIVATE KEY-----\n"
 )
 LINK = re.compile(r"\((http://[^)]+/v1/approve/[^)]+)\)")
-
-
-@pytest.fixture
-def box(services: Services, boot: accounts.Bootstrap) -> dict[str, Any]:
-    return make_mailbox(services, boot.account["id"])
-
-
-@pytest.fixture
-def agent_id(services: Services, boot: accounts.Bootstrap) -> str:
-    return key_id(services, "agent", boot.account["id"])
 
 
 def _actions(services: Services, message_id: str) -> list[str]:
