@@ -25,72 +25,31 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from multimail.config import Settings
-from multimail.ids import new_id, utcnow
 from multimail.runtime import build_services
-from multimail.services import accounts, directory, mailboxes
-from multimail.services.context import Actor, Services
-from multimail.store.tables import events, messages, suppressions
+from multimail.services import directory
+from multimail.services.context import Services
+from multimail.store.tables import events, suppressions
 from multimail.testing.dns import LocalDNSServer
 from multimail.testing.server import LiveServer
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import delivery
 from multimail.workers.inbound import run_inbound_worker, run_smtp
 from tests.integration.inbound_support import running
+from tests.integration.test_delivery import World
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-class Sender:
-    """One account with the mailbox agent@mm.test (autonomous) on the server's own domain."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        boot = accounts.bootstrap(services.db, account_name="Acme", operator_email="o@mm.test")
-        self.account_id: str = boot.account["id"]
-        self.actor = Actor(type="system", id=None, name="review", account_id=self.account_id)
-        with services.db.write() as conn:
-            self.mailbox = mailboxes.create_mailbox(
-                conn,
-                actor=self.actor,
-                settings=services.settings,
-                address="agent@mm.test",
-                display_name="Agent",
-                oversight_mode="autonomous",
-            )
+class Sender(World):
+    """test_delivery's World (the account and its autonomous mailbox agent@mm.test), with
+    the lookups these tests make."""
 
     def queue(self, to: list[str], cc: list[str] | None = None) -> str:
         """A queued outbound message with its deliver job, as the sending service leaves it."""
-        now = utcnow()
-        message_id = new_id("msg")
-        with self.services.db.write() as conn:
-            conn.execute(
-                insert(messages).values(
-                    id=message_id,
-                    account_id=self.account_id,
-                    mailbox_id=self.mailbox["id"],
-                    direction="outbound",
-                    status="queued",
-                    test=False,
-                    message_id_header=f"<{message_id}@mm.test>",
-                    from_address="agent@mm.test",
-                    from_name="Agent",
-                    to=to,
-                    cc=cc or [],
-                    bcc=[],
-                    subject="Quarterly numbers",
-                    markdown="Hello **there**.",
-                    oversight_mode="autonomous",
-                    created_by_key_id="key_agent1",
-                    created_by_key_name="support-bot",
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            delivery.enqueue_delivery(conn, message_id)
-        return message_id
+        return self.message(to=to, cc=cc)
 
     def suppressed(self, *addresses: str) -> set[str]:
         with self.services.db.read() as conn:
