@@ -14,13 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
-from multimail.ids import isoformat, new_id, utcnow
-from multimail.services import accounts, keys, oversight, sending
+from multimail.ids import isoformat, utcnow
+from multimail.services import accounts, keys, sending
 from multimail.services.context import Services
 from multimail.store.tables import mailboxes as mailbox_table
-from multimail.store.tables import messages, webhooks
+from multimail.store.tables import webhooks
 from multimail.testing.smtp import CapturingSMTPServer
 from tests.conftest import BACKEND, Api
 from tests.integration.oversight_support import (
@@ -49,58 +49,8 @@ def _mailbox_row(services: Services, mailbox_id: str) -> dict[str, Any]:
         )
 
 
-# --- 1. decisions ------------------------------------------------------------------------------
-
-
-def test_batch_approve_does_not_paste_one_revision_over_every_draft(
-    api: Api, services: Services, boot: accounts.Bootstrap, box: dict[str, Any], agent_id: str
-) -> None:
-    """A revision is the reviewer's edit of one draft. Approving many at once with a
-    revised_body must not turn every other draft of the batch into that edit (refuse the
-    combination, or take one revision per message)."""
-    a = make_message(services, box, created_by_key_id=agent_id, markdown="Dear Ann, your refund.")
-    b = make_message(services, box, created_by_key_id=agent_id, markdown="Dear Ben, your invoice.")
-    api.client(boot.reviewer_key).post(
-        "/v1/oversight/decide",
-        json={
-            "email_ids": [a["id"], b["id"]],
-            "action": "approve",
-            "revised_body": "Dear Ann, your refund of 40 EUR is on its way.",
-        },
-    )
-    stored = message_row(services, b["id"])
-    assert stored["markdown"] == b["markdown"], "Ben's draft was replaced by the edit for Ann"
-
-
-def test_reviewer_revision_is_scanned_before_it_is_sent(
-    api: Api,
-    services: Services,
-    boot: accounts.Bootstrap,
-    box: dict[str, Any],
-    agent_id: str,
-    relay: CapturingSMTPServer,
-) -> None:
-    """SPEC §2: the scan blocks secrets in the body, and 'the reviewer's edit is what is sent'.
-    So the edit is what must pass the scan (as content edits of scheduled mail are re-scanned):
-    a revision with a blocking finding must not reach SMTP."""
-    msg = make_message(services, box, created_by_key_id=agent_id)
-    pem = (
-        "Here is the key you asked for:\n\n"
-        "-----BEGIN RSA PRIVATE KEY-----\n"
-        "MIIEowIBAAKCAQEAx3Zk8vJ2mA9Qp7cL0rS1tU2vW3xY4zA5bB6cC7dD8eE9fF0g\n"
-        "-----END RSA PRIVATE KEY-----\n"
-    )
-    api.client(boot.reviewer_key).post(
-        "/v1/oversight/decide",
-        json={"email_id": msg["id"], "action": "approve", "revised_body": pem},
-    )
-    time.sleep(0.5)
-    stored = message_row(services, msg["id"])
-    assert stored["status"] not in PAST_THE_GATE, stored["status"]
-    assert relay.messages == []
-
-
-# --- 3. reminders and expiry -------------------------------------------------------------------
+# --- expiry (batch revisions, scanned revisions and the sweep's batches are in
+# test_oversight_decisions_guard) ------------------------------------------------------------
 
 
 def test_approval_after_the_expiry_deadline_is_refused(
@@ -134,37 +84,7 @@ def test_approval_after_the_expiry_deadline_is_refused(
     assert relay.messages == []
 
 
-def test_sweep_expires_a_due_draft_behind_a_backlog_of_undue_ones(
-    services: Services, boot: accounts.Bootstrap, agent_id: str
-) -> None:
-    """Pending messages do not wait forever: a draft past its mailbox's approval_expiry is
-    expired by the sweep, however many other drafts (not due yet) wait elsewhere."""
-    now = utcnow()
-    slow = make_mailbox(
-        services,
-        boot.account["id"],
-        "slow@mm.test",
-        approval_timeout_seconds=30 * 86400,
-        approval_expiry_seconds=60 * 86400,
-    )
-    first = make_message(services, slow, created_by_key_id=agent_id, created_at=now)
-    backlog = []
-    for _ in range(oversight.SWEEP_BATCH):
-        record = dict(first)
-        record["id"] = new_id("msg")
-        record["message_id_header"] = f"<{record['id']}@mm.test>"
-        backlog.append(record)
-    with services.db.write() as conn:
-        conn.execute(insert(messages), backlog)
-    fast = make_mailbox(services, boot.account["id"], "fast@mm.test")  # 24 h / 72 h defaults
-    due = make_message(
-        services, fast, created_by_key_id=agent_id, created_at=now - timedelta(hours=100)
-    )
-    oversight.sweep_pending(services, now=now)
-    assert message_row(services, due["id"])["status"] == "expired"
-
-
-# --- 4. send caps and the allowlist -----------------------------------------------------------
+# --- send caps and the allowlist -----------------------------------------------------------
 
 
 def _send(client: httpx.Client, mailbox_id: str, n: int = 0) -> httpx.Response:
@@ -241,7 +161,7 @@ def test_lifting_a_send_cap_needs_the_operator(
     assert _mailbox_row(services, capped["id"])["send_cap_hour"] == 5
 
 
-# --- 5. the trust ladder: tightening is immediate -----------------------------------------------
+# --- the trust ladder: tightening is immediate -----------------------------------------------
 
 
 def test_tightening_the_mode_holds_a_scheduled_message_not_yet_released(
@@ -273,7 +193,7 @@ def test_tightening_the_mode_holds_a_scheduled_message_not_yet_released(
     assert job_rows(services, "deliver") == []
 
 
-# --- 6. approval_code flows --------------------------------------------------------------------
+# --- approval_code flows --------------------------------------------------------------------
 
 
 def test_setting_a_mailbox_webhook_url_needs_the_operator_code(
