@@ -165,9 +165,9 @@ async def test_failing_endpoint_is_retried_until_it_answers_then_delivered_once(
             await asyncio.sleep(1.05)  # so the second attempt's timestamp is a new second
             move_due(wsvc)
             await wait_until(lambda: len(rx.received) == 2)
-            await wait_until(
-                lambda: deliveries(wsvc)[0]["next_attempt_at"] != row["next_attempt_at"]
-            )
+            # The 503 must be recorded (with its retry time) before the retry is made due:
+            # next_attempt_at alone already differs from ``row`` by move_due's own write.
+            await wait_until(lambda: len(attempts_of(wsvc, row["id"])) == 2)
             move_due(wsvc)
             await wait_until(lambda: deliveries(wsvc)[0]["status"] == "delivered")
             await asyncio.sleep(0.2)
