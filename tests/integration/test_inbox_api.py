@@ -11,11 +11,13 @@ import httpx
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from multimail.ids import utcnow
 from multimail.services import accounts, inbound, mailboxes
 from multimail.services.context import Actor, Services
-from multimail.store.tables import audit_entries
+from multimail.store.tables import audit_entries, jobs, messages
+from multimail.workers import inbound as inbound_worker
 from tests.conftest import Api
 
 ATTACHED = (
@@ -51,6 +53,32 @@ def deliver(
     result = inbound.accept_raw(services, admin, raw)
     (message_id,) = result["message_ids"]
     return str(message_id)
+
+
+def test_post_inbound_names_its_message_though_an_inbound_worker_runs(
+    services: Services, boot: accounts.Bootstrap, monkeypatch: Any
+) -> None:
+    """POST /v1/inbound processes what it stored and names the messages made. An inbound
+    worker (``serve`` runs one beside the API) used to take the same job at once and win
+    the race, and the answer said ``processed`` with no message_ids (a flaky CI failure).
+    The job now waits as the backstop, and when it runs it makes no second message."""
+    _setup(services, boot)
+    real = inbound.process_inbound
+
+    def worker_first(svc: Services, inbound_id: str) -> list[str]:
+        taken = inbound_worker._work_once(svc, "racing-worker")  # what serve's worker does
+        assert taken == 0, "the worker took the job of a message the API is processing"
+        return real(svc, inbound_id)
+
+    monkeypatch.setattr(inbound, "process_inbound", worker_first)
+    message_id = deliver(services, boot, "Raced")
+    monkeypatch.setattr(inbound, "process_inbound", real)
+    with services.db.write() as conn:  # the backstop's time comes
+        conn.execute(update(jobs).where(jobs.c.kind == inbound.JOB_KIND).values(run_at=utcnow()))
+    assert inbound_worker._work_once(services, "late-worker") == 1
+    with services.db.read() as conn:
+        made = conn.execute(select(messages.c.id).where(messages.c.subject == "Raced")).all()
+    assert [row.id for row in made] == [message_id]
 
 
 def test_filters_select_by_sender_subject_attachments_status_and_date(

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import dns.resolver
@@ -187,13 +187,18 @@ def _is_storage_full(exc: BaseException) -> bool:
 
 
 def store_envelopes(
-    services: Services, envelopes: Sequence[InboundEnvelope], *, actor: Actor | None = None
+    services: Services,
+    envelopes: Sequence[InboundEnvelope],
+    *,
+    actor: Actor | None = None,
+    jobs_run_at: datetime | None = None,
 ) -> list[str]:
     """Store raw messages and their jobs in one committed transaction; return their ids.
 
     ``actor`` is the API key that handed the messages over (``POST /v1/inbound``): the
     hand-over is its act, so it is audited as such; SMTP arrivals are the system's and are
-    audited when processed (``message.received``)."""
+    audited when processed (``message.received``). ``jobs_run_at`` holds the jobs back when
+    the caller processes the messages itself: they are then only the backstop."""
     ids = [new_id("inb") for _ in envelopes]
     try:
         with services.db.write() as conn:
@@ -215,7 +220,11 @@ def store_envelopes(
                 ],
             )
             # One statement for the batch's jobs: the SMTP path pays it before every 250.
-            jobs.enqueue_many(conn, [(JOB_KIND, {"inbound_id": inbound_id}) for inbound_id in ids])
+            jobs.enqueue_many(
+                conn,
+                [(JOB_KIND, {"inbound_id": inbound_id}) for inbound_id in ids],
+                run_at=jobs_run_at,
+            )
             for inbound_id, env in zip(ids, envelopes, strict=True):
                 if actor is not None:
                     audit.append(
@@ -753,6 +762,8 @@ def process_inbound(services: Services, inbound_id: str) -> list[str]:
 
 # --------------------------------------------------------------------------- POST /v1/inbound
 
+API_HANDOVER_BACKSTOP = timedelta(minutes=2)
+
 
 def accept_raw(
     services: Services,
@@ -803,7 +814,12 @@ def accept_raw(
         received_at=received_at or utcnow(),
         tls=False,
     )
-    (inbound_id,) = store_envelopes(services, [envelope], actor=actor)
+    # The answer names the messages made, so this call processes the message itself; an
+    # inbound worker taking the job first would leave it nothing to name. The job waits
+    # in case this process dies between the commit and the processing.
+    (inbound_id,) = store_envelopes(
+        services, [envelope], actor=actor, jobs_run_at=utcnow() + API_HANDOVER_BACKSTOP
+    )
     created = process_inbound(services, inbound_id)
     with services.db.read() as conn:
         rows: list[Mapping[str, Any]] = [
