@@ -307,6 +307,57 @@ def test_an_unsubscribe_request_in_a_forged_name_suppresses_nobody(stack: Stack)
     }
 
 
+def _feedback_report(complainant: str, message_id: str) -> bytes:
+    return (
+        b"From: abuse@isp.test\r\nTo: bot@mm.test\r\nSubject: complaint\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=feedback-report; boundary="F"\r\n\r\n'
+        b"--F\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
+        b"--F\r\nContent-Type: message/feedback-report\r\n\r\n"
+        b"Feedback-Type: abuse\r\nUser-Agent: isp/1.0\r\nVersion: 1\r\n"
+        + f"Original-Rcpt-To: {complainant}\r\n".encode()
+        + b"--F\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        + f"From: bot@mm.test\r\nTo: {complainant}\r\nMessage-ID: {message_id}\r\n".encode()
+        + b"--F--\r\n"
+    )
+
+
+def test_a_feedback_report_not_matching_our_mail_suppresses_nobody(stack: Stack) -> None:
+    """Anyone can mail a feedback report naming any address. One naming a Message-ID this
+    account never sent, or a complainant who was not a recipient of the message it names,
+    is kept for the operator (audited with the reason) and suppresses nobody. Found by
+    review: reports were acted on with no check, so one forged mail stopped the account's
+    mail to a customer."""
+    outbound_message(stack.services, stack.mailbox, "<news-2@mm.test>", "carol@isp.test")
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
+        client.sendmail(
+            "abuse@isp.test", ["bot@mm.test"], _feedback_report("ceo@client.test", "<x@nowhere>")
+        )
+        client.sendmail(
+            "abuse@isp.test",
+            ["bot@mm.test"],
+            _feedback_report("ceo@client.test", "<news-2@mm.test>"),
+        )
+    rows = stack.inbound(2)
+    with stack.services.db.read() as conn:
+        suppressed = conn.execute(select(suppressions)).all()
+        complained = conn.execute(
+            select(events.c.id).where(events.c.type == "message.complained")
+        ).all()
+        kept = conn.execute(
+            select(audit_entries.c.subject_id, audit_entries.c.details).where(
+                audit_entries.c.action == "message.complaint_unmatched"
+            )
+        ).all()
+    assert suppressed == [] and complained == []
+    assert sorted(r.subject_id for r in kept) == sorted(r["id"] for r in rows)
+    reasons = sorted(json.loads(r.details)["why"] for r in kept)
+    assert reasons == [
+        "the complainant was not a recipient of the message the report names",
+        "the report names no message this account sent",
+    ]
+
+
 def test_forged_phishing_mail_lands_in_spam_and_can_be_released(stack: Stack) -> None:
     """DMARC failure plus a phishing phrase scores as spam; not-spam moves it to unread."""
     forged = simple(

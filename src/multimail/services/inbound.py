@@ -601,6 +601,24 @@ def _apply_bounce(
     )
 
 
+def _unmatched_complaint(conn: Connection, account_id: str, report: ComplaintReport) -> str | None:
+    """Why a feedback report (RFC 5965) is not acted on, or None when it is: it must name a
+    message this account sent (the Message-ID of the original it carries, as mailbox
+    providers' feedback loops include) and a complainant among that message's recipients."""
+    original = _our_message(conn, account_id, [report.original_message_id], outbound=True)
+    if original is None:
+        return "the report names no message this account sent"
+    try:
+        complainant = normalize_address(report.complainant or "")
+    except AddressError:
+        return "the report names no complainant address"
+    named = [*(original["to"] or []), *(original["cc"] or []), *(original["bcc"] or [])]
+    recipients = {str(a).lower() for a in named}
+    if complainant.lower() not in recipients:
+        return "the complainant was not a recipient of the message the report names"
+    return None
+
+
 def _apply_complaint(
     conn: Connection,
     account_id: str,
@@ -666,14 +684,33 @@ def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> 
     if analysis.dsn is not None:
         _apply_bounce(conn, account_id, analysis.dsn, row["id"])
     elif analysis.arf is not None:
-        _apply_complaint(
-            conn,
-            account_id,
-            complainant=analysis.arf.complainant,
-            reason="complaint",
-            original_ids=[analysis.arf.original_message_id],
-            report_row=row,
-        )
+        unmatched = _unmatched_complaint(conn, account_id, analysis.arf)
+        if unmatched is None:
+            _apply_complaint(
+                conn,
+                account_id,
+                complainant=analysis.arf.complainant,
+                reason="complaint",
+                original_ids=[analysis.arf.original_message_id],
+                report_row=row,
+            )
+        else:
+            # Anyone can mail a feedback report naming any address: acted on unchecked, one
+            # forged report would stop the account's mail to a customer. It is kept (the
+            # report is in the mailbox) for the operator to act on.
+            audit.append(
+                conn,
+                actor=_system(account_id),
+                action="message.complaint_unmatched",
+                subject_type="message",
+                subject_id=row["id"],
+                mailbox_id=row["mailbox_id"],
+                details={
+                    "address": analysis.arf.complainant,
+                    "original_message_id": analysis.arf.original_message_id,
+                    "why": unmatched,
+                },
+            )
     elif analysis.unsubscribe and sender_verified(
         analysis.auth, row["from_address"], analysis.parsed.from_count
     ):
