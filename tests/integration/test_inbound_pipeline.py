@@ -252,18 +252,7 @@ def test_dsn_marks_the_original_bounced_and_suppresses_the_address(stack: Stack)
 def test_complaint_and_unsubscribe_reply_suppress_the_sender(stack: Stack) -> None:
     """An ARF report and an "unsubscribe" reply each suppress and fire message.complained."""
     outbound_message(stack.services, stack.mailbox, "<news-1@mm.test>", "carol@isp.test")
-    arf = (
-        b"From: abuse@isp.test\r\nTo: bot@mm.test\r\nSubject: complaint\r\n"
-        b"MIME-Version: 1.0\r\n"
-        b'Content-Type: multipart/report; report-type=feedback-report; boundary="F"\r\n\r\n'
-        b"--F\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
-        b"--F\r\nContent-Type: message/feedback-report\r\n\r\n"
-        b"Feedback-Type: abuse\r\nUser-Agent: isp/1.0\r\nVersion: 1\r\n"
-        b"Original-Rcpt-To: carol@isp.test\r\n"
-        b"--F\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        b"From: bot@mm.test\r\nTo: carol@isp.test\r\nMessage-ID: <news-1@mm.test>\r\n"
-        b"--F--\r\n"
-    )
+    arf = _feedback_report("carol@isp.test", "<news-1@mm.test>")
     unsubscribe = simple("Re: news", "Please unsubscribe me.", sender="dave@sender.test")
     with smtplib.SMTP("127.0.0.1", stack.smtp_port) as client:
         client.sendmail("abuse@isp.test", ["bot@mm.test"], arf)
@@ -278,6 +267,24 @@ def test_complaint_and_unsubscribe_reply_suppress_the_sender(stack: Stack) -> No
     assert len(complained) == 2
 
 
+def _kept_for_operator(stack: Stack, rows: list[dict[str, Any]], action: str) -> list[str]:
+    """Checks that nobody was suppressed and no complaint fired, and that each of ``rows``
+    has one ``action`` audit entry; returns their details (JSON text)."""
+    with stack.services.db.read() as conn:
+        suppressed = conn.execute(select(suppressions)).all()
+        complained = conn.execute(
+            select(events.c.id).where(events.c.type == "message.complained")
+        ).all()
+        kept = conn.execute(
+            select(audit_entries.c.subject_id, audit_entries.c.details).where(
+                audit_entries.c.action == action
+            )
+        ).all()
+    assert suppressed == [] and complained == []
+    assert sorted(r.subject_id for r in kept) == sorted(r["id"] for r in rows)
+    return [r.details for r in kept]
+
+
 def test_an_unsubscribe_request_in_a_forged_name_suppresses_nobody(stack: Stack) -> None:
     """Anyone can write any From: "unsubscribe" in the name of it@forged.test, from an address
     its SPF does not allow (DMARC fails), would have stopped the account's mail to it. It is
@@ -289,19 +296,8 @@ def test_an_unsubscribe_request_in_a_forged_name_suppresses_nobody(stack: Stack)
         client.send_message(forged, from_addr="it@forged.test")
         client.send_message(unverified, from_addr="eve@nowhere.test")
     rows = stack.inbound(2)
-    with stack.services.db.read() as conn:
-        suppressed = conn.execute(select(suppressions)).all()
-        complained = conn.execute(
-            select(events.c.id).where(events.c.type == "message.complained")
-        ).all()
-        kept = conn.execute(
-            select(audit_entries.c.subject_id, audit_entries.c.details).where(
-                audit_entries.c.action == "message.unsubscribe_unverified"
-            )
-        ).all()
-    assert suppressed == [] and complained == []
-    assert sorted(r.subject_id for r in kept) == sorted(r["id"] for r in rows)
-    assert {json.loads(r.details)["address"] for r in kept} == {
+    kept = _kept_for_operator(stack, rows, "message.unsubscribe_unverified")
+    assert {json.loads(r)["address"] for r in kept} == {
         "it@forged.test",
         "eve@nowhere.test",
     }
@@ -339,19 +335,8 @@ def test_a_feedback_report_not_matching_our_mail_suppresses_nobody(stack: Stack)
             _feedback_report("ceo@client.test", "<news-2@mm.test>"),
         )
     rows = stack.inbound(2)
-    with stack.services.db.read() as conn:
-        suppressed = conn.execute(select(suppressions)).all()
-        complained = conn.execute(
-            select(events.c.id).where(events.c.type == "message.complained")
-        ).all()
-        kept = conn.execute(
-            select(audit_entries.c.subject_id, audit_entries.c.details).where(
-                audit_entries.c.action == "message.complaint_unmatched"
-            )
-        ).all()
-    assert suppressed == [] and complained == []
-    assert sorted(r.subject_id for r in kept) == sorted(r["id"] for r in rows)
-    reasons = sorted(json.loads(r.details)["why"] for r in kept)
+    kept = _kept_for_operator(stack, rows, "message.complaint_unmatched")
+    reasons = sorted(json.loads(r)["why"] for r in kept)
     assert reasons == [
         "the complainant was not a recipient of the message the report names",
         "the report names no message this account sent",

@@ -696,20 +696,14 @@ def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> 
             )
         else:
             # Anyone can mail a feedback report naming any address: acted on unchecked, one
-            # forged report would stop the account's mail to a customer. It is kept (the
-            # report is in the mailbox) for the operator to act on.
-            audit.append(
+            # forged report would stop the account's mail to a customer.
+            _keep_for_operator(
                 conn,
-                actor=_system(account_id),
-                action="message.complaint_unmatched",
-                subject_type="message",
-                subject_id=row["id"],
-                mailbox_id=row["mailbox_id"],
-                details={
-                    "address": analysis.arf.complainant,
-                    "original_message_id": analysis.arf.original_message_id,
-                    "why": unmatched,
-                },
+                row,
+                "message.complaint_unmatched",
+                address=analysis.arf.complainant,
+                original_message_id=analysis.arf.original_message_id,
+                why=unmatched,
             )
     elif analysis.unsubscribe and sender_verified(
         analysis.auth, row["from_address"], analysis.parsed.from_count
@@ -723,23 +717,33 @@ def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> 
             report_row=row,
         )
     elif analysis.unsubscribe:
-        # A forged From would otherwise stop the account's mail to anyone: the request is
-        # kept (the message itself is in the mailbox) for the operator to act on.
-        audit.append(
+        # A forged From would otherwise stop the account's mail to anyone.
+        _keep_for_operator(
             conn,
-            actor=_system(account_id),
-            action="message.unsubscribe_unverified",
-            subject_type="message",
-            subject_id=row["id"],
-            mailbox_id=row["mailbox_id"],
-            details={
-                "address": row["from_address"],
-                "spf": analysis.auth.spf.result,
-                "dkim": analysis.auth.dkim.result,
-                "dmarc": analysis.auth.dmarc.result,
-            },
+            row,
+            "message.unsubscribe_unverified",
+            address=row["from_address"],
+            spf=analysis.auth.spf.result,
+            dkim=analysis.auth.dkim.result,
+            dmarc=analysis.auth.dmarc.result,
         )
     return row
+
+
+def _keep_for_operator(
+    conn: Connection, row: Mapping[str, Any], action: str, **details: Any
+) -> None:
+    """A request to stop mail that is not acted on: the message stays in the mailbox, and
+    the audit entry says why, for the operator to act on."""
+    audit.append(
+        conn,
+        actor=_system(row["account_id"]),
+        action=action,
+        subject_type="message",
+        subject_id=row["id"],
+        mailbox_id=row["mailbox_id"],
+        details=details,
+    )
 
 
 def _mark_failed(services: Services, row: dict[str, Any], error: str) -> None:
