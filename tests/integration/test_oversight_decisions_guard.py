@@ -187,6 +187,20 @@ def _stale(services: Services, box: dict[str, Any], agent_id: str, **fields: Any
     )
 
 
+def _held_inbound(services: Services, boot: accounts.Bootstrap, created_at: Any) -> Any:
+    """An inbound message held for approval in a gated_all mailbox (it never expires)."""
+    held_box = make_mailbox(
+        services, boot.account["id"], "held@mm.test", oversight_mode="gated_all"
+    )
+    return make_message(
+        services,
+        held_box,
+        status="pending_inbound_approval",
+        direction="inbound",
+        created_at=created_at,
+    )
+
+
 @pytest.mark.parametrize("action", ["approve", "reject"])
 def test_a_decision_past_the_expiry_expires_the_draft_as_the_sweep_would(
     api: Api,
@@ -267,16 +281,7 @@ def test_schedule_first_and_held_inbound_are_not_expired_by_their_age_alone(
         send_at=utcnow() - timedelta(hours=1),
         gate_timing="schedule_first",
     )
-    held_box = make_mailbox(
-        services, boot.account["id"], "held@mm.test", oversight_mode="gated_all"
-    )
-    held = make_message(
-        services,
-        held_box,
-        status="pending_inbound_approval",
-        direction="inbound",
-        created_at=old,
-    )
+    held = _held_inbound(services, boot, created_at=old)
     reviewer = api.client(boot.reviewer_key)
     rejected = reviewer.post(
         "/v1/oversight/decide", json={"email_id": waiting["id"], "action": "reject", "note": "x"}
@@ -355,16 +360,7 @@ def test_the_sweep_reads_only_due_rows_batch_after_batch(
         )
         for _ in range(5)
     ]
-    held_box = make_mailbox(
-        services, boot.account["id"], "held@mm.test", oversight_mode="gated_all"
-    )
-    held = make_message(
-        services,
-        held_box,
-        status="pending_inbound_approval",
-        direction="inbound",
-        created_at=now - timedelta(hours=200),
-    )
+    held = _held_inbound(services, boot, created_at=now - timedelta(hours=200))
     late_start = make_message(  # schedule_first: waits from send_at (2 h ago), not creation
         services,
         fast,
