@@ -94,6 +94,25 @@ def test_a_payload_comes_back_exactly_from_its_stored_form(
     assert _text_of(events.expanded_payload(json.loads(_text_of(stored)))) == _text_of(built)
 
 
+@settings(max_examples=300)
+@given(message_rows(), st.sampled_from(events.CANONICAL), st.none() | st.just("mbx_01"))
+def test_stored_text_is_the_text_of_the_stored_payload(
+    row: dict[str, Any], event_type: str, mailbox_id: str | None
+) -> None:
+    """The delivery worker writes its events from one encoding of each message's view:
+    the very text ``events.emit`` would store for the same event."""
+    shown = view(row, tags={"team": "ops"})
+    fields: dict[str, Any] = {
+        "event_id": "evt_01",
+        "event_type": event_type,
+        "created_at": "2026-01-01T00:00:00Z",
+        "mailbox_id": mailbox_id,
+    }
+    built = events.payload_for(**fields, message=shown)
+    text = events.stored_text(**fields, compact_message_text=json.dumps(compact_view(shown)))
+    assert text == _text_of(events.stored_payload(built))
+
+
 @given(message_rows())
 def test_a_payload_stored_whole_reads_back_unchanged(row: dict[str, Any]) -> None:
     """Rows written before payloads were stored compactly hold the whole payload."""

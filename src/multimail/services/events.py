@@ -23,6 +23,7 @@ Rules callers can rely on:
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -169,6 +170,33 @@ def stored_payload(payload: dict[str, Any]) -> dict[str, Any]:
         elif key in _EVENT_KEYS or not messages.same_json_value(value, derived.get(key, _NONE)):
             out[key] = value
     return out
+
+
+def stored_text(
+    *,
+    event_id: str,
+    event_type: str,
+    created_at: str,
+    mailbox_id: str | None,
+    compact_message_text: str,
+) -> str:
+    """``json.dumps(stored_payload(payload_for(...)))`` for a payload without ``extra``.
+
+    ``compact_message_text`` is ``json.dumps(messages.compact_view(view))``. Without
+    ``extra`` every top-level field beyond the event's own equals its derivation, so the
+    stored payload is the event's fields and the compact view: a writer of several events
+    per message (the delivery worker: ``sent`` and ``delivered``) encodes the view once.
+    """
+    head = json.dumps(
+        {
+            "id": event_id,
+            "type": event_type,
+            "event": event_type,
+            "created_at": created_at,
+            "mailbox_id": mailbox_id,
+        }
+    )
+    return f'{head[:-1]}, "message": {compact_message_text}}}'
 
 
 def expanded_payload(stored: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -40,7 +41,6 @@ import sys
 import threading
 import time
 import weakref
-from _json import encode_basestring_ascii, make_encoder
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -230,15 +230,13 @@ _MARK_SENDING = (
         updated_at=bindparam("m_now"),
     )
 )
-# Events whose payload is already JSON text (see _json_encoder): SQLite keeps JSON as text;
+# Events whose payload is already JSON text (see _emit_many): SQLite keeps JSON as text;
 # PostgreSQL's json type takes the text as it is, through an explicit cast.
 _PAYLOAD_TEXT = bindparam("payload_json", type_=Text)
 _INSERT_EVENT_TEXT = {
     "sqlite": insert(events_table).values(payload=_PAYLOAD_TEXT),
     "postgresql": insert(events_table).values(payload=cast(_PAYLOAD_TEXT, JSON)),
 }
-# Strings at least this long are JSON-encoded once per message (the body, mostly).
-_SHARED_STRING_MIN = 128
 _INSERT_WEBHOOK_DELIVERY = insert(webhook_deliveries)
 # The subscriptions events.emit delivers an event of this account and mailbox to.
 _SUBSCRIBERS = (
@@ -1350,30 +1348,6 @@ def _deliver_many(
     return outcomes
 
 
-def _not_json(value: Any) -> Any:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _json_encoder() -> Callable[[Any], str]:
-    """``json.dumps`` with its defaults (the very same text) that encodes each long string
-    once per encoder: a message's view holds its body four times, and each of its events
-    holds the view and the body once more (ten copies for ``sent`` + ``delivered``).
-    """
-    seen: dict[str, str] = {}
-
-    def string(value: str) -> str:
-        if len(value) < _SHARED_STRING_MIN:
-            return encode_basestring_ascii(value)
-        found = seen.get(value)
-        if found is None:
-            found = seen[value] = encode_basestring_ascii(value)
-        return found
-
-    # A markers dict, as json.dumps keeps, so a cycle is a ValueError (not a RecursionError).
-    encoder = make_encoder({}, _not_json, string, None, ": ", ", ", False, False, True)
-    return lambda value: "".join(encoder(value, 0))
-
-
 def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, Any]]]) -> None:
     """``events.emit`` for many ``(account_id, mailbox_id, event_type, view)`` at once.
 
@@ -1381,14 +1355,14 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
     mailbox's ``webhook_url`` subscription in step; nothing in this transaction changes
     subscriptions after that, so that mailbox's later events reuse its subscriber list (read
     once) and are written with one INSERT for the events and one for their deliveries. The
-    rows are those ``events.emit`` writes (same payload builder, same name matching, the
-    same JSON text), the payloads encoded by one :func:`_json_encoder` per message.
+    rows are those ``events.emit`` writes (same name matching, the same JSON text: see
+    ``events.stored_text``), each message's compact view encoded once for all its events.
     """
     subscribers: dict[tuple[str, str], list[Any]] = {}
     event_rows: list[dict[str, Any]] = []
     delivery_rows: list[dict[str, Any]] = []
     encoded_view: dict[str, Any] | None = None
-    encode = _json_encoder()
+    view_text = ""
     # One time for the events of this commit (they become visible together).
     now = utcnow()
     created_at = isoformat(now) or ""
@@ -1407,16 +1381,9 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
             )
             continue
         event_id = new_id("evt")
-        payload = events.payload_for(
-            event_id=event_id,
-            event_type=event_type,
-            created_at=created_at,
-            mailbox_id=mailbox_id,
-            message=view,
-        )
         if view is not encoded_view:
-            # A fresh cache per message: only one message's events share its strings.
-            encode, encoded_view = _json_encoder(), view
+            view_text = json.dumps(message_views.compact_view(view))
+            encoded_view = view
         event_rows.append(
             {
                 "id": event_id,
@@ -1424,7 +1391,13 @@ def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, 
                 "mailbox_id": mailbox_id,
                 "message_id": view.get("id"),
                 "type": event_type,
-                "payload_json": encode(events.stored_payload(payload)),
+                "payload_json": events.stored_text(
+                    event_id=event_id,
+                    event_type=event_type,
+                    created_at=created_at,
+                    mailbox_id=mailbox_id,
+                    compact_message_text=view_text,
+                ),
                 "created_at": now,
             }
         )
