@@ -59,8 +59,10 @@ def _back(path: str, outcome: str) -> RedirectResponse:
 # --- the queue -------------------------------------------------------------------------------
 
 
-def _pending(services: Services, actor: Actor, limit: int = 50) -> dict[str, Any]:
-    return oversight.list_pending(services, actor, limit=limit)
+def _pending(
+    services: Services, actor: Actor, limit: int = 50, cursor: str | None = None
+) -> dict[str, Any]:
+    return oversight.list_pending(services, actor, limit=limit, cursor=cursor)
 
 
 def _first_steps(services: Services, actor: Actor) -> dict[str, Any]:
@@ -83,13 +85,17 @@ def home() -> Response:
 @router.get("/queue")
 def queue(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
     svc = services_of(request)
-    pending = _pending(svc, actor)
+    # Newest first, a page at a time: the oldest drafts (the next to expire) are on the
+    # last page, reached by the "Older drafts" link.
+    cursor = request.query_params.get("cursor") or None
+    pending = _pending(svc, actor, cursor=cursor)
     return render(
         request,
         "queue.html",
         nav="queue",
         pending=pending,
         pending_count=pending["pending_count"],
+        cursor=cursor,
         notice=_notice(request),
         batch=None,
         **_first_steps(svc, actor),
@@ -100,9 +106,15 @@ def queue(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
 def queue_items(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
     """The list alone, fetched by the page when the event stream says it changed."""
     svc = services_of(request)
-    pending = _pending(svc, actor)
+    cursor = request.query_params.get("cursor") or None
+    pending = _pending(svc, actor, cursor=cursor)
     return render(
-        request, "_queue_items.html", nav="queue", pending=pending, **_first_steps(svc, actor)
+        request,
+        "_queue_items.html",
+        nav="queue",
+        pending=pending,
+        cursor=cursor,
+        **_first_steps(svc, actor),
     )
 
 
@@ -135,6 +147,7 @@ def queue_batch(
         nav="queue",
         pending=pending,
         pending_count=pending["pending_count"],
+        cursor=None,
         batch={"action": action, "results": outcome["results"]},
         **_first_steps(svc, actor),
     )
@@ -286,7 +299,11 @@ def edit_and_approve(
         action="approve",
         note=form.get("note") or None,
         revised_subject=subject if subject != current["subject"] else None,
-        revised_markdown=markdown if markdown != current["markdown"] else None,
+        # A browser submits the textarea with CRLF line breaks (normalised above): compared
+        # with the stored draft as raw text, an untouched CRLF draft would count as an edit.
+        revised_markdown=None
+        if markdown == (current["markdown"] or "").replace("\r\n", "\n")
+        else markdown,
     )
     return _back(f"/messages/{message_id}", result["result"])
 

@@ -42,6 +42,7 @@ from multimail.domain.oversight import DECIDABLE
 from multimail.errors import InvalidInput
 from multimail.ids import isoformat
 from multimail.services import directory
+from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
 from multimail.store import jobs
 from multimail.store.tables import accounts, mailboxes, messages
@@ -263,10 +264,21 @@ def _draft_markdown(conn: Connection, row: Mapping[str, Any] | RowMapping) -> li
     ]
     if row.get("cc"):
         lines.append(f"- **Cc:** {', '.join(row['cc'])}")
+    if row.get("bcc"):
+        # An approval covers every recipient: a hidden copy is where a misled agent leaks.
+        lines.append(f"- **Bcc (hidden from the other recipients):** {', '.join(row['bcc'])}")
     if row.get("created_by_key_name"):
         lines.append(f"- **Written by:** {row['created_by_key_name']}")
     lines += ["", "**Subject:**", "", fenced(row.get("subject") or ""), "", "**Body:**", ""]
     lines.append(fenced(row.get("markdown") or ""))
+    files = message_views.attachments_for(conn, [row["id"]])[row["id"]]
+    if files:
+        # Fenced: a file name is the agent's text and must not become a link in this mail.
+        listed = "\n".join(
+            f"{_SPACES.sub(' ', a['filename'])} ({a['content_type']}, {a['size_bytes']} bytes)"
+            for a in files
+        )
+        lines += ["", "**Attached:**", "", fenced(listed)]
     findings = row.get("scan_findings") or []
     if findings:
         lines += ["", "**Scan findings:**", ""]
