@@ -132,6 +132,9 @@ FINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 DELIVERABLE = frozenset({S.QUEUED, S.SENDING, S.DEFERRED})
 # Outbound statuses that mean "a decision or the gate already let it through".
 PAST_THE_GATE = frozenset({S.QUEUED, S.SENDING, S.DEFERRED, S.DELIVERED, S.BOUNCED})
+# Outbound statuses a delivery report can be about: the message may have reached a server
+# (queued again after a deferral; given up on after some recipients accepted it).
+MAY_HAVE_LEFT = PAST_THE_GATE | {S.SEND_FAILED}
 
 
 def can_transition(current: Status, new: Status) -> bool:

@@ -127,8 +127,39 @@ def _is_report(root: Message, report_type: str) -> bool:
     return isinstance(declared, str) and declared.strip().lower() == report_type
 
 
+# RFC 6533's types: the email package knows neither, so it parses each as an encapsulated
+# message (the first field block as its headers, the rest as its body).
+_GLOBAL_FIELDS = frozenset({"message/global-delivery-status", "message/global-headers"})
+
+
+def _global_text(part: Message) -> str | None:
+    """The text of a message/global-delivery-status or -headers part, put back together."""
+    payload = part.get_payload()
+    if part.get_content_type() not in _GLOBAL_FIELDS or not isinstance(payload, list):
+        return None
+    inner = payload[0] if payload else None
+    if not isinstance(inner, Message):
+        return ""
+    head = "".join(f"{name}: {value}\n" for name, value in inner.raw_items())
+    body = inner.get_payload()
+    return head + "\n" + (body if isinstance(body, str) else "")
+
+
+def _blocks_of(text: str) -> list[list[tuple[str, str]]]:
+    blocks = []
+    for chunk in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n")):
+        fields = HeaderParser(policy=default_policy).parsestr(chunk.strip("\n") + "\n")
+        items = [(k, decode_header_value(str(v))) for k, v in fields.raw_items()]
+        if items:
+            blocks.append(items)
+    return blocks
+
+
 def _field_blocks(part: Message) -> list[list[tuple[str, str]]]:
     """The header-style field blocks of a delivery-status or feedback-report part."""
+    rebuilt = _global_text(part)
+    if rebuilt is not None:
+        return _blocks_of(rebuilt)
     payload = part.get_payload()
     if isinstance(payload, list) and payload:
         return [
@@ -143,14 +174,7 @@ def _field_blocks(part: Message) -> list[list[tuple[str, str]]]:
     }:
         decoded = part.get_payload(decode=True)
         raw = decoded if isinstance(decoded, bytes) else raw
-    text = decode_bytes(raw, part.get_content_charset())[0].replace("\r\n", "\n")
-    blocks = []
-    for chunk in re.split(r"\n[ \t]*\n", text):
-        fields = HeaderParser(policy=default_policy).parsestr(chunk.strip("\n") + "\n")
-        items = [(k, decode_header_value(str(v))) for k, v in fields.raw_items()]
-        if items:
-            blocks.append(items)
-    return blocks
+    return _blocks_of(decode_bytes(raw, part.get_content_charset())[0])
 
 
 def _get(block: list[tuple[str, str]], name: str) -> str | None:
@@ -176,7 +200,10 @@ def _original_headers(root: Message) -> Message | None:
             inner = payload[0] if payload else None
             if isinstance(inner, Message):
                 return inner
-        if ctype in {"text/rfc822-headers", "message/global-headers"}:
+        if ctype == "message/global-headers":
+            rebuilt = _global_text(part) or ""
+            return HeaderParser(policy=default_policy).parsestr(rebuilt)
+        if ctype == "text/rfc822-headers":
             data = part.get_payload(decode=True)
             text = decode_bytes(data if isinstance(data, bytes) else b"", None)[0]
             return HeaderParser(policy=default_policy).parsestr(text.replace("\r\n", "\n"))

@@ -30,7 +30,14 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import OperationalError
 
 from multimail.domain.addresses import AddressError, normalize_address
-from multimail.domain.oversight import OversightMode, Status, check_transition, inbound_is_held
+from multimail.domain.oversight import (
+    MAY_HAVE_LEFT,
+    OversightMode,
+    Status,
+    can_transition,
+    check_transition,
+    inbound_is_held,
+)
 from multimail.domain.scopes import Scope
 from multimail.domain.spam import (
     SpamSignals,
@@ -52,6 +59,7 @@ from multimail.mail.parse import (
 from multimail.mail.reports import (
     ComplaintReport,
     DeliveryStatusReport,
+    RecipientStatus,
     is_unsubscribe_request,
     parse_arf,
     parse_dsn,
@@ -441,6 +449,7 @@ def _insert_message(
         subject=parsed.subject,
         in_reply_to=parsed.in_reply_to,
         references=parsed.references,
+        sender=parsed.from_address,
     )
     now = utcnow()
     threads.touch(conn, thread["id"], now)
@@ -526,54 +535,96 @@ def _suppress(
     return address.lower()
 
 
-def _news_in(conn: Connection, account_id: str, report: DeliveryStatusReport) -> bool:
-    if report.bounce_type != "hard":
-        return False
-    named = [a.lower() for a in report.failed_recipients if a]
-    return bool(set(named) - directory.suppressed_among(conn, account_id, named))
+def _news_in(conn: Connection, account_id: str, hard: Sequence[str]) -> bool:
+    return bool(set(hard) - directory.suppressed_among(conn, account_id, list(hard)))
+
+
+def _plain_address(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return normalize_address(value)
+    except AddressError:
+        return value.strip().lower() or None
+
+
+def _failures_we_sent(
+    original: Mapping[str, Any], report: DeliveryStatusReport
+) -> list[tuple[RecipientStatus, str]]:
+    """The report's failed recipients that ``original`` was sent to, each with the address
+    we used. Anyone who got one of our messages knows its Message-ID and can mail a report
+    naming any address; only the original's own recipients count. Original-Recipient is
+    the address as we gave it (RFC 3464 §2.3.1), Final-Recipient may be an alias the remote
+    server expanded it to: the next send goes to ours, so ours is the one matched."""
+    named = {
+        _plain_address(str(a))
+        for a in [*(original["to"] or []), *(original["cc"] or []), *(original["bcc"] or [])]
+    }
+    found: list[tuple[RecipientStatus, str]] = []
+    for recipient in report.recipients:
+        if recipient.action != "failed":
+            continue
+        for candidate in (recipient.original_recipient, recipient.final_recipient):
+            address = _plain_address(candidate)
+            if address is not None and address in named:
+                found.append((recipient, address))
+                break
+    return found
 
 
 def _apply_bounce(
-    conn: Connection, account_id: str, report: DeliveryStatusReport, source_id: str
+    conn: Connection, account_id: str, report: DeliveryStatusReport, source: Mapping[str, Any]
 ) -> None:
     original = _our_message(conn, account_id, [report.original_message_id], outbound=True)
-    failed = [r for r in report.recipients if r.action == "failed"]
-    if original is None or not failed:
+    if original is None or not any(r.action == "failed" for r in report.recipients):
         return  # a delay notice, or a bounce of nothing we sent: nobody is suppressed
     current = Status(original["status"])
-    diagnostic = next((r.diagnostic_code for r in failed if r.diagnostic_code), None)
-    if current is Status.BOUNCED and not _news_in(conn, account_id, report):
+    failed = _failures_we_sent(original, report)
+    why = None
+    if current not in MAY_HAVE_LEFT:
+        why = f"that message was never handed to a mail server (it is {current.value})"
+    elif not failed:
+        why = "the report names no recipient of that message as failed"
+    if why is not None:
+        _keep_for_operator(
+            conn,
+            source,
+            "message.bounce_unmatched",
+            original_message_id=report.original_message_id,
+            recipients=[r.original_recipient or r.final_recipient for r in report.recipients],
+            why=why,
+        )
+        return
+    hard = sorted({address for r, address in failed if r.bounce_type == "hard"})
+    bounce_type = "hard" if hard else "soft"
+    diagnostic = next((r.diagnostic_code for r, _ in failed if r.diagnostic_code), None)
+    if current is Status.BOUNCED and not _news_in(conn, account_id, hard):
         # DUR-5: one bounce notice per message. A later report (the relay's own 550 already
         # bounced it, or a second DSN) only counts if it names a hard-failed recipient that is
         # not suppressed yet; the report itself is stored and audited as an arrival anyway.
         return
-    if current is not Status.BOUNCED:
-        check_transition(current, Status.BOUNCED)
+    if can_transition(current, Status.BOUNCED):
         changed = conn.execute(
             update(messages_table)
             .where(messages_table.c.id == original["id"], messages_table.c.status == current.value)
             .values(
                 status=Status.BOUNCED.value,
-                bounce_type=report.bounce_type,
+                bounce_type=bounce_type,
                 last_error=(diagnostic or "bounced")[:2000],
                 updated_at=utcnow(),
             )
         ).rowcount
         if not changed:
             return  # another actor moved it first; its own rules apply
+    # Else already bounced, or final (send_failed after some recipients accepted it): the
+    # status stays, the hard-failed recipients are suppressed all the same.
     suppressed = []
-    if report.bounce_type == "hard":
-        for address in report.failed_recipients:
-            done = _suppress(
-                conn,
-                account_id,
-                address,
-                "hard_bounce",
-                original["id"],
-                diagnostic or "hard bounce",
-            )
-            if done:
-                suppressed.append(done)
+    for address in hard:
+        done = _suppress(
+            conn, account_id, address, "hard_bounce", original["id"], diagnostic or "hard bounce"
+        )
+        if done:
+            suppressed.append(done)
     audit.append(
         conn,
         actor=_system(account_id),
@@ -583,11 +634,12 @@ def _apply_bounce(
         mailbox_id=original["mailbox_id"],
         oversight_mode=original["oversight_mode"],
         details={
-            "bounce_type": report.bounce_type,
-            "recipients": [r.final_recipient for r in failed],
+            "bounce_type": bounce_type,
+            "recipients": [address for _, address in failed],
             "suppressed": suppressed,
-            "report_message_id": source_id,
+            "report_message_id": source["id"],
             "diagnostic": diagnostic,
+            "status_before": current.value,
         },
     )
     refreshed = messages.get_row(conn, _system(account_id), original["id"])
@@ -597,7 +649,7 @@ def _apply_bounce(
         event_type="message.bounced",
         mailbox_id=original["mailbox_id"],
         message=messages.full_view(conn, refreshed),
-        extra={"bounce_type": report.bounce_type, "bounced_recipients": suppressed},
+        extra={"bounce_type": bounce_type, "bounced_recipients": suppressed},
     )
 
 
@@ -673,16 +725,18 @@ def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> 
             "size_bytes": row["size_bytes"],
         },
     )
-    if status is Status.UNREAD:
+    if status in (Status.UNREAD, Status.PENDING_INBOUND_APPROVAL):
+        # Held mail (gated_all) is announced to the reviewers' subscribers, as a held send
+        # is; message.received follows when a reviewer releases it.
         events.emit(
             conn,
             account_id=account_id,
-            event_type="message.received",
+            event_type="message.received" if status is Status.UNREAD else "oversight.pending",
             mailbox_id=mailbox["id"],
             message=messages.full_view(conn, row),
         )
     if analysis.dsn is not None:
-        _apply_bounce(conn, account_id, analysis.dsn, row["id"])
+        _apply_bounce(conn, account_id, analysis.dsn, row)
     elif analysis.arf is not None:
         unmatched = _unmatched_complaint(conn, account_id, analysis.arf)
         if unmatched is None:

@@ -1,7 +1,8 @@
 """The agent's inbox: listing, reading, threads, tags, attachments, waiting, spam, usage.
 
-Held inbound mail (``pending_inbound_approval``) is invisible to callers without the
-``oversight`` scope: not listed, not readable, not in threads. Lists are keyset-paginated on
+Held inbound mail (``pending_inbound_approval``, and what a reviewer refused instead of
+releasing) is invisible to callers without the ``oversight`` scope: not listed, not
+readable, not in threads. Lists are keyset-paginated on
 the id (ULIDs sort by creation), newest first, so the cursor (the last id returned) stays
 valid while new mail arrives.
 """
@@ -63,12 +64,15 @@ def can_see_held(actor: Actor) -> bool:
 def _visible(actor: Actor) -> ColumnElement[bool]:
     if can_see_held(actor):
         return messages_table.c.id.is_not(None)
-    return messages_table.c.status.not_in(messages.HELD_STATUSES)
+    return or_(
+        messages_table.c.direction != "inbound",
+        messages_table.c.status.not_in(messages.HELD_STATUSES),
+    )
 
 
 def _row(conn: Connection, actor: Actor, ref: str, mailbox_id: str | None) -> dict[str, Any]:
     row = messages.get_row(conn, actor, ref, mailbox_id=mailbox_id)
-    if row["status"] in messages.HELD_STATUSES and not can_see_held(actor):
+    if messages.held_from_agents(row) and not can_see_held(actor):
         raise NotFound(f"message {ref!r} not found", code="message_not_found")
     return row
 

@@ -18,7 +18,14 @@ from multimail.ids import isoformat
 from multimail.services.context import Actor
 from multimail.store.tables import attachments, message_tags, messages, threads
 
-HELD_STATUSES = ("pending_inbound_approval",)
+# Inbound mail a reviewer has not released (gated_all): still held, or refused (rejected,
+# cancelled) and so never released. The agent's own outbound messages in those statuses are
+# not held: it reads a rejection's note to revise.
+HELD_STATUSES = ("pending_inbound_approval", "rejected", "cancelled")
+
+
+def held_from_agents(row: Mapping[str, Any]) -> bool:
+    return row.get("direction") == "inbound" and row.get("status") in HELD_STATUSES
 
 
 def get_row(

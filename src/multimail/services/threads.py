@@ -187,8 +187,10 @@ def for_inbound(
     subject: str | None,
     in_reply_to: str | None,
     references: Sequence[str],
+    sender: str | None = None,
 ) -> dict[str, Any]:
-    """Join the thread of any message this one refers to; subject fallback only without headers."""
+    """Join the thread of any message this one refers to; without those headers, the latest
+    thread of the same subject that ``sender`` already took part in (never a stranger's)."""
     wanted = [r for r in [in_reply_to, *references] if r]
     if wanted:
         row = conn.execute(
@@ -207,21 +209,46 @@ def for_inbound(
             if found is not None:
                 return dict(found)
     else:
-        key = normalize_subject(subject)
-        if key:
-            found = (
-                conn.execute(
-                    select(threads)
-                    .where(threads.c.mailbox_id == mailbox_id, threads.c.normalized_subject == key)
-                    .order_by(threads.c.last_activity_at.desc())
-                    .limit(1)
-                )
-                .mappings()
-                .first()
-            )
-            if found is not None:
-                return dict(found)
+        same = _same_subject_with(conn, mailbox_id, normalize_subject(subject), sender)
+        if same is not None:
+            return same
     return _create(conn, account_id=account_id, mailbox_id=mailbox_id, subject=subject)
+
+
+# Threads of one subject looked at for a sender, newest first: two customers writing
+# "Pricing question" are two conversations, and an old thread is a new one's start anyway.
+_SUBJECT_CANDIDATES = 5
+_PARTICIPANTS_READ = 500
+
+
+def _same_subject_with(
+    conn: Connection, mailbox_id: str, key: str, sender: str | None
+) -> dict[str, Any] | None:
+    if not key or not sender:
+        return None
+    candidates = [
+        dict(r)
+        for r in conn.execute(
+            select(threads)
+            .where(threads.c.mailbox_id == mailbox_id, threads.c.normalized_subject == key)
+            .order_by(threads.c.last_activity_at.desc())
+            .limit(_SUBJECT_CANDIDATES)
+        ).mappings()
+    ]
+    if not candidates:
+        return None
+    wanted = sender.lower()
+    taking_part: set[str] = set()
+    for row in conn.execute(
+        select(messages.c.thread_id, messages.c.from_address, messages.c.to, messages.c.cc)
+        .where(messages.c.thread_id.in_([t["id"] for t in candidates]))
+        .order_by(messages.c.id.desc())
+        .limit(_PARTICIPANTS_READ)
+    ):
+        named = [row.from_address, *(row.to or []), *(row.cc or [])]
+        if any(isinstance(a, str) and a.lower() == wanted for a in named):
+            taking_part.add(row.thread_id)
+    return next((t for t in candidates if t["id"] in taking_part), None)
 
 
 def touch(conn: Connection, thread_id: str, at: datetime | None = None) -> None:
