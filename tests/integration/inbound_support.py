@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from multimail.config import Settings
+from multimail.ids import new_id, utcnow
 from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes
+from multimail.services import accounts, mailboxes, threads
 from multimail.services.context import Actor, Services
+from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.store.tables import messages
 from multimail.testing.server import Component, LiveServer
 
@@ -106,3 +108,45 @@ def dsn(
         f"From: {to}\r\nTo: {recipient}\r\nMessage-ID: {original}\r\n"
         "--B--\r\n"
     ).encode()
+
+
+def outbound_message(
+    svc: Services,
+    mailbox: dict[str, Any],
+    header_id: str,
+    to: str | list[str],
+    *,
+    status: str = "delivered",
+    subject: str = "Offer",
+) -> str:
+    """An outbound message as the sending pipeline leaves it (``status``), in its own thread."""
+    now = utcnow()
+    with svc.db.write() as conn:
+        account_id = conn.execute(
+            select(mailboxes_table.c.account_id).where(mailboxes_table.c.id == mailbox["id"])
+        ).scalar_one()
+        thread = threads.for_outbound(
+            conn, account_id=account_id, mailbox_id=mailbox["id"], subject=subject
+        )
+        threads.touch(conn, thread["id"])
+        message_id = new_id("msg")
+        conn.execute(
+            insert(messages).values(
+                id=message_id,
+                account_id=account_id,
+                mailbox_id=mailbox["id"],
+                thread_id=thread["id"],
+                direction="outbound",
+                status=status,
+                message_id_header=header_id,
+                from_address=mailbox["address"],
+                to=[to] if isinstance(to, str) else to,
+                subject=subject,
+                markdown="Our offer.",
+                oversight_mode="gated_send",
+                created_at=now,
+                updated_at=now,
+                delivered_at=now if status == "delivered" else None,
+            )
+        )
+    return message_id

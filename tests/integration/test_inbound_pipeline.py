@@ -17,18 +17,15 @@ from typing import Any
 import aiosmtplib
 import dkim
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from multimail.config import Settings
-from multimail.ids import new_id, utcnow
 from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair
-from multimail.services import accounts, threads
-from multimail.services.context import Services
+from multimail.services import accounts
 from multimail.store.tables import audit_entries, events, messages, suppressions
-from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.testing.dns import LocalDNSServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
-from tests.integration.inbound_support import InboundStack, dsn, running
+from tests.integration.inbound_support import InboundStack, dsn, outbound_message, running
 
 KEY = generate_rsa_keypair(2048)
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
@@ -37,40 +34,6 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 @dataclass
 class Stack(InboundStack):
     mailbox: dict[str, Any]  # bot@mm.test, gated_send
-
-
-def outbound_message(svc: Services, mailbox: dict[str, Any], header_id: str, to: str) -> str:
-    """An outbound message as the sending pipeline leaves it after delivery."""
-    now = utcnow()
-    with svc.db.write() as conn:
-        account_id = conn.execute(
-            select(mailboxes_table.c.account_id).where(mailboxes_table.c.id == mailbox["id"])
-        ).scalar_one()
-        thread = threads.for_outbound(
-            conn, account_id=account_id, mailbox_id=mailbox["id"], subject="Offer"
-        )
-        threads.touch(conn, thread["id"])
-        message_id = new_id("msg")
-        conn.execute(
-            insert(messages).values(
-                id=message_id,
-                account_id=account_id,
-                mailbox_id=mailbox["id"],
-                thread_id=thread["id"],
-                direction="outbound",
-                status="delivered",
-                message_id_header=header_id,
-                from_address=mailbox["address"],
-                to=[to],
-                subject="Offer",
-                markdown="Our offer.",
-                oversight_mode="gated_send",
-                created_at=now,
-                updated_at=now,
-                delivered_at=now,
-            )
-        )
-    return message_id
 
 
 @pytest.fixture

@@ -17,17 +17,15 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from multimail.config import Settings
-from multimail.ids import new_id, utcnow
-from multimail.services import accounts, threads
+from multimail.services import accounts
 from multimail.services.context import Services
-from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.store.tables import messages, suppressions
 from multimail.testing.dns import LocalDNSServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
-from tests.integration.inbound_support import InboundStack, running
+from tests.integration.inbound_support import InboundStack, outbound_message, running
 
 
 @dataclass
@@ -44,48 +42,6 @@ def stack(settings: Settings, boot: accounts.Bootstrap) -> Iterator[Stack]:
         with running(settings, components, dns_resolver=dns_server.address) as (svc, live, port):
             base = InboundStack(svc, live, port, boot)
             yield Stack(svc, live, port, boot, mailbox=base.make_mailbox("bot@mm.test"))
-
-
-def sent_message(
-    svc: Services,
-    mailbox: dict[str, Any],
-    header_id: str,
-    to: list[str],
-    *,
-    status: str = "delivered",
-    subject: str = "Offer",
-) -> str:
-    """An outbound message as the sending pipeline leaves it (``status``), in its own thread."""
-    now = utcnow()
-    with svc.db.write() as conn:
-        account_id = conn.execute(
-            select(mailboxes_table.c.account_id).where(mailboxes_table.c.id == mailbox["id"])
-        ).scalar_one()
-        thread = threads.for_outbound(
-            conn, account_id=account_id, mailbox_id=mailbox["id"], subject=subject
-        )
-        threads.touch(conn, thread["id"])
-        message_id = new_id("msg")
-        conn.execute(
-            insert(messages).values(
-                id=message_id,
-                account_id=account_id,
-                mailbox_id=mailbox["id"],
-                thread_id=thread["id"],
-                direction="outbound",
-                status=status,
-                message_id_header=header_id,
-                from_address=mailbox["address"],
-                to=to,
-                subject=subject,
-                markdown="Our offer.",
-                oversight_mode="gated_send",
-                created_at=now,
-                updated_at=now,
-                delivered_at=now if status == "delivered" else None,
-            )
-        )
-    return message_id
 
 
 def report(original: str, *recipient_blocks: str, to: str = "bot@mm.test") -> bytes:
@@ -140,7 +96,7 @@ def test_dsn_naming_a_non_recipient_suppresses_nobody(stack: Stack) -> None:
     """Anyone who got one of our messages knows its Message-ID and can mail a DSN about it
     naming any address as failed. Like complaints (which are checked against the original's
     recipients), a bounce may only suppress addresses the original was actually sent to."""
-    sent_id = sent_message(
+    sent_id = outbound_message(
         stack.services, stack.mailbox, "<offer-forged@mm.test>", ["alice@far.test"]
     )
     forged = report("<offer-forged@mm.test>", failed_block("ceo@client.test"))
@@ -158,7 +114,9 @@ def test_dsn_suppresses_the_address_we_sent_to_not_the_expanded_one(stack: Stack
     """RFC 3464 §2.3.1: Original-Recipient is the recipient as the sender gave it; Postfix and
     Exchange report the rewritten mailbox as Final-Recipient after alias expansion. The next
     send goes to the address we used, so that one must be suppressed."""
-    sent_id = sent_message(stack.services, stack.mailbox, "<offer-alias@mm.test>", ["sam@far.test"])
+    sent_id = outbound_message(
+        stack.services, stack.mailbox, "<offer-alias@mm.test>", ["sam@far.test"]
+    )
     dsn = report(
         "<offer-alias@mm.test>",
         failed_block("sam.smith@mailstore.far.test", original="sam@far.test"),
@@ -176,7 +134,7 @@ def test_dsn_about_a_send_failed_message_is_still_stored(stack: Stack) -> None:
     """A relay may report on a message we had already given up on (send_failed). The report
     must still land in the mailbox (archived) and processing must not fail; the admin hand-over
     answers 201 with the stored message instead of a 500."""
-    sent_message(
+    outbound_message(
         stack.services,
         stack.mailbox,
         "<offer-late@mm.test>",
@@ -201,7 +159,9 @@ def test_global_dsn_bounces_and_suppresses_like_a_plain_one(stack: Stack) -> Non
     supported, but the stdlib parses both as an encapsulated message: only the first field
     block of the report survives (as headers), so the recipient blocks are lost, and the
     returned headers are not read as text, so the original's Message-ID is lost too."""
-    sent_id = sent_message(stack.services, stack.mailbox, "<offer-u8@mm.test>", ["ana@far.test"])
+    sent_id = outbound_message(
+        stack.services, stack.mailbox, "<offer-u8@mm.test>", ["ana@far.test"]
+    )
     dsn = (
         b"From: MAILER-DAEMON@relay.example\r\nTo: bot@mm.test\r\n"
         b"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
