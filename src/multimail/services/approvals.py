@@ -503,7 +503,7 @@ def update_mailbox(
 
     def gate(conn: Connection) -> Gate | None:
         box = mailboxes.resolve(conn, actor, mailbox_ref, for_update=True)
-        gated = mailboxes.loosening_changes(box, changes, actor)
+        gated = mailboxes.loosening_changes(box, changes, actor, settings=services.settings)
         if not gated:
             return None
         # The code is bound to what the caller asked for, as asked (the operator sees it).
@@ -520,7 +520,7 @@ def update_mailbox(
         code=approval_code,
         gate=gate,
         action=lambda conn: mailboxes.update_mailbox(
-            conn, actor=actor, ref=mailbox_ref, changes=changes
+            conn, actor=actor, ref=mailbox_ref, changes=changes, settings=services.settings
         ),
     )
 

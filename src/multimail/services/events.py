@@ -268,6 +268,34 @@ def nudge_after_commit(conn: Connection) -> None:
 
 # --- the implicit subscription behind a mailbox's webhook_url ----------------------------------
 
+CLEARED = "the mailbox's webhook_url was cleared"
+DELETED = "the mailbox was deleted"
+
+
+def _restores(url: str | None, row: Any) -> bool:
+    """Whether the mailbox's ``url`` re-enables its subscription: a new URL does, and so does
+    setting again the URL that was cleared (never a subscription disabled for another reason,
+    such as a 410 from the endpoint, while its URL stays the same)."""
+    if not url:
+        return False
+    return url != row["url"] or (not row["enabled"] and row["disabled_reason"] == CLEARED)
+
+
+def _stop_pending(conn: Connection, webhook_id: str, why: str) -> int:
+    """End the subscription's queued deliveries (``failed``, ``last_error`` saying why); the
+    number ended. Deliveries are read with the subscription's URL when claimed, so without
+    this a changed URL would carry events queued for the old endpoint to the new one, and a
+    re-enabled one would resume them. They stay listed, and can be redelivered on purpose."""
+    result = conn.execute(
+        update(webhook_deliveries)
+        .where(
+            webhook_deliveries.c.webhook_id == webhook_id,
+            webhook_deliveries.c.status == "pending",
+        )
+        .values(status="failed", last_error=f"not sent: {why}")
+    )
+    return int(result.rowcount or 0)
+
 
 def sync_mailbox_subscription(
     conn: Connection, mailbox_id: str, *, actor: Actor | None = None
@@ -276,7 +304,9 @@ def sync_mailbox_subscription(
 
     Returns the subscription row (None when the mailbox has no URL and never had one) and the
     secret when this call created it (so a caller able to show it once can). A changed URL
-    re-enables the subscription; a cleared URL disables it (its history is kept).
+    re-enables the subscription; a cleared URL (or a deleted mailbox) disables it (its history
+    is kept). Either way the deliveries still pending for the old URL are ended, never sent
+    (:func:`_stop_pending`): an operator who withdraws a URL expects no further POSTs to it.
     """
     box = conn.execute(
         select(
@@ -327,15 +357,28 @@ def sync_mailbox_subscription(
         )
         return record, secret
     changes: dict[str, Any] = {}
-    if url and url != row["url"]:
+    reason = CLEARED if box.deleted_at is None else DELETED
+    if _restores(url, row):
         changes = {"url": url, "enabled": True, "disabled_reason": None, "failing_since": None}
     elif not url and row["enabled"]:
-        changes = {"enabled": False, "disabled_reason": "the mailbox's webhook_url was cleared"}
-    if not changes:
+        changes = {"enabled": False, "disabled_reason": reason}
+    stopped = 0
+    # Deliveries before the webhook row: the dispatcher's recorder locks them in that order.
+    if url != row["url"]:
+        why = reason if not url else "the mailbox's webhook_url was changed"
+        stopped = _stop_pending(conn, row["id"], why)
+    if not changes and not stopped:
         return dict(row), None
-    conn.execute(
-        update(webhooks).where(webhooks.c.id == row["id"]).values(**changes, updated_at=now)
-    )
+    if changes:
+        conn.execute(
+            update(webhooks).where(webhooks.c.id == row["id"]).values(**changes, updated_at=now)
+        )
+    details: dict[str, Any] = {
+        "source": "mailbox",
+        "changes": {k: v for k, v in changes.items() if v is not None},
+    }
+    if stopped:
+        details["stopped_deliveries"] = stopped
     audit.append(
         conn,
         actor=who,
@@ -344,10 +387,7 @@ def sync_mailbox_subscription(
         subject_type="webhook",
         subject_id=row["id"],
         mailbox_id=mailbox_id,
-        details={
-            "source": "mailbox",
-            "changes": {k: v for k, v in changes.items() if v is not None},
-        },
+        details=details,
     )
     return {**dict(row), **changes}, None
 
@@ -373,6 +413,7 @@ _MAILBOX_SUBSCRIPTION = fast.Compiled(
         webhooks.c.id.label("webhook_id"),
         webhooks.c.url,
         webhooks.c.enabled,
+        webhooks.c.disabled_reason,
     )
     .select_from(
         mailboxes.outerjoin(
@@ -397,7 +438,10 @@ def _subscription_in_step(conn: Connection, mailbox_id: str) -> bool:
     url = row["webhook_url"] if row["deleted_at"] is None else None
     if row["webhook_id"] is None:
         return not url
-    return (not url or url == row["url"]) and (bool(url) or not row["enabled"])
+    if not url:
+        return not row["enabled"]
+    # A differing URL is out of step (sync re-points it and ends what was queued for the old).
+    return url == row["url"] and not _restores(url, row)
 
 
 def delivery_rows(

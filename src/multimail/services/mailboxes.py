@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from multimail.config import Settings
 from multimail.domain.addresses import AddressError, domain_of, normalize_address
 from multimail.domain.headertext import HeaderTextError, has_line_break
+from multimail.domain.netguard import check_webhook_url
 from multimail.domain.oversight import (
     DEFAULT_MODE,
     GateTiming,
@@ -26,7 +27,7 @@ from multimail.domain.oversight import (
 from multimail.errors import Conflict, Forbidden, InvalidInput, NotFound
 from multimail.ids import new_id, utcnow
 from multimail.mail.compose import plain_address
-from multimail.services import audit
+from multimail.services import audit, events
 from multimail.services.common import jsonable
 from multimail.services.context import Actor
 from multimail.store.tables import accounts, domains, mailboxes
@@ -136,7 +137,39 @@ def _address_list(values: Any, field: str) -> list[str]:
     return [setting_address(value, field) for value in values]
 
 
-def _validate_settings(values: dict[str, Any]) -> dict[str, Any]:
+def _webhook_url(value: Any, settings: Settings | None) -> str:
+    """A mailbox's webhook_url, checked as ``POST /v1/webhooks`` checks its URL (same function,
+    same settings, same codes): the URL is an implicit subscription to all the mailbox's
+    events, so it must not be a way around the https and SSRF rules (SPEC §6)."""
+    if settings is None:
+        # Fail closed and loudly: which targets are allowed is the operator's setting, and a
+        # caller that cannot say what it is must not save a URL unchecked.
+        raise TypeError("setting a mailbox's webhook_url needs the server settings to check it")
+    if not isinstance(value, str):
+        raise InvalidInput(
+            "webhook_url must be an https:// URL or null",
+            code="webhook_url_invalid",
+            field="webhook_url",
+        )
+    try:
+        check_webhook_url(
+            value,
+            allow_http=settings.allow_http_webhooks,
+            allow_private=settings.allow_private_webhooks,
+        )
+    except InvalidInput as exc:
+        raise InvalidInput(
+            f"webhook_url refused: {exc.message}; give a public https:// URL with no user name "
+            "or password in it (http and private or loopback targets only where the operator "
+            "allows them), or null for none",
+            code=exc.code,
+            field="webhook_url",
+            **exc.context,
+        ) from None
+    return value
+
+
+def _validate_settings(values: dict[str, Any], settings: Settings | None) -> dict[str, Any]:
     clean = dict(values)
     if "oversight_mode" in clean and clean["oversight_mode"] is not None:
         try:
@@ -174,9 +207,7 @@ def _validate_settings(values: dict[str, Any]) -> dict[str, Any]:
                 f"{field} must be a non-negative whole number or null", code="invalid_field"
             )
     if clean.get("webhook_url") is not None:
-        url = str(clean["webhook_url"])
-        if not url.startswith(("https://", "http://")) or len(url) > 2048:
-            raise InvalidInput("webhook_url must be an https:// URL", code="webhook_url_invalid")
+        clean["webhook_url"] = _webhook_url(clean["webhook_url"], settings)
     return clean
 
 
@@ -270,7 +301,7 @@ def create_mailbox(
         )
     assert actor.account_id is not None
     _new_address(settings, address, address_local_part)  # a missing address is said first
-    clean = _validate_settings(fields)
+    clean = _validate_settings(fields, settings)
     address, domain_id = claim_address(
         conn, settings, actor.account_id, address, address_local_part
     )
@@ -348,7 +379,11 @@ def cap_loosened(current: int | None, wanted: int | None) -> bool:
 
 
 def loosening_changes(
-    row: Mapping[str, Any], changes: Mapping[str, Any], actor: Actor
+    row: Mapping[str, Any],
+    changes: Mapping[str, Any],
+    actor: Actor,
+    *,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """The changes an API key needs the operator's approval_code for (SPEC §2: loosening the
     operator's hold on the mailbox), as ``{field: {"from": now, "to": wanted}}``; everything
@@ -365,13 +400,14 @@ def loosening_changes(
     gets its error before any code is mailed. ``approval_timeout_seconds`` and
     ``approval_expiry_seconds`` need no code: they decide when the operator is reminded and
     when a pending draft dies unsent, never whether a message passes the gate.
+    ``settings`` (the server's) is needed whenever a ``webhook_url`` is given.
     """
     unknown = set(changes) - SETTABLE
     if unknown:
         raise InvalidInput(
             f"unknown mailbox fields: {', '.join(sorted(unknown))}", code="unknown_fields"
         )
-    clean = _validate_settings(dict(changes))
+    clean = _validate_settings(dict(changes), settings)
     check_mode_change(row, clean, actor)
     gated: dict[str, Any] = {}
     for field in ("auto_cc", "auto_bcc"):
@@ -401,15 +437,23 @@ def check_mode_change(row: Mapping[str, Any], clean: Mapping[str, Any], actor: A
 
 
 def update_mailbox(
-    conn: Connection, *, actor: Actor, ref: str, changes: dict[str, Any]
+    conn: Connection,
+    *,
+    actor: Actor,
+    ref: str,
+    changes: dict[str, Any],
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
+    """Apply ``changes``; ``settings`` (the server's) is needed whenever a ``webhook_url`` is
+    given. A changed or cleared webhook_url brings the mailbox's subscription in step in this
+    transaction (:func:`events.sync_mailbox_subscription`)."""
     unknown = set(changes) - SETTABLE
     if unknown:
         raise InvalidInput(
             f"unknown mailbox fields: {', '.join(sorted(unknown))}", code="unknown_fields"
         )
     row = resolve(conn, actor, ref, for_update=True)
-    clean = _validate_settings(changes)
+    clean = _validate_settings(changes, settings)
     check_mode_change(row, clean, actor)
     if not clean:
         return mailbox_view(row)
@@ -428,6 +472,10 @@ def update_mailbox(
         oversight_mode=new_row["oversight_mode"],
         details={"changes": diff},
     )
+    if "webhook_url" in clean:
+        # Now, not at the mailbox's next event: until then the dispatcher would keep retrying
+        # queued deliveries at the old URL (and GET /v1/webhooks would show it enabled).
+        events.sync_mailbox_subscription(conn, row["id"], actor=actor)
     return mailbox_view(new_row)
 
 
@@ -448,6 +496,9 @@ def delete_mailbox(conn: Connection, *, actor: Actor, ref: str) -> dict[str, Any
         oversight_mode=row["oversight_mode"],
         details={"address": row["address"]},
     )
+    # A deleted mailbox has no events: its webhook_url subscription would otherwise stay
+    # enabled, with its queued retries going on, as nothing would ever sync it again.
+    events.sync_mailbox_subscription(conn, row["id"], actor=actor)
     return {"id": row["id"], "mailbox_id": row["id"], "address": row["address"], "deleted": True}
 
 
