@@ -254,15 +254,55 @@ def mailbox_list(as_json: JsonOpt = False) -> None:
         typer.echo(f"{row['id']}  {row['address']:<40} {row['oversight_mode']}")
 
 
+def _copies(field: str, given: list[str] | None, clear: bool) -> list[str] | None:
+    """The new ``auto_cc``/``auto_bcc`` list: the addresses given, ``[]`` to clear it, or
+    ``None`` to leave it as it is."""
+    option = "--" + field.replace("_", "-")
+    if given and clear:
+        raise typer.BadParameter(f"give {option} or --no-{option[2:]}, not both")
+    return [] if clear else given or None
+
+
 @mailbox_app.command("configure")
 def mailbox_configure(
     mailbox: str,
     mode: Annotated[str | None, typer.Option(help="Oversight mode.")] = None,
     display_name: Annotated[str | None, typer.Option()] = None,
     gate_timing: Annotated[str | None, typer.Option()] = None,
+    auto_cc: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--auto-cc",
+            metavar="ADDRESS",
+            help="Copy every message to ADDRESS (repeatable; replaces the current list).",
+        ),
+    ] = None,
+    no_auto_cc: Annotated[
+        bool, typer.Option("--no-auto-cc", help="Clear the auto_cc list.")
+    ] = False,
+    auto_bcc: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--auto-bcc",
+            metavar="ADDRESS",
+            help="Blind-copy every message to ADDRESS, e.g. an archive (repeatable; replaces "
+            "the current list).",
+        ),
+    ] = None,
+    no_auto_bcc: Annotated[
+        bool, typer.Option("--no-auto-bcc", help="Clear the auto_bcc list.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Change a mailbox's settings (as the operator: loosening is allowed here)."""
+    """Change a mailbox's settings (as the operator: loosening is allowed here).
+
+    The local CLI is the operator, so what an API key needs an approval code for (a looser
+    mode, auto_cc/auto_bcc) applies at once, recorded in the audit log as the operator's.
+    """
+    copies = {
+        "auto_cc": _copies("auto_cc", auto_cc, no_auto_cc),
+        "auto_bcc": _copies("auto_bcc", auto_bcc, no_auto_bcc),
+    }
     svc = _services()
     actor = _operator(svc)
     changes = {
@@ -271,6 +311,7 @@ def mailbox_configure(
             "oversight_mode": mode,
             "display_name": display_name,
             "gate_timing": gate_timing,
+            **copies,
         }.items()
         if v is not None
     }

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -101,7 +102,11 @@ def thread(thread_id: str, mailbox: MailboxOpt = None, as_json: JsonOpt = False)
 
 
 def _edit(text: str) -> str:
-    """Open $EDITOR on ``text`` and return what was saved."""
+    """Open $EDITOR on ``text`` and return what was saved.
+
+    Raises ``CalledProcessError`` when the editor exits non-zero (vim's ``:cq``, the usual way
+    to abandon an edit) and ``OSError`` when it cannot be run.
+    """
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     with tempfile.NamedTemporaryFile("w+", suffix=".md", delete=False) as handle:
         handle.write(text)
@@ -136,46 +141,85 @@ def _show_draft(client: MultimailClient, item: dict[str, Any]) -> None:
     )
 
 
+def _pending_drafts(client: MultimailClient, mailbox: str | None) -> Iterator[dict[str, Any]]:
+    """Every draft of the pending queue, each once, a page at a time.
+
+    The queue is walked page by page through ``next_cursor`` (a position, so deciding drafts
+    meanwhile moves nothing); then it is walked again from the top for drafts that arrived
+    during the review, until a walk finds nothing not shown yet. Skipped drafts are not shown
+    again: they are the next ``review``'s.
+    """
+    seen: set[str] = set()
+    while True:
+        fresh = 0
+        cursor: str | None = None
+        while True:
+            page = client.list_pending(mailbox_id=mailbox, cursor=cursor)
+            for item in page.get("messages") or []:
+                if item["id"] not in seen:
+                    seen.add(item["id"])
+                    fresh += 1
+                    yield item
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        if not fresh:
+            return
+
+
+def _decide(client: MultimailClient, item: dict[str, Any], reviewer: str | None) -> None:
+    """Show one draft and carry out what the reviewer chooses for it."""
+    _show_draft(client, item)
+    action = typer.prompt("[a]pprove / [e]dit / [r]eject / [s]kip", default="s")
+    try:
+        if action.startswith("a"):
+            done = client.decide_email(message_id=item["id"], decision="approve", reviewer=reviewer)
+        elif action.startswith("e"):
+            try:
+                revised = _edit(item.get("draft_body") or "")
+            except (subprocess.CalledProcessError, OSError) as exc:
+                typer.echo(f"{item['id']}: edit abandoned, nothing decided ({exc})", err=True)
+                return
+            done = client.decide_email(
+                message_id=item["id"],
+                decision="approve",
+                revised_body=revised,
+                reviewer=reviewer,
+            )
+        elif action.startswith("r"):
+            note = typer.prompt("note for the agent")
+            done = client.decide_email(
+                message_id=item["id"], decision="reject", note=note, reviewer=reviewer
+            )
+        else:
+            return
+    except MultimailAPIError as exc:
+        typer.echo(f"error ({exc.code}): {exc.message}", err=True)
+        return
+    typer.echo(f"{item['id']}: {done.get('status')}")
+
+
 def review(
     mailbox: MailboxOpt = None,
     reviewer: Annotated[str | None, typer.Option(help="Your name, recorded.")] = None,
 ) -> None:
-    """Approve, edit or reject each pending message, seeing it beside its thread."""
+    """Approve, edit or reject each pending message, seeing it beside its thread.
+
+    Goes over the whole queue, each draft once. An edit abandoned in the editor (it exits
+    with an error, e.g. vim's :cq) decides nothing for that draft.
+    """
     client = _client()
+    shown = 0
     try:
-        pending = client.list_pending(mailbox_id=mailbox)["messages"]
+        for item in _pending_drafts(client, mailbox):
+            shown += 1
+            _decide(client, item, reviewer)
     except MultimailAPIError as exc:
         _fail(exc)
-    if not pending:
+    finally:
+        client.close()
+    if not shown:
         typer.echo("nothing is waiting for approval")
-        return
-    for item in pending:
-        _show_draft(client, item)
-        action = typer.prompt("[a]pprove / [e]dit / [r]eject / [s]kip", default="s")
-        try:
-            if action.startswith("a"):
-                done = client.decide_email(
-                    message_id=item["id"], decision="approve", reviewer=reviewer
-                )
-            elif action.startswith("e"):
-                revised = _edit(item.get("draft_body") or "")
-                done = client.decide_email(
-                    message_id=item["id"],
-                    decision="approve",
-                    revised_body=revised,
-                    reviewer=reviewer,
-                )
-            elif action.startswith("r"):
-                note = typer.prompt("note for the agent")
-                done = client.decide_email(
-                    message_id=item["id"], decision="reject", note=note, reviewer=reviewer
-                )
-            else:
-                continue
-        except MultimailAPIError as exc:
-            typer.echo(f"error ({exc.code}): {exc.message}", err=True)
-            continue
-        typer.echo(f"{item['id']}: {done.get('status')}")
 
 
 @webhooks_app.command("list")

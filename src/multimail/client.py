@@ -13,7 +13,7 @@ Each method is a tool of :mod:`multimail.tools.catalog` and runs that tool's pla
 (:mod:`multimail.tools.execute`), the same code the MCP server and the tool-named HTTP routes
 run. Errors are typed::
 
-    MultimailAPIError                 (.status, .code, .message, .body)
+    MultimailAPIError                 (.status, .code, .message, .body, .headers)
     ├── AuthenticationError           401
     ├── PermissionDeniedError         403
     ├── NotFoundError                 404
@@ -25,6 +25,9 @@ run. Errors are typed::
 
 Only idempotent calls are retried (GETs, and calls carrying an ``idempotency_key``), on 429,
 5xx and connection errors, with exponential backoff that honours ``Retry-After``.
+
+``timeout`` (30 s by default) bounds each request, except that a long poll
+(``wait_for_email``) may also take as long as the wait it asked the server for.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 import httpx
@@ -51,11 +55,20 @@ _MAX_BACKOFF = 30.0
 class MultimailAPIError(Exception):
     """The server (or the client's own validation) refused a call; ``message`` says why."""
 
-    def __init__(self, status: int, body: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        body: Mapping[str, Any] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.status = status
         self.body: dict[str, Any] = dict(body or {})
         self.code: str = str(self.body.get("code") or "error")
         self.message: str = str(self.body.get("error") or f"HTTP {status}")
+        # The error answer's headers (RateLimit-*, Retry-After …); none when the client
+        # refused the call itself or never reached the server.
+        self.headers = httpx.Headers(headers or {})
         super().__init__(f"{self.message} (HTTP {status}, code {self.code})")
 
 
@@ -81,9 +94,14 @@ class ValidationError(MultimailAPIError):
 
 class RateLimitError(MultimailAPIError):
     def __init__(
-        self, status: int, body: Mapping[str, Any] | None = None, retry_after: float = 1.0
+        self,
+        status: int,
+        body: Mapping[str, Any] | None = None,
+        retry_after: float = 1.0,
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(status, body)
+        super().__init__(status, body, headers=headers)
         self.retry_after = retry_after
 
 
@@ -121,10 +139,10 @@ def error_for(
     """The typed exception for an error answer."""
     data = body if isinstance(body, dict) else {"error": str(body or f"HTTP {status}")}
     if status == 429:
-        return RateLimitError(status, data, _retry_after(headers or {}, data))
+        return RateLimitError(status, data, _retry_after(headers or {}, data), headers=headers)
     if status >= 500:
-        return ServerError(status, data)
-    return _BY_STATUS.get(status, MultimailAPIError)(status, data)
+        return ServerError(status, data, headers=headers)
+    return _BY_STATUS.get(status, MultimailAPIError)(status, data, headers=headers)
 
 
 def _from_local(exc: MultimailError) -> MultimailAPIError:
@@ -150,6 +168,16 @@ def _tool_args(values: Mapping[str, Any]) -> dict[str, Any]:
     if "from_" in out:
         out["from"] = out.pop("from_")
     return out
+
+
+@dataclass(frozen=True)
+class ToolAnswer:
+    """A tool's result with the status and headers of the REST answer it came from (202,
+    RateLimit-* …): what the tool-named routes answer their own caller."""
+
+    result: Any
+    status: int
+    headers: Mapping[str, str]
 
 
 R = TypeVar("R")
@@ -182,6 +210,13 @@ class _Config:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._transport = transport
+
+    def _timeout(self, call: RestCall) -> httpx.Timeout:
+        """``timeout`` for the call, plus, for a long poll, the wait the server may hold it:
+        nothing arrives before the wait is over, so reading may take that much longer."""
+        if call.wait is None:
+            return httpx.Timeout(self.timeout)
+        return httpx.Timeout(self.timeout, read=self.timeout + call.wait)
 
     def _answer(self, call: RestCall, response: httpx.Response) -> RestResponse:
         if response.status_code >= 400 and not (call.probe and response.status_code == 404):
@@ -389,11 +424,16 @@ class _Tools(Generic[R]):
         oversight_mode: Mode | None = None,
         thread_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        from_: str | None = None,
+        mailbox_id: str | None = None,
         message_id: str | None = None,
         email_id: str | None = None,
-        mailbox_id: str | None = None,
     ) -> R:
-        """Reply in the thread of message_id (In-Reply-To and References are set for you)."""
+        """Reply in the thread of message_id (In-Reply-To and References are set for you).
+
+        The reply comes from the mailbox named by from or mailbox_id, else from the mailbox of
+        the message answered.
+        """
         return self._tool("reply_email", locals())
 
     def cancel_message(
@@ -711,7 +751,11 @@ class MultimailClient(_Config, _Tools[dict[str, Any]]):
             error: MultimailAPIError
             try:
                 response = self._http.request(
-                    call.method, call.path, params=call.params, json=call.json
+                    call.method,
+                    call.path,
+                    params=call.params,
+                    json=call.json,
+                    timeout=self._timeout(call),
                 )
                 return self._answer(call, response)
             except (RateLimitError, ServerError) as exc:
@@ -751,13 +795,12 @@ class AsyncMultimailClient(_Config, _Tools[Awaitable[dict[str, Any]]]):
 
     async def call_tool(self, name: str, arguments: Mapping[str, Any] | None = None) -> Any:
         """Run any tool of the catalogue by name with its arguments."""
-        result, _status = await self.call_tool_with_status(name, arguments)
-        return result
+        return (await self.answer_tool(name, arguments)).result
 
-    async def call_tool_with_status(
+    async def answer_tool(
         self, name: str, arguments: Mapping[str, Any] | None = None
-    ) -> tuple[Any, int]:
-        """The tool's result and the HTTP status of the REST answer it came from (202, 201…)."""
+    ) -> ToolAnswer:
+        """The tool's result with the status and headers of the REST answer it came from."""
         try:
             steps = plan(catalog.get(name), arguments, default_mailbox=self.mailbox_id)
             return await self._drive(steps)
@@ -771,16 +814,15 @@ class AsyncMultimailClient(_Config, _Tools[Awaitable[dict[str, Any]]]):
     def _tool(self, name: str, values: Mapping[str, Any]) -> Awaitable[dict[str, Any]]:
         return self._call(name, values)
 
-    async def _drive(self, steps: Plan) -> tuple[Any, int]:
-        status = 200
+    async def _drive(self, steps: Plan) -> ToolAnswer:
+        answer = RestResponse(200)
         try:
             call = next(steps)
             while True:
                 answer = await self._send(call)
-                status = answer.status
                 call = steps.send(answer)
         except StopIteration as done:
-            return done.value, status
+            return ToolAnswer(done.value, answer.status, answer.headers)
 
     async def _send(self, call: RestCall) -> RestResponse:
         attempt = 0
@@ -788,7 +830,11 @@ class AsyncMultimailClient(_Config, _Tools[Awaitable[dict[str, Any]]]):
             error: MultimailAPIError
             try:
                 response = await self._http.request(
-                    call.method, call.path, params=call.params, json=call.json
+                    call.method,
+                    call.path,
+                    params=call.params,
+                    json=call.json,
+                    timeout=self._timeout(call),
                 )
                 return self._answer(call, response)
             except (RateLimitError, ServerError) as exc:

@@ -172,7 +172,8 @@ def build_server(client_for: ClientFor) -> Server[Any]:
 
 def env_client() -> AsyncMultimailClient:
     """The stdio server's client: MULTIMAIL_API_URL, MULTIMAIL_API_KEY, MULTIMAIL_MAILBOX_ID."""
-    return AsyncMultimailClient(timeout=150.0)  # wait_for_email may hold for 120 s
+    # The client allows a wait_for_email its wait on top of the usual timeout by itself.
+    return AsyncMultimailClient()
 
 
 async def serve_stdio() -> None:

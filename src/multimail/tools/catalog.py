@@ -43,6 +43,7 @@ class Route:
     default_mailbox_query: bool = False  # fill ?mailbox_id= from the key's default mailbox
     const: tuple[tuple[str, str], ...] = ()  # fixed query parameters
     drop: tuple[str, ...] = ()  # arguments the route does not take (it finds them itself)
+    long_poll: str | None = None  # the query argument: seconds the server may hold the answer
 
     @property
     def path_args(self) -> tuple[str, ...]:
@@ -330,7 +331,7 @@ TOOLS: tuple[Tool, ...] = (
         "as one arrives. Returns {emails: [...]} (empty on timeout)." + UNTRUSTED,
         i.WaitForEmail,
         Scope.READ,
-        Route("GET", "/v1/emails/wait", default_mailbox_query=True),
+        Route("GET", "/v1/emails/wait", default_mailbox_query=True, long_poll="timeout"),
         read_only=True,
         idempotent=True,
         returns_content=True,

@@ -19,7 +19,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from multimail.errors import InvalidInput, MultimailError
 from multimail.tools.catalog import Tool
-from multimail.tools.inputs import ToolInput
+from multimail.tools.inputs import MAX_WAIT_SECONDS, ToolInput
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class RestCall:
     # A 404 is an answer, not an error. No plan asks for it since the message tools went
     # account-wide; it stays because the clients' drivers (multimail.client) still read it.
     probe: bool = False
+    # A long poll: the server may hold the answer this many seconds before it answers, so the
+    # drivers allow that much more than their usual timeout to read it.
+    wait: float | None = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,12 @@ def plan(tool: Tool, arguments: Mapping[str, Any] | None, *, default_mailbox: st
         params.update(args)
     if route.body_key and body is not None:
         body = body.get(route.body_key)
-    answer = yield RestCall(route.method, path, params or None, body, raw=route.raw)
+    wait = None
+    if route.long_poll:
+        # Not given, the server's default applies, which is never beyond the longest wait.
+        held = params.get(route.long_poll)
+        wait = MAX_WAIT_SECONDS if held is None else float(held)
+    answer = yield RestCall(route.method, path, params or None, body, raw=route.raw, wait=wait)
     result = answer.data
     if route.raw:
         result = {

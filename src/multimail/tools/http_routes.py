@@ -3,12 +3,14 @@
 Every tool is ``POST /{tool}`` with its arguments as JSON, and read-only tools are also
 ``GET /{tool}?…``. Each endpoint runs the tool's plan against the REST routes of the same
 application, in-process, with the caller's own credentials: the behaviour (checks, errors,
-audit) is the REST API's, and the answer adds the short field names the guides read.
+audit, rate limit) is the REST API's, and the answer adds the short field names the guides
+read. The REST answer's rate-limit headers are passed on, on success and error alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -25,6 +27,14 @@ from multimail.services import keys
 from multimail.tools.catalog import TOOLS, Tool
 
 _FORWARDED = ("authorization", "x-api-key")
+# What the REST answer tells the caller about their key's rate limit (SPEC §12).
+_PASSED_ON = (
+    "Retry-After",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "RateLimit-Policy",
+)
 INTERNAL_BASE_URL = "http://multimail.internal"
 
 
@@ -60,6 +70,12 @@ async def _arguments(request: Request) -> dict[str, Any] | JSONResponse:
     return data
 
 
+def _passed_on(headers: Mapping[str, str]) -> dict[str, str]:
+    """The rate-limit headers of the inner REST answer (``headers`` looks names up in any
+    case, as ``httpx.Headers`` does)."""
+    return {name: headers[name] for name in _PASSED_ON if name in headers}
+
+
 def _endpoint(tool: Tool) -> Any:
     async def run_tool(request: Request) -> JSONResponse:
         # Who is asking comes first: a missing or revoked key is a 401 whatever the arguments.
@@ -73,17 +89,17 @@ def _endpoint(tool: Tool) -> Any:
             return args
         client = in_process_client(request.app, request.headers)
         try:
-            result, status = await client.call_tool_with_status(tool.name, args)
+            answer = await client.answer_tool(tool.name, args)
         except MultimailAPIError as exc:
-            headers = (
-                {"Retry-After": str(int(exc.retry_after))}
-                if isinstance(exc, RateLimitError)
-                else None
-            )
-            return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+            headers = _passed_on(exc.headers)
+            if isinstance(exc, RateLimitError):
+                headers.setdefault("Retry-After", str(int(exc.retry_after)))
+            return JSONResponse(exc.body, status_code=exc.status, headers=headers or None)
         finally:
             await client.aclose()
-        return JSONResponse(result, status_code=status)
+        return JSONResponse(
+            answer.result, status_code=answer.status, headers=_passed_on(answer.headers) or None
+        )
 
     run_tool.__name__ = f"tool_{tool.name}"
     run_tool.__doc__ = tool.description

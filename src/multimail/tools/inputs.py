@@ -1,10 +1,12 @@
 """The arguments of each tool, as pydantic models: the JSON schema agents see, and validation.
 
 Field names are the SPEC §5.2 names. Where clients in the wild use several names for one
-thing (``from``/``mailbox_id``, ``body``/``text``/``markdown``, ``message_id``/``email_id``),
-each name is its own field so the schema shows all of them honestly; ``merged()`` folds them
-into the one value the REST API takes. Unknown arguments are refused: an agent cannot slip
-``status: "approved"`` past the gate by adding a field.
+thing (``body``/``text``/``markdown``, ``message_id``/``email_id``), each name is its own
+field so the schema shows all of them honestly; ``merged()`` folds them into the one value the
+REST API takes. ``from``/``mailbox_id`` are two selectors of the sending mailbox rather than
+two spellings of one value: the REST API judges whether they agree (see ``FromMailbox``).
+Unknown arguments are refused: an agent cannot slip ``status: "approved"`` past the gate by
+adding a field.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from multimail.errors import InvalidInput
 
 Mode = Literal["read_only", "gated_all", "gated_send", "monitored", "autonomous"]
 GateTiming = Literal["gate_first", "schedule_first"]
+
+# The longest wait_for_email may hold (the REST route's own bound, services.inbox).
+MAX_WAIT_SECONDS = 120.0
 
 _MAILBOX = "The mailbox: its id (mbx_…) or its address. Optional when the key sees one mailbox."
 _MESSAGE = "The message id (msg_…), as returned by send_email, check_inbox or list_pending."
@@ -121,22 +126,40 @@ class Draft(ToolInput):
         return data
 
 
-class SendEmail(Draft):
+class FromMailbox(Draft):
+    """A draft sent from a mailbox chosen by ``from`` and/or ``mailbox_id`` (send and reply).
+
+    The two are not aliases of one value but two selectors (an address, an id, either), so
+    they are not compared as text here: given both and written differently, both go to the
+    REST API, which resolves each and refuses only two different mailboxes
+    (``from_mismatch``), exactly as ``POST /v1/send`` does with the same body.
+    """
+
     from_: str | None = Field(
-        None, alias="from", max_length=320, description="The sending mailbox's address."
+        None,
+        alias="from",
+        max_length=320,
+        description="The sending mailbox's address (or id); with mailbox_id, the same mailbox.",
     )
     mailbox_id: str | None = Field(None, max_length=320, description=_MAILBOX)
 
+    def merged(self) -> dict[str, Any]:
+        data = super().merged()
+        sender = data.pop("from", None)
+        if data.get("mailbox_id") is None:
+            if sender is not None:
+                data["mailbox_id"] = sender
+        elif sender is not None and sender != data["mailbox_id"]:
+            data["from"] = sender  # the REST API checks it names mailbox_id's mailbox
+        return data
+
+
+class SendEmail(FromMailbox):
     @model_validator(mode="after")
     def _needs_recipient(self) -> SendEmail:
         if not self.to:
             raise ValueError("give 'to': one address or a list")
         return self
-
-    def merged(self) -> dict[str, Any]:
-        data = super().merged()
-        _first(data, "mailbox_id", "mailbox_id", "from")
-        return data
 
 
 class ScheduleEmail(SendEmail):
@@ -151,10 +174,11 @@ class ScheduleEmail(SendEmail):
         return data
 
 
-class ReplyEmail(Draft):
+# Without ``from`` or ``mailbox_id`` a reply comes from the mailbox of the message answered
+# (the REST reply route's default). No docstring: pydantic would show it to agents.
+class ReplyEmail(FromMailbox):
     message_id: str | None = Field(None, max_length=998, description="The message replied to.")
     email_id: str | None = Field(None, max_length=998, description="Same as message_id.")
-    mailbox_id: str | None = Field(None, max_length=320, description=_MAILBOX)
 
     @model_validator(mode="after")
     def _needs_message(self) -> ReplyEmail:
@@ -228,7 +252,9 @@ class TagEmail(MessageArg):
 
 
 class WaitForEmail(MailboxArg):
-    timeout: float | None = Field(None, ge=0, le=120, description="Seconds to wait (≤ 120).")
+    timeout: float | None = Field(
+        None, ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait (≤ 120)."
+    )
     since_id: str | None = Field(
         None, max_length=40, description="Only messages newer than this one (the last you saw)."
     )
