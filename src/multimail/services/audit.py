@@ -356,7 +356,8 @@ def entry_count(db: Database) -> int:
 
 
 def export_lines(entries: Iterable[Mapping[str, Any]], fmt: ExportFormat) -> Iterator[str]:
-    """JSONL (one entry per line, hashes included so a copy can be re-verified) or CSV."""
+    """JSONL (one entry per line, hashes included so a copy can be re-verified) or CSV (for
+    spreadsheets: a text cell that starts like a formula is prefixed with a quote)."""
     if fmt == "jsonl":
         for entry in entries:
             record = {name: entry.get(name) for name in EXPORT_COLUMNS}
@@ -375,8 +376,23 @@ def export_lines(entries: Iterable[Mapping[str, Any]], fmt: ExportFormat) -> Ite
         row[EXPORT_COLUMNS.index("details")] = json.dumps(
             entry.get("details") or {}, ensure_ascii=False, sort_keys=True
         )
-        writer.writerow(["" if v is None else v for v in row])
+        writer.writerow([_spreadsheet_safe(v) for v in row])
         yield buffer.getvalue()
+
+
+# A cell a spreadsheet would run as a formula (OWASP "CSV injection"): a failed sign-in's
+# typed email or a key's name is attacker text in the log.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell as written: text that starts like a formula gets a leading quote. Only the
+    CSV is escaped; JSONL keeps every value exact (it is the copy that can be re-verified)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 # --- checkpoints (format; making them is services.checkpoints) ----------------------------
