@@ -21,6 +21,7 @@ from multimail.errors import Conflict, InvalidInput, NotFound
 from multimail.ids import new_id, utcnow
 from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair
 from multimail.services import audit
+from multimail.services import mailboxes as mailbox_service
 from multimail.services.common import jsonable
 from multimail.services.context import Actor
 from multimail.store.tables import domains, mailboxes
@@ -64,7 +65,10 @@ def dns_records(row: Any, settings: Settings) -> list[dict[str, Any]]:
             "purpose": "spf",
             "type": "TXT",
             "name": name,
-            "value": f"v=spf1 mx a:{mail_host} ~all",
+            # The server's own domain's SPF lists every host that sends for it (docs/deploy.md);
+            # including it keeps one list. "mx a:<domain>" named the server's mail domain as
+            # a host, which it is not in a deployment with separate SMTP nodes.
+            "value": f"v=spf1 include:{mail_host} ~all",
             "required": False,
         },
         {
@@ -204,7 +208,9 @@ def check_dns(row: Any, settings: Settings) -> dict[str, Any]:
             wanted = _normalise_dkim(record["value"]).get("p")
             ok = any(_normalise_dkim(v).get("p") == wanted for v in values)
         elif purpose == "spf":
-            ok = any(v.lower().startswith("v=spf1") for v in values)
+            # Present is not enough: a "v=spf1 -all" would refuse every message we send.
+            include = f"include:{settings.domain.lower()}"
+            ok = any(v.lower().startswith("v=spf1") and include in v.lower() for v in values)
         else:
             ok = any(v.replace(" ", "").upper().startswith("V=DMARC1") for v in values)
         results[purpose] = {"ok": ok, "found": values} | ({"error": error} if error else {})
@@ -216,6 +222,9 @@ def verify_domain(
 ) -> dict[str, Any]:
     row = get_domain(conn, actor, ref)
     verified = results["verification"]["ok"] and results["dkim"]["ok"]
+    if verified and mailbox_service.verified_elsewhere(conn, row["account_id"], row["name"]):
+        # Both tokens can sit in DNS at once; the first account to prove the domain holds it.
+        raise Conflict(f"the domain {row['name']} is already registered", code="domain_exists")
     now = utcnow()
     values: dict[str, Any] = {
         "check_results": results,
@@ -226,6 +235,8 @@ def verify_domain(
     if verified and row["verified_at"] is None:
         values["verified_at"] = now
     conn.execute(update(domains).where(domains.c.id == row["id"]).values(**values))
+    if verified:
+        mailbox_service.retire_squatters(conn, row)
     audit.append(
         conn,
         actor=actor,
