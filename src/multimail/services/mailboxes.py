@@ -243,7 +243,9 @@ def _check_domain(
     if domain == settings.domain.lower():
         return None
     row = conn.execute(
-        select(domains.c.id).where(domains.c.account_id == account_id, domains.c.name == domain)
+        select(domains.c.id, domains.c.status).where(
+            domains.c.account_id == account_id, domains.c.name == domain
+        )
     ).first()
     if row is None:
         raise InvalidInput(
@@ -251,7 +253,71 @@ def _check_domain(
             f"first, or use an address on {settings.domain!r}",
             code="domain_not_owned",
         )
+    if row.status != "verified" and verified_elsewhere(conn, account_id, domain):
+        # A pending claim is only a claim: once another account proved the domain in DNS,
+        # an address here would take its mail (inbound routes by address).
+        raise InvalidInput(
+            f"this account has not verified {domain!r} and another account has: publish the "
+            "records and verify it, or use another domain",
+            code="domain_not_owned",
+        )
     return str(row.id)
+
+
+def verified_elsewhere(conn: Connection, account_id: str, domain: str) -> bool:
+    """Whether an account other than ``account_id`` has verified ``domain``."""
+    return (
+        conn.execute(
+            select(domains.c.id).where(
+                domains.c.name == domain,
+                domains.c.status == "verified",
+                domains.c.account_id != account_id,
+            )
+        ).first()
+        is not None
+    )
+
+
+def retire_squatters(conn: Connection, domain_row: Mapping[str, Any]) -> list[str]:
+    """Delete other accounts' mailboxes on ``domain_row``'s name, now that its account has
+    verified it: they were made on a pending claim the other account never proved, and their
+    addresses belong to the domain's owner (they can neither send nor, kept, be re-created
+    by the owner). Each deletion is audited in that mailbox's own account."""
+    squatting = conn.execute(
+        select(mailboxes)
+        .join(domains, domains.c.id == mailboxes.c.domain_id)
+        .where(
+            domains.c.name == domain_row["name"],
+            domains.c.account_id != domain_row["account_id"],
+            mailboxes.c.deleted_at.is_(None),
+        )
+        .order_by(mailboxes.c.id)
+    ).mappings()
+    retired: list[str] = []
+    for box in list(squatting):
+        system = Actor(type="system", id="domains", name="domains", account_id=box["account_id"])
+        now = utcnow()
+        conn.execute(
+            update(mailboxes)
+            .where(mailboxes.c.id == box["id"])
+            .values(deleted_at=now, updated_at=now)
+        )
+        audit.append(
+            conn,
+            actor=system,
+            action="mailbox.deleted",
+            subject_type="mailbox",
+            subject_id=box["id"],
+            mailbox_id=box["id"],
+            oversight_mode=box["oversight_mode"],
+            details={
+                "address": box["address"],
+                "reason": "another account verified the domain this mailbox was on",
+            },
+        )
+        events.sync_mailbox_subscription(conn, box["id"], actor=system)
+        retired.append(str(box["id"]))
+    return retired
 
 
 def claim_address(
