@@ -164,7 +164,8 @@ def verify_command(
     file: Annotated[Path, typer.Argument(help="The message (.eml) to check.", exists=True)],
     as_json: JsonOpt = False,
 ) -> None:
-    """Check a message's DKIM signature, identity token, body hash and Message-ID."""
+    """Check a message's DKIM signature (by its From domain), identity token, body hashes
+    (text, HTML and attachments), Message-ID and From."""
     svc = _services()
     try:
         report = identity.verify_raw_message(svc, file.read_bytes())

@@ -20,7 +20,8 @@ from sqlalchemy import insert, select
 
 from multimail.config import Settings
 from multimail.ids import new_id, utcnow
-from multimail.mail.compose import OutboundDraft, build_message, draft_body_sha256
+from multimail.mail.compose import OutboundDraft, build_message, draft_body_sha256, draft_hashes
+from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair, sign_message
 from multimail.mail.identity import (
     IDENTITY_HEADER,
     IdentityClaims,
@@ -129,12 +130,18 @@ def stored_message(svc: Services, boot: accounts.Bootstrap, **fields: Any) -> di
         return dict(conn.execute(query).mappings().one())
 
 
-def sent_bytes(svc: Services, row: dict[str, Any], *, body: OutboundDraft | None = None) -> bytes:
-    """Build, add the identity header, DKIM-sign: what the delivery worker hands to SMTP."""
+def sent_bytes(
+    svc: Services, row: dict[str, Any], *, body: OutboundDraft | None = None, old: bool = False
+) -> bytes:
+    """Build, add the identity header, DKIM-sign: what the delivery worker hands to SMTP.
+
+    ``old`` issues the token as before the HTML and attachment hashes (text part only)."""
     message = body or draft(row["message_id_header"])
+    hashes = draft_hashes(message)
+    parts = {} if old else {"html_sha256": hashes.html, "attachments_sha256": hashes.attachments}
     with svc.db.read() as conn:
         header = identity.identity_header_for(
-            conn, svc, row, body_sha256=draft_body_sha256(message)
+            conn, svc, row, body_sha256=draft_body_sha256(message), **parts
         )
     raw = build_message(replace(message, extra_headers=[header]))
     return signing.sign(raw, signing.default_key(svc))
@@ -381,3 +388,55 @@ def test_dkim_failure_and_missing_signature_are_reported(
     assert not passed and "does not verify against DNS" in reason and "s=mm1" in reason
     empty = reader.post("/v1/verify", json={"nothing": 1})
     assert empty.status_code == 422
+
+
+def test_a_token_issued_before_the_html_hash_still_verifies(
+    client: Api, svc: Services, boot: accounts.Bootstrap
+) -> None:
+    """Tokens already in delivered mail bind only the text part (no html_sha256 or
+    attachments_sha256): they still verify, and the report says what they cover."""
+    raw = sent_bytes(svc, stored_message(svc, boot), old=True)
+    report = client.client(boot.agent_key).post("/v1/verify", content=raw).json()
+    assert report["verdict"] == "verified", report
+    assert "html_sha256" not in report["claims"]
+    assert "attachments_sha256" not in report["claims"]
+    assert checks(report)["body_hash"] == (True, "body matches (text part only: an older token)")
+    new = client.client(boot.agent_key).post(
+        "/v1/verify", content=sent_bytes(svc, stored_message(svc, boot))
+    )
+    assert checks(new.json())["body_hash"] == (
+        True,
+        "body matches (text and HTML parts and attachments)",
+    )
+
+
+def test_a_signature_by_another_domain_next_to_the_aligned_one_is_ignored(
+    client: Api, svc: Services, boot: accounts.Bootstrap, dns_server: LocalDNSServer
+) -> None:
+    """A forwarder or list adding its own DKIM signature on top does not stop the message
+    verifying through the From domain's signature; a signature by the From domain that
+    does not cover the identity header is not enough."""
+    genuine = sent_bytes(svc, stored_message(svc, boot))
+    stranger = generate_rsa_keypair(2048)
+    dns_server.add_record("list._domainkey.lists.example", "TXT", dns_txt_value(stranger))
+    forwarded = sign_message(
+        genuine, domain="lists.example", selector="list", private_pem=stranger.private_pem
+    )
+    reader = client.client(boot.agent_key)
+    report = reader.post("/v1/verify", content=forwarded).json()
+    assert report["verdict"] == "verified", report
+    assert "d=mm.test" in checks(report)["dkim"][1]
+
+    unsigned = resign(svc, genuine).split(b"\r\n", 1)[1]
+    while unsigned[:1] in (b" ", b"\t"):
+        unsigned = unsigned.split(b"\r\n", 1)[1]
+    key = signing.default_key(svc)
+    narrow = sign_message(
+        unsigned,
+        domain=key.domain,
+        selector=key.selector,
+        private_pem=key.private_pem,
+        headers_to_sign=["from", "subject"],
+    )
+    passed, reason = checks(reader.post("/v1/verify", content=narrow).json())["dkim"]
+    assert not passed and f"does not cover {IDENTITY_HEADER}" in reason

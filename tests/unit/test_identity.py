@@ -18,7 +18,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multimail.errors import InvalidInput
-from multimail.mail.compose import OutboundDraft, body_sha256, build_message, draft_body_sha256
+from multimail.mail.compose import (
+    OutboundAttachment,
+    OutboundDraft,
+    body_sha256,
+    build_message,
+    compose_html,
+    compose_message,
+    draft_body_sha256,
+    draft_hashes,
+    message_hashes,
+)
 from multimail.mail.identity import (
     IDENTITY_HEADER,
     Approval,
@@ -33,6 +43,7 @@ from multimail.mail.identity import (
     token_from_header_value,
     verify_identity_token,
 )
+from multimail.mail.markdown import render_markdown
 
 MESSAGE_ID = "<msg_01HZX0000000000000000000@acme.example>"
 
@@ -468,3 +479,154 @@ def test_message_without_text_part_fails_the_body_check(keyring: SigningKeyring)
     result = check_message_identity(raw, keyring, body_hasher=body_sha256)
     assert result.token_signature.passed and result.message_id_match.passed
     assert not result.body_hash_match.passed and not result.ok
+
+
+# --- the HTML part and attachments ------------------------------------------------------
+
+
+def _full_message(keyring: SigningKeyring, draft: OutboundDraft) -> bytes:
+    hashes = draft_hashes(draft)
+    claims = _claims(
+        body_sha256=hashes.text, html_sha256=hashes.html, attachments_sha256=hashes.attachments
+    )
+    return _build(draft, issue_identity_token(claims, keyring))
+
+
+_ATTACHMENTS = (
+    OutboundAttachment("report.pdf", "application/pdf", b"%PDF-1.4\n" + bytes(range(256))),
+    OutboundAttachment("notes.txt", "text/plain; charset=utf-8", "naïve\r\nline\n".encode()),
+    OutboundAttachment("mail.eml", "message/rfc822", b"Subject: hi\r\n\r\nbody\r\n"),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    markdown=st.text(max_size=300),
+    signature=st.none() | st.text(max_size=60),
+    files=st.integers(min_value=0, max_value=len(_ATTACHMENTS)),
+    stored_html=st.booleans(),
+)
+def test_hashes_of_a_draft_are_those_a_receiver_computes(
+    markdown: str, signature: str | None, files: int, stored_html: bool
+) -> None:
+    """draft_hashes (what the delivery worker signs, from the strings it builds the parts
+    of) equals message_hashes of the built message, whatever encoding the parts got."""
+    draft = replace(
+        _draft(markdown),
+        signature=signature,
+        attachments=list(_ATTACHMENTS[:files]),
+        body_html=render_markdown(markdown).html if stored_html else None,
+    )
+    try:
+        html = compose_html(draft)
+        raw = compose_message(draft, html=html).raw
+    except InvalidInput:
+        return  # not sendable at all
+    assert message_hashes(raw) == draft_hashes(draft) == draft_hashes(draft, html=html)
+    assert message_hashes(raw).text == body_sha256(raw) == draft_body_sha256(draft)
+
+
+@pytest.mark.parametrize(
+    "markdown",
+    [
+        "Hello **there**.",
+        "Grüße, naïve café — " * 30,  # non-ASCII, long lines: quoted-printable or base64
+        "x" * 400 + "\n\n| a | b |\n|---|---|\n| 1 | 2 |",
+        "=" * 200,
+    ],
+)
+def test_a_message_with_the_html_and_attachment_hashes_passes(
+    keyring: SigningKeyring, markdown: str
+) -> None:
+    draft = replace(_draft(markdown), attachments=list(_ATTACHMENTS))
+    result = check_message_identity(_full_message(keyring, draft), keyring.jwks())
+    assert result.ok, result.to_dict()
+    assert result.body_hash_match.reason == "body matches (text and HTML parts and attachments)"
+    assert result.claims is not None and result.claims.html_sha256 is not None
+
+
+def test_an_edited_html_part_or_attachment_fails_the_body_check(keyring: SigningKeyring) -> None:
+    """The HTML part mail clients show, and each attachment, are bound as well as the text."""
+    draft = replace(_draft("Your refund is on its way."), attachments=[_ATTACHMENTS[0]])
+    raw = _full_message(keyring, draft)
+    assert b"<p>Your refund is on its way.</p>" in raw
+    cases = {
+        "the HTML part differs from the one signed": raw.replace(
+            b"<p>Your refund is on its way.</p>", b"<p>Pay the fee at https://evil.example</p>"
+        ),
+        "the attachments differ from the ones signed": raw.replace(
+            b"JVBERi0xLjQK", b"JVBERi0xLjUK"
+        ),
+    }
+    for reason, edited in cases.items():
+        assert edited != raw
+        result = check_message_identity(edited, keyring.jwks())
+        assert result.token_signature.passed and result.message_id_match.passed
+        assert (result.body_hash_match.passed, result.body_hash_match.reason) == (False, reason)
+
+
+def test_a_message_with_an_attachment_added_or_the_html_removed_fails(
+    keyring: SigningKeyring,
+) -> None:
+    draft = _draft()
+    token = issue_identity_token(
+        _claims(
+            body_sha256=draft_hashes(draft).text,
+            html_sha256=draft_hashes(draft).html,
+            attachments_sha256=draft_hashes(draft).attachments,
+        ),
+        keyring,
+    )
+    extra = replace(draft, attachments=[_ATTACHMENTS[0]])
+    result = check_message_identity(_build(extra, token), keyring.jwks())
+    assert result.body_hash_match.reason == "the attachments differ from the ones signed"
+    text_only = (
+        f"{IDENTITY_HEADER}: {identity_header_value(token)}\r\nMessage-ID: {MESSAGE_ID}\r\n"
+        "Content-Type: text/plain\r\n\r\nHello **there**.\r\n\r\n---\r\n\r\n"
+        "*This message was written by an AI agent.*\r\n"
+    ).encode()
+    assert message_hashes(text_only).text == draft_hashes(draft).text
+    result = check_message_identity(text_only, keyring.jwks())
+    assert not result.body_hash_match.passed
+    assert result.body_hash_match.reason == "the message has no HTML part; the one signed had"
+    # A checker that hashes the text part only cannot vouch for a token binding more.
+    plain = check_message_identity(_build(draft, token), keyring.jwks(), body_hasher=body_sha256)
+    assert not plain.body_hash_match.passed
+
+
+def test_a_token_without_the_html_hash_still_verifies_with_the_text_part(
+    keyring: SigningKeyring,
+) -> None:
+    """Tokens issued before html_sha256/attachments_sha256 bind the text part only: they
+    verify as before, their payload reads back without the new claims, and an edit to the
+    HTML part alone is (as it always was for them) not detected."""
+    raw = _message(keyring)
+    result = check_message_identity(raw, keyring.jwks())
+    assert result.ok, result.to_dict()
+    assert result.body_hash_match.reason == "body matches (text part only: an older token)"
+    assert result.claims is not None and result.claims.html_sha256 is None
+    assert set(result.claims.to_payload()) == {
+        "iss", "iat", "mailbox", "operator", "mode", "agent_key", "agent_name", "approval",
+        "body_sha256", "msgid",
+    }  # fmt: skip
+    edited_html = raw.replace(b"<strong>there</strong>", b"<strong>you</strong>")
+    assert edited_html != raw
+    assert check_message_identity(edited_html, keyring.jwks()).ok
+
+
+@pytest.mark.parametrize("claim", ["html_sha256", "attachments_sha256"])
+def test_a_malformed_part_hash_is_refused(keyring: SigningKeyring, claim: str) -> None:
+    with pytest.raises(InvalidInput):
+        issue_identity_token(_claims(**{claim: "xyz"}), keyring)
+    head = _b64(
+        json.dumps(
+            {"alg": "EdDSA", "typ": "multimail-identity+jwt", "kid": keyring.current.kid}
+        ).encode()
+    )
+    payload = json.loads(
+        base64.urlsafe_b64decode(issue_identity_token(_claims(), keyring).split(".")[1] + "==")
+    )
+    payload[claim] = "XYZ"
+    body = _b64(json.dumps(payload).encode())
+    sig = _b64(keyring.current.private_key.sign(f"{head}.{body}".encode()))
+    assert _reason(f"{head}.{body}.{sig}", keyring) == "malformed"

@@ -46,11 +46,13 @@ from multimail.mail.markdown import normalise_text, render_markdown, sanitise_fr
 
 __all__ = [
     "AI_DISCLOSURE",
+    "BodyHashes",
     "ComposedMessage",
     "OutboundAttachment",
     "OutboundDraft",
     "attachment_content_type",
     "attachment_filename",
+    "attachments_sha256",
     "body_sha256",
     "build_message",
     "check_address",
@@ -59,6 +61,8 @@ __all__ = [
     "compose_html",
     "compose_message",
     "draft_body_sha256",
+    "draft_hashes",
+    "message_hashes",
     "safe_subject",
     "text_sha256",
 ]
@@ -496,18 +500,85 @@ def body_sha256(raw_message: bytes) -> str:
     """Hex SHA-256 of the message's text/plain body as a receiver decodes it."""
     message = BytesParser(policy=_DECODE_POLICY).parsebytes(raw_message)
     assert isinstance(message, EmailMessage)
-    part = message.get_body(preferencelist=("plain",))
+    return text_sha256(_decoded_text(message.get_body(preferencelist=("plain",)), "plain"))
+
+
+def _decoded_text(part: EmailMessage | MIMEPart | None, subtype: str) -> str:
+    """A text part's content with its transfer encoding and charset undone."""
+    code = "no_text_part" if subtype == "plain" else "no_html_part"
     if part is None:
-        raise InvalidInput("the message has no text/plain part", code="no_text_part")
+        raise InvalidInput(f"the message has no text/{subtype} part", code=code)
     try:
         content = part.get_content()
     except LookupError as exc:
-        raise InvalidInput(
-            "the text/plain part has an unknown charset", code="no_text_part"
-        ) from exc
+        raise InvalidInput(f"the text/{subtype} part has an unknown charset", code=code) from exc
     if not isinstance(content, str):
-        raise InvalidInput("the text/plain part could not be decoded", code="no_text_part")
-    return text_sha256(content)
+        raise InvalidInput(f"the text/{subtype} part could not be decoded", code=code)
+    return content
+
+
+def attachments_sha256(contents: Sequence[bytes]) -> str:
+    """Hex SHA-256 binding the attachments, in order: of each one's hex SHA-256 plus LF.
+
+    Only the content (as decoded from its transfer encoding) is covered, not the file
+    name or content type; no attachments give the hash of the empty string.
+    """
+    digest = hashlib.sha256()
+    for content in contents:
+        digest.update(hashlib.sha256(content).hexdigest().encode("ascii") + b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class BodyHashes:
+    """What an identity token binds of a message body (see ``mail.identity``).
+
+    ``text`` is ``body_sha256``: the text/plain part. ``html`` is ``text_sha256`` of the
+    decoded text/html part (None when a received message has none). ``attachments`` is
+    ``attachments_sha256`` of every other leaf part's decoded content, in order.
+    """
+
+    text: str
+    html: str | None
+    attachments: str
+
+
+def draft_hashes(draft: OutboundDraft, *, html: str | None = None) -> BodyHashes:
+    """What ``message_hashes`` will return for ``compose_message(draft)``, without building it.
+
+    ``html`` is ``compose_html(draft)`` when the caller has it already (pass the same to
+    ``compose_message``, so the HTML is sanitised once per message).
+    """
+    fragment = compose_html(draft) if html is None else html
+    return BodyHashes(
+        text=draft_body_sha256(draft),
+        html=text_sha256(_html_document(fragment)),
+        attachments=attachments_sha256([a.data for a in draft.attachments]),
+    )
+
+
+def message_hashes(raw_message: bytes) -> BodyHashes:
+    """The ``BodyHashes`` of a received message, parsed once.
+
+    Raises ``InvalidInput`` (``no_text_part``) as ``body_sha256`` does; a missing or
+    undecodable HTML part gives ``html=None``.
+    """
+    message = BytesParser(policy=_DECODE_POLICY).parsebytes(raw_message)
+    assert isinstance(message, EmailMessage)
+    text_part = message.get_body(preferencelist=("plain",))
+    text = text_sha256(_decoded_text(text_part, "plain"))
+    html_part = message.get_body(preferencelist=("html",))
+    try:
+        html: str | None = text_sha256(_decoded_text(html_part, "html"))
+    except InvalidInput:
+        html = None
+    others: list[bytes] = []
+    for part in message.walk():
+        if part.is_multipart() or part is text_part or part is html_part:
+            continue
+        payload = part.get_payload(decode=True)
+        others.append(payload if isinstance(payload, bytes) else b"")
+    return BodyHashes(text=text, html=html, attachments=attachments_sha256(others))
 
 
 def _html_document(fragment: str) -> str:
@@ -772,8 +843,12 @@ def build_message(draft: OutboundDraft) -> bytes:
     return compose_message(draft).raw
 
 
-def compose_message(draft: OutboundDraft) -> ComposedMessage:
-    """``build_message``, keeping the header fields it checked for the DKIM signer."""
+def compose_message(draft: OutboundDraft, *, html: str | None = None) -> ComposedMessage:
+    """``build_message``, keeping the header fields it checked for the DKIM signer.
+
+    ``html`` is ``compose_html(draft)`` when the caller has it already (it hashed it for
+    the identity token with ``draft_hashes``); None computes it here.
+    """
     sender = _address(draft.from_address, "from")
     recipients = {
         "to": [_address(a, "to") for a in draft.to],
@@ -815,7 +890,10 @@ def compose_message(draft: OutboundDraft) -> ComposedMessage:
     text = compose_body(draft)[:-1]
     content_type, body = _multipart(
         "alternative",
-        [_text_part("plain", text), _text_part("html", _html_document(compose_html(draft)))],
+        [
+            _text_part("plain", text),
+            _text_part("html", _html_document(compose_html(draft) if html is None else html)),
+        ],
     )
     if draft.attachments:
         alternative = content_type + _CRLF + body

@@ -2,7 +2,8 @@
 
 The server signs, with its Ed25519 key, a compact JWS that binds the sending mailbox,
 the operator, the oversight mode, the agent key that wrote the message, the approval
-(reviewer and time) if there was one, the Message-ID and a hash of the body. It travels
+(reviewer and time) if there was one, the Message-ID and hashes of the body: the text
+part, the HTML part and the attachments (``mail.compose.BodyHashes``). It travels
 in the ``X-MultiMail-Identity`` header. Anyone holding the public keys (served as a JWKS
 document at ``/.well-known/multimail/keys``) can check that a message was sent through
 this server, under these terms, and not altered since.
@@ -12,8 +13,13 @@ Token layout (RFC 7515 compact serialisation)::
     base64url({"alg":"EdDSA","typ":"multimail-identity+jwt","kid":"mmk_…"})
     . base64url({"iss":…,"iat":…,"mailbox":…,"operator":…,"mode":…,"agent_key":…,
                  "agent_name":…,"approval":{"reviewer":…,"at":…}|null,
-                 "body_sha256":…,"msgid":…})
+                 "body_sha256":…,"html_sha256":…,"attachments_sha256":…,"msgid":…})
     . base64url(Ed25519 signature over the first two parts)
+
+``body_sha256`` is ``text_sha256`` of the decoded text/plain part, ``html_sha256`` the same
+of the decoded text/html part, ``attachments_sha256`` ``compose.attachments_sha256`` of the
+decoded content of every other leaf part, in order. Tokens issued before the last two
+claims existed lack them; they still verify, and bind the text part only.
 
 A token has no whitespace, so it cannot be folded as is; :func:`identity_header_value`
 splits it with spaces so mail generators fold it into short lines, and readers drop all
@@ -44,7 +50,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -54,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from multimail.errors import InvalidInput, MultimailError
+from multimail.mail.compose import message_hashes
 
 __all__ = [
     "IDENTITY_HEADER",
@@ -64,6 +71,7 @@ __all__ = [
     "IdentityKeyError",
     "IdentityVerificationError",
     "KeySource",
+    "PartHashes",
     "PublicKeyInfo",
     "SigningKey",
     "SigningKeyring",
@@ -383,10 +391,13 @@ class IdentityClaims:
     message_id: str
     issued_at: int
     issuer: str
+    #: None in tokens issued before these claims existed (they bind the text part only).
+    html_sha256: str | None = None
+    attachments_sha256: str | None = None
 
     def to_payload(self) -> dict[str, Any]:
         approval = self.approval
-        return {
+        payload: dict[str, Any] = {
             "iss": self.issuer,
             "iat": self.issued_at,
             "mailbox": self.mailbox,
@@ -400,6 +411,12 @@ class IdentityClaims:
             "body_sha256": self.body_sha256,
             "msgid": self.message_id,
         }
+        # Absent rather than null when not set: an older token reads back as it was issued.
+        if self.html_sha256 is not None:
+            payload["html_sha256"] = self.html_sha256
+        if self.attachments_sha256 is not None:
+            payload["attachments_sha256"] = self.attachments_sha256
+        return payload
 
     @classmethod
     def from_payload(cls, payload: Any) -> IdentityClaims:
@@ -419,6 +436,10 @@ class IdentityClaims:
             raise ValueError("agent claims must be text or null")
         if not isinstance(body_hash, str) or not _SHA256_HEX.fullmatch(body_hash):
             raise ValueError("body_sha256 must be 64 lower-case hex digits")
+        part_hashes = {k: payload.get(k) for k in ("html_sha256", "attachments_sha256")}
+        for name, value in part_hashes.items():
+            if value is not None and not (isinstance(value, str) and _SHA256_HEX.fullmatch(value)):
+                raise ValueError(f"{name} must be 64 lower-case hex digits")
         if type(issued) is not int:
             raise ValueError("iat must be an integer")
         approval = None
@@ -440,6 +461,8 @@ class IdentityClaims:
             message_id=payload["msgid"],
             issued_at=issued,
             issuer=payload["iss"],
+            html_sha256=part_hashes["html_sha256"],
+            attachments_sha256=part_hashes["attachments_sha256"],
         )
 
 
@@ -459,8 +482,13 @@ def _protected_header(kid: str) -> str:
 
 def issue_identity_token(claims: IdentityClaims, keyring: SigningKeyring) -> str:
     """Sign ``claims`` with the keyring's current key; a compact JWS."""
-    if not _SHA256_HEX.fullmatch(claims.body_sha256):
-        raise InvalidInput("body_sha256 must be 64 lower-case hex digits")
+    for name, value in (
+        ("body_sha256", claims.body_sha256),
+        ("html_sha256", claims.html_sha256),
+        ("attachments_sha256", claims.attachments_sha256),
+    ):
+        if value is not None and not _SHA256_HEX.fullmatch(value):
+            raise InvalidInput(f"{name} must be 64 lower-case hex digits")
     key = keyring.current
     signing_input = f"{_protected_header(key.kid)}.{_json_b64(claims.to_payload())}"
     signature = key.private_key.sign(signing_input.encode("ascii"))
@@ -571,14 +599,56 @@ def _bare_message_id(value: str) -> str:
     return "".join(value.split()).removeprefix("<").removesuffix(">")
 
 
+class PartHashes(Protocol):
+    """The hashes of a received message's parts (``mail.compose.BodyHashes``)."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def html(self) -> str | None: ...
+
+    @property
+    def attachments(self) -> str: ...
+
+
+def _same(actual: str, claimed: str) -> bool:
+    return hmac.compare_digest(actual.lower().encode(), claimed.encode())
+
+
+def _body_result(claims: IdentityClaims, hashed: str | PartHashes) -> CheckResult:
+    text = hashed if isinstance(hashed, str) else hashed.text
+    if not _same(text, claims.body_sha256):
+        return CheckResult(False, "body differs from the one signed")
+    if claims.html_sha256 is None and claims.attachments_sha256 is None:
+        return CheckResult(True, "body matches (text part only: an older token)")
+    if isinstance(hashed, str):
+        return CheckResult(False, "the token binds the HTML part and attachments; not checked")
+    if claims.html_sha256 is not None:
+        if hashed.html is None:
+            return CheckResult(False, "the message has no HTML part; the one signed had")
+        if not _same(hashed.html, claims.html_sha256):
+            return CheckResult(False, "the HTML part differs from the one signed")
+    if claims.attachments_sha256 is not None and not _same(
+        hashed.attachments, claims.attachments_sha256
+    ):
+        return CheckResult(False, "the attachments differ from the ones signed")
+    return CheckResult(True, "body matches (text and HTML parts and attachments)")
+
+
 def check_message_identity(
-    raw: bytes, public_keys: KeySource, *, body_hasher: Callable[[bytes], str]
+    raw: bytes,
+    public_keys: KeySource,
+    *,
+    body_hasher: Callable[[bytes], str | PartHashes] = message_hashes,
 ) -> IdentityCheck:
     """Check a received message's identity header against the message itself.
 
-    ``body_hasher`` gets the whole raw message and returns the hex SHA-256 that the
-    sender put in ``body_sha256`` (``multimail.mail.compose.body_sha256``); only it
-    knows which part of the message is "the body that was sent".
+    ``body_hasher`` gets the whole raw message and returns the hashes the sender put in
+    the token: ``multimail.mail.compose.message_hashes`` (text, HTML and attachments), the
+    default; a plain hex string (``compose.body_sha256``) checks the text part only, which
+    is enough for tokens without ``html_sha256``/``attachments_sha256`` and fails the
+    others.
     """
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
     skipped = CheckResult(False, "not checked: the identity token did not verify")
@@ -602,12 +672,9 @@ def check_message_identity(
         id_result = CheckResult(True, "Message-ID matches")
 
     try:
-        actual = body_hasher(raw).lower()
+        hashed = body_hasher(raw)
     except (ValueError, LookupError) as exc:
         body_result = CheckResult(False, f"body could not be hashed: {exc}")
     else:
-        same = hmac.compare_digest(actual.encode(), claims.body_sha256.encode())
-        body_result = CheckResult(
-            same, "body matches" if same else "body differs from the one signed"
-        )
+        body_result = _body_result(claims, hashed)
     return IdentityCheck(signature, id_result, body_result, claims)

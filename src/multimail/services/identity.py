@@ -3,9 +3,12 @@ the public documents that let anyone check it, and the checks themselves.
 
 The delivery worker asks :func:`identity_header_for` for the ``X-MultiMail-Identity``
 header of each outbound message before DKIM signing, so the DKIM signature covers it.
-A recipient (or ``multimail verify FILE.eml``, or ``POST /v1/verify``) then checks four
-things independently: DKIM through DNS, the token's Ed25519 signature against our public
-keys, the body hash, and the Message-ID.
+A recipient (or ``multimail verify FILE.eml``, or ``POST /v1/verify``) then checks five
+things independently: DKIM through DNS (a signature by the From domain, which must be the
+domain of the mailbox the token names: a signature by any other domain vouches for
+nothing here), the token's Ed25519 signature against our public keys, the body hashes
+(text, HTML and attachments; the text part only for tokens issued before the other two
+claims existed), the Message-ID, and that From is the signed mailbox.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ from email.policy import compat32
 from email.utils import getaddresses
 from typing import Any
 
+import dkim
 import dns.exception
 import dns.resolver
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
 
-from multimail.domain.addresses import AddressError, domain_of, normalize_address
+from multimail.domain.addresses import AddressError, domain_of, idna_ascii, normalize_address
 from multimail.errors import InvalidInput, NotFound
 from multimail.ids import aware
 from multimail.mail import dkim as mail_dkim
-from multimail.mail.compose import body_sha256 as compose_body_sha256
+from multimail.mail.compose import message_hashes
 from multimail.mail.identity import (
     IDENTITY_HEADER,
     Approval,
@@ -154,14 +158,18 @@ def identity_header_for(
     message_row: Mapping[str, Any],
     *,
     body_sha256: str,
+    html_sha256: str | None = None,
+    attachments_sha256: str | None = None,
     message_id: str | None = None,
     mailbox: Mapping[str, Any] | None = None,
     account: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
     """``(name, value)`` of the identity header for an outbound message about to be sent.
 
-    ``body_sha256`` is the hash of the body as built (``compose.draft_body_sha256(draft)``),
-    so it matches what the recipient gets. ``message_id`` is the Message-ID going on the
+    ``body_sha256``, ``html_sha256`` and ``attachments_sha256`` are the hashes of the body
+    as built (``compose.draft_hashes(draft)``: ``.text``, ``.html``, ``.attachments``), so
+    they match what the recipient gets; a token without the last two binds the text part
+    only. ``message_id`` is the Message-ID going on the
     wire when the row does not carry it yet. The delivery worker passes the message's
     ``mailbox`` and ``account`` rows it has already read (one query fewer per message).
     """
@@ -197,6 +205,8 @@ def identity_header_for(
         message_id=str(message_id),
         issued_at=int(time.time()),
         issuer=services.settings.base_url,
+        html_sha256=html_sha256,
+        attachments_sha256=attachments_sha256,
     )
     return IDENTITY_HEADER, identity_header_value(issue_identity_token(claims, ring))
 
@@ -308,15 +318,12 @@ def _dns_txt(services: Services) -> Callable[[bytes], bytes | None]:
     return lookup
 
 
-def _dkim_tags(headers: Any) -> dict[str, str] | None:
-    values = headers.get_all("DKIM-Signature") or []
-    if not values:
-        return None
+def _dkim_tags(value: Any) -> dict[str, str]:
     tags: dict[str, str] = {}
-    for part in "".join(str(values[0]).split()).split(";"):
-        name, _, value = part.partition("=")
+    for part in "".join(str(value).split()).split(";"):
+        name, _, tag = part.partition("=")
         if name:
-            tags[name] = value
+            tags[name] = tag
     return tags
 
 
@@ -328,19 +335,86 @@ def verify_sent_dkim(services: Services, raw: bytes) -> bool:
         return False
 
 
-def _dkim_check(services: Services, raw: bytes, headers: Any) -> dict[str, Any]:
-    tags = _dkim_tags(headers)
-    if tags is None:
+# DKIM signatures by the From domain tried per message: each costs a DNS query.
+_MAX_ALIGNED_SIGNATURES = 5
+
+
+def _ascii_domain(value: str) -> str | None:
+    try:
+        return idna_ascii(value.strip())
+    except AddressError:
+        return None
+
+
+def _from_domain(headers: Any) -> str | None:
+    """The domain of the message's one From address (IDNA ASCII), or None."""
+    found = [addr for _, addr in getaddresses([str(v) for v in headers.get_all("From") or []])]
+    if len(found) != 1 or "@" not in found[0]:
+        return None
+    return _ascii_domain(domain_of(found[0]))
+
+
+def _verify_dkim_at(services: Services, raw: bytes, index: int) -> bool:
+    """Whether the ``index``-th DKIM signature (topmost first) verifies against DNS now."""
+    lookup = _dns_txt(services)
+
+    def txt(name: bytes, timeout: int = 5) -> bytes | None:
+        return lookup(name)
+
+    try:
+        return bool(dkim.DKIM(raw).verify(idx=index, dnsfunc=txt))
+    except Exception:  # dkimpy raises many types on hostile input; any of them is "no"
+        return False
+
+
+def _dkim_check(
+    services: Services, raw: bytes, headers: Any, mailbox: str | None
+) -> dict[str, Any]:
+    """Passes when a DKIM signature by the From domain verifies and covers the identity
+    header, and that domain is the one of ``mailbox`` (the signed claims', when the token
+    verified). A signature by any other domain (DMARC alignment, strict: the same name)
+    says nothing about who sent the message: anyone can sign with a domain of their own."""
+    signatures = [_dkim_tags(v) for v in headers.get_all("DKIM-Signature") or []]
+    if not signatures:
         return _check("dkim", False, "the message has no DKIM signature")
-    where = f"d={tags.get('d', '?')} s={tags.get('s', '?')}"
-    if not verify_sent_dkim(services, raw):
-        return _check("dkim", False, f"the DKIM signature ({where}) does not verify against DNS")
-    covered = [h.strip().lower() for h in tags.get("h", "").split(":")]
-    if IDENTITY_HEADER.lower() not in covered:
+    from_domain = _from_domain(headers)
+    if from_domain is None:
+        return _check("dkim", False, "no single From address whose domain DKIM could align with")
+    if mailbox is not None and _ascii_domain(domain_of(mailbox)) != from_domain:
         return _check(
-            "dkim", False, f"DKIM ({where}) verifies but does not cover {IDENTITY_HEADER}"
+            "dkim",
+            False,
+            f"the From domain {from_domain} is not the domain of the signed mailbox {mailbox}",
         )
-    return _check("dkim", True, f"DKIM signature verifies ({where}) and covers the identity")
+    aligned = [
+        (index, tags)
+        for index, tags in enumerate(signatures)
+        if _ascii_domain(tags.get("d", "")) == from_domain
+    ][:_MAX_ALIGNED_SIGNATURES]
+    if not aligned:
+        others = ", ".join(sorted({f"d={t.get('d', '?')}" for t in signatures}))
+        return _check(
+            "dkim",
+            False,
+            f"no DKIM signature by the From domain {from_domain} (only {others}): "
+            "a signature by another domain does not vouch for this message",
+        )
+    failures: list[str] = []
+    for index, tags in aligned:
+        where = f"d={tags.get('d', '?')} s={tags.get('s', '?')}"
+        if not _verify_dkim_at(services, raw, index):
+            failures.append(f"the DKIM signature ({where}) does not verify against DNS")
+            continue
+        covered = [h.strip().lower() for h in tags.get("h", "").split(":")]
+        if IDENTITY_HEADER.lower() not in covered:
+            failures.append(f"DKIM ({where}) verifies but does not cover {IDENTITY_HEADER}")
+            continue
+        return _check(
+            "dkim",
+            True,
+            f"DKIM signature by the From domain verifies ({where}) and covers the identity",
+        )
+    return _check("dkim", False, "; ".join(failures))
 
 
 def _check(name: str, passed: bool, reason: str) -> dict[str, Any]:
@@ -374,13 +448,14 @@ def verify_raw_message(services: Services, raw: bytes) -> dict[str, Any]:
     if len(raw) > services.settings.max_message_bytes:
         raise InvalidInput("the message is larger than this server accepts", code="too_large")
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
-    checks = [_dkim_check(services, raw, headers)]
     ring = keyring(services)
-    result = check_message_identity(raw, ring, body_hasher=compose_body_sha256)
+    result = check_message_identity(raw, ring, body_hasher=message_hashes)
     if result.token_signature.reason == "unknown_key":
         # Another process may have rotated the key since this one loaded the keyring.
         ring = keyring(services, reload=True)
-        result = check_message_identity(raw, ring, body_hasher=compose_body_sha256)
+        result = check_message_identity(raw, ring, body_hasher=message_hashes)
+    mailbox = None if result.claims is None else result.claims.mailbox
+    checks = [_dkim_check(services, raw, headers, mailbox)]
     signature = result.token_signature
     reason = _SIGNATURE_REASONS.get(signature.reason, signature.reason)
     issuer = _unverified_issuer(headers)

@@ -85,8 +85,9 @@ from multimail.mail.compose import (
     OutboundAttachment,
     OutboundDraft,
     build_message,
+    compose_html,
     compose_message,
-    draft_body_sha256,
+    draft_hashes,
 )
 from multimail.services import audit, directory, events, identity, notify
 from multimail.services import messages as message_views
@@ -491,18 +492,24 @@ def _compose(
         # renders again on every edit of the body): no second rendering per delivery.
         body_html=row.get("html"),
     )
-    # The identity token binds this exact body and Message-ID; DKIM then covers the header.
+    # The identity token binds this exact body (text, HTML and attachments, hashed from
+    # what the parts are built from: the HTML is rendered once, for both) and Message-ID;
+    # DKIM then covers the header.
+    html = compose_html(draft)
+    hashes = draft_hashes(draft, html=html)
     identity_header = identity.identity_header_for(
         conn,
         services,
         row,
-        body_sha256=draft_body_sha256(draft),
+        body_sha256=hashes.text,
+        html_sha256=hashes.html,
+        attachments_sha256=hashes.attachments,
         message_id=draft.message_id,
         mailbox=mailbox,
         account=account,
     )
     draft = dataclasses.replace(draft, extra_headers=[*headers, identity_header])
-    composed = compose_message(draft)
+    composed = compose_message(draft, html=html)
     key = signing.key_for_sender(conn, services, account_id=row["account_id"], from_address=sender)
     if key is None:
         if row["test"]:
