@@ -615,6 +615,7 @@ class _Tools(Generic[R]):
         q: str | None = None,
         tag: str | None = None,
         limit: int | None = None,
+        cursor: str | None = None,
         offset: int | None = None,
     ) -> R:
         """Contacts whose name or email contains q, or with a tag."""
@@ -632,7 +633,7 @@ class _Tools(Generic[R]):
         """Allow mail to a suppressed address again (operator decision)."""
         return self._tool("remove_suppression", locals())
 
-    def list_api_keys(self) -> R:
+    def list_api_keys(self, *, limit: int | None = None, cursor: str | None = None) -> R:
         """The account's API keys (never their secrets)."""
         return self._tool("list_api_keys", locals())
 

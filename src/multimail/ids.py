@@ -7,9 +7,12 @@ creation order, which keeps cursors and "newest first" lists index-friendly.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from datetime import UTC, datetime
+
+from multimail.errors import InvalidInput
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 PREFIXES = frozenset(
@@ -66,6 +69,45 @@ def new_id(prefix: str) -> str:
     if prefix not in PREFIXES:
         raise ValueError(f"unknown id prefix {prefix!r}")
     return f"{prefix}_{ulid().lower()}"
+
+
+# The 26 characters after ``prefix_``, as ``new_id`` writes them: lower-case Crockford base32,
+# the first at most 7 (a ULID is 128 bits, 130 bits of base32).
+_ULID_TEXT = re.compile(r"[0-7][0-9a-hjkmnp-tv-z]{25}")
+_SEQ_TEXT = re.compile(r"[0-9]{1,19}")
+_SEQ_MAX = 2**63 - 1  # a BIGINT
+
+
+def is_id(value: object, prefix: str) -> bool:
+    """Whether ``value`` has the shape of an id ``new_id(prefix)`` makes (not that it exists)."""
+    if not isinstance(value, str):
+        return False
+    head, sep, body = value.partition("_")
+    return head == prefix and sep == "_" and _ULID_TEXT.fullmatch(body) is not None
+
+
+def invalid_cursor() -> InvalidInput:
+    return InvalidInput("cursor must be the next_cursor of a previous page", code="invalid_cursor")
+
+
+def id_cursor(cursor: str | None, prefix: str) -> str | None:
+    """A keyset cursor over ids (the last ``prefix_`` id of the previous page), or ``None``
+    when none was given. Anything a list never issued is refused (422 ``invalid_cursor``)
+    rather than compared as text, which would restart or end the list at a made-up point."""
+    if not cursor:
+        return None
+    if not is_id(cursor, prefix):
+        raise invalid_cursor()
+    return cursor
+
+
+def seq_cursor(cursor: str | None) -> int | None:
+    """A keyset cursor over a BIGINT sequence (the last ``seq`` of the previous page)."""
+    if not cursor:
+        return None
+    if _SEQ_TEXT.fullmatch(cursor) is None or int(cursor) > _SEQ_MAX:
+        raise invalid_cursor()
+    return int(cursor)
 
 
 def utcnow() -> datetime:

@@ -11,7 +11,6 @@ mention anything of A's. Afterwards, A's rows are unchanged.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -98,6 +97,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/usage"): own(),
     ("GET", "/v1/audit-log"): filt(query={"subject_id": "@msg"}),
     ("GET", "/v1/audit-log/export"): own(),
+    ("GET", "/v1/export"): own(),
     ("GET", "/v1/audit-log/verify"): own(),
     ("POST", "/v1/audit-log/verify"): own(),
     ("GET", "/v1/audit-log/checkpoints"): own(),
@@ -463,7 +463,7 @@ def snapshot(svc: Services, skip_account: str) -> dict[str, list[tuple[Any, ...]
 def _code(response: httpx.Response) -> str | None:
     try:
         body = response.json()
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not even text (GET /v1/export answers a ZIP)
         return None
     return body.get("code") if isinstance(body, dict) else None
 

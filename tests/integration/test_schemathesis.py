@@ -41,7 +41,13 @@ def server(services: Services) -> Iterator[LiveServer]:
 
 
 def _key_for(path: str, method: str, boot: accounts.Bootstrap) -> str:
-    admin_paths = ("/v1/api-keys", "/v1/webhooks", "/v1/webhook-deliveries", "/v1/domains")
+    admin_paths = (
+        "/v1/api-keys",
+        "/v1/webhooks",
+        "/v1/webhook-deliveries",
+        "/v1/domains",
+        "/v1/export",
+    )
     if path.startswith(admin_paths) or path.startswith("/v1/audit-log/") or method != "GET":
         return boot.admin_key
     return boot.agent_key

@@ -9,6 +9,7 @@ from multimail.api import errors
 from multimail.api.limits import BodySizeLimit
 from multimail.api.routers import (
     admin,
+    export,
     identity,
     inbox,
     links,
@@ -34,6 +35,7 @@ ROUTERS = {
     "webhooks": webhooks.router,
     "links": links.router,
     "identity": identity.router,
+    "export": export.router,
 }
 
 

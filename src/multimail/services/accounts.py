@@ -13,12 +13,12 @@ from sqlalchemy import Connection, func, insert, select, update
 from multimail.domain.addresses import AddressError, normalize_address
 from multimail.errors import Conflict, InvalidInput, NotFound
 from multimail.ids import new_id, utcnow
-from multimail.services import audit, keys
+from multimail.services import audit, keys, sending
 from multimail.services import mailboxes as mailbox_service
 from multimail.services.common import jsonable
 from multimail.services.context import SYSTEM, Actor
 from multimail.store.db import Database
-from multimail.store.tables import accounts, mailboxes, messages, operator_users
+from multimail.store.tables import accounts, mailboxes, operator_users
 
 _hasher = PasswordHasher()
 
@@ -105,16 +105,7 @@ def account_view(conn: Connection, account_id: str) -> dict[str, Any]:
         .select_from(mailboxes)
         .where(mailboxes.c.account_id == account_id, mailboxes.c.deleted_at.is_(None))
     ).scalar_one()
-    day_start = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
-    sent_today = conn.execute(
-        select(func.count())
-        .select_from(messages)
-        .where(
-            messages.c.account_id == account_id,
-            messages.c.direction == "outbound",
-            messages.c.created_at >= day_start,
-        )
-    ).scalar_one()
+    sent_today = sending.sent_today_for_quota(conn, account_id, utcnow())
     data["quota"] = {
         "daily_send_quota": row["daily_send_quota"],
         "sent_today": sent_today,
@@ -166,7 +157,14 @@ def update_account(
 
 
 def deactivate_account(conn: Connection, *, actor: Actor, account_id: str) -> dict[str, Any]:
-    """``DELETE /v1/account`` stops the account; messages and the audit log are kept."""
+    """``DELETE /v1/account`` stops the account; messages and the audit log are kept.
+
+    In one transaction: the account is marked deleted (its operators can no longer sign in,
+    nothing more is delivered) and every key still in use is revoked. Authentication refuses
+    a deleted account's keys anyway (401 ``account_deleted``); revoking them too keeps the
+    stored keys telling the truth. Who may call it is the caller's business: an API key that
+    is not the operator's own needs the operator's approval code (see
+    :func:`approvals.delete_account`)."""
     get_account(conn, account_id)
     now = utcnow()
     conn.execute(
@@ -174,6 +172,7 @@ def deactivate_account(conn: Connection, *, actor: Actor, account_id: str) -> di
         .where(accounts.c.id == account_id)
         .values(status="deleted", sending_enabled=False, deleted_at=now, updated_at=now)
     )
+    revoked = keys.revoke_all(conn, account_id, now)
     audit.append(
         conn,
         actor=actor,
@@ -181,6 +180,7 @@ def deactivate_account(conn: Connection, *, actor: Actor, account_id: str) -> di
         action="account.deactivated",
         subject_type="account",
         subject_id=account_id,
+        details={"api_keys_revoked": revoked},
     )
     return {"id": account_id, "status": "deleted", "deleted": True}
 

@@ -55,6 +55,7 @@ PURPOSES = {
     "oversight_email": "change the account's oversight email",
     "account_settings": "change account settings that loosen its oversight",
     "allowlist_add": "add a recipient to a mailbox's allowlist",
+    "account_delete": "delete the whole account",
 }
 
 
@@ -582,6 +583,28 @@ def guard_oversight_email(
         )
 
     return with_operator_gate(services, actor, code=approval_code, gate=gate, action=action)
+
+
+def delete_account(services: Services, actor: Actor, approval_code: str | None) -> dict[str, Any]:
+    """DELETE /v1/account: the operator (their own admin key, the dashboard, the CLI) deletes
+    at once; any other admin key needs the operator's one-time code, as creating a key does.
+    Deleting is the most sensitive admin action: it stops every key and locks the operator
+    out of the dashboard, so an agent's admin key must never do it alone."""
+    actor.require(Scope.ADMIN)
+    account_id = str(actor.account_id)
+    return with_operator_approval(
+        services,
+        actor,
+        purpose="account_delete",
+        params={"account_id": account_id},
+        code=approval_code,
+        summary=(
+            f"delete account {account_id}: every API key stops working, nothing more is "
+            "sent or delivered, and operators can no longer sign in"
+        ),
+        action=lambda conn: accounts.deactivate_account(conn, actor=actor, account_id=account_id),
+        subject_id=account_id,
+    )
 
 
 # --- the recipient allowlist -----------------------------------------------------------------

@@ -32,7 +32,7 @@ from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, selec
 from multimail.domain.addresses import AddressError, normalize_address
 from multimail.domain.audit import GENESIS_HASH, HASHED_FIELDS, entry_hash
 from multimail.errors import InvalidInput, NotFound
-from multimail.ids import isoformat, parse_datetime, utcnow
+from multimail.ids import isoformat, parse_datetime, seq_cursor, utcnow
 from multimail.services.context import Actor
 from multimail.store import fast
 from multimail.store.db import Database
@@ -272,12 +272,9 @@ def list_entries(
 ) -> dict[str, Any]:
     """One page, newest first; ``next_cursor`` continues below the last entry shown."""
     query = select(audit_entries).where(*where.conditions())
-    if cursor:
-        if not cursor.isdigit():
-            raise InvalidInput(
-                "cursor must be the next_cursor of a previous page", code="invalid_cursor"
-            )
-        query = query.where(audit_entries.c.seq < int(cursor))
+    below = seq_cursor(cursor)
+    if below is not None:
+        query = query.where(audit_entries.c.seq < below)
     limit = max(1, min(limit, 1000))
     rows = conn.execute(query.order_by(audit_entries.c.seq.desc()).limit(limit + 1)).mappings()
     fetched = [row_to_entry(r) for r in rows]

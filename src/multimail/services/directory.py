@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 
 from multimail.domain.addresses import AddressError, normalize_address
 from multimail.errors import Conflict, InvalidInput, NotFound
-from multimail.ids import new_id, utcnow
+from multimail.ids import id_cursor, new_id, utcnow
 from multimail.services import audit
 from multimail.services.common import clamp_limit, jsonable
 from multimail.services.context import Actor
@@ -84,17 +84,27 @@ def search_contacts(
     q: str | None = None,
     tag: str | None = None,
     limit: int | None = None,
+    cursor: str | None = None,
     offset: int = 0,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
+    """``{"contacts", "next_cursor"}``, oldest first: ``cursor`` is the last id of the previous
+    page (``offset`` still skips rows after it). The tag is matched on the rows read, so a page
+    can come out short; ``next_cursor`` then still continues after the last row read."""
+    size = clamp_limit(limit, maximum=500)
+    after = id_cursor(cursor, "con")
     query = select(contacts).where(contacts.c.account_id == actor.account_id)
     if q:
         pattern = f"%{q.lower()}%"
         query = query.where(or_(contacts.c.email.like(pattern), contacts.c.name.ilike(pattern)))
-    query = query.order_by(contacts.c.id).limit(clamp_limit(limit, maximum=500)).offset(offset)
-    rows = [contact_view(r) for r in conn.execute(query).mappings()]
+    if after:
+        query = query.where(contacts.c.id > after)
+    query = query.order_by(contacts.c.id).limit(size + 1).offset(offset)
+    rows = list(conn.execute(query).mappings())
+    page = rows[:size]
+    found = [contact_view(r) for r in page]
     if tag:
-        rows = [r for r in rows if tag in r["tags"]]
-    return rows
+        found = [r for r in found if tag in r["tags"]]
+    return {"contacts": found, "next_cursor": page[-1]["id"] if len(rows) > size else None}
 
 
 def delete_contact(conn: Connection, *, actor: Actor, contact_id: str) -> dict[str, Any]:
@@ -175,16 +185,27 @@ def suppress(
 
 
 def list_suppressions(
-    conn: Connection, *, actor: Actor, limit: int | None = None, offset: int = 0
-) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        select(suppressions)
-        .where(suppressions.c.account_id == actor.account_id)
-        .order_by(suppressions.c.id)
-        .limit(clamp_limit(limit, maximum=1000))
-        .offset(offset)
-    ).mappings()
-    return [suppression_view(r) for r in rows]
+    conn: Connection,
+    *,
+    actor: Actor,
+    limit: int | None = None,
+    cursor: str | None = None,
+    offset: int = 0,
+) -> dict[str, Any]:
+    """``{"suppressions", "next_cursor"}``, oldest first; ``cursor`` is the last id shown."""
+    size = clamp_limit(limit, maximum=1000)
+    after = id_cursor(cursor, "sup")
+    query = select(suppressions).where(suppressions.c.account_id == actor.account_id)
+    if after:
+        query = query.where(suppressions.c.id > after)
+    rows = list(
+        conn.execute(query.order_by(suppressions.c.id).limit(size + 1).offset(offset)).mappings()
+    )
+    page = rows[:size]
+    return {
+        "suppressions": [suppression_view(r) for r in page],
+        "next_cursor": page[-1]["id"] if len(rows) > size else None,
+    }
 
 
 def check_suppression(conn: Connection, *, actor: Actor, address: str) -> dict[str, Any]:

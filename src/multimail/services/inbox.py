@@ -23,7 +23,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from multimail.domain.oversight import Status, can_transition
 from multimail.domain.scopes import Scope, satisfies
 from multimail.errors import Conflict, InvalidInput, NotFound
-from multimail.ids import parse_datetime, utcnow
+from multimail.ids import id_cursor, parse_datetime, utcnow
 from multimail.mail.dkim import verify_message
 from multimail.services import audit, mailboxes, messages, threads
 from multimail.services.authresults import dns_txt_func, make_resolver
@@ -150,8 +150,9 @@ def _conditions(f: EmailFilters) -> list[ColumnElement[bool]]:
         out.append(has if f.has_attachments else ~has)
     if f.since_id:
         out.append(messages_table.c.id > f.since_id)
-    if f.cursor:
-        out.append(messages_table.c.id < f.cursor)
+    cursor = id_cursor(f.cursor, "msg")
+    if cursor:
+        out.append(messages_table.c.id < cursor)
     if f.offset < 0:
         raise InvalidInput("offset must not be negative", field="offset")
     return out

@@ -18,15 +18,17 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 
 from multimail.domain.scopes import Scope, ScopeError, parse_scopes
 from multimail.errors import AuthenticationFailed, InvalidInput, NotFound
-from multimail.ids import aware, new_id, utcnow
+from multimail.ids import aware, id_cursor, new_id, utcnow
 from multimail.services import audit
-from multimail.services.common import jsonable
+from multimail.services.common import clamp_limit, jsonable
 from multimail.services.context import Actor
 from multimail.store import fast
 from multimail.store.db import Database
-from multimail.store.tables import api_keys
+from multimail.store.tables import accounts, api_keys
 
 KEY_PREFIXES = {"live": "mm_live_", "test": "mm_test_"}
+# The 401 code for a key whose account was deleted (DELETE /v1/account).
+ACCOUNT_DELETED = "account_deleted"
 _LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
@@ -116,6 +118,24 @@ def list_keys(conn: Connection, account_id: str) -> list[dict[str, Any]]:
     return [key_public(r) for r in rows]
 
 
+def page_keys(
+    conn: Connection, account_id: str, *, limit: int | None = None, cursor: str | None = None
+) -> dict[str, Any]:
+    """``{"api_keys", "next_cursor"}``, oldest first: revoked keys stay listed, so the list
+    only grows; ``cursor`` is the last id of the previous page."""
+    size = clamp_limit(limit, maximum=500)
+    after = id_cursor(cursor, "key")
+    query = select(api_keys).where(api_keys.c.account_id == account_id)
+    if after:
+        query = query.where(api_keys.c.id > after)
+    rows = list(conn.execute(query.order_by(api_keys.c.id).limit(size + 1)).mappings())
+    page = rows[:size]
+    return {
+        "api_keys": [key_public(r) for r in page],
+        "next_cursor": page[-1]["id"] if len(rows) > size else None,
+    }
+
+
 def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) -> dict[str, Any]:
     row = (
         conn.execute(
@@ -141,7 +161,20 @@ def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) 
     return key_public(fresh)
 
 
+def revoke_all(conn: Connection, account_id: str, at: datetime) -> int:
+    """Revoke every key of the account still in use (the account is being deleted); how many.
+    The caller records why in the audit log."""
+    result = conn.execute(
+        update(api_keys)
+        .where(api_keys.c.account_id == account_id, api_keys.c.revoked_at.is_(None))
+        .values(revoked_at=at)
+    )
+    return int(result.rowcount or 0)
+
+
 # Built once: this runs on every request, and building the statement costs more than running it.
+# The account's status comes in the same statement (a primary-key probe joined to the key's),
+# so a deleted account's keys are refused at no extra query.
 _BY_HASH = fast.Compiled(
     select(
         api_keys.c.id,
@@ -153,7 +186,10 @@ _BY_HASH = fast.Compiled(
         api_keys.c.operator_credential,
         api_keys.c.last_used_at,
         api_keys.c.revoked_at,
-    ).where(api_keys.c.key_hash == bindparam("key_hash"))
+        accounts.c.status.label("account_status"),
+    )
+    .select_from(api_keys.join(accounts, accounts.c.id == api_keys.c.account_id))
+    .where(api_keys.c.key_hash == bindparam("key_hash"))
 )
 
 
@@ -176,6 +212,12 @@ def check_format(raw_key: str | None) -> str:
 def _actor(row: Any) -> Actor:
     if row is None:
         raise AuthenticationFailed("invalid API key", code="invalid_api_key")
+    if row["account_status"] == "deleted":
+        # Before revocation: deleting the account revokes its keys too, and this says why.
+        raise AuthenticationFailed(
+            "this API key's account has been deleted: none of its keys work any more",
+            code=ACCOUNT_DELETED,
+        )
     if row["revoked_at"] is not None:
         raise AuthenticationFailed("this API key has been revoked", code="api_key_revoked")
     return Actor(
@@ -204,7 +246,8 @@ def _last_used_due(row: Any, now: datetime) -> bool:
 
 
 def authenticate(db: Database, raw_key: str | None) -> Actor:
-    """The key's actor, or AuthenticationFailed. Revocation is read on every request."""
+    """The key's actor, or AuthenticationFailed. Revocation and the account's deletion are
+    read on every request."""
     raw_key = check_format(raw_key)
     with db.read() as conn:
         row = _BY_HASH.first(conn, {"key_hash": hash_key(raw_key)})
@@ -218,8 +261,8 @@ def authenticate(db: Database, raw_key: str | None) -> Actor:
 
 def authenticate_in(conn: Connection, raw_key: str | None) -> Actor:
     """:func:`authenticate` inside the caller's write transaction (the request's rate-limit
-    transaction: one transaction per request instead of two). Revocation is read here, on
-    every request, as in :func:`authenticate`."""
+    transaction: one transaction per request instead of two). Revocation and the account's
+    deletion are read here, on every request, as in :func:`authenticate`."""
     raw_key = check_format(raw_key)
     row = _BY_HASH.first(conn, {"key_hash": hash_key(raw_key)})
     actor = _actor(row)

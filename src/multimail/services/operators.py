@@ -29,7 +29,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from multimail.domain.addresses import AddressError, normalize_address
 from multimail.errors import AuthenticationFailed, Forbidden, RateLimited
-from multimail.ids import aware, isoformat, utcnow
+from multimail.ids import aware, id_cursor, isoformat, utcnow
 from multimail.services import accounts, audit
 from multimail.services import messages as message_views
 from multimail.services.common import jsonable
@@ -349,6 +349,7 @@ def captured_messages(
     query = select(messages_table).where(
         messages_table.c.account_id == actor.account_id, messages_table.c.test.is_(True)
     )
+    cursor = id_cursor(cursor, "msg")
     if cursor:
         query = query.where(messages_table.c.id < cursor)
     rows: list[Mapping[str, Any]] = [

@@ -49,7 +49,7 @@ from multimail.domain.oversight import (
 )
 from multimail.domain.scopes import Scope, satisfies
 from multimail.errors import Conflict, Forbidden, InvalidInput, MultimailError, NotFound
-from multimail.ids import aware, isoformat, utcnow
+from multimail.ids import aware, id_cursor, isoformat, utcnow
 from multimail.mail.compose import safe_subject
 from multimail.mail.markdown import render_markdown
 from multimail.services import audit, events, mailboxes, notify, sending
@@ -138,6 +138,7 @@ def list_pending(
     if _can_see_held_inbound(actor):
         statuses.append(Status.PENDING_INBOUND_APPROVAL.value)
     size = clamp_limit(limit)
+    cursor = id_cursor(cursor, "msg")
     with services.db.read() as conn:
         where = [messages.c.account_id == actor.account_id, messages.c.status.in_(statuses)]
         if mailbox_ref:

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from multimail.domain.netguard import Resolver, check_webhook_url, resolve_and_check
 from multimail.domain.scopes import Scope
 from multimail.errors import Conflict, Forbidden, InvalidInput, MultimailError, NotFound
-from multimail.ids import aware, isoformat, new_id, utcnow
+from multimail.ids import aware, id_cursor, isoformat, new_id, utcnow
 from multimail.services import audit, events, mailboxes
 from multimail.services.common import clamp_limit, jsonable
 from multimail.services.context import Actor, Services
@@ -280,6 +280,7 @@ def list_deliveries(
             f"status must be one of {', '.join(DELIVERY_STATUSES)}", code="invalid_status"
         )
     size = clamp_limit(limit)
+    cursor = id_cursor(cursor, "dlv")
     query = (
         select(webhook_deliveries)
         .join(webhooks, webhooks.c.id == webhook_deliveries.c.webhook_id)

@@ -440,7 +440,8 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "search_contacts",
         "Search contacts",
-        "Contacts whose name or email contains q, or with a tag. Returns {contacts: [...]}.",
+        "Contacts whose name or email contains q, or with a tag. Returns {contacts: [...], "
+        "next_cursor}; pass next_cursor as cursor for the next page.",
         i.SearchContacts,
         Scope.READ,
         Route("GET", "/v1/contacts"),
@@ -481,8 +482,9 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "list_api_keys",
         "List API keys",
-        "The account's API keys (never their secrets). Returns {api_keys: [...]}.",
-        i.NoArgs,
+        "The account's API keys (never their secrets). Returns {api_keys: [...], next_cursor}; "
+        "pass next_cursor as cursor for the next page.",
+        i.ListApiKeys,
         Scope.ADMIN,
         Route("GET", "/v1/api-keys"),
         read_only=True,

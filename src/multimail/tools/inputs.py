@@ -24,6 +24,7 @@ GateTiming = Literal["gate_first", "schedule_first"]
 MAX_WAIT_SECONDS = 120.0
 
 _MAILBOX = "The mailbox: its id (mbx_…) or its address. Optional when the key sees one mailbox."
+_CURSOR = "The next_cursor of the previous page, for the page after it."
 _MESSAGE = "The message id (msg_…), as returned by send_email, check_inbox or list_pending."
 
 
@@ -373,7 +374,13 @@ class SearchContacts(ToolInput):
     q: str | None = Field(None, max_length=320, description="Part of a name or address.")
     tag: str | None = Field(None, max_length=200)
     limit: int | None = Field(None, ge=1, le=500)
+    cursor: str | None = Field(None, max_length=40, description=_CURSOR)
     offset: int | None = Field(None, ge=0)
+
+
+class ListApiKeys(ToolInput):
+    limit: int | None = Field(None, ge=1, le=500)
+    cursor: str | None = Field(None, max_length=40, description=_CURSOR)
 
 
 class ContactArg(ToolInput):

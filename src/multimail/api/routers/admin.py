@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from multimail.api.deps import ADMIN, READ, get_services
+from multimail.errors import AuthenticationFailed, InvalidInput, NotFound
 from multimail.services import (
     accounts,
     approvals,
@@ -35,6 +36,12 @@ class AccountUpdate(Strict):
     oversight_email: str | None = None
     postal_address: str | None = Field(None, max_length=1000)
     daily_send_quota: int | None = Field(None, ge=0, le=INT32_MAX)
+
+
+class AccountDelete(Strict):
+    approval_code: str | None = Field(
+        None, max_length=64, description="The operator's one-time code (see approval_required)."
+    )
 
 
 class MailboxSettings(Strict):
@@ -92,8 +99,25 @@ def _set(model: BaseModel) -> dict[str, Any]:
 # --- account ---------------------------------------------------------------------------------
 
 
+def _account_reader(request: Request, response: Response) -> Actor:
+    """READ, except that a key of a deleted account asking for the account itself learns
+    that it is gone (404 ``account_not_found``); everywhere else such a key gets the 401
+    ``account_deleted`` of :func:`keys.authenticate`."""
+    try:
+        return READ(request, response)
+    except AuthenticationFailed as exc:
+        if exc.code != keys.ACCOUNT_DELETED:
+            raise
+        raise NotFound("this account has been deleted", code="account_not_found") from None
+
+
+_account_reader.__name__ = READ.__name__  # the route needs the read scope, as READ says
+
+
 @router.get("/account")
-def get_account(actor: Actor = Depends(READ), svc: Services = Depends(get_services)) -> Any:
+def get_account(
+    actor: Actor = Depends(_account_reader), svc: Services = Depends(get_services)
+) -> Any:
     with svc.db.read() as conn:
         return accounts.account_view(conn, actor.account_id or "")
 
@@ -115,9 +139,25 @@ def patch_account(
 
 
 @router.delete("/account")
-def delete_account(actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)) -> Any:
-    with svc.db.write() as conn:
-        return accounts.deactivate_account(conn, actor=actor, account_id=actor.account_id or "")
+def delete_account(
+    approval_code: str | None = Query(
+        None, max_length=64, description="The operator's one-time code (see approval_required)."
+    ),
+    body: AccountDelete | None = Body(None),
+    actor: Actor = Depends(ADMIN),
+    svc: Services = Depends(get_services),
+) -> Any:
+    """Delete the account. The operator's own admin key acts at once; another admin key gets
+    202 approval_required and repeats the call with the mailed code, as ``?approval_code=``
+    (DELETE bodies are unusual) or in a JSON body."""
+    given = body.approval_code if body is not None else None
+    if given and approval_code and given != approval_code:
+        raise InvalidInput(
+            "two different approval codes were given (query and body); give one",
+            code="conflicting_approval_codes",
+            field="approval_code",
+        )
+    return approvals.delete_account(svc, actor, given or approval_code)
 
 
 # --- mailboxes -------------------------------------------------------------------------------
@@ -176,9 +216,14 @@ def delete_mailbox(
 
 
 @router.get("/api-keys")
-def list_keys(actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)) -> Any:
+def list_keys(
+    limit: int | None = Query(None, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=40),
+    actor: Actor = Depends(ADMIN),
+    svc: Services = Depends(get_services),
+) -> Any:
     with svc.db.read() as conn:
-        return {"api_keys": keys.list_keys(conn, actor.account_id or "")}
+        return keys.page_keys(conn, actor.account_id or "", limit=limit, cursor=cursor)
 
 
 @router.post("/api-keys", status_code=201)
@@ -204,15 +249,15 @@ def list_contacts(
     q: str | None = Query(None, max_length=320),
     tag: str | None = Query(None, max_length=200),
     limit: int | None = Query(None, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=40),
     offset: int = Query(0, ge=0, le=1_000_000_000),  # beyond bigint the database errs
     actor: Actor = Depends(READ),
     svc: Services = Depends(get_services),
 ) -> Any:
     with svc.db.read() as conn:
-        found = directory.search_contacts(
-            conn, actor=actor, q=q, tag=tag, limit=limit, offset=offset
+        return directory.search_contacts(
+            conn, actor=actor, q=q, tag=tag, limit=limit, cursor=cursor, offset=offset
         )
-    return {"contacts": found}
 
 
 @router.post("/contacts", status_code=201)
@@ -240,6 +285,7 @@ def delete_contact(
 def list_suppressions(
     address: str | None = Query(None, max_length=320),
     limit: int | None = Query(None, ge=1, le=1000),
+    cursor: str | None = Query(None, max_length=40),
     offset: int = Query(0, ge=0, le=1_000_000_000),  # beyond bigint the database errs
     actor: Actor = Depends(READ),
     svc: Services = Depends(get_services),
@@ -247,11 +293,9 @@ def list_suppressions(
     with svc.db.read() as conn:
         if address:
             return directory.check_suppression(conn, actor=actor, address=address)
-        return {
-            "suppressions": directory.list_suppressions(
-                conn, actor=actor, limit=limit, offset=offset
-            )
-        }
+        return directory.list_suppressions(
+            conn, actor=actor, limit=limit, cursor=cursor, offset=offset
+        )
 
 
 @router.delete("/suppression/{address}")
@@ -277,8 +321,6 @@ def create_domain(
 ) -> Any:
     name = body.name or body.domain
     if not name:
-        from multimail.errors import InvalidInput
-
         raise InvalidInput("give the domain as 'name' (e.g. example.com)", code="missing_domain")
     with svc.db.write() as conn:
         return domains.create_domain(conn, actor=actor, settings=svc.settings, name=name)
