@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     approval_sweep_seconds: int = Field(
         60, description="How often pending approvals are checked for reminders and expiry."
     )
+    domain_recheck_seconds: int = Field(
+        21600,
+        ge=60,
+        description="How often verified sending domains' DNS records are checked again; a "
+        "domain whose verification or DKIM record is gone goes back to pending.",
+    )
 
     @field_validator("database_url")
     @classmethod

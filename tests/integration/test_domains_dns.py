@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from multimail.config import Settings
 from multimail.runtime import build_services
-from multimail.services import accounts
+from multimail.services import accounts, domains
+from multimail.services.context import Actor, Services
+from multimail.store.tables import audit_entries
+from multimail.store.tables import domains as dom_table
 from multimail.testing.dns import LocalDNSServer
 from multimail.testing.server import LiveServer
 from tests.conftest import Api
@@ -112,3 +118,54 @@ def test_domain_in_use_cannot_be_deleted(dns_api: Api, boot: accounts.Bootstrap)
     assert conflict.status_code == 409 and conflict.json()["code"] == "domain_in_use"
     admin.delete(f"/v1/mailboxes/{box['id']}")
     assert admin.delete(f"/v1/domains/{domain['id']}").json()["deleted"] is True
+
+
+def test_a_verified_domain_whose_dkim_record_is_gone_goes_back_to_pending(
+    settings: Settings, boot: accounts.Bootstrap, dns_server: LocalDNSServer
+) -> None:
+    """The worker's periodic re-check (``recheck_verified``): a record that is gone sends the
+    domain back to pending (audited; its mailboxes stop sending mail receivers would fail),
+    one still published keeps it verified, and a lookup that fails changes nothing."""
+    svc = build_services(settings.model_copy(update={"dns_resolver": dns_server.address}))
+    actor = Actor(type="key", id="key_admin", name="admin", account_id=boot.account["id"])
+    try:
+        with svc.db.write() as conn:
+            made = domains.create_domain(conn, actor=actor, settings=svc.settings, name="a.example")
+            kept = domains.create_domain(conn, actor=actor, settings=svc.settings, name="b.example")
+        for domain in (made, kept):
+            for record in domain["dns_records"]:
+                dns_server.add_record(record["name"], record["type"], record["value"])
+            row = _row(svc, domain["id"])
+            results = domains.check_dns(row, svc.settings)
+            with svc.db.write() as conn:
+                domains.verify_domain(
+                    conn, actor=actor, settings=svc.settings, ref=domain["id"], results=results
+                )
+        dkim = next(r for r in made["dns_records"] if r["purpose"] == "dkim")
+        dns_server.remove_records(dkim["name"], "TXT")
+
+        assert domains.recheck_verified(svc) == [made["id"]]
+        assert (_row(svc, made["id"])["status"], _row(svc, kept["id"])["status"]) == (
+            "pending",
+            "verified",
+        )
+        with svc.db.read() as conn:
+            lost = conn.execute(
+                select(audit_entries.c.details).where(
+                    audit_entries.c.action == "domain.verification_lost"
+                )
+            ).scalar_one()
+        assert json.loads(lost) == {"name": "a.example", "missing": ["dkim"]}
+
+        dns_server.stop()  # nobody answers: proves nothing about b.example's records
+        assert domains.recheck_verified(svc, lifetime=0.5) == []
+        assert _row(svc, kept["id"])["status"] == "verified"
+    finally:
+        svc.db.dispose()
+
+
+def _row(svc: Services, domain_id: str) -> dict[str, Any]:
+    with svc.db.read() as conn:
+        return dict(
+            conn.execute(select(dom_table).where(dom_table.c.id == domain_id)).mappings().one()
+        )

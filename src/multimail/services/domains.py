@@ -8,6 +8,7 @@ DKIM key are published; SPF, DMARC and MX are checked and reported as recommenda
 from __future__ import annotations
 
 import secrets
+from collections.abc import Collection
 from typing import Any
 
 import dns.exception
@@ -23,7 +24,7 @@ from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair
 from multimail.services import audit
 from multimail.services import mailboxes as mailbox_service
 from multimail.services.common import jsonable
-from multimail.services.context import Actor
+from multimail.services.context import Actor, Services
 from multimail.store.tables import domains, mailboxes
 
 VERIFICATION_PREFIX = "multimail-verification="
@@ -187,12 +188,21 @@ def _normalise_dkim(value: str) -> dict[str, str]:
     return tags
 
 
-def check_dns(row: Any, settings: Settings) -> dict[str, Any]:
-    """Ask DNS for every record; no database access, so it runs outside a transaction."""
-    resolver = make_sync_resolver(settings.dns_resolver)
+def check_dns(
+    row: Any,
+    settings: Settings,
+    *,
+    only: Collection[str] | None = None,
+    lifetime: float = 5.0,
+) -> dict[str, Any]:
+    """Ask DNS for every record (or the purposes ``only`` names); no database access, so it
+    runs outside a transaction. ``lifetime``: seconds each lookup may take."""
+    resolver = make_sync_resolver(settings.dns_resolver, lifetime=lifetime)
     results: dict[str, Any] = {}
     for record in dns_records(row, settings):
         purpose = record["purpose"]
+        if only is not None and purpose not in only:
+            continue
         if record["type"] == "MX":
             try:
                 answer = resolver.resolve(record["name"], "MX")
@@ -256,6 +266,59 @@ def verify_domain(
             + " record(s) listed in dns_records, then call verify again"
         )
     return view
+
+
+# What verification requires (verify_domain); the recommended records are only reported.
+_REQUIRED = ("verification", "dkim")
+_LOOKUP_FAILED = "DNS lookup failed"
+
+
+def recheck_verified(services: Services, *, lifetime: float = 5.0) -> list[str]:
+    """Check every verified domain's required records again; the ids of those that lost them.
+
+    A domain stays verified only while DNS shows it: once its DKIM record is gone, mail
+    signed with the key fails DKIM (and DMARC) at every receiver. A record that is gone or
+    different (no such name, no record, another value) sends the domain back to pending,
+    audited as ``domain.verification_lost``, so its mailboxes stop sending until it is
+    published and verified again. A lookup that failed (a timeout, SERVFAIL) proves nothing
+    and changes nothing. DNS is asked outside any transaction.
+    """
+    with services.db.read() as conn:
+        verified = [
+            dict(r)
+            for r in conn.execute(
+                select(domains).where(domains.c.status == "verified").order_by(domains.c.id)
+            ).mappings()
+        ]
+    lost: list[str] = []
+    for row in verified:
+        results = check_dns(row, services.settings, only=_REQUIRED, lifetime=lifetime)
+        failing = [k for k in _REQUIRED if not results[k]["ok"]]
+        if any(str(results[k].get("error", "")).startswith(_LOOKUP_FAILED) for k in failing):
+            continue
+        now = utcnow()
+        with services.db.write() as conn:
+            still = domains.c.id == row["id"], domains.c.status == "verified"
+            # The recommended records keep what the last full check (verify) found.
+            checked = {**(row["check_results"] or {}), **results}
+            values: dict[str, Any] = {"check_results": checked, "last_checked_at": now}
+            if failing:
+                values["status"] = "pending"
+            if not conn.execute(update(domains).where(*still).values(**values)).rowcount:
+                continue  # deleted or re-verified meanwhile
+            if failing:
+                audit.append(
+                    conn,
+                    actor=Actor(
+                        type="system", id="domains", name="domains", account_id=row["account_id"]
+                    ),
+                    action="domain.verification_lost",
+                    subject_type="domain",
+                    subject_id=row["id"],
+                    details={"name": row["name"], "missing": failing},
+                )
+                lost.append(str(row["id"]))
+    return lost
 
 
 def delete_domain(conn: Connection, *, actor: Actor, ref: str) -> dict[str, Any]:

@@ -6,15 +6,16 @@ this module adds the kinds whose logic lives in a service, plus their timers.
 
 from __future__ import annotations
 
-from multimail.services import oversight, sending
+from multimail.services import domains, oversight, sending
 from multimail.services.context import Services
 from multimail.store.jobs import Job
 from multimail.workers import delivery, runner
 
-__all__ = ["RELEASE_SCHEDULED", "SWEEP_PENDING", "install"]
+__all__ = ["RECHECK_DOMAINS", "RELEASE_SCHEDULED", "SWEEP_PENDING", "install"]
 
 RELEASE_SCHEDULED = "release_scheduled"
 SWEEP_PENDING = "sweep_pending"
+RECHECK_DOMAINS = "recheck_domains"
 
 
 def _release(services: Services, job: Job, worker_id: str) -> None:
@@ -27,9 +28,15 @@ def _sweep(services: Services, job: Job, worker_id: str) -> None:
     oversight.sweep_pending(services)
 
 
+def _recheck(services: Services, job: Job, worker_id: str) -> None:
+    domains.recheck_verified(services)
+
+
 def install(services: Services) -> None:
     """Register every service-owned kind and its timer (idempotent)."""
     assert delivery.DELIVER in runner.HANDLERS
     runner.register(RELEASE_SCHEDULED)(_release)
     runner.register(SWEEP_PENDING)(_sweep)
     runner.every(SWEEP_PENDING, services.settings.approval_sweep_seconds)
+    runner.register(RECHECK_DOMAINS)(_recheck)
+    runner.every(RECHECK_DOMAINS, services.settings.domain_recheck_seconds)
