@@ -344,7 +344,9 @@ def request_upgrade_in(
         actor,
         purpose=MODE_UPGRADE,
         subject_id=box["id"],
-        params={"target_mode": target.value},
+        # The mode it starts from too: the operator approves this step, not any way back to
+        # the target after a tightening they make meanwhile.
+        params={"target_mode": target.value, "from_mode": current.value},
         summary=f"mailbox {box['address']}: oversight mode {current.value} -> {target.value}",
     )
     audit.append(
@@ -390,6 +392,15 @@ def apply_upgrade(
         )
         if checked.row is not None:
             target = OversightMode(checked.row["params"]["target_mode"])
+            start = checked.row["params"].get("from_mode")  # absent in codes issued before
+            if start is not None and start != box["oversight_mode"]:
+                # Raising rolls the code's use back: it stays unspent, and useless unless the
+                # mailbox is back in the mode the operator approved leaving.
+                raise Forbidden(
+                    f"this code approved leaving {start}, but the mailbox is now "
+                    f"{box['oversight_mode']}: request a new upgrade",
+                    code="mode_changed_since_request",
+                )
             now = utcnow()
             conn.execute(
                 update(mailbox_table)

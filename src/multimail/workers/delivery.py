@@ -905,6 +905,20 @@ def _first_attempt(conn: Connection, message_id: str) -> datetime:
     return aware(rows.started_at) if rows is not None else utcnow()
 
 
+def _reached_first(
+    row: Mapping[str, Any], accepted_now: Collection[str], accepted_all: Collection[str]
+) -> bool:
+    """A live ``monitored`` message this attempt got to its first recipient(s): the moment
+    its operator copy is due. ``accepted_all`` includes this attempt's (already recorded)."""
+    earlier = set(accepted_all) - set(accepted_now)
+    return (
+        row.get("oversight_mode") == "monitored"
+        and not row["test"]
+        and bool(accepted_now)
+        and not earlier
+    )
+
+
 def _finish_in(
     services: Services,
     conn: Connection,
@@ -925,6 +939,10 @@ def _finish_in(
     prev_accepted, _prev_refused = _previous_results(conn, message_id)
     accepted_all = prev_accepted | set(accepted_now) | (sent_before or set())
     now = utcnow()
+    if _reached_first(row, accepted_now, accepted_all):
+        # monitored mode: the operator gets a copy of what went out, once, as soon as it
+        # reached anyone (a message deferred or given up on for others went out too).
+        notify.notify_monitored_copy(conn, services, row)
     for address in (a for a in refused_now if results[a].blames_recipient):
         directory.suppress(
             conn,
@@ -1000,9 +1018,6 @@ def _finish_in(
             },
         )
         _emit(conn, message_id, "message.sent", "message.delivered")
-        if row.get("oversight_mode") == "monitored" and not row["test"]:
-            # monitored mode: the operator gets a copy of what went out.
-            notify.notify_monitored_copy(conn, services, row)
         if refused_now:
             _emit(conn, message_id, "message.bounced", bounced_recipients=refused_now, partial=True)
         return _Outcome(Status.DELIVERED.value)
@@ -1278,6 +1293,7 @@ def _deliver_many(
     locked = _VIEW_ROWS_LOCKED if conn.dialect.name == "postgresql" else _VIEW_ROWS
     rows = {r["id"]: dict(r) for r in conn.execute(locked, {"ids": sorted(ids)}).mappings()}
     previous = _previous_results_many(conn, ids)
+    handed = {i.message_id: list(i.handover.results) for i in items if i.handover is not None}
     check_transition(Status.SENDING, Status.DELIVERED)
     now = utcnow()
     outcomes: list[tuple[_Item, _Outcome]] = []
@@ -1349,9 +1365,9 @@ def _deliver_many(
         ],
     )
     for shown in view_rows:
-        if shown.get("oversight_mode") == "monitored" and not shown["test"]:
-            # monitored mode: the operator gets a copy of what went out.
-            notify.notify_monitored_copy(conn, services, shown)
+        accepted = set(handed[shown["id"]])
+        if _reached_first(shown, accepted, previous[shown["id"]][0] | accepted):
+            notify.notify_monitored_copy(conn, services, shown)  # as in _finish_in
     return outcomes
 
 
