@@ -203,7 +203,11 @@ class _Config:
         # The guides' base URLs end in /v1; our paths carry their own prefix.
         if self.base_url.endswith("/v1"):
             self.base_url = self.base_url[:-3]
-        self.mailbox_id = mailbox_id or os.environ.get("MULTIMAIL_MAILBOX_ID") or None
+        # None: MULTIMAIL_MAILBOX_ID, as the stdio MCP server and scripts want; "" (the
+        # server's own in-process client): no default, whatever this process's environment.
+        if mailbox_id is None:
+            mailbox_id = os.environ.get("MULTIMAIL_MAILBOX_ID")
+        self.mailbox_id = mailbox_id or None
         self.timeout = timeout
         self.max_retries = max_retries
         self._headers = {"User-Agent": f"multimail-python/{__version__}", **(headers or {})}

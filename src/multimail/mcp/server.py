@@ -101,9 +101,15 @@ def fence_body(message: dict[str, Any]) -> str:
     )
 
 
+def _one_message(result: Any) -> bool:
+    return isinstance(result, dict) and "id" in result and isinstance(result.get("body"), dict)
+
+
 def tool_result(tool: catalog.Tool, result: Any) -> types.CallToolResult:
     """Content blocks for a successful call."""
-    if tool.name == "read_email" and isinstance(result, dict):
+    if tool.returns_content and _one_message(result):
+        # One message (read_email, and the spam tools that answer with it): its body, the
+        # sender's text, in a block of its own, fenced; never in structured content.
         trusted = {k: v for k, v in result.items() if k not in _BODY_FIELDS}
         trusted.pop("trusted", None)
         return types.CallToolResult(

@@ -43,6 +43,8 @@ def in_process_client(app: FastAPI, headers: Any) -> AsyncMultimailClient:
     forwarded = {name: headers[name] for name in _FORWARDED if name in headers}
     return AsyncMultimailClient(
         base_url=INTERNAL_BASE_URL,
+        # Each caller's default mailbox is their key's; the server's environment is not theirs.
+        mailbox_id="",
         headers=forwarded,
         transport=httpx.ASGITransport(app=app),
         max_retries=0,
