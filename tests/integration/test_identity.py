@@ -138,7 +138,9 @@ def sent_bytes(
     ``old`` issues the token as before the HTML and attachment hashes (text part only)."""
     message = body or draft(row["message_id_header"])
     hashes = draft_hashes(message)
-    parts = {} if old else {"html_sha256": hashes.html, "attachments_sha256": hashes.attachments}
+    parts: dict[str, Any] = (
+        {} if old else {"html_sha256": hashes.html, "attachments_sha256": hashes.attachments}
+    )
     with svc.db.read() as conn:
         header = identity.identity_header_for(
             conn, svc, row, body_sha256=draft_body_sha256(message), **parts

@@ -1,71 +1,30 @@
 """Review (S8): sending domains, DKIM and the signed identity proof (SPEC §3, §5.1).
 
-Each test pins one defect found in review; it is marked xfail(strict) until fixed.
+Each test began as a reviewer's strict xfail naming a defect (session 8), fixed the same
+session.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
-from multimail.config import Settings
 from multimail.mail.dkim import dns_txt_value, generate_rsa_keypair, sign_message
-from multimail.runtime import build_services
-from multimail.services import accounts, mailboxes
+from multimail.services import accounts
 from multimail.services.authresults import check_spf, make_resolver
-from multimail.services.context import Actor, Services
+from multimail.services.context import Services
 from multimail.testing.dns import LocalDNSServer
-from multimail.testing.server import LiveServer
-from multimail.workers import signing
 from tests.conftest import Api
 from tests.integration.test_identity import (
-    MAILBOX,
+    boot,
     checks,
+    client,
+    dns_server,
     resign,
     sent_bytes,
+    server,
     stored_message,
+    svc,
 )
 
-
-@pytest.fixture
-def dns_server() -> Iterator[LocalDNSServer]:
-    with LocalDNSServer() as server:
-        yield server
-
-
-@pytest.fixture
-def svc(settings: Settings, dns_server: LocalDNSServer) -> Iterator[Services]:
-    """Services whose DNS is the local server publishing the default DKIM key."""
-    services = build_services(settings.model_copy(update={"dns_resolver": dns_server.address}))
-    name, value = signing.default_dkim_record(services)
-    dns_server.add_record(name, "TXT", value)
-    yield services
-    services.db.dispose()
-
-
-@pytest.fixture
-def server(svc: Services) -> Iterator[LiveServer]:
-    with LiveServer(svc) as live:
-        yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[Api]:
-    helper = Api(server.base_url)
-    yield helper
-    helper.close()
-
-
-@pytest.fixture
-def boot(svc: Services) -> accounts.Bootstrap:
-    result = accounts.bootstrap(svc.db, account_name="Acme", operator_email="ops@mm.test")
-    operator = Actor(type="user", id="usr_t", name="op", account_id=result.account["id"])
-    with svc.db.write() as conn:
-        mailboxes.create_mailbox(
-            conn, actor=operator, settings=svc.settings, address=MAILBOX, oversight_mode="monitored"
-        )
-    return result
+__all__ = ["boot", "client", "dns_server", "server", "svc"]  # fixtures, re-exported
 
 
 def _strip_dkim(raw: bytes) -> bytes:

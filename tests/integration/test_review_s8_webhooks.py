@@ -9,70 +9,19 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
-from typing import Any
 
-import httpx
-import pytest
-from sqlalchemy import update
-
-from multimail.config import Settings
-from multimail.ids import utcnow
-from multimail.runtime import build_services
 from multimail.services import accounts
 from multimail.services.context import Services
-from multimail.store.tables import webhook_deliveries
 from multimail.testing.server import LiveServer
-from multimail.workers.webhooks import run_dispatcher, wake
 from tests.conftest import Api
 from tests.integration.send_support import customer_mail
+from tests.integration.test_webhook_dispatch import move_due
+from tests.integration.test_webhooks import client, dev, wait_for
 from tests.integration.webhook_helpers import Reply, emit, make_message, receiving
 
 Dev = tuple[Services, LiveServer, accounts.Bootstrap]
 
-
-@pytest.fixture
-def dev(settings: Settings) -> Iterator[Dev]:
-    """A live server allowing loopback http webhooks, with the dispatcher running beside it
-    (as in test_webhooks.py)."""
-    svc = build_services(
-        settings.model_copy(update={"allow_private_webhooks": True, "allow_http_webhooks": True})
-    )
-    boot = accounts.bootstrap(svc.db, account_name="Acme", operator_email="ops@mm.test")
-
-    async def dispatcher(services: Services, stop: Any) -> None:
-        await run_dispatcher(services, stop, poll_interval=0.05)
-
-    with LiveServer(svc, components=[dispatcher]) as server:
-        yield svc, server, boot
-    svc.db.dispose()
-
-
-def client(server: LiveServer, key: str) -> httpx.Client:
-    return httpx.Client(
-        base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
-    )
-
-
-def wait_for(check: Any, within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
-def make_retries_due(svc: Services) -> None:
-    """Every pending retry due now (instead of sleeping through the backoff)."""
-    with svc.db.write() as conn:
-        conn.execute(
-            update(webhook_deliveries)
-            .where(webhook_deliveries.c.status == "pending")
-            .values(next_attempt_at=utcnow())
-        )
-    wake()
+__all__ = ["dev"]  # a fixture, re-exported so pytest finds it here
 
 
 def test_mailbox_webhook_url_follows_the_same_target_rules_as_post_webhooks(
@@ -141,7 +90,7 @@ def test_clearing_a_mailbox_webhook_url_stops_its_pending_deliveries(dev: Dev) -
         )
         cleared = admin.patch(f"/v1/mailboxes/{box.json()['id']}", json={"webhook_url": None})
         assert cleared.status_code == 200, cleared.text
-        make_retries_due(svc)
+        move_due(svc)
         time.sleep(1.5)
         posts_after_clearing = len(rx.received) - 1
         hooks = admin.get("/v1/webhooks").json()["webhooks"]
