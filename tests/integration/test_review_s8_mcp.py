@@ -1,5 +1,5 @@
 """Review of the MCP server (SPEC §9, §4's last bullet), session 8: each test began as a
-reviewer's strict xfail naming a defect; the one still marked is left open (see its reason).
+reviewer's strict xfail naming a defect, fixed the same session.
 
 Each test drives the real server over the official ``mcp`` client (stdio via
 ``python -m multimail.mcp.server`` or streamable HTTP at ``/mcp``) against a live world.
@@ -156,11 +156,6 @@ async def test_not_spam_returns_the_body_fenced_and_labelled_untrusted(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_inbox of a 50-message inbox returns ~660 KB (emails and messages repeat the "
-    "list, each with four copies of the body), far beyond an agent's context",
-)
 async def test_check_inbox_of_50_messages_stays_within_a_reasonable_size(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
