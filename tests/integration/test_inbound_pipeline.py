@@ -40,6 +40,7 @@ class Stack(InboundStack):
 def stack(settings: Settings, boot: accounts.Bootstrap) -> Iterator[Stack]:
     with LocalDNSServer() as dns_server:
         dns_server.add_record("sender.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+        dns_server.add_record("other.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
         dns_server.add_record("sel._domainkey.sender.test", "TXT", dns_txt_value(KEY))
         dns_server.add_record("_dmarc.sender.test", "TXT", "v=DMARC1; p=reject")
         dns_server.add_record("forged.test", "TXT", "v=spf1 ip4:192.0.2.1 -all")

@@ -11,37 +11,16 @@ sending domains so no lookup leaves the machine.
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any
 
-import pytest
 from sqlalchemy import select
 
-from multimail.config import Settings
-from multimail.services import accounts
 from multimail.services.context import Services
 from multimail.store.tables import messages, suppressions
-from multimail.testing.dns import LocalDNSServer
-from multimail.workers.inbound import run_inbound_worker, run_smtp
-from tests.integration.inbound_support import InboundStack, outbound_message, running
+from tests.integration.inbound_support import outbound_message
+from tests.integration.test_inbound_pipeline import Stack, stack
 
-
-@dataclass
-class Stack(InboundStack):
-    mailbox: dict[str, Any]  # bot@mm.test, gated_send
-
-
-@pytest.fixture
-def stack(settings: Settings, boot: accounts.Bootstrap) -> Iterator[Stack]:
-    with LocalDNSServer() as dns_server:
-        dns_server.add_record("sender.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
-        dns_server.add_record("other.test", "TXT", "v=spf1 ip4:127.0.0.1 -all")
-        components = [run_smtp, run_inbound_worker]
-        with running(settings, components, dns_resolver=dns_server.address) as (svc, live, port):
-            base = InboundStack(svc, live, port, boot)
-            yield Stack(svc, live, port, boot, mailbox=base.make_mailbox("bot@mm.test"))
+__all__ = ["stack"]  # a fixture, re-exported so pytest finds it here
 
 
 def report(original: str, *recipient_blocks: str, to: str = "bot@mm.test") -> bytes:
