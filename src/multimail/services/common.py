@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from multimail.ids import isoformat
+from sqlalchemy import Connection, Select
+from sqlalchemy.sql.elements import ColumnElement
+
+from multimail.ids import id_cursor, isoformat
 
 
 def jsonable(row: Mapping[str, Any], *, drop: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -23,3 +26,27 @@ def clamp_limit(limit: int | None, *, default: int = 50, maximum: int = 200) -> 
     if limit is None:
         return default
     return max(1, min(int(limit), maximum))
+
+
+def oldest_first_page(
+    conn: Connection,
+    query: Select[Any],
+    id_column: ColumnElement[str],
+    *,
+    prefix: str,
+    cursor: str | None,
+    limit: int | None,
+    maximum: int,
+    offset: int = 0,
+) -> tuple[list[Mapping[str, Any]], str | None]:
+    """One page of ``query`` in id order after ``cursor`` (the last ``prefix_`` id of the
+    previous page; 422 for one never issued), ``offset`` rows skipped after it; the rows and
+    the next page's cursor (None on the last page)."""
+    size = clamp_limit(limit, maximum=maximum)
+    after = id_cursor(cursor, prefix)
+    if after:
+        query = query.where(id_column > after)
+    query = query.order_by(id_column).limit(size + 1).offset(offset)
+    rows: list[Mapping[str, Any]] = [dict(r) for r in conn.execute(query).mappings()]
+    page = rows[:size]
+    return page, (str(page[-1]["id"]) if len(rows) > size else None)

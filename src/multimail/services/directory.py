@@ -9,9 +9,9 @@ from sqlalchemy.exc import IntegrityError
 
 from multimail.domain.addresses import AddressError, normalize_address
 from multimail.errors import Conflict, InvalidInput, NotFound
-from multimail.ids import id_cursor, new_id, utcnow
+from multimail.ids import new_id, utcnow
 from multimail.services import audit
-from multimail.services.common import clamp_limit, jsonable
+from multimail.services.common import jsonable, oldest_first_page
 from multimail.services.context import Actor
 from multimail.store.tables import contacts, suppressions
 
@@ -90,21 +90,24 @@ def search_contacts(
     """``{"contacts", "next_cursor"}``, oldest first: ``cursor`` is the last id of the previous
     page (``offset`` still skips rows after it). The tag is matched on the rows read, so a page
     can come out short; ``next_cursor`` then still continues after the last row read."""
-    size = clamp_limit(limit, maximum=500)
-    after = id_cursor(cursor, "con")
     query = select(contacts).where(contacts.c.account_id == actor.account_id)
     if q:
         pattern = f"%{q.lower()}%"
         query = query.where(or_(contacts.c.email.like(pattern), contacts.c.name.ilike(pattern)))
-    if after:
-        query = query.where(contacts.c.id > after)
-    query = query.order_by(contacts.c.id).limit(size + 1).offset(offset)
-    rows = list(conn.execute(query).mappings())
-    page = rows[:size]
+    page, following = oldest_first_page(
+        conn,
+        query,
+        contacts.c.id,
+        prefix="con",
+        cursor=cursor,
+        limit=limit,
+        maximum=500,
+        offset=offset,
+    )
     found = [contact_view(r) for r in page]
     if tag:
         found = [r for r in found if tag in r["tags"]]
-    return {"contacts": found, "next_cursor": page[-1]["id"] if len(rows) > size else None}
+    return {"contacts": found, "next_cursor": following}
 
 
 def delete_contact(conn: Connection, *, actor: Actor, contact_id: str) -> dict[str, Any]:
@@ -193,19 +196,17 @@ def list_suppressions(
     offset: int = 0,
 ) -> dict[str, Any]:
     """``{"suppressions", "next_cursor"}``, oldest first; ``cursor`` is the last id shown."""
-    size = clamp_limit(limit, maximum=1000)
-    after = id_cursor(cursor, "sup")
-    query = select(suppressions).where(suppressions.c.account_id == actor.account_id)
-    if after:
-        query = query.where(suppressions.c.id > after)
-    rows = list(
-        conn.execute(query.order_by(suppressions.c.id).limit(size + 1).offset(offset)).mappings()
+    page, following = oldest_first_page(
+        conn,
+        select(suppressions).where(suppressions.c.account_id == actor.account_id),
+        suppressions.c.id,
+        prefix="sup",
+        cursor=cursor,
+        limit=limit,
+        maximum=1000,
+        offset=offset,
     )
-    page = rows[:size]
-    return {
-        "suppressions": [suppression_view(r) for r in page],
-        "next_cursor": page[-1]["id"] if len(rows) > size else None,
-    }
+    return {"suppressions": [suppression_view(r) for r in page], "next_cursor": following}
 
 
 def check_suppression(conn: Connection, *, actor: Actor, address: str) -> dict[str, Any]:

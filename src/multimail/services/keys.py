@@ -18,9 +18,9 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 
 from multimail.domain.scopes import Scope, ScopeError, parse_scopes
 from multimail.errors import AuthenticationFailed, InvalidInput, NotFound
-from multimail.ids import aware, id_cursor, new_id, utcnow
+from multimail.ids import aware, new_id, utcnow
 from multimail.services import audit
-from multimail.services.common import clamp_limit, jsonable
+from multimail.services.common import jsonable, oldest_first_page
 from multimail.services.context import Actor
 from multimail.store import fast
 from multimail.store.db import Database
@@ -123,17 +123,16 @@ def page_keys(
 ) -> dict[str, Any]:
     """``{"api_keys", "next_cursor"}``, oldest first: revoked keys stay listed, so the list
     only grows; ``cursor`` is the last id of the previous page."""
-    size = clamp_limit(limit, maximum=500)
-    after = id_cursor(cursor, "key")
-    query = select(api_keys).where(api_keys.c.account_id == account_id)
-    if after:
-        query = query.where(api_keys.c.id > after)
-    rows = list(conn.execute(query.order_by(api_keys.c.id).limit(size + 1)).mappings())
-    page = rows[:size]
-    return {
-        "api_keys": [key_public(r) for r in page],
-        "next_cursor": page[-1]["id"] if len(rows) > size else None,
-    }
+    page, following = oldest_first_page(
+        conn,
+        select(api_keys).where(api_keys.c.account_id == account_id),
+        api_keys.c.id,
+        prefix="key",
+        cursor=cursor,
+        limit=limit,
+        maximum=500,
+    )
+    return {"api_keys": [key_public(r) for r in page], "next_cursor": following}
 
 
 def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) -> dict[str, Any]:
