@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import IO, Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Select, or_, select
+from sqlalchemy import ColumnElement, Connection, Select, select
 
 from multimail.domain.scopes import Scope
 from multimail.ids import isoformat, parse_datetime, utcnow
-from multimail.services import audit, messages
+from multimail.services import audit, inbox, messages
 from multimail.services.context import Actor, Services
-from multimail.services.inbox import can_see_held
 from multimail.store.db import Database
 from multimail.store.tables import messages as messages_table
 from multimail.store.tables import threads as threads_table
@@ -107,9 +106,7 @@ def _message_conditions(plan: ExportPlan) -> list[ColumnElement[bool]]:
     wanted: list[ColumnElement[bool]] = [c.account_id == plan.account_id]
     if plan.actor.mailbox_ids is not None:
         wanted.append(c.mailbox_id.in_(sorted(plan.actor.mailbox_ids)))
-    if not can_see_held(plan.actor):
-        # What the API hides from this key (inbound mail a reviewer has not released).
-        wanted.append(or_(c.direction != "inbound", c.status.not_in(messages.HELD_STATUSES)))
+    wanted.append(inbox.visible(plan.actor))  # what the API hides from this key, hidden
     if plan.date_after is not None:
         wanted.append(c.created_at >= plan.date_after)
     if plan.date_before is not None:

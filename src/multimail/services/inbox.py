@@ -61,7 +61,8 @@ def can_see_held(actor: Actor) -> bool:
     return actor.is_operator or satisfies(actor.scopes, Scope.OVERSIGHT)
 
 
-def _visible(actor: Actor) -> ColumnElement[bool]:
+def visible(actor: Actor) -> ColumnElement[bool]:
+    """The messages ``actor`` may see: all, or none of the inbound mail not released."""
     if can_see_held(actor):
         return messages_table.c.id.is_not(None)
     return or_(
@@ -165,7 +166,7 @@ def list_emails(
     actor.require(Scope.READ)
     limit = clamp_limit(filters.limit)
     query = select(messages_table).where(
-        messages_table.c.account_id == actor.account_id, _visible(actor), *_conditions(filters)
+        messages_table.c.account_id == actor.account_id, visible(actor), *_conditions(filters)
     )
     mailbox_id = _mailbox_id(conn, actor, mailbox)
     if mailbox_id:
@@ -284,7 +285,7 @@ def get_thread(
     rows = _fetch(
         conn,
         select(messages_table)
-        .where(messages_table.c.thread_id == thread["id"], _visible(actor))
+        .where(messages_table.c.thread_id == thread["id"], visible(actor))
         .order_by(messages_table.c.id),
     )
     items = messages.views(conn, rows)
@@ -449,7 +450,7 @@ def _newest_visible(
         query = select(messages_table).where(
             messages_table.c.account_id == actor.account_id,
             messages_table.c.direction == "inbound",
-            _visible(actor),
+            visible(actor),
             messages_table.c.status != Status.SPAM.value,
         )
         if mailbox_id:
