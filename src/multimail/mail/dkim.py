@@ -381,17 +381,24 @@ def _signed(
     return header + raw
 
 
-def verify_message(raw: bytes, *, dnsfunc: Callable[[bytes], bytes | None] | None = None) -> bool:
-    """True when the topmost DKIM signature verifies (plain dkimpy, its key-size minimum).
+def verify_message(
+    raw: bytes, *, dnsfunc: Callable[[bytes], bytes | None] | None = None, index: int = 0
+) -> bool:
+    """True when the ``index``-th DKIM signature (0: the topmost) verifies (plain dkimpy, its
+    key-size minimum); what ``dkim.verify`` does for the topmost one.
 
     ``dnsfunc`` answers the TXT lookup for a name like ``b"sel._domainkey.example.com."``;
     without it dkimpy queries DNS.
     """
-    if dnsfunc is None:
-        return bool(dkim.verify(raw))
-    lookup = dnsfunc
+    options: dict[str, Any] = {}
+    if dnsfunc is not None:
+        lookup = dnsfunc
 
-    def txt(name: bytes, timeout: int = 5) -> bytes | None:
-        return lookup(name)
+        def txt(name: bytes, timeout: int = 5) -> bytes | None:
+            return lookup(name)
 
-    return bool(dkim.verify(raw, dnsfunc=txt))
+        options["dnsfunc"] = txt
+    try:
+        return bool(dkim.DKIM(raw).verify(idx=index, **options))
+    except dkim.DKIMException:
+        return False

@@ -23,7 +23,6 @@ from email.policy import compat32
 from email.utils import getaddresses
 from typing import Any
 
-import dkim
 import dns.exception
 import dns.resolver
 from sqlalchemy import Connection, select
@@ -327,10 +326,11 @@ def _dkim_tags(value: Any) -> dict[str, str]:
     return tags
 
 
-def verify_sent_dkim(services: Services, raw: bytes) -> bool:
-    """Whether the DKIM signature of a message (e.g. one we sent) verifies against DNS now."""
+def verify_sent_dkim(services: Services, raw: bytes, index: int = 0) -> bool:
+    """Whether a message's ``index``-th DKIM signature (0: the topmost) verifies against DNS
+    now."""
     try:
-        return mail_dkim.verify_message(raw, dnsfunc=_dns_txt(services))
+        return mail_dkim.verify_message(raw, dnsfunc=_dns_txt(services), index=index)
     except Exception:  # dkimpy raises many types on hostile input; any of them is "no"
         return False
 
@@ -352,19 +352,6 @@ def _from_domain(headers: Any) -> str | None:
     if len(found) != 1 or "@" not in found[0]:
         return None
     return _ascii_domain(domain_of(found[0]))
-
-
-def _verify_dkim_at(services: Services, raw: bytes, index: int) -> bool:
-    """Whether the ``index``-th DKIM signature (topmost first) verifies against DNS now."""
-    lookup = _dns_txt(services)
-
-    def txt(name: bytes, timeout: int = 5) -> bytes | None:
-        return lookup(name)
-
-    try:
-        return bool(dkim.DKIM(raw).verify(idx=index, dnsfunc=txt))
-    except Exception:  # dkimpy raises many types on hostile input; any of them is "no"
-        return False
 
 
 def _dkim_check(
@@ -402,7 +389,7 @@ def _dkim_check(
     failures: list[str] = []
     for index, tags in aligned:
         where = f"d={tags.get('d', '?')} s={tags.get('s', '?')}"
-        if not _verify_dkim_at(services, raw, index):
+        if not verify_sent_dkim(services, raw, index):
             failures.append(f"the DKIM signature ({where}) does not verify against DNS")
             continue
         covered = [h.strip().lower() for h in tags.get("h", "").split(":")]
