@@ -22,7 +22,7 @@ from multimail.services import accounts, mailboxes, threads
 from multimail.services.context import Actor, Services
 from multimail.smtp.outbound import RelayTransport
 from multimail.store import jobs as job_store
-from multimail.store.tables import api_keys, audit_entries, events, jobs, messages
+from multimail.store.tables import api_keys, audit_entries, events, jobs, messages, webhooks
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import delivery, runner
 
@@ -150,6 +150,30 @@ def audit_actions(services: Services, subject_id: str) -> list[dict[str, Any]]:
             .order_by(audit_entries.c.seq)
         ).mappings()
         return [dict(r) for r in rows]
+
+
+def subscribe_everything(services: Services, account_id: str) -> str:
+    """An account-wide subscription to every event, so that events are stored.
+
+    Events nobody subscribes to are not stored (the events table is the webhooks' outbox),
+    so a test that observes emission through the events table subscribes first. Its URL is
+    a closed loopback port: a dispatcher, if one runs, posts nowhere beyond this machine.
+    """
+    now = utcnow()
+    webhook_id = new_id("whk")
+    with services.db.write() as conn:
+        conn.execute(
+            insert(webhooks).values(
+                id=webhook_id,
+                account_id=account_id,
+                url="http://127.0.0.1:9/events",
+                events=["*"],
+                secret="whsec_test",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return webhook_id
 
 
 def event_types(services: Services, message_id: str) -> list[str]:

@@ -45,6 +45,7 @@ from multimail.store.tables import mailboxes as mailbox_table
 from multimail.testing.dns import LocalDNSServer
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import delivery, runner, signing
+from tests.integration.oversight_support import subscribe_everything
 
 OPERATOR = Actor(type="system", id=None, name="test", account_id=None)
 
@@ -230,6 +231,7 @@ async def test_relay_delivery_carries_the_stored_bytes_and_every_header(
 ) -> None:
     """A queued message reaches the relay once, as the signed bytes stored before hand-over,
     with agent, AI and one-click unsubscribe headers; attempt, audit and events recorded."""
+    subscribe_everything(world.services, world.account_id)
     message_id = world.message(cc=["bob@example.test"], bcc=["carol@example.test"])
     await until(status_is(world, message_id, "delivered"))
     [got] = relay.wait_for(1)
@@ -364,6 +366,7 @@ async def test_hard_bounce_suppresses_once_and_never_twice(
 ) -> None:
     """DUR-5: a 5xx bounces the message and suppresses the recipient; running the job again
     changes nothing (one audit entry, one event, one suppression)."""
+    subscribe_everything(world.services, world.account_id)
     relay.fail_with(550, "no such user", stage="rcpt")
     message_id = world.message()
     assert await delivery.deliver(world.services, message_id, "w1") == "bounced"
@@ -397,6 +400,7 @@ async def test_partial_hard_bounce_delivers_to_the_rest(
     world: World, relay: CapturingSMTPServer
 ) -> None:
     """A 550 for one recipient suppresses it; the message counts as delivered to the others."""
+    subscribe_everything(world.services, world.account_id)
     relay.fail_with(550, "unknown", stage="rcpt", only_for=["bob@example.test"])
     message_id = world.message(to=["alice@example.test", "bob@example.test"])
     assert await delivery.deliver(world.services, message_id, "w1") == "delivered"
@@ -770,6 +774,7 @@ async def test_a_batch_is_claimed_started_and_recorded_in_two_write_commits(
     """Group commit: one batch of deliveries claims its jobs and starts its messages in one
     commit and records every outcome (attempts, statuses, audit, events, job completions) in
     one more; a message that cannot go is settled in the first commit and sinks nobody."""
+    subscribe_everything(world.services, world.account_id)
     good = [world.message(to=[f"r{i}@example.test"]) for i in range(12)]
     nobody = world.message(to=[])
     # The identity keyring is stored on first use, in a commit of its own: not the batch's.
@@ -911,6 +916,56 @@ async def test_a_batch_writes_the_events_and_webhook_deliveries_emit_would(
         ]
 
 
+async def test_a_batch_stores_no_event_nobody_subscribes_to(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """Events are the webhooks' outbox: a batch delivered for an account whose only
+    subscription wants neither ``message.sent`` nor ``message.delivered`` stores no event
+    and queues no delivery, while the audit log still records every delivery. One message
+    of another mailbox with a live ``webhook_url`` in the same batch still gets both."""
+    now = utcnow()
+    with world.services.db.write() as conn:
+        conn.execute(
+            insert(webhooks).values(
+                id=new_id("whk"),
+                account_id=world.account_id,
+                url="https://hooks.example.test/received",
+                events=["message.received"],
+                secret="whsec_test",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        listened = mailboxes.create_mailbox(
+            conn,
+            actor=Actor(type="system", id=None, name="test", account_id=world.account_id),
+            settings=world.services.settings,
+            address="listened@mm.test",
+            oversight_mode="autonomous",
+        )
+        conn.execute(
+            update(mailbox_table)
+            .where(mailbox_table.c.id == listened["id"])
+            .values(webhook_url="https://hooks.example.test/box")
+        )
+    quiet = [world.message(to=[f"r{i}@example.test"]) for i in range(4)]
+    heard = world.message(to=["h@example.test"])
+    with world.services.db.write() as conn:
+        conn.execute(
+            update(messages).where(messages.c.id == heard).values(mailbox_id=listened["id"])
+        )
+    claimed = await runner.BATCHES[delivery.DELIVER](world.services, "w", 50, timedelta(minutes=2))
+    assert claimed == 5
+    for message_id in quiet:
+        assert world.row(message_id)["status"] == "delivered"
+        assert world.event_types(message_id) == []
+        assert world.audit_actions(message_id)[-1] == "message.delivered"
+    assert world.event_types(heard) == ["message.sent", "message.delivered"]
+    with world.services.db.read() as conn:
+        queued = conn.execute(select(func.count()).select_from(webhook_deliveries)).scalar_one()
+    assert queued == 2
+
+
 async def test_a_batch_stores_each_event_payload_as_emit_would(
     world: World, relay: CapturingSMTPServer
 ) -> None:
@@ -918,6 +973,7 @@ async def test_a_batch_stores_each_event_payload_as_emit_would(
     once, not once per copy): the stored JSON must still be ``json.dumps`` of what
     ``events.emit`` stores, and expand to the payload it builds from the message as it
     stands after the commit, to the byte."""
+    subscribe_everything(world.services, world.account_id)
     body = 'Grüße — "quoted" \\ back\tslash, </script> and a long line. ' * 6
     sent = [world.message(to=[f"r{i}@example.test"], markdown=f"{body}\n\n{i}") for i in range(4)]
     with world.services.db.write() as conn:

@@ -38,6 +38,7 @@ from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import delivery
 from multimail.workers.inbound import run_inbound_worker, run_smtp
 from tests.integration.inbound_support import running
+from tests.integration.oversight_support import subscribe_everything
 from tests.integration.test_delivery import World
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -271,6 +272,7 @@ async def test_a_hard_bounce_beside_a_deferral_still_emits_message_bounced(
         dns_server.add_record("c.test", "MX", "10 mx.c.test.", ttl=0)
         dns_server.add_record("mx.c.test", "A", "127.0.0.2", ttl=0)  # nobody listens there
         async with _mx_sender(settings, dns_server, mx.port) as sender:
+            subscribe_everything(sender.services, sender.account_id)
             message_id = sender.queue(["alice@a.test", "bob@a.test"], cc=["carol@c.test"])
             assert await delivery.deliver(sender.services, message_id, "w1") == "deferred"
             assert sender.suppressed("bob@a.test") == {"bob@a.test"}

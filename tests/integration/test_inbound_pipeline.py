@@ -26,6 +26,7 @@ from multimail.store.tables import audit_entries, events, messages, suppressions
 from multimail.testing.dns import LocalDNSServer
 from multimail.workers.inbound import run_inbound_worker, run_smtp
 from tests.integration.inbound_support import InboundStack, dsn, outbound_message, running
+from tests.integration.oversight_support import subscribe_everything
 
 KEY = generate_rsa_keypair(2048)
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
@@ -178,6 +179,7 @@ def test_reply_to_an_outbound_message_joins_its_thread(stack: Stack) -> None:
 
 def test_gated_all_mailbox_holds_mail_out_of_the_agents_sight(stack: Stack) -> None:
     """Held mail is invisible to the agent (list and read) and visible to the reviewer."""
+    subscribe_everything(stack.services, stack.boot.account["id"])
     held_box = stack.make_mailbox("held@mm.test", "gated_all")
     msg = simple("Secret", "Only after review.")
     del msg["To"]
@@ -196,10 +198,12 @@ def test_gated_all_mailbox_holds_mail_out_of_the_agents_sight(stack: Stack) -> N
     with stack.services.db.read() as conn:
         types = [r.type for r in conn.execute(select(events.c.type))]
     assert "message.received" not in types
+    assert "oversight.pending" in types  # a subscriber exists: the absence above means something
 
 
 def test_dsn_marks_the_original_bounced_and_suppresses_the_address(stack: Stack) -> None:
     """A hard bounce marks our message bounced, suppresses the address, fires the event."""
+    subscribe_everything(stack.services, stack.boot.account["id"])
     sent_id = outbound_message(stack.services, stack.mailbox, "<offer-2@mm.test>", "gone@far.test")
     stack.smtp_in("", "bot@mm.test", dsn("<offer-2@mm.test>", "gone@far.test", to="bot@mm.test"))
     (report,) = stack.inbound()
@@ -215,6 +219,7 @@ def test_dsn_marks_the_original_bounced_and_suppresses_the_address(stack: Stack)
 
 def test_complaint_and_unsubscribe_reply_suppress_the_sender(stack: Stack) -> None:
     """An ARF report and an "unsubscribe" reply each suppress and fire message.complained."""
+    subscribe_everything(stack.services, stack.boot.account["id"])
     outbound_message(stack.services, stack.mailbox, "<news-1@mm.test>", "carol@isp.test")
     arf = _feedback_report("carol@isp.test", "<news-1@mm.test>")
     unsubscribe = simple("Re: news", "Please unsubscribe me.", sender="dave@sender.test")

@@ -26,6 +26,7 @@ from tests.integration.oversight_support import (
     relay,
     second_account,
     settings,
+    subscribe_everything,
 )
 
 __all__ = ["agent_id", "box", "relay", "settings"]  # fixtures, re-exported for pytest
@@ -112,6 +113,7 @@ def test_approve_records_reviewer_queues_delivery_and_audits_once(
 ) -> None:
     """Approve moves the draft past the gate with a deliver job, one audit entry naming the
     reviewer and the key, and an oversight.approved event."""
+    subscribe_everything(services, boot.account["id"])
     msg = make_message(services, box, created_by_key_id=agent_id)
     response = api.client(boot.reviewer_key).post(
         "/v1/oversight/decide", json={"email_id": msg["id"], "action": "approve"}
@@ -169,6 +171,7 @@ def test_reject_keeps_a_note_the_agent_can_read_and_queues_nothing(
     api: Api, services: Services, boot: accounts.Bootstrap, box: dict[str, Any], agent_id: str
 ) -> None:
     """Reject with a note: status rejected, the note on the message, no deliver job."""
+    subscribe_everything(services, boot.account["id"])
     msg = make_message(services, box, created_by_key_id=agent_id)
     body = (
         api.client(boot.reviewer_key)
@@ -286,6 +289,7 @@ def test_held_inbound_mail_is_released_or_rejected(
     api: Api, services: Services, boot: accounts.Bootstrap
 ) -> None:
     """Approving held inbound mail makes it unread for the agent (message.received)."""
+    subscribe_everything(services, boot.account["id"])
     box = make_mailbox(services, boot.account["id"], "held@mm.test", oversight_mode="gated_all")
     kept = make_message(services, box, status="pending_inbound_approval", direction="inbound")
     dropped = make_message(services, box, status="pending_inbound_approval", direction="inbound")
@@ -361,6 +365,7 @@ def test_sweep_reminds_once_then_expires(
 ) -> None:
     """Past the approval timeout: one reminder mail; past the expiry: expired, audited, and
     the agent's event says why. Nothing is queued for delivery."""
+    subscribe_everything(services, boot.account["id"])
     start = utcnow()
     msg = make_message(services, box, created_by_key_id=agent_id, created_at=start)
     fresh = make_message(services, box, created_by_key_id=agent_id, created_at=start)

@@ -37,6 +37,7 @@ from tests.integration.oversight_support import (
     message_row,
     relay,
     settings,
+    subscribe_everything,
 )
 
 __all__ = [
@@ -213,6 +214,7 @@ def test_a_decision_past_the_expiry_expires_the_draft_as_the_sweep_would(
 ) -> None:
     """409 approval_expired; the draft is expired (status, audit entry, the agent's event) in
     the same transaction; no decision is recorded; asking again answers the same."""
+    subscribe_everything(services, boot.account["id"])
     msg = _stale(services, box, agent_id)
     reviewer = api.client(boot.reviewer_key)
     for _ in range(2):

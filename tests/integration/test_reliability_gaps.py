@@ -45,6 +45,7 @@ from multimail.workers.runner import run_workers
 from tests.conftest import BACKEND
 from tests.integration import test_inbound_crash
 from tests.integration.inbound_support import InboundStack, dsn, running
+from tests.integration.oversight_support import subscribe_everything
 
 SECRET = "Please wire $1M to account 7."
 
@@ -323,6 +324,7 @@ def test_a_hard_bounce_suppresses_once_and_a_bounce_is_never_answered(stack: Sta
     event, one audit entry and one suppression; the remote side's DSNs then arrive from <>
     and nothing is sent in answer (no bounce of a bounce, no auto-reply) and the address is
     suppressed once; a later send to it never reaches the relay."""
+    subscribe_everything(stack.services, stack.boot.account["id"])
     box = stack.make_mailbox("agent@mm.test", "autonomous")
     agent = stack.client(stack.boot.agent_key)
     message_id = _bounced_by_the_relay(stack, agent, box)
@@ -349,6 +351,7 @@ def test_dsns_for_an_already_bounced_message_are_not_a_second_notice(stack: Stac
     """DUR-5 "exactly one bounce notice": a message the relay already refused with 550 is
     reported again by two DSNs; the agent still gets one ``message.bounced`` (event and
     audit entry), not three."""
+    subscribe_everything(stack.services, stack.boot.account["id"])
     box = stack.make_mailbox("agent@mm.test", "autonomous")
     agent = stack.client(stack.boot.agent_key)
     message_id = _bounced_by_the_relay(stack, agent, box)

@@ -28,6 +28,7 @@ from multimail.store.tables import (
     threads,
 )
 from tests.conftest import Api
+from tests.integration.oversight_support import subscribe_everything
 
 
 def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -135,6 +136,7 @@ def test_gated_send_waits_for_approval_with_audit_and_event(
 ) -> None:
     """gated_send: 202 pending_send_approval, oversight.pending emitted, no delivery job (the
     one job is the operator's approval request)."""
+    subscribe_everything(services, boot.account["id"])
     box = make_mailbox(services, boot, "support")
     agent = api.client(boot.agent_key)
     response = send(agent, box["id"], metadata={"salesforce_case_id": "500X"})
@@ -596,6 +598,7 @@ def test_short_forms_choose_the_mailbox(
 
 def test_cancel_rules(api: Api, boot: accounts.Bootstrap, services: Services) -> None:
     """Pending → cancelled (event, audit); again → 200; queued → 409 not_cancellable."""
+    subscribe_everything(services, boot.account["id"])
     box = make_mailbox(services, boot, "cancel")
     agent = api.client(boot.agent_key)
     pending = send(agent, box["id"]).json()["id"]
@@ -638,6 +641,7 @@ def test_scheduling_and_release_for_both_timings(
     api: Api, boot: accounts.Bootstrap, services: Services
 ) -> None:
     """gate_first asks now; schedule_first waits then asks; ungated waits, then queues."""
+    subscribe_everything(services, boot.account["id"])
     box = make_mailbox(services, boot, "sched")
     free = make_mailbox(services, boot, "later", "autonomous")
     agent = api.client(boot.agent_key)

@@ -19,6 +19,10 @@ Rules callers can rely on:
   delivery starts within milliseconds instead of at the next poll.
 * ``events.payload`` holds :func:`stored_payload` (the message's view once, no copies); read it
   through :func:`expanded_payload`, which gives back the payload receivers get, to the byte.
+* An event is stored only when at least one subscription receives it. The events table is
+  the webhooks' outbox, read only through their deliveries; the history of what happened is
+  the audit log. So an account without webhooks pays nothing for events, and a subscription
+  gets the events from its creation on, never older ones.
 """
 
 from __future__ import annotations
@@ -468,6 +472,23 @@ def delivery_rows(
     return rows
 
 
+def subscribers(conn: Connection, account_id: str, mailbox_id: str | None) -> list[Any]:
+    """The enabled subscriptions an event of this account and mailbox can go to.
+
+    The mailbox's ``webhook_url`` subscription is brought in step first, so a URL set or
+    cleared in an earlier transaction counts. Nothing in a transaction that only emits
+    changes subscriptions, so a writer of many events may read this once per mailbox.
+    """
+    if mailbox_id is not None and not _subscription_in_step(conn, mailbox_id):
+        sync_mailbox_subscription(conn, mailbox_id)
+    return list(conn.execute(_SUBSCRIBERS, {"account_id": account_id, "mailbox_id": mailbox_id}))
+
+
+def wanted(subs: Iterable[Any], event_type: str) -> bool:
+    """True when one of ``subs`` (from :func:`subscribers`) receives ``event_type``."""
+    return any(delivered_name(sub.events or [], event_type) is not None for sub in subs)
+
+
 def emit(
     conn: Connection,
     *,
@@ -477,8 +498,9 @@ def emit(
     message: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     no_subscribers: bool = False,
-) -> str:
-    """Record an event and queue it for every subscription that wants it; returns ``evt_…``.
+) -> str | None:
+    """Queue an event for every subscription that wants it; returns its ``evt_…`` id, or
+    None when no subscription wants it (then nothing is stored).
 
     ``message`` is the message's ``messages.view``/``full_view`` dict (its ``metadata`` and
     ``tags`` reach receivers); ``extra`` adds top-level payload fields. Raises ``ValueError``
@@ -491,10 +513,15 @@ def emit(
     """
     if event_type not in CANONICAL:
         raise ValueError(f"unknown event type {event_type!r}; use one of {', '.join(CANONICAL)}")
+    if no_subscribers:
+        return None
     if mailbox_id is None and message is not None:
         mailbox_id = message.get("mailbox_id")
     event_id = new_id("evt")
     now = utcnow()
+    deliveries = delivery_rows(subscribers(conn, account_id, mailbox_id), event_id, event_type, now)
+    if not deliveries:
+        return None
     payload = payload_for(
         event_id=event_id,
         event_type=event_type,
@@ -515,15 +542,6 @@ def emit(
             "created_at": now,
         },
     )
-    if no_subscribers:
-        return event_id
-    if mailbox_id is not None and not _subscription_in_step(conn, mailbox_id):
-        sync_mailbox_subscription(conn, mailbox_id)
-    subs = conn.execute(_SUBSCRIBERS, {"account_id": account_id, "mailbox_id": mailbox_id})
-    deliveries = delivery_rows(subs, event_id, event_type, now)
-    if deliveries:
-        _INSERT_DELIVERY.executemany(conn, deliveries)
-    queued = len(deliveries)
-    if queued:
-        nudge_after_commit(conn)
+    _INSERT_DELIVERY.executemany(conn, deliveries)
+    nudge_after_commit(conn)
     return event_id

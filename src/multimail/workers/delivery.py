@@ -58,7 +58,6 @@ from sqlalchemy import (
     func,
     insert,
     literal,
-    or_,
     select,
     update,
 )
@@ -112,7 +111,6 @@ from multimail.store.tables import (
     mailboxes,
     messages,
     webhook_deliveries,
-    webhooks,
 )
 from multimail.store.tables import events as events_table
 from multimail.store.tables import jobs as jobs_table
@@ -239,16 +237,6 @@ _INSERT_EVENT_TEXT = {
     "postgresql": insert(events_table).values(payload=cast(_PAYLOAD_TEXT, JSON)),
 }
 _INSERT_WEBHOOK_DELIVERY = insert(webhook_deliveries)
-# The subscriptions events.emit delivers an event of this account and mailbox to.
-_SUBSCRIBERS = (
-    select(webhooks.c.id, webhooks.c.events)
-    .where(
-        webhooks.c.account_id == bindparam("account_id"),
-        webhooks.c.enabled.is_(True),
-        or_(webhooks.c.mailbox_id.is_(None), webhooks.c.mailbox_id == bindparam("mailbox_id")),
-    )
-    .order_by(webhooks.c.id)
-)
 # What jobs.complete does, for many jobs in one executemany.
 _COMPLETE_JOB = (
     update(jobs_table)
@@ -633,6 +621,9 @@ def _audit(
 def _emit(conn: Connection, message_id: str, *event_types: str, **extra: Any) -> None:
     """Emit ``event_types`` for the message as it now stands (its view is built once)."""
     fresh = dict(conn.execute(select(messages).where(messages.c.id == message_id)).mappings().one())
+    subs = events.subscribers(conn, fresh["account_id"], fresh["mailbox_id"])
+    if not any(events.wanted(subs, t) for t in event_types):
+        return  # nobody would receive them: skip building the view
     view = message_views.full_view(conn, fresh)
     for event_type in event_types:
         events.emit(
@@ -1354,82 +1345,70 @@ def _deliver_many(
             updated_at=now,
         )
     audit.append_many(conn, actor=_actor(worker_id, None), entries=entries)
-    view_rows: list[Mapping[str, Any]] = list(delivered)
-    views = message_views.views(conn, view_rows)
-    _emit_many(
-        conn,
-        [
-            (row["account_id"], row["mailbox_id"], event_type, view)
-            for row, view in zip(view_rows, views, strict=True)
-            for event_type in ("message.sent", "message.delivered")
-        ],
-    )
-    for shown in view_rows:
+    _emit_many(conn, delivered, ("message.sent", "message.delivered"))
+    for shown in delivered:
         accepted = set(handed[shown["id"]])
         if _reached_first(shown, accepted, previous[shown["id"]][0] | accepted):
             notify.notify_monitored_copy(conn, services, shown)  # as in _finish_in
     return outcomes
 
 
-def _emit_many(conn: Connection, emits: Sequence[tuple[str, str, str, dict[str, Any]]]) -> None:
-    """``events.emit`` for many ``(account_id, mailbox_id, event_type, view)`` at once.
+def _emit_many(
+    conn: Connection, rows: Sequence[Mapping[str, Any]], event_types: Sequence[str]
+) -> None:
+    """``events.emit`` of each of ``event_types`` for each message row, written together.
 
-    The first event of each mailbox goes through ``events.emit`` itself, which brings the
-    mailbox's ``webhook_url`` subscription in step; nothing in this transaction changes
-    subscriptions after that, so that mailbox's later events reuse its subscriber list (read
-    once) and are written with one INSERT for the events and one for their deliveries. The
-    rows are those ``events.emit`` writes (same name matching, the same JSON text: see
+    Subscribers are read once per mailbox (``events.subscribers``; nothing here changes
+    subscriptions). Only the messages some subscription wants an event of get their views
+    built, so an account without webhooks costs nothing here; the events of the others are
+    written with one INSERT for the events and one for their deliveries. The rows are those
+    ``events.emit`` writes (same name matching, the same JSON text: see
     ``events.stored_text``), each message's compact view encoded once for all its events.
     """
     subscribers: dict[tuple[str, str], list[Any]] = {}
+    wanted_rows: list[Mapping[str, Any]] = []
+    for row in rows:
+        key = (row["account_id"], row["mailbox_id"])
+        if key not in subscribers:
+            subscribers[key] = events.subscribers(conn, *key)
+        if any(events.wanted(subscribers[key], t) for t in event_types):
+            wanted_rows.append(row)
+    if not wanted_rows:
+        return
     event_rows: list[dict[str, Any]] = []
     delivery_rows: list[dict[str, Any]] = []
-    encoded_view: dict[str, Any] | None = None
-    view_text = ""
     # One time for the events of this commit (they become visible together).
     now = utcnow()
     created_at = isoformat(now) or ""
-    for account_id, mailbox_id, event_type, view in emits:
-        key = (account_id, mailbox_id)
-        if key not in subscribers:
-            events.emit(
-                conn,
-                account_id=account_id,
-                event_type=event_type,
-                mailbox_id=mailbox_id,
-                message=view,
+    for row, view in zip(wanted_rows, message_views.views(conn, wanted_rows), strict=True):
+        key = (row["account_id"], row["mailbox_id"])
+        view_text = json.dumps(message_views.compact_view(view))
+        for event_type in event_types:
+            event_id = new_id("evt")
+            deliveries = events.delivery_rows(subscribers[key], event_id, event_type, now)
+            if not deliveries:
+                continue
+            delivery_rows.extend(deliveries)
+            event_rows.append(
+                {
+                    "id": event_id,
+                    "account_id": key[0],
+                    "mailbox_id": key[1],
+                    "message_id": row["id"],
+                    "type": event_type,
+                    "payload_json": events.stored_text(
+                        event_id=event_id,
+                        event_type=event_type,
+                        created_at=created_at,
+                        mailbox_id=key[1],
+                        compact_message_text=view_text,
+                    ),
+                    "created_at": now,
+                }
             )
-            subscribers[key] = list(
-                conn.execute(_SUBSCRIBERS, {"account_id": account_id, "mailbox_id": mailbox_id})
-            )
-            continue
-        event_id = new_id("evt")
-        if view is not encoded_view:
-            view_text = json.dumps(message_views.compact_view(view))
-            encoded_view = view
-        event_rows.append(
-            {
-                "id": event_id,
-                "account_id": account_id,
-                "mailbox_id": mailbox_id,
-                "message_id": view.get("id"),
-                "type": event_type,
-                "payload_json": events.stored_text(
-                    event_id=event_id,
-                    event_type=event_type,
-                    created_at=created_at,
-                    mailbox_id=mailbox_id,
-                    compact_message_text=view_text,
-                ),
-                "created_at": now,
-            }
-        )
-        delivery_rows.extend(events.delivery_rows(subscribers[key], event_id, event_type, now))
-    if event_rows:
-        conn.execute(_INSERT_EVENT_TEXT[conn.dialect.name], event_rows)
-    if delivery_rows:
-        conn.execute(_INSERT_WEBHOOK_DELIVERY, delivery_rows)
-        events.nudge_after_commit(conn)
+    conn.execute(_INSERT_EVENT_TEXT[conn.dialect.name], event_rows)
+    conn.execute(_INSERT_WEBHOOK_DELIVERY, delivery_rows)
+    events.nudge_after_commit(conn)
 
 
 def _finish_fast(
