@@ -3,6 +3,16 @@
 Verification asks real DNS (dnspython) through the configured resolver, so tests point it at
 a DNS server they run on loopback. A domain is verified when its ownership TXT record and its
 DKIM key are published; SPF, DMARC and MX are checked and reported as recommendations.
+
+Each check says what DNS showed in ``status`` and, unless the record is fine, a ``message``
+saying what to publish; ``ok`` means the record does its job (true for ok and warning):
+
+- ``ok``: published and right;
+- ``warning``: works for this server's mail but weakens the domain (SPF ``+all`` / ``?all``);
+- ``missing``: no such record (no such name, no record of the type);
+- ``wrong``: a record that is not ours (another value, an MX naming another host);
+- ``broken``: receivers cannot use it at all (two SPF records: RFC 7208 §4.5 permerror);
+- ``unknown``: DNS did not answer (a timeout, SERVFAIL); proves nothing either way.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from multimail.services.context import Actor, Services
 from multimail.store.tables import domains, mailboxes
 
 VERIFICATION_PREFIX = "multimail-verification="
+
+_LOOKUP_FAILED = "DNS lookup failed"
 
 
 def make_sync_resolver(address: str | None, *, lifetime: float = 5.0) -> dns.resolver.Resolver:
@@ -166,17 +178,30 @@ def list_domains(conn: Connection, *, actor: Actor, settings: Settings) -> list[
     return [domain_view(r, settings) for r in rows]
 
 
-def _txt_values(resolver: dns.resolver.Resolver, name: str) -> tuple[list[str], str | None]:
+def _lookup(
+    resolver: dns.resolver.Resolver, name: str, rtype: str
+) -> tuple[dns.resolver.Answer | None, str | None]:
     try:
-        answer = resolver.resolve(name, "TXT")
+        return resolver.resolve(name, rtype), None
     except dns.resolver.NXDOMAIN:
-        return [], "no such name (NXDOMAIN)"
+        return None, "no such name (NXDOMAIN)"
     except dns.resolver.NoAnswer:
-        return [], "no TXT record"
+        return None, f"no {rtype} record"
     except dns.exception.DNSException as exc:
-        return [], f"DNS lookup failed: {exc.__class__.__name__}"
+        return None, f"{_LOOKUP_FAILED}: {exc.__class__.__name__}"
+
+
+def _txt_values(resolver: dns.resolver.Resolver, name: str) -> tuple[list[str], str | None]:
+    answer, error = _lookup(resolver, name, "TXT")
+    if answer is None:
+        return [], error
     values = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]  # type: ignore[attr-defined]
     return values, None
+
+
+def _host(name: str) -> str:
+    """A host name as DNS compares it: case-insensitive, the root's trailing dot dropped."""
+    return name.strip().rstrip(".").lower()
 
 
 def _normalise_dkim(value: str) -> dict[str, str]:
@@ -196,7 +221,11 @@ def check_dns(
     lifetime: float = 5.0,
 ) -> dict[str, Any]:
     """Ask DNS for every record (or the purposes ``only`` names); no database access, so it
-    runs outside a transaction. ``lifetime``: seconds each lookup may take."""
+    runs outside a transaction. ``lifetime``: seconds each lookup may take.
+
+    Each result: ``ok``, ``status`` (the module's docstring), ``found`` (what DNS holds), ``error``
+    when the lookup gave nothing, ``message`` unless the record is fine; MX adds
+    ``expected``, the host the domain's MX must name."""
     resolver = make_sync_resolver(settings.dns_resolver, lifetime=lifetime)
     results: dict[str, Any] = {}
     for record in dns_records(row, settings):
@@ -204,27 +233,163 @@ def check_dns(
         if only is not None and purpose not in only:
             continue
         if record["type"] == "MX":
-            try:
-                answer = resolver.resolve(record["name"], "MX")
-                hosts = [str(r.exchange).rstrip(".") for r in answer]  # type: ignore[attr-defined]
-                results[purpose] = {"ok": bool(hosts), "found": hosts}
-            except dns.exception.DNSException as exc:
-                results[purpose] = {"ok": False, "found": [], "error": exc.__class__.__name__}
+            results[purpose] = _check_mx(resolver, record)
             continue
         values, error = _txt_values(resolver, record["name"])
-        if purpose == "verification":
-            ok = record["value"] in values
-        elif purpose == "dkim":
-            wanted = _normalise_dkim(record["value"]).get("p")
-            ok = any(_normalise_dkim(v).get("p") == wanted for v in values)
+        if not values:
+            results[purpose] = _absent(record, str(error))
         elif purpose == "spf":
-            # Present is not enough: a "v=spf1 -all" would refuse every message we send.
-            include = f"include:{settings.domain.lower()}"
-            ok = any(v.lower().startswith("v=spf1") and include in v.lower() for v in values)
+            results[purpose] = _check_spf(record, values, _host(settings.domain))
         else:
-            ok = any(v.replace(" ", "").upper().startswith("V=DMARC1") for v in values)
-        results[purpose] = {"ok": ok, "found": values} | ({"error": error} if error else {})
+            results[purpose] = _check_txt(record, values)
     return results
+
+
+def _absent(record: dict[str, Any], error: str) -> dict[str, Any]:
+    """The lookup gave no record: gone (missing) or DNS did not answer (unknown)."""
+    name, kind = record["name"], record["type"]
+    if error.startswith(_LOOKUP_FAILED):
+        return {
+            "ok": False,
+            "status": "unknown",
+            "found": [],
+            "error": error,
+            "message": f"DNS did not answer for the {kind} record of {name} ({error}); "
+            "this proves nothing either way: check again later",
+        }
+    return {
+        "ok": False,
+        "status": "missing",
+        "found": [],
+        "error": error,
+        "message": f"{name} has no {_label(record)} record ({error}): {_publish(record)}",
+    }
+
+
+def _publish(record: dict[str, Any]) -> str:
+    # Verification and DKIM values are long and one-off: dns_records (and the dashboard row)
+    # show them; the short recommended ones are worth spelling out.
+    if record["required"]:
+        return f"publish the {record['type']} record listed in dns_records for {record['name']}"
+    return f"publish {record['type']} {record['name']} with the value {record['value']}"
+
+
+def _label(record: dict[str, Any]) -> str:
+    purpose = str(record["purpose"])
+    return purpose if purpose == "verification" else purpose.upper()
+
+
+def _check_txt(record: dict[str, Any], values: list[str]) -> dict[str, Any]:
+    purpose = record["purpose"]
+    if purpose == "verification":
+        ok = record["value"] in values
+    elif purpose == "dkim":
+        wanted = _normalise_dkim(record["value"]).get("p")
+        ok = any(_normalise_dkim(v).get("p") == wanted for v in values)
+    else:
+        ok = any(v.replace(" ", "").upper().startswith("V=DMARC1") for v in values)
+    if ok:
+        return {"ok": True, "status": "ok", "found": values}
+    return {
+        "ok": False,
+        "status": "wrong",
+        "found": values,
+        "message": f"the TXT record of {record['name']} is not the {_label(record)} record "
+        f"asked for: {_publish(record)}",
+    }
+
+
+def _check_mx(resolver: dns.resolver.Resolver, record: dict[str, Any]) -> dict[str, Any]:
+    """Mail reaches this server only when an MX of the domain names it; any other host
+    (another provider, a null MX) takes the domain's mail instead."""
+    name = record["name"]
+    expected = _host(record["value"].split()[-1])
+    answer, error = _lookup(resolver, name, "MX")
+    if answer is None:
+        return _absent(record, str(error)) | {"expected": expected}
+    hosts = [str(r.exchange).rstrip(".") for r in answer]  # type: ignore[attr-defined]
+    if expected in (_host(h) for h in hosts):
+        return {"ok": True, "status": "ok", "found": hosts, "expected": expected}
+    # RFC 7505: an MX naming the root (".") says the domain accepts no mail at all.
+    shown = ", ".join(h or ". (a null MX: the domain accepts no mail)" for h in hosts)
+    return {
+        "ok": False,
+        "status": "wrong",
+        "found": hosts,
+        "expected": expected,
+        "message": f"the MX record of {name} points at {shown}, not at {expected}: mail sent "
+        f"to {name} goes there instead of this server. To receive it here, " + _publish(record),
+    }
+
+
+def _is_spf(value: str) -> bool:
+    # RFC 7208 §4.5: the version is exactly "v=spf1", then a space or the end ("v=spf10" is not).
+    terms = value.split()
+    return bool(terms) and terms[0].lower() == "v=spf1"
+
+
+def _qualified(term: str) -> tuple[str, str]:
+    """An SPF term as (qualifier, mechanism); no qualifier means "+" (RFC 7208 §4.6.2)."""
+    if term[0] in "+-~?":
+        return term[0], term[1:].lower()
+    return "+", term.lower()
+
+
+def _check_spf(record: dict[str, Any], values: list[str], mail_host: str) -> dict[str, Any]:
+    """Present is not enough: a "v=spf1 -all" would refuse every message we send."""
+    name = record["name"]
+    records = [v for v in values if _is_spf(v)]
+    if not records:
+        return {
+            "ok": False,
+            "status": "missing",
+            "found": values,
+            "message": f"{name} has no SPF record (a TXT record starting v=spf1): "
+            + _publish(record),
+        }
+    if len(records) > 1:
+        # RFC 7208 §4.5: more than one SPF record is a permerror, so every receiver treats
+        # the domain as having no usable SPF, whatever each record says.
+        return {
+            "ok": False,
+            "status": "broken",
+            "found": values,
+            "message": f"{name} has {len(records)} SPF records; receivers reject that as a "
+            "permanent error (RFC 7208 §4.5) and SPF fails for all its mail. Merge them "
+            f"into one TXT record that includes include:{mail_host}",
+        }
+    included, all_qualifier, redirect = False, None, False
+    for term in records[0].split()[1:]:
+        qualifier, mechanism = _qualified(term)
+        if mechanism == "all":
+            all_qualifier = qualifier
+            break  # RFC 7208 §5.1: terms after "all" are never evaluated
+        kind, _, target = mechanism.partition(":")
+        if kind == "include" and qualifier == "+" and _host(target) == mail_host:
+            included = True
+        redirect = redirect or mechanism.startswith("redirect=")
+    if not included:
+        return {
+            "ok": False,
+            "status": "wrong",
+            "found": values,
+            "message": f"the SPF record of {name} does not authorise this server, so receivers "
+            f"fail or doubt the mail it sends for {name}: add include:{mail_host} before "
+            f"its all, as in: {record['value']}",
+        }
+    result: dict[str, Any] = {"ok": True, "status": "ok", "found": values}
+    if all_qualifier == "+":
+        warning = "ends in +all, which passes mail from every host"
+    elif all_qualifier == "?" or (all_qualifier is None and not redirect):
+        # RFC 7208 §4.7: no "all" and no redirect ends as "?all" would: neutral.
+        warning = "ends neutral (?all), which says nothing about mail from other hosts"
+    else:
+        return result
+    return result | {
+        "status": "warning",
+        "message": f"the SPF record of {name} {warning}, so SPF does not help receivers "
+        f"refuse mail forged as {name}: end it with ~all or -all",
+    }
 
 
 def verify_domain(
@@ -270,7 +435,6 @@ def verify_domain(
 
 # What verification requires (verify_domain); the recommended records are only reported.
 _REQUIRED = ("verification", "dkim")
-_LOOKUP_FAILED = "DNS lookup failed"
 
 
 def recheck_verified(services: Services, *, lifetime: float = 5.0) -> list[str]:
