@@ -24,7 +24,7 @@ from multimail.ids import aware, new_id, utcnow
 from multimail.mail.dkim import verify_message
 from multimail.mail.markdown import render_markdown
 from multimail.runtime import build_services
-from multimail.services import accounts, directory, identity, mailboxes
+from multimail.services import accounts, directory, identity, mailboxes, oversight
 from multimail.services import events as events_service
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
@@ -538,6 +538,40 @@ async def test_paused_mailbox_holds_mail_until_resumed(
     runner.wake()
     await until(status_is(world, message_id, "delivered"))
     assert len(relay.messages) == 1
+
+
+async def test_a_pause_after_the_start_still_stops_the_hand_over(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """Kill switch: a pause that lands after a batch started its messages (commit 1) but
+    before they were handed over stops them too: nothing reaches SMTP, each goes back to
+    queued with a ``delivery.held`` audit entry and its job spent; resuming delivers it."""
+    lease = timedelta(minutes=2)
+    sent = [world.message(to=[f"r{i}@example.test"]) for i in range(3)]
+    items = delivery._prepare_due(world.services, "w1", 10, lease, delivery._Looks())
+    assert items and {i.message_id for i in items} == set(sent)
+    assert {world.row(m)["status"] for m in sent} == {"sending"}
+    operator = Actor(type="user", id=None, name="ops", account_id=world.account_id)
+    oversight.pause(world.services, operator, world.mailbox["id"])
+    await delivery._complete(world.services, "w1", items, lease)
+    assert relay.messages == []
+    for message_id in sent:
+        assert world.row(message_id)["status"] == "queued"
+        assert world.audit_actions(message_id)[-1] == "delivery.held"
+    with world.services.db.read() as conn:
+        open_jobs = conn.execute(
+            select(func.count())
+            .select_from(jobs_table)
+            .where(jobs_table.c.kind == delivery.DELIVER, jobs_table.c.status != "done")
+        ).scalar_one()
+    assert open_jobs == 0
+    assert oversight.resume(world.services, operator, world.mailbox["id"])["released"] == 3
+    claimed = await runner.BATCHES[delivery.DELIVER](world.services, "w2", 10, lease)
+    assert claimed == 3
+    assert {world.row(m)["status"] for m in sent} == {"delivered"}
+    assert sorted(r for m in relay.messages for r in m.rcpt_tos) == [
+        f"r{i}@example.test" for i in range(3)
+    ]
 
 
 async def test_test_mode_captures_instead_of_sending(

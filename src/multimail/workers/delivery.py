@@ -58,6 +58,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     update,
 )
@@ -1079,6 +1080,7 @@ class _Item:
     outcome: _Outcome | None = None
     handover: _HandOver | None = None
     failure: BaseException | None = None
+    held: bool = False  # paused after its start: not handed over, back to queued
 
 
 # Called inside the claim-and-start transaction; returns what this batch works on.
@@ -1454,6 +1456,9 @@ def _finish_all(services: Services, worker_id: str, items: list[_Item]) -> None:
     with services.db.write() as conn:
         done = _finish_fast(conn, services, worker_id, items)
         for item in items:
+            if item.held:
+                _hold_back(conn, item, worker_id)
+                continue
             plan, handover = item.plan, item.handover
             if plan is not None and handover is not None and item.message_id not in done:
                 try:
@@ -1467,6 +1472,16 @@ def _finish_all(services: Services, worker_id: str, items: list[_Item]) -> None:
         _settle_all(conn, items, worker_id)
 
 
+def _hold_back(conn: Connection, item: _Item, worker_id: str) -> None:
+    """A message paused between its start and its hand-over goes back to ``queued``, as
+    one paused before its start stays there; resuming gives it a deliver job again."""
+    ctx = _load(conn, item.message_id, lock=True)
+    if ctx is None or not _set_status(conn, ctx.row, Status.QUEUED):
+        return
+    _audit(conn, ctx, worker_id, "delivery.held", {"reason": "paused before hand-over"})
+    _log.info("delivery of %s held before hand-over: paused meanwhile", item.message_id)
+
+
 def _hand_back(services: Services, worker_id: str, items: list[_Item]) -> None:
     now = utcnow()
     with services.db.write() as conn:
@@ -1475,9 +1490,57 @@ def _hand_back(services: Services, worker_id: str, items: list[_Item]) -> None:
                 jobs.retry(conn, item.job.id, worker_id, run_at=now, error="worker stopping")
 
 
-async def _hand_over_all(transport: OutboundTransport, items: list[_Item]) -> None:
+# Of these mailboxes, those whose mail must not go now (the kill switch, as _held reads it).
+_HELD_AMONG = (
+    select(mailboxes.c.id)
+    .join(accounts, accounts.c.id == mailboxes.c.account_id)
+    .where(
+        mailboxes.c.id.in_(bindparam("mailbox_ids", expanding=True)),
+        or_(
+            mailboxes.c.paused.is_(True),
+            accounts.c.paused.is_(True),
+            accounts.c.sending_enabled.is_(False),
+        ),
+    )
+)
+# How old the paused-mailbox snapshot may be when a message is about to be handed over.
+_PAUSE_FRESHNESS = 0.1
+
+
+class _PauseWatch:
+    """Which of a batch's mailboxes are paused, re-read at most every ``_PAUSE_FRESHNESS`` s.
+
+    A pause that lands after a message's start (commit 1) must still stop it if it has not
+    been handed over: the start and the hand-over are apart by the composing of the batch and
+    by every message queued before it on its session. Reading once per message would cost a
+    query each; a snapshot this fresh narrows the window to the conversations under way.
+    """
+
+    def __init__(self, services: Services, items: Sequence[_Item]) -> None:
+        self._services = services
+        self._ids = sorted({i.plan.mailbox_id for i in items if i.plan is not None})
+        self._held: frozenset[str] = frozenset()
+        self._read_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    def _read(self) -> frozenset[str]:
+        with self._services.db.read() as conn:
+            return frozenset(conn.execute(_HELD_AMONG, {"mailbox_ids": self._ids}).scalars())
+
+    async def held(self, plan: _Plan) -> bool:
+        async with self._lock:  # one read serves every session waiting on it
+            if time.monotonic() - self._read_at > _PAUSE_FRESHNESS:
+                self._held = await asyncio.to_thread(self._read)
+                self._read_at = time.monotonic()
+        return plan.mailbox_id in self._held
+
+
+async def _hand_over_all(
+    transport: OutboundTransport, items: list[_Item], watch: _PauseWatch | None = None
+) -> None:
     """Up to ``_MAX_SESSIONS`` conversations at once, each taking the next message when its
-    last one is done (a coroutine per session, not a task per message)."""
+    last one is done (a coroutine per session, not a task per message). A message whose
+    mailbox or account ``watch`` finds paused is not handed over (``held``)."""
     working = [i for i in items if i.plan is not None]
     queue = iter(working)
 
@@ -1485,6 +1548,9 @@ async def _hand_over_all(transport: OutboundTransport, items: list[_Item]) -> No
         for item in queue:
             assert item.plan is not None
             try:
+                if watch is not None and await watch.held(item.plan):
+                    item.held = True
+                    continue
                 item.handover = await _hand_over(transport, item.plan)
             except Exception as exc:  # a bug, not an SMTP answer: we cannot know what went out
                 _log.exception("handing %s to SMTP failed", item.message_id)
@@ -1530,7 +1596,7 @@ async def _complete(
     keeper = asyncio.create_task(_keep_leases(services, working, worker_id, lease))
     try:
         _crash_point("before_connect")
-        await _hand_over_all(outbound_transport(services), working)
+        await _hand_over_all(outbound_transport(services), working, _PauseWatch(services, working))
         if any(i.handover and any(r.ok for r in i.handover.results.values()) for i in working):
             _crash_point("after_smtp_250")
         await asyncio.to_thread(_finish_all, services, worker_id, working)
