@@ -45,7 +45,10 @@ def test_keys_of_a_deleted_account_are_refused(api: Api, boot: accounts.Bootstra
     box = _box(admin, "sales")
     deleted = admin.delete("/v1/account")
     assert deleted.status_code == 200 and deleted.json()["status"] == "deleted", deleted.text
-    assert admin.get("/v1/account").status_code == 404  # the account itself is gone
+    # 401 account_deleted, as on every other route (not 404): what stopped working is the key.
+    gone = admin.get("/v1/account")
+    assert (gone.status_code, gone.json()["code"]) == (401, "account_deleted"), gone.text
+    assert "deleted" in gone.json()["error"]
 
     listed = agent.get("/v1/mailboxes")
     sent = _send(agent, box, "after deletion")

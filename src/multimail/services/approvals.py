@@ -9,7 +9,9 @@ directly. Tightening never waits.
 
 A wrong code is recorded (its attempt counted) in a transaction that commits before the
 error is raised; a right code is spent in the same transaction as the action it approves,
-so an action that fails leaves its code unused.
+so an action that fails leaves its code unused. Guesses at the same codes take turns (the
+candidate codes are locked while one is judged), so guesses made at once count as they
+would one after another: never a sixth chance.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ PURPOSES = {
     MODE_UPGRADE: "change a mailbox's oversight mode",
     "mailbox_create": "create a mailbox",
     "api_key_create": "create an API key",
+    "api_key_revoke": "revoke an API key",
     "webhook_create": "create a webhook",
     "mailbox_copies": "change a mailbox's auto_cc / auto_bcc",
     "mailbox_settings": "change mailbox settings that loosen its oversight",
@@ -169,7 +172,10 @@ def _check(
     )
     if subject_id is not None:
         query = query.where(approval_codes.c.subject_id == subject_id)
-    rows = conn.execute(query.order_by(approval_codes.c.id.desc()).limit(50)).mappings().all()
+    # Locked (PostgreSQL; SQLite's write transaction already runs alone): a guess judged on
+    # attempts another guess is about to raise could spend a code past its fifth wrong guess.
+    query = query.order_by(approval_codes.c.id.desc()).limit(50).with_for_update()
+    rows = conn.execute(query).mappings().all()
     offered = _hash(_normalise_code(code))
     match = None
     for row in rows:
@@ -729,6 +735,42 @@ def remove_allowlist(
             details={"pattern": row["pattern"]},
         )
     return {**_entry_view(row), "removed": True}
+
+
+def revoke_api_key(
+    services: Services, actor: Actor, key_id: str, approval_code: str | None
+) -> dict[str, Any]:
+    """Revoke a key of the actor's account.
+
+    A key may revoke itself and the keys it created at once; any other key (the operator's
+    own among them) only with the operator's code, else an agent's admin key could lock the
+    operator out. Operators act directly; revoking a key already revoked changes nothing and
+    needs nothing."""
+    actor.require(Scope.ADMIN)
+    account_id = str(actor.account_id)
+
+    def gate(conn: Connection) -> Gate | None:
+        row = keys.key_row(conn, account_id, key_id)
+        if row["revoked_at"] is not None or keys.revocable_without_code(conn, actor, row):
+            return None
+        whose = "; it is the operator's own admin key" if row["operator_credential"] else ""
+        return Gate(
+            "api_key_revoke",
+            {"key_id": row["id"]},
+            f"revoke API key {row['name']} ({row['prefix']}…, {row['id']}, scopes "
+            f"{', '.join(sorted(row['scopes'] or [])) or 'none'}){whose}",
+            subject_id=row["id"],
+        )
+
+    return with_operator_gate(
+        services,
+        actor,
+        code=approval_code,
+        gate=gate,
+        action=lambda conn: keys.revoke_key(
+            conn, actor=actor, account_id=account_id, key_id=key_id
+        ),
+    )
 
 
 def create_api_key(

@@ -24,7 +24,7 @@ from multimail.services.common import jsonable, oldest_first_page
 from multimail.services.context import Actor
 from multimail.store import fast
 from multimail.store.db import Database
-from multimail.store.tables import accounts, api_keys
+from multimail.store.tables import accounts, api_keys, audit_entries
 
 KEY_PREFIXES = {"live": "mm_live_", "test": "mm_test_"}
 # The 401 code for a key whose account was deleted (DELETE /v1/account).
@@ -135,7 +135,8 @@ def page_keys(
     return {"api_keys": [key_public(r) for r in page], "next_cursor": following}
 
 
-def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) -> dict[str, Any]:
+def key_row(conn: Connection, account_id: str, key_id: str) -> dict[str, Any]:
+    """The account's key ``key_id`` (hash included), or NotFound."""
     row = (
         conn.execute(
             select(api_keys).where(api_keys.c.id == key_id, api_keys.c.account_id == account_id)
@@ -145,6 +146,41 @@ def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) 
     )
     if row is None:
         raise NotFound(f"no API key {key_id!r} in this account", code="api_key_not_found")
+    return dict(row)
+
+
+def creator_key_id(conn: Connection, account_id: str, key_id: str) -> str | None:
+    """The id of the API key that created ``key_id``, or ``None`` when an operator or the
+    system did.
+
+    Read from the key's ``api_key.created`` audit entry: ``api_keys.created_by`` holds only
+    the creator's display name, which any key can share, while the audit log records the
+    creator's id and is append-only."""
+    return conn.execute(
+        select(audit_entries.c.actor_id)
+        .where(
+            audit_entries.c.subject_id == key_id,
+            audit_entries.c.action == "api_key.created",
+            audit_entries.c.account_id == account_id,
+            audit_entries.c.actor_type == "key",
+        )
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def revocable_without_code(conn: Connection, actor: Actor, row: dict[str, Any]) -> bool:
+    """Whether ``actor`` may revoke the key ``row`` without the operator's approval code: an
+    operator always; an API key only itself and the keys it created (what it could already
+    use), never another key such as the operator's own."""
+    if actor.is_operator or row["id"] == actor.id:
+        return True
+    return actor.id is not None and creator_key_id(conn, row["account_id"], row["id"]) == actor.id
+
+
+def revoke_key(conn: Connection, *, actor: Actor, account_id: str, key_id: str) -> dict[str, Any]:
+    """Revoke at once, without asking who may: the caller decided (operators act directly;
+    an API key goes through ``approvals.revoke_api_key``)."""
+    row = key_row(conn, account_id, key_id)
     if row["revoked_at"] is None:
         conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=utcnow()))
         audit.append(

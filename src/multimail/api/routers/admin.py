@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from multimail.api.deps import ADMIN, READ, get_services
-from multimail.errors import AuthenticationFailed, InvalidInput, NotFound
+from multimail.errors import InvalidInput
 from multimail.services import (
     accounts,
     approvals,
@@ -38,7 +38,9 @@ class AccountUpdate(Strict):
     daily_send_quota: int | None = Field(None, ge=0, le=INT32_MAX)
 
 
-class AccountDelete(Strict):
+class ApprovalBody(Strict):
+    """The body a DELETE may carry: only the operator's code."""
+
     approval_code: str | None = Field(
         None, max_length=64, description="The operator's one-time code (see approval_required)."
     )
@@ -96,28 +98,24 @@ def _set(model: BaseModel) -> dict[str, Any]:
     return fields
 
 
+def _approval_code(query: str | None, body: ApprovalBody | None) -> str | None:
+    """The code of a DELETE, given as ``?approval_code=`` (DELETE bodies are unusual) or in a
+    JSON body; two different ones are refused rather than one picked."""
+    given = body.approval_code if body is not None else None
+    if given and query and given != query:
+        raise InvalidInput(
+            "two different approval codes were given (query and body); give one",
+            code="conflicting_approval_codes",
+            field="approval_code",
+        )
+    return given or query
+
+
 # --- account ---------------------------------------------------------------------------------
 
 
-def _account_reader(request: Request, response: Response) -> Actor:
-    """READ, except that a key of a deleted account asking for the account itself learns
-    that it is gone (404 ``account_not_found``); everywhere else such a key gets the 401
-    ``account_deleted`` of :func:`keys.authenticate`."""
-    try:
-        return READ(request, response)
-    except AuthenticationFailed as exc:
-        if exc.code != keys.ACCOUNT_DELETED:
-            raise
-        raise NotFound("this account has been deleted", code="account_not_found") from None
-
-
-_account_reader.__name__ = READ.__name__  # the route needs the read scope, as READ says
-
-
 @router.get("/account")
-def get_account(
-    actor: Actor = Depends(_account_reader), svc: Services = Depends(get_services)
-) -> Any:
+def get_account(actor: Actor = Depends(READ), svc: Services = Depends(get_services)) -> Any:
     with svc.db.read() as conn:
         return accounts.account_view(conn, actor.account_id or "")
 
@@ -143,21 +141,14 @@ def delete_account(
     approval_code: str | None = Query(
         None, max_length=64, description="The operator's one-time code (see approval_required)."
     ),
-    body: AccountDelete | None = Body(None),
+    body: ApprovalBody | None = Body(None),
     actor: Actor = Depends(ADMIN),
     svc: Services = Depends(get_services),
 ) -> Any:
     """Delete the account. The operator's own admin key acts at once; another admin key gets
     202 approval_required and repeats the call with the mailed code, as ``?approval_code=``
     (DELETE bodies are unusual) or in a JSON body."""
-    given = body.approval_code if body is not None else None
-    if given and approval_code and given != approval_code:
-        raise InvalidInput(
-            "two different approval codes were given (query and body); give one",
-            code="conflicting_approval_codes",
-            field="approval_code",
-        )
-    return approvals.delete_account(svc, actor, given or approval_code)
+    return approvals.delete_account(svc, actor, _approval_code(approval_code, body))
 
 
 # --- mailboxes -------------------------------------------------------------------------------
@@ -235,10 +226,18 @@ def create_key(
 
 @router.delete("/api-keys/{key_id}")
 def revoke_key(
-    key_id: str, actor: Actor = Depends(ADMIN), svc: Services = Depends(get_services)
+    key_id: str,
+    approval_code: str | None = Query(
+        None, max_length=64, description="The operator's one-time code (see approval_required)."
+    ),
+    body: ApprovalBody | None = Body(None),
+    actor: Actor = Depends(ADMIN),
+    svc: Services = Depends(get_services),
 ) -> Any:
-    with svc.db.write() as conn:
-        return keys.revoke_key(conn, actor=actor, account_id=actor.account_id or "", key_id=key_id)
+    """Revoke a key. A key revokes itself and the keys it created at once; any other key
+    needs the operator (202 approval_required, then the same call with the mailed code, as
+    for DELETE /v1/account). The operator's own admin key acts at once."""
+    return approvals.revoke_api_key(svc, actor, key_id, _approval_code(approval_code, body))
 
 
 # --- contacts --------------------------------------------------------------------------------
