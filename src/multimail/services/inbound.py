@@ -8,7 +8,9 @@ so a burst pays one fsync per batch instead of one per message.
 
 ``process_inbound`` turns a stored message into one message row per recipient mailbox. It
 runs in one transaction that also flips ``inbound_raw.status`` from ``stored`` with a guarded
-UPDATE, so a re-run after a crash (or a second worker) creates nothing twice.
+UPDATE, so a re-run after a crash (or a second worker) creates nothing twice. A second copy
+of a message a mailbox already has (the client resent it after losing our 250: same
+Message-ID, same envelope sender, same bytes) is audited and not delivered again.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import dns.resolver
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 
-from multimail.domain.addresses import AddressError, normalize_address
+from multimail.domain.addresses import AddressError, idna_ascii, normalize_address
 from multimail.domain.oversight import (
     MAY_HAVE_LEFT,
     OversightMode,
@@ -79,6 +81,7 @@ from multimail.smtp.inbound import (
     InboundEnvelope,
     RecipientVerdict,
     StorageFull,
+    split_trace,
 )
 from multimail.store import jobs
 from multimail.store.tables import attachments, domains, inbound_raw
@@ -155,8 +158,16 @@ def _system(account_id: str | None) -> Actor:
 # --------------------------------------------------------------------------- RCPT
 
 
+def _server_domain(services: Services) -> str:
+    """The server's own domain as addresses and headers carry it: its A-label."""
+    try:
+        return idna_ascii(services.settings.domain)
+    except AddressError:
+        return services.settings.domain.lower()
+
+
 def _our_domains(conn: Connection, services: Services) -> set[str]:
-    names = {services.settings.domain.lower()}
+    names = {_server_domain(services)}
     names.update(r.name.lower() for r in conn.execute(select(domains.c.name)))
     return names
 
@@ -340,10 +351,14 @@ def _analyse(services: Services, row: dict[str, Any], parsed: ParsedMessage) -> 
         from_address=parsed.from_address,
         from_count=parsed.from_count,
     )
-    # RELIABILITY SMTP-5: results claimed by earlier hops are not ours to vouch for.
-    stripped = strip_headers(raw, ["Authentication-Results"])
+    # RELIABILITY SMTP-5: results claimed by earlier hops are not ours to vouch for; and
+    # RFC 5321 §4.4: the Return-Path of final delivery replaces any the sender wrote.
+    trace = split_trace(raw)
+    client = strip_headers(trace.client, ["Authentication-Results", "Return-Path"])
     stored = prepend_header(
-        stripped, "Authentication-Results", auth.header_value(services.settings.domain)
+        trace.return_path + trace.received + client,
+        "Authentication-Results",
+        auth.header_value(_server_domain(services)),
     )
     verdict = score_message(
         SpamSignals(
@@ -800,6 +815,76 @@ def _keep_for_operator(
     )
 
 
+# Copies of one Message-ID for one mailbox are checked and delivered one at a time: on
+# PostgreSQL two workers could otherwise both find no earlier copy (SQLite's single writer
+# already serialises them). The two-key form keeps these locks apart from the audit chain's.
+_COPIES_LOCK_SPACE = 7_240_004
+
+
+def _lock_copies(conn: Connection, mailbox_ids: Sequence[str], header: str) -> None:
+    """Lock every recipient mailbox's copies of ``header``, in one order and before the
+    transaction's first audit append, so no two deliveries can wait on each other."""
+    if conn.dialect.name != "postgresql":
+        return
+    keys = {
+        int.from_bytes(hashlib.sha256(f"{m}\0{header}".encode()).digest()[:4], "big", signed=True)
+        for m in mailbox_ids
+    }
+    for key in sorted(keys):
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :key)"),
+            {"space": _COPIES_LOCK_SPACE, "key": key},
+        )
+
+
+def _delivery_key(stored: bytes) -> bytes | None:
+    """The envelope sender and the client's bytes of a stored message, as one digest; None
+    when the message records no envelope sender (stored before Return-Path was added).
+
+    Our Authentication-Results and Received fields (with a queue id and time of their own)
+    differ between two copies of one resent message, so they are left out."""
+    trace = split_trace(strip_headers(stored, ["Authentication-Results"]))
+    if not trace.return_path:
+        return None
+    return hashlib.sha256(trace.return_path + b"\0" + trace.client).digest()
+
+
+def _earlier_copy(
+    conn: Connection, mailbox: Mapping[str, Any], header: str, stored: bytes
+) -> str | None:
+    """The id of the message in ``mailbox`` that delivering ``stored`` would repeat."""
+    found = conn.execute(
+        select(messages_table.c.id, messages_table.c.raw).where(
+            messages_table.c.message_id_header == header,
+            messages_table.c.mailbox_id == mailbox["id"],
+            messages_table.c.direction == "inbound",
+        )
+    ).all()
+    # Hashed only when the Message-ID is already there: almost every message is new.
+    key = _delivery_key(stored) if found else None
+    if key is None:
+        return None
+    for message_id, raw in found:
+        if raw is not None and _delivery_key(bytes(raw)) == key:
+            return str(message_id)
+    return None
+
+
+def _drop_copy(
+    conn: Connection, mailbox: Mapping[str, Any], earlier_id: str, row: Mapping[str, Any]
+) -> None:
+    audit.append(
+        conn,
+        actor=_system(mailbox["account_id"]),
+        action="message.duplicate_dropped",
+        subject_type="message",
+        subject_id=earlier_id,
+        mailbox_id=mailbox["id"],
+        oversight_mode=mailbox["oversight_mode"],
+        details={"inbound_id": row["id"], "mail_from": row["mail_from"]},
+    )
+
+
 def _mark_failed(services: Services, row: dict[str, Any], error: str) -> None:
     with services.db.write() as conn:
         changed = conn.execute(
@@ -849,7 +934,17 @@ def process_inbound(services: Services, inbound_id: str) -> list[str]:
         ).rowcount
         if not claimed or analysis is None:
             return []
-        created = [_deliver(conn, mailbox, analysis) for mailbox in recipients]
+        # RFC 5321 §6.1: a client that lost our 250 sends the message again; SPEC §12 allows
+        # no duplicate, so a copy the mailbox already has is recorded and not delivered.
+        header = _without_nul((analysis.parsed.message_id or "")[:998]) or None
+        if header is not None:
+            _lock_copies(conn, [mailbox["id"] for mailbox in recipients], header)
+        for mailbox in recipients:
+            earlier = header and _earlier_copy(conn, mailbox, header, analysis.stored_raw)
+            if earlier:
+                _drop_copy(conn, mailbox, earlier, row)
+                continue
+            created.append(_deliver(conn, mailbox, analysis))
     if any(r["status"] == Status.UNREAD.value for r in created):
         signals(services).arrived.notify()
     return [r["id"] for r in created]

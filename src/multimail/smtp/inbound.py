@@ -14,6 +14,11 @@ What aiosmtpd 1.4.6 already does, and what this module adds on top:
 * After STARTTLS it discards plaintext buffered behind the command (its fix for
   CVE-2024-34083); our tests check that the pipelined command really has no effect.
 * Its replies lack RFC 3463 enhanced status codes; :meth:`_InboundProtocol.push` rewords them.
+* It offers AUTH once TLS is up, and answers a second STARTTLS inside TLS with 220 before
+  failing; we take no SMTP AUTH (502) and refuse the second STARTTLS (554).
+
+As the server of final delivery (RFC 5321 §4.4) we put ``Return-Path: <reverse-path>`` and our
+Received line on top of each message; :func:`split_trace` takes them off again.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from types import TracebackType
-from typing import AnyStr, Protocol
+from typing import AnyStr, NamedTuple, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
+from multimail.domain.addresses import idna_ascii
 from multimail.errors import InvalidInput, Unavailable
 
 __all__ = [
@@ -49,6 +55,8 @@ __all__ = [
     "InboundSink",
     "RecipientVerdict",
     "StorageFull",
+    "Trace",
+    "split_trace",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,7 +104,8 @@ RELAY_DENIED = RecipientVerdict.reject(551, "5.7.1 Recipient not local; relaying
 
 @dataclass(frozen=True)
 class InboundEnvelope:
-    """One accepted message: the SMTP envelope and the raw data, with our Received line first."""
+    """One accepted message: the SMTP envelope and the raw data, under our Return-Path and
+    Received lines."""
 
     mail_from: str  # "" for the null reverse-path of bounces (RFC 5321 §4.5.5)
     rcpt_tos: tuple[str, ...]
@@ -128,6 +137,12 @@ class InboundLimits:
     max_recipients: int = 50
     # Each session costs buffers and a task; past this we answer 421 at greeting (RFC 5321 §3.8).
     max_connections: int = 100
+    # Sessions from one client address (an IPv6 /64), so one peer cannot hold every slot;
+    # None is half of max_connections, Postfix's smtpd_client_connection_count_limit default.
+    max_connections_per_peer: int | None = None
+    # Refused recipients per session before we answer 421 and hang up: walking a list of
+    # guessed names finds the hosted ones (Postfix: smtpd_hard_error_limit, also 20).
+    max_refused_recipients: int = 20
     # RFC 5321 §4.5.3.1.6 fixes text lines at 1000 octets with CRLF; real senders exceed it,
     # so like Stalwart we accept up to 4096 (CRLF and any transparency dot included) and
     # refuse a longer line with 554 5.3.4.
@@ -145,10 +160,18 @@ class InboundLimits:
         if self.max_line_length < 1001:
             raise InvalidInput("max_line_length below RFC 5321's 1000 octets + dot")
         numbers = (self.max_message_size, self.max_recipients, self.max_connections)
-        if min(numbers) < 1 or self.max_header_bytes < 1:
+        if min(numbers) < 1 or self.max_header_bytes < 1 or self.max_refused_recipients < 1:
+            raise InvalidInput("SMTP limits must be positive")
+        if self.max_connections_per_peer is not None and self.max_connections_per_peer < 1:
             raise InvalidInput("SMTP limits must be positive")
         if self.command_timeout <= 0 or self.data_timeout <= 0:
             raise InvalidInput("SMTP timeouts must be positive")
+
+    @property
+    def peer_connection_limit(self) -> int:
+        if self.max_connections_per_peer is not None:
+            return self.max_connections_per_peer
+        return max(1, self.max_connections // 2)
 
 
 # Replies aiosmtpd writes itself, reworded with the RFC 3463 enhanced codes clients act on.
@@ -176,6 +199,11 @@ _PATH = re.compile(
     r'<(?:@[^:<>\s]+:)?(?P<path>(?:"(?:[^"\\\r\n]|\\.)*"|[^<>\s"])*)>|(?P<bare>[^<>\s]+)'
 )
 _HELO_UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_QUOTED_PAIR = re.compile(r"\\(.)")
+# The "by" clause of the Received line _received_header writes; the client's HELO, the only
+# text of theirs before it, cannot hold a space or a parenthesis.
+_OUR_RECEIVED = re.compile(rb"\A[^\n]*\n\tby \S+ \(MultiMail\) with ")
 
 
 def _has_bare_newline(content: bytes) -> bool:
@@ -199,6 +227,67 @@ def _is_valid_mailbox(address: str) -> bool:
     )
 
 
+def _dot_atom_form(address: str) -> str:
+    """``"bot"@example.com`` as ``bot@example.com``: RFC 5321 §4.1.2 makes every quoted form
+    of a local part equivalent to the unquoted one. A quoted local part that no dot-atom can
+    write (a space, an @, two dots in a row) is returned as it came."""
+    local, _, domain = address.rpartition("@")
+    if not local.startswith('"'):
+        return address
+    content = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return f"{content}@{domain}" if _DOT_ATOM.fullmatch(content) else address
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer_key(host: str) -> str:
+    """What one client is for the per-peer connection cap: its IPv4 address, or its IPv6
+    /64, the block one subscriber is usually given (else each address would be a new peer)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:  # a dual-stack socket shows IPv4 clients this way
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+def _first_field(data: bytes) -> tuple[bytes, bytes]:
+    """The first header field of ``data`` with its folded lines, and what follows it."""
+    end = 0
+    while True:
+        end = data.find(b"\n", end) + 1
+        if end == 0:
+            return data, b""
+        if data[end : end + 1] not in (b" ", b"\t"):
+            return data[:end], data[end:]
+
+
+class Trace(NamedTuple):
+    """Stored data taken apart: the trace of final delivery and the client's bytes."""
+
+    return_path: bytes  # the "Return-Path: <...>" field of final delivery, or b""
+    received: bytes  # our Received field, or b""
+    client: bytes  # the bytes the client sent
+
+
+def split_trace(data: bytes) -> Trace:
+    """Take our Return-Path and Received fields off the top of stored data.
+
+    A Return-Path that is the very first field was written at final delivery: ours, or that
+    of the operator's MTA for mail handed over by it; any other Return-Path is the sender's
+    (RFC 5321 §4.4). Data stored before the Return-Path was added starts at our Received."""
+    field, rest = _first_field(data)
+    return_path = b""
+    if field[:12].lower() == b"return-path:":
+        return_path, data = field, rest
+        field, rest = _first_field(data)
+    if field.startswith(b"Received: from ") and _OUR_RECEIVED.search(field):
+        return Trace(return_path, field, rest)
+    return Trace(return_path, b"", data)
+
+
 @functools.lru_cache(maxsize=1024)  # one parse per peer, not per message
 def _address_literal(host: str) -> str:
     try:
@@ -206,6 +295,11 @@ def _address_literal(host: str) -> str:
     except ValueError:
         return "[unknown]"
     return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+def _return_path(mail_from: str) -> bytes:
+    """RFC 5321 §4.4: final delivery records the reverse-path, ``<>`` for a bounce."""
+    return f"Return-Path: <{mail_from}>\r\n".encode("ascii")
 
 
 def _received_header(
@@ -318,6 +412,19 @@ class _InboundHandler:
         self._hostname = hostname
         self.storing: set[asyncio.Task[str]] = set()
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # aiosmtpd offers AUTH once TLS is up, with mechanisms that can only ever answer 535;
+        # an MX that takes no SMTP AUTH must not offer it (RFC 4954 section 3).
+        session.host_name = hostname  # this hook replaces aiosmtpd's own assignment
+        return [line for line in responses if not line[4:].upper().startswith("AUTH")]
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -330,9 +437,16 @@ class _InboundHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        reply = await self._recipient(envelope, address, options)
+        if reply[:1] == "5" and isinstance(server, _InboundProtocol) and server.refused_too_often():
+            return f"421 4.7.0 {self._hostname} Too many errors"
+        return reply
+
+    async def _recipient(self, envelope: Envelope, address: str, options: list[str]) -> str:
         # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted for the server.
         if address.lower() != "postmaster" and not _is_valid_mailbox(address):
             return "553 5.1.3 Bad recipient address syntax"
+        address = _dot_atom_form(address)
         if address in envelope.rcpt_tos:
             return "250 2.1.5 Recipient OK (duplicate ignored)"
         if len(envelope.rcpt_tos) >= self._limits.max_recipients:
@@ -378,10 +492,11 @@ class _InboundHandler:
             recipients=rcpt_tos,
             when=received_at,
         )
+        mail_from = "" if envelope.mail_from == "<>" else (envelope.mail_from or "")
         inbound = InboundEnvelope(
-            mail_from="" if envelope.mail_from == "<>" else (envelope.mail_from or ""),
+            mail_from=mail_from,
             rcpt_tos=rcpt_tos,
-            data=trace + content,
+            data=_return_path(mail_from) + trace + content,
             peer=peer,
             helo=helo,
             received_at=received_at,
@@ -433,6 +548,7 @@ class _InboundProtocol(SMTP):
         tls_context: ssl.SSLContext | None,
         require_starttls: bool,
         on_close: Callable[[_InboundProtocol], None],
+        admit: Callable[[_InboundProtocol, str], bool] | None = None,
     ) -> None:
         # Read by SMTP.__init__ to size its StreamReader, so it must be set first; the
         # class-level size table is shared by every session, so each gets its own.
@@ -450,7 +566,42 @@ class _InboundProtocol(SMTP):
         )
         self._command_timeout = limits.command_timeout
         self._data_timeout = limits.data_timeout
+        self._admit = admit
+        self._admitted = False
         self._on_close = on_close
+        self._refusals_left = limits.max_refused_recipients
+        self._hanging_up = False
+        self._storing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._admitted:
+            # The TCP connection (STARTTLS calls this again for the TLS layer): only now is
+            # the peer known, so the per-peer cap is applied here, before the greeting.
+            self._admitted = True
+            peer = transport.get_extra_info("peername")
+            host = peer[0] if isinstance(peer, tuple) else str(peer)
+            if self._admit is not None and not self._admit(self, host):
+                busy = _TooBusy(self.hostname)
+                transport.set_protocol(busy)
+                busy.connection_made(transport)
+                return
+        super().connection_made(transport)
+
+    def refused_too_often(self) -> bool:
+        """Count one refused recipient; True once the session is past its limit."""
+        self._refusals_left -= 1
+        self._hanging_up = self._refusals_left < 0
+        return self._hanging_up
+
+    def shut_down(self) -> None:
+        """RFC 5321 §3.8: tell the client we are going away, then hang up. A session whose
+        message is being stored is hung up on without a word: its reply is the store's."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not self._storing and isinstance(transport, asyncio.WriteTransport):
+            transport.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
+        transport.close()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses paths with email's lenient header parser, which repairs rather
@@ -475,6 +626,24 @@ class _InboundProtocol(SMTP):
         if isinstance(status, str):
             status = _REWORDED.get(status, status)  # type: ignore[assignment]
         await super().push(status)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # Not offered in EHLO (see handle_EHLO) and no HELP text: no SMTP AUTH here at all.
+        await self.push("502 5.5.1 AUTH not available: this server takes no SMTP AUTH")
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # aiosmtpd would answer 220 and then fail to layer TLS on TLS (RFC 3207 §4.2).
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await super().smtp_RCPT(arg)
+        if self._hanging_up and self.transport is not None:
+            self.transport.close()
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -515,7 +684,11 @@ class _InboundProtocol(SMTP):
             return
         self.envelope.content = content
         self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        self._storing = True
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self._storing = False
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
@@ -561,12 +734,16 @@ class InboundSMTPServer:
             raise InvalidInput("require_starttls needs a tls_context")
         self._host = host
         self._port = port
+        # RFC 5321 §2.3.5: a domain on the wire is its A-label (greeting, EHLO, Received).
+        hostname = hostname if hostname.isascii() else idna_ascii(hostname)
         self._hostname = hostname
         self._limits = limits or InboundLimits()
         self._tls_context = tls_context
         self._require_starttls = require_starttls
         self._handler = _InboundHandler(sink, self._limits, hostname)
         self._sessions: set[_InboundProtocol] = set()
+        self._peers: dict[_InboundProtocol, str] = {}
+        self._per_peer: collections.Counter[str] = collections.Counter()
         self._server: asyncio.Server | None = None
 
     @property
@@ -590,12 +767,30 @@ class InboundSMTPServer:
             hostname=self._hostname,
             tls_context=self._tls_context,
             require_starttls=self._require_starttls,
-            on_close=self._sessions.discard,
+            on_close=self._closed,
+            admit=self._admit,
         )
         # Counted at creation, not at connection_made: one accept batch may create
         # several protocols before any of them is told it is connected.
         self._sessions.add(session)
         return session
+
+    def _admit(self, session: _InboundProtocol, host: str) -> bool:
+        peer = _peer_key(host)
+        if self._per_peer[peer] >= self._limits.peer_connection_limit:
+            self._sessions.discard(session)
+            return False
+        self._per_peer[peer] += 1
+        self._peers[session] = peer
+        return True
+
+    def _closed(self, session: _InboundProtocol) -> None:
+        self._sessions.discard(session)
+        peer = self._peers.pop(session, None)
+        if peer is not None:
+            self._per_peer[peer] -= 1
+            if self._per_peer[peer] <= 0:
+                del self._per_peer[peer]
 
     async def start(self) -> None:
         if self._server is not None:
@@ -605,14 +800,13 @@ class InboundSMTPServer:
         log.info("inbound SMTP listening on %s:%d", self._host, self.port)
 
     async def stop(self) -> None:
-        """Stop listening, hang up on open sessions, and let in-flight stores finish."""
+        """Stop listening, say 421 to open sessions and hang up, let in-flight stores finish."""
         server, self._server = self._server, None
         if server is None:
             return
         server.close()
         for session in list(self._sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.shut_down()
         await server.wait_closed()
         if self._handler.storing:
             # Their outcomes are already handled in the sessions; only completion matters.
