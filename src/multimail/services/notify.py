@@ -19,8 +19,9 @@ draft as it is then) and sends nothing when the message no longer waits for a de
 Approval requests queued by earlier releases carry subject and markdown and are sent as
 they stand.
 
-Agent-written text (drafts, subjects, thread excerpts) is shown inside fenced code blocks:
-a draft must never be able to put its own "Approve" link into the operator's email.
+Agent-written text (drafts, subjects, thread excerpts) is shown inside fenced code blocks
+(:func:`multimail.services.fences.fenced`, which also counts look-alike backticks): a draft
+must never be able to put its own "Approve" link into the operator's email.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from multimail.ids import isoformat
 from multimail.services import directory
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
+from multimail.services.fences import fenced as fenced  # approvals fences its summary with it
 from multimail.store import jobs
 from multimail.store.tables import accounts, mailboxes, messages
 
@@ -85,13 +87,6 @@ def mask_address(address: str) -> str:
     if len(local) <= 2:
         return f"{local[:1]}*@{domain}"
     return f"{local[0]}{'*' * (len(local) - 2)}{local[-1]}@{domain}"
-
-
-def fenced(text: str) -> str:
-    """A fenced code block that no backtick run inside ``text`` can close early."""
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return f"{fence}text\n{text}\n{fence}"
 
 
 class _Unknown:

@@ -61,7 +61,10 @@ class Tool:
     input: type[i.ToolInput]
     scope: Scope
     route: Route
-    read_only: bool = False
+    read_only: bool = False  # a retrieval: answers with data, also served as GET /{tool}
+    # What a retrieval still changes (read_email marks unread mail read). MCP clients run a
+    # readOnlyHint tool without asking the user, so such a tool is never announced read-only.
+    side_effect: str | None = None
     destructive: bool = False
     idempotent: bool = False
     open_world: bool = False  # reaches outside this server (sends mail)
@@ -69,10 +72,14 @@ class Tool:
     shape: Shape | None = None
 
     @property
+    def changes_nothing(self) -> bool:
+        return self.read_only and self.side_effect is None
+
+    @property
     def annotations(self) -> dict[str, Any]:
         return {
             "title": self.title,
-            "readOnlyHint": self.read_only,
+            "readOnlyHint": self.changes_nothing,
             "destructiveHint": self.destructive,
             "idempotentHint": self.idempotent,
             "openWorldHint": self.open_world,
@@ -286,7 +293,8 @@ TOOLS: tuple[Tool, ...] = (
         Scope.READ,
         Route("GET", "/v1/emails/{message_id}"),
         read_only=True,
-        idempotent=True,
+        side_effect="marks an unread message read (audited as message.read)",
+        idempotent=True,  # a second read finds it read already: nothing more changes
         returns_content=True,
         shape=message_ack,
     ),
@@ -539,6 +547,8 @@ TOOLS: tuple[Tool, ...] = (
         i.NoArgs,
         Scope.ADMIN,
         Route("GET", "/v1/webhooks"),
+        # Listing writes only to bring a mailbox's webhook_url subscription in step, which
+        # every event emitted for the mailbox does anyway: nothing a caller sees changes.
         read_only=True,
         idempotent=True,
     ),
