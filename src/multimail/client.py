@@ -655,8 +655,9 @@ class _Tools(Generic[R]):
         """Create a key with scopes (send and oversight never together)."""
         return self._tool("create_api_key", locals())
 
-    def revoke_api_key(self, *, key_id: str) -> R:
-        """Revoke a key: refused from its next request."""
+    def revoke_api_key(self, *, key_id: str, approval_code: str | None = None) -> R:
+        """Revoke a key: refused from its next request. Another key than this one or one it
+        created may answer ``approval_required``: repeat with the operator's code."""
         return self._tool("revoke_api_key", locals())
 
     def get_audit_log(

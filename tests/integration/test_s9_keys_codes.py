@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from multimail.client import MultimailClient
 from multimail.services import accounts, keys
 from multimail.services.context import Services
 from multimail.store.tables import api_keys, approval_codes, audit_entries
@@ -121,11 +122,30 @@ def test_the_revoke_tool_route_is_gated_too(
     api: Api, services: Services, boot: accounts.Bootstrap, minted_admin_key: str
 ) -> None:
     """POST /revoke_api_key lands on the same REST route: the agent's key gets the approval
-    requirement there as well, and the operator's key keeps working."""
+    requirement there as well, the operator's key keeps working, and the tool takes the
+    mailed code to finish (its input must accept approval_code, or the agent is stuck)."""
     operator_key = _key_id(services, boot.admin_key)
-    answer = api.client(minted_admin_key).post("/revoke_api_key", json={"key_id": operator_key})
-    _asks(answer)
+    tool = api.client(minted_admin_key)
+    _asks(tool.post("/revoke_api_key", json={"key_id": operator_key}))
     assert api.client(boot.admin_key).get("/v1/mailboxes").status_code == 200
+    done = tool.post(
+        "/revoke_api_key", json={"key_id": operator_key, "approval_code": last_code(services)}
+    )
+    _revoked(done)
+    assert _is_revoked(services, operator_key)
+
+
+def test_the_python_client_passes_the_code_through(
+    api: Api, services: Services, boot: accounts.Bootstrap, minted_admin_key: str
+) -> None:
+    """MultimailClient.revoke_api_key(approval_code=...) finishes the two-step revoke."""
+    reviewer_key = _key_id(services, boot.reviewer_key)
+    with MultimailClient(api_key=minted_admin_key, base_url=api.base_url) as client:
+        first = client.revoke_api_key(key_id=reviewer_key)
+        assert first["status"] == "approval_required", first
+        done = client.revoke_api_key(key_id=reviewer_key, approval_code=last_code(services))
+    assert done["revoked"] is True, done
+    assert _is_revoked(services, reviewer_key)
 
 
 def test_a_key_revokes_itself_and_the_keys_it_created_at_once(

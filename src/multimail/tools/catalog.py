@@ -513,8 +513,10 @@ TOOLS: tuple[Tool, ...] = (
     Tool(
         "revoke_api_key",
         "Revoke an API key",
-        "Revoke a key: refused from its next request. Returns the key with revoked: true.",
-        i.KeyArg,
+        "Revoke a key: refused from its next request. Returns the key with revoked: true. "
+        "A key revokes itself and the keys it created at once; any other key may answer "
+        "{status: approval_required}: repeat with the operator's approval_code.",
+        i.RevokeApiKey,
         Scope.ADMIN,
         Route("DELETE", "/v1/api-keys/{key_id}"),
         destructive=True,

@@ -401,8 +401,11 @@ class CreateApiKey(ToolInput):
     approval_code: str | None = None
 
 
-class KeyArg(ToolInput):
+class RevokeApiKey(ToolInput):
     key_id: str = Field(..., max_length=64)
+    approval_code: str | None = Field(
+        None, max_length=64, description="The operator's one-time code (see approval_required)."
+    )
 
 
 class GetAuditLog(ToolInput):
