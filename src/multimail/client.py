@@ -544,9 +544,11 @@ class _Tools(Generic[R]):
         revised_body: str | None = None,
         revised_markdown: str | None = None,
         revised_subject: str | None = None,
+        draft_digest: str | None = None,
     ) -> R:
         """A human reviewer's decision (needs an oversight key; the agent that wrote a message never
-        approves it).
+        approves it). ``draft_digest`` (from the pending queue) makes an approval cover only the
+        version reviewed.
         """
         return self._tool("decide_email", locals())
 

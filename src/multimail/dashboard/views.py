@@ -26,8 +26,17 @@ from multimail.dashboard.auth import (
 )
 from multimail.dashboard.render import render
 from multimail.domain.oversight import Status
-from multimail.errors import InvalidInput
-from multimail.services import audit, inbox, mailboxes, messages, operators, oversight, sending
+from multimail.errors import Conflict, InvalidInput
+from multimail.services import (
+    audit,
+    inbox,
+    mailboxes,
+    messages,
+    notify,
+    operators,
+    oversight,
+    sending,
+)
 from multimail.services.context import Actor, Services
 from multimail.services.operators import OperatorSession
 
@@ -88,6 +97,8 @@ def queue(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
     # Newest first, a page at a time: the oldest drafts (the next to expire) are on the
     # last page, reached by the "Older drafts" link.
     cursor = request.query_params.get("cursor") or None
+    # Read before the list: a change in between makes the page redraw once, never go stale.
+    state = oversight.pending_state(svc, actor)
     pending = _pending(svc, actor, cursor=cursor)
     return render(
         request,
@@ -96,6 +107,7 @@ def queue(request: Request, actor: Actor = Depends(operator_actor)) -> Response:
         pending=pending,
         pending_count=pending["pending_count"],
         cursor=cursor,
+        state=state,
         notice=_notice(request),
         batch=None,
         **_first_steps(svc, actor),
@@ -139,7 +151,13 @@ def queue_batch(
             "say why in the note: the agents read it to revise their messages",
             code="note_required",
         )
-    outcome = oversight.decide_many(svc, actor, email_ids=ids, action=action, note=note)
+    # Each card posts the digest of the draft it shows (digest_<id>): a draft the agent
+    # edited after the queue was drawn is refused in the results, not approved unseen.
+    digests = {i: form[f"digest_{i}"][-1] for i in ids if form.get(f"digest_{i}")}
+    outcome = oversight.decide_many(
+        svc, actor, email_ids=ids, action=action, note=note, draft_digests=digests
+    )
+    state = oversight.pending_state(svc, actor)
     pending = _pending(svc, actor)
     return render(
         request,
@@ -148,22 +166,18 @@ def queue_batch(
         pending=pending,
         pending_count=pending["pending_count"],
         cursor=None,
+        state=state,
         batch={"action": action, "results": outcome["results"]},
         **_first_steps(svc, actor),
     )
-
-
-def _pending_state(services: Services, actor: Actor) -> dict[str, Any]:
-    page = oversight.list_pending(services, actor, limit=1)
-    items = page["pending"]
-    return {"count": page["pending_count"], "newest": items[0]["id"] if items else None}
 
 
 @router.get("/events")
 async def event_stream(
     request: Request, session: OperatorSession = Depends(current_session)
 ) -> Response:
-    """Server-sent events: ``pending`` whenever the queue's count or newest item changes."""
+    """Server-sent events: ``pending`` whenever the queue's count, newest item or latest
+    change (an agent's edit of a waiting draft) changes."""
     svc = services_of(request)
     actor = session.actor
 
@@ -173,7 +187,7 @@ async def event_stream(
         yield "retry: 1000\n\n"
         last: dict[str, Any] | None = None
         while loop.time() < deadline and not await request.is_disconnected():
-            state = await asyncio.to_thread(_pending_state, svc, actor)
+            state = await asyncio.to_thread(oversight.pending_state, svc, actor)
             if state != last:
                 yield f"event: pending\ndata: {json.dumps(state)}\n\n"
                 last = state
@@ -224,7 +238,8 @@ def message_list(request: Request, actor: Actor = Depends(operator_actor)) -> Re
 def _detail(services: Services, actor: Actor, message_id: str) -> dict[str, Any]:
     with services.db.read() as conn:
         row = messages.get_row(conn, actor, message_id)
-        message = messages.full_view(conn, row)
+        # The decision forms post the digest of the draft shown here (see oversight.decide).
+        message = messages.full_view(conn, row) | {"draft_digest": notify.draft_digest(row)}
         thread = inbox.get_thread(conn, actor, row["thread_id"]) if row.get("thread_id") else None
         trail = audit.trail_for_message(conn, actor, row["id"])
         attempts = operators.delivery_attempts(conn, actor, row["id"])
@@ -250,7 +265,29 @@ def message_page(
         "message.html",
         nav="messages",
         notice=_notice(request),
+        problem=None,
         edit=None,
+        **context,
+    )
+
+
+def _draft_changed(
+    request: Request,
+    actor: Actor,
+    message_id: str,
+    exc: Conflict,
+    edit: dict[str, Any] | None = None,
+) -> Response:
+    """The message page again, showing the draft as it is now under the refusal, so the
+    operator reviews what the agent changed before deciding (their edit is kept)."""
+    context = _detail(services_of(request), actor, message_id)
+    return render(
+        request,
+        "message.html",
+        status_code=409,
+        nav="messages",
+        problem=exc.message,
+        edit=edit,
         **context,
     )
 
@@ -262,9 +299,19 @@ def approve(
     actor: Actor = Depends(operator_actor),
     form: dict[str, str] = Depends(checked_form),
 ) -> Response:
-    result = oversight.decide(
-        services_of(request), actor, email_id=message_id, action="approve", note=form.get("note")
-    )
+    try:
+        result = oversight.decide(
+            services_of(request),
+            actor,
+            email_id=message_id,
+            action="approve",
+            note=form.get("note"),
+            draft_digest=form.get("draft_digest") or None,
+        )
+    except Conflict as exc:
+        if exc.code != "draft_changed":
+            raise
+        return _draft_changed(request, actor, message_id, exc)
     return _back(f"/messages/{message_id}", result["result"])
 
 
@@ -281,30 +328,41 @@ def edit_and_approve(
     markdown = form.get("markdown", "").replace("\r\n", "\n")
     if not markdown.strip():
         raise InvalidInput("the edited body is empty", code="empty_body")
+    digest = form.get("draft_digest") or None
     if form.get("op") == "preview":
         context = _detail(svc, actor, message_id)
         return render(
             request,
             "message.html",
             nav="messages",
-            edit={"subject": subject, "markdown": markdown},
+            problem=None,
+            # The preview keeps the digest of the draft first shown: approving from it still
+            # covers only that draft, whatever the agent changed meanwhile.
+            edit={"subject": subject, "markdown": markdown, "draft_digest": digest},
             **context,
         )
     with svc.db.read() as conn:
         current = messages.get_row(conn, actor, message_id)
-    result = oversight.decide(
-        svc,
-        actor,
-        email_id=message_id,
-        action="approve",
-        note=form.get("note") or None,
-        revised_subject=subject if subject != current["subject"] else None,
-        # A browser submits the textarea with CRLF line breaks (normalised above): compared
-        # with the stored draft as raw text, an untouched CRLF draft would count as an edit.
-        revised_markdown=None
-        if markdown == (current["markdown"] or "").replace("\r\n", "\n")
-        else markdown,
-    )
+    try:
+        result = oversight.decide(
+            svc,
+            actor,
+            email_id=message_id,
+            action="approve",
+            note=form.get("note") or None,
+            revised_subject=subject if subject != current["subject"] else None,
+            # A browser submits the textarea with CRLF line breaks (normalised above): compared
+            # with the stored draft as raw text, an untouched CRLF draft would count as an edit.
+            revised_markdown=None
+            if markdown == (current["markdown"] or "").replace("\r\n", "\n")
+            else markdown,
+            draft_digest=digest,
+        )
+    except Conflict as exc:
+        if exc.code != "draft_changed":
+            raise
+        edit = {"subject": subject, "markdown": markdown, "draft_digest": None}
+        return _draft_changed(request, actor, message_id, exc, edit)
     return _back(f"/messages/{message_id}", result["result"])
 
 

@@ -15,6 +15,7 @@ blocking finding refuses the approval (422 ``scan_blocked``).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ APPROVE_DELIVERY_WAIT_S = 3.0
 MAX_BATCH = 100
 MAX_MARKDOWN_CHARS = 262_144
 SWEEP_BATCH = 500
+# What notify.draft_digest gives: the reviewer copies it from the queue unchanged.
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+DRAFT_CHANGED = "the draft changed after you opened it: review it again"
 
 _ACTIONS = {
     "approve": "approve",
@@ -125,6 +129,42 @@ def _can_see_held_inbound(actor: Actor) -> bool:
     return actor.is_operator or satisfies(actor.scopes, Scope.OVERSIGHT)
 
 
+def _pending_where(
+    conn: Connection, actor: Actor, mailbox_ref: str | None = None
+) -> list[ColumnElement[bool]]:
+    """The messages in ``actor``'s pending queue."""
+    statuses = [Status.PENDING_SEND_APPROVAL.value]
+    if _can_see_held_inbound(actor):
+        statuses.append(Status.PENDING_INBOUND_APPROVAL.value)
+    where = [messages.c.account_id == actor.account_id, messages.c.status.in_(statuses)]
+    if mailbox_ref:
+        where.append(messages.c.mailbox_id == mailboxes.resolve(conn, actor, mailbox_ref)["id"])
+    if actor.mailbox_ids is not None:
+        where.append(messages.c.mailbox_id.in_(actor.mailbox_ids))
+    if actor.test_mode:
+        where.append(messages.c.test.is_(True))  # a test key's queue is the sandbox's
+    return where
+
+
+def pending_state(services: Services, actor: Actor) -> dict[str, Any]:
+    """What a live view of the queue compares to know it must redraw: the count, the newest
+    draft, and the latest change, so a draft an agent edited in place is shown again."""
+    actor.require(Scope.READ)
+    with services.db.read() as conn:
+        where = _pending_where(conn, actor)
+        count, newest, changed = conn.execute(
+            select(func.count(), func.max(messages.c.id), func.max(messages.c.updated_at)).where(
+                *where
+            )
+        ).one()
+    return {
+        "count": int(count),
+        "newest": newest,
+        # Only compared for equality: full precision, whatever type the driver gives back.
+        "changed": str(changed) if changed is not None else None,
+    }
+
+
 def list_pending(
     services: Services,
     actor: Actor,
@@ -134,19 +174,10 @@ def list_pending(
 ) -> dict[str, Any]:
     """Messages waiting for a decision, newest first, with thread context and expiry."""
     actor.require(Scope.READ)
-    statuses = [Status.PENDING_SEND_APPROVAL.value]
-    if _can_see_held_inbound(actor):
-        statuses.append(Status.PENDING_INBOUND_APPROVAL.value)
     size = clamp_limit(limit)
     cursor = id_cursor(cursor, "msg")
     with services.db.read() as conn:
-        where = [messages.c.account_id == actor.account_id, messages.c.status.in_(statuses)]
-        if mailbox_ref:
-            where.append(messages.c.mailbox_id == mailboxes.resolve(conn, actor, mailbox_ref)["id"])
-        if actor.mailbox_ids is not None:
-            where.append(messages.c.mailbox_id.in_(actor.mailbox_ids))
-        if actor.test_mode:
-            where.append(messages.c.test.is_(True))  # a test key's queue is the sandbox's
+        where = _pending_where(conn, actor, mailbox_ref)
         total = conn.execute(select(func.count()).select_from(messages).where(*where)).scalar_one()
         query = select(messages).where(*where)
         if cursor:
@@ -167,6 +198,8 @@ def list_pending(
         items = message_views.views(conn, page)
         for item, row in zip(items, page, strict=True):
             item["thread_context"] = notify.thread_context(conn, row)
+            # Given back with the decision, it limits an approval to the draft read here.
+            item["draft_digest"] = notify.draft_digest(row)
             seconds = expiry.get(row["mailbox_id"])
             item["expires_at"] = (
                 isoformat(_pending_since(row) + timedelta(seconds=seconds)) if seconds else None
@@ -357,13 +390,10 @@ def _decide_locked(
     if target is Status.QUEUED:
         jobs.enqueue(conn, "deliver", {"message_id": row["id"]}, dedupe_key=f"deliver:{row['id']}")
     elif target is Status.SCHEDULED:
-        jobs.enqueue(
-            conn,
-            "release_scheduled",
-            {"message_id": row["id"]},
-            run_at=aware(row["send_at"]),
-            dedupe_key=f"release:{row['id']}",
-        )
+        # Moves a release job still pending (an earlier approval's, at the old send_at) or
+        # adds one: after a schedule edit voided an approval, or a schedule_first release,
+        # a job under the plain key has run already and a second would be skipped.
+        sending.schedule_release(conn, row["id"], aware(row["send_at"]))
     audit.append(
         conn,
         actor=actor,
@@ -459,12 +489,19 @@ def decide(
     reviewer: str | None = None,
     revised_subject: str | None = None,
     revised_markdown: str | None = None,
+    draft_digest: str | None = None,
 ) -> dict[str, Any]:
-    """Approve or reject one pending message; final, and the agent can never decide its own."""
+    """Approve or reject one pending message; final, and the agent can never decide its own.
+
+    With ``draft_digest`` (the queue's, or the dashboard form's, digest of the draft the
+    reviewer read) an approval covers that draft only: if the agent edited it since, nothing
+    is decided and the answer is 409 ``draft_changed``.
+    """
     actor.require(Scope.OVERSIGHT)
     action = parse_action(action)
     if reviewer is not None and len(reviewer) > 200:
         raise InvalidInput("reviewer is at most 200 characters", code="invalid_field")
+    _check_digest(draft_digest)
     revision = Revision(subject=revised_subject, markdown=revised_markdown)
     with services.db.write() as conn:
         # A test key finds only test messages to decide (get_row, for_update).
@@ -474,6 +511,15 @@ def decide(
                 "the key that wrote a message can never decide it; a reviewer's key must",
                 code="self_approval_forbidden",
             )
+        if (
+            action == "approve"
+            and draft_digest is not None
+            and Status(row["status"]) in DECIDABLE
+            and not notify.draft_matches(row, draft_digest)
+        ):
+            # Compared under the row lock: an agent's edit (PATCH …/schedule) that landed
+            # while the reviewer read the draft must not ride on this approval.
+            raise _draft_changed(row, DRAFT_CHANGED)
         decided = _decide_locked(
             conn,
             services,
@@ -487,13 +533,30 @@ def decide(
     return _after_commit(services, decided)
 
 
+def _check_digest(value: str | None) -> None:
+    if value is not None and not _DIGEST.fullmatch(value):
+        raise InvalidInput(
+            "draft_digest is the 64-character hex value GET /v1/oversight/pending gives for "
+            "the message: copy it unchanged, or leave it out",
+            code="invalid_draft_digest",
+        )
+
+
 def decide_many(
-    services: Services, actor: Actor, *, email_ids: list[str], action: str, **fields: Any
+    services: Services,
+    actor: Actor,
+    *,
+    email_ids: list[str],
+    action: str,
+    draft_digests: Mapping[str, str] | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Each message decided on its own (own transaction): one failure does not undo others.
 
     A revision is the reviewer's edit of one draft: with more than one message it is refused
     as a whole (nothing decided), never written over every draft of the batch.
+    ``draft_digests`` maps a message id to the digest of the draft the reviewer read; a
+    message whose draft changed since is refused (``draft_changed``) beside the others.
     """
     actor.require(Scope.OVERSIGHT)
     if not email_ids:
@@ -501,6 +564,16 @@ def decide_many(
     if len(email_ids) > MAX_BATCH:
         raise InvalidInput(f"at most {MAX_BATCH} messages per batch", code="batch_too_large")
     parse_action(action)
+    digests = dict(draft_digests or {})
+    stray = sorted(set(digests) - set(email_ids))
+    if stray:
+        raise InvalidInput(
+            f"draft_digests names {', '.join(stray)[:200]}, not in email_ids: give a digest "
+            "only for a message you decide; nothing was decided",
+            code="invalid_draft_digest",
+        )
+    for digest in digests.values():
+        _check_digest(digest)
     revised = [
         name for name in ("revised_subject", "revised_markdown") if fields.get(name) is not None
     ]
@@ -513,7 +586,14 @@ def decide_many(
     results: list[dict[str, Any]] = []
     for email_id in dict.fromkeys(email_ids):
         try:
-            outcome = decide(services, actor, email_id=email_id, action=action, **fields)
+            outcome = decide(
+                services,
+                actor,
+                email_id=email_id,
+                action=action,
+                draft_digest=digests.get(email_id),
+                **fields,
+            )
             results.append({"id": email_id, "ok": True, **outcome})
         except MultimailError as exc:
             results.append(
@@ -545,13 +625,12 @@ class LinkRequest:
     digest: str | None = None
 
 
-def _draft_changed(row: Mapping[str, Any] | RowMapping) -> Conflict:
-    return Conflict(
-        "the draft changed after this link was sent: approve it from the newest "
-        "approval request or in the dashboard",
-        code="draft_changed",
-        status=row["status"],
-    )
+def _draft_changed(
+    row: Mapping[str, Any] | RowMapping,
+    message: str = "the draft changed after this link was sent: approve it from the newest "
+    "approval request or in the dashboard",
+) -> Conflict:
+    return Conflict(message, code="draft_changed", status=row["status"])
 
 
 def read_approval_link(services: Services, token: str) -> LinkRequest:

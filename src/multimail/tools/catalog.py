@@ -364,6 +364,7 @@ TOOLS: tuple[Tool, ...] = (
         "A human reviewer's decision (needs an oversight key; the agent that wrote a message "
         "never approves it). approve may carry revised_body/revised_subject (the edit is what "
         "is sent); reject carries a note the agent can read. A second decision answers 409. "
+        "Pass the pending item's draft_digest so an approval covers only the version read. "
         "Returns {id, status, decision: {action, reviewer, note}} — status delivered when the "
         "relay accepted it at once, else queued.",
         i.DecideEmail,

@@ -340,6 +340,12 @@ class DecideEmail(MessageArg):
     revised_body: str | None = Field(None, description="Approve this text instead.")
     revised_markdown: str | None = Field(None, description="Same as revised_body.")
     revised_subject: str | None = Field(None, max_length=998)
+    draft_digest: str | None = Field(
+        None,
+        max_length=64,
+        description="The draft_digest of the pending item you reviewed: an approval then "
+        "covers only that version (409 draft_changed if the draft changed since).",
+    )
 
     @model_validator(mode="after")
     def _needs_decision(self) -> DecideEmail:

@@ -38,6 +38,9 @@ class Decision(Strict):
     revised_subject: str | None = None
     revised_body: str | None = None
     revised_markdown: str | None = None
+    # The pending queue's digest of the draft the reviewer read: an approval covers that draft.
+    draft_digest: str | None = Field(None, max_length=100)
+    draft_digests: dict[str, str] | None = Field(None, max_length=oversight.MAX_BATCH)
 
 
 class KillSwitch(Strict):
@@ -100,13 +103,33 @@ def _decide(svc: Services, actor: Actor, body: Decision) -> Any:
         else body.revised_body,
     }
     if body.email_ids is not None:
-        return oversight.decide_many(svc, actor, email_ids=body.email_ids, action=action, **fields)
+        if body.draft_digest is not None:
+            raise InvalidInput(
+                "with email_ids, give each message's digest in draft_digests "
+                '({"<email_id>": "<draft_digest>"}); nothing was decided',
+                code="invalid_draft_digest",
+            )
+        return oversight.decide_many(
+            svc,
+            actor,
+            email_ids=body.email_ids,
+            action=action,
+            draft_digests=body.draft_digests,
+            **fields,
+        )
+    if body.draft_digests is not None:
+        raise InvalidInput(
+            "draft_digests goes with email_ids; for one message give draft_digest",
+            code="invalid_draft_digest",
+        )
     email_id = body.email_id or body.message_id or body.id
     if not email_id:
         raise InvalidInput(
             "give the message as 'email_id' or 'message_id'", code="missing_email_id"
         )
-    return oversight.decide(svc, actor, email_id=email_id, action=action, **fields)
+    return oversight.decide(
+        svc, actor, email_id=email_id, action=action, draft_digest=body.draft_digest, **fields
+    )
 
 
 @router.post("/v1/oversight/decide")

@@ -23,11 +23,21 @@
     }
   }
 
+  function digestOf(queue, id) {
+    var fields = queue.querySelectorAll("input[data-digest-of]");
+    for (var i = 0; i < fields.length; i++) {
+      if (fields[i].getAttribute("data-digest-of") === id) { return fields[i].value; }
+    }
+    return null;
+  }
+
   function refreshQueue(state) {
     var queue = document.getElementById("queue");
     if (!queue) { return; }
+    // "changed" moves when an agent edits a waiting draft in place: the card is redrawn.
     if (queue.getAttribute("data-newest") === String(state.newest || "") &&
-        queue.getAttribute("data-count") === String(state.count)) {
+        queue.getAttribute("data-count") === String(state.count) &&
+        queue.getAttribute("data-changed") === String(state.changed || "")) {
       return;
     }
     fetch(queue.getAttribute("data-items"), { credentials: "same-origin" })
@@ -36,15 +46,22 @@
         return response.text();
       })
       .then(function (html) {
-        // Keep the operator's ticks for the batch form across the refresh.
+        // Keep the operator's ticks for the batch form across the refresh, but only on
+        // drafts that did not change: a tick was given to the draft the operator read.
         var ticked = {};
         var boxes = queue.querySelectorAll("input[name=ids]:checked");
-        for (var i = 0; i < boxes.length; i++) { ticked[boxes[i].value] = true; }
+        for (var i = 0; i < boxes.length; i++) {
+          ticked[boxes[i].value] = digestOf(queue, boxes[i].value);
+        }
         queue.innerHTML = html;
         boxes = queue.querySelectorAll("input[name=ids]");
-        for (var j = 0; j < boxes.length; j++) { boxes[j].checked = !!ticked[boxes[j].value]; }
+        for (var j = 0; j < boxes.length; j++) {
+          var id = boxes[j].value;
+          boxes[j].checked = ticked.hasOwnProperty(id) && ticked[id] === digestOf(queue, id);
+        }
         queue.setAttribute("data-newest", String(state.newest || ""));
         queue.setAttribute("data-count", String(state.count));
+        queue.setAttribute("data-changed", String(state.changed || ""));
       })
       .catch(function () { /* the next event tries again */ });
   }
