@@ -13,16 +13,18 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from email.header import decode_header
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.parser import BytesHeaderParser
+from email.utils import format_datetime, unquote
 from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import urlsplit
 
 import idna
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from multimail.errors import InvalidInput
@@ -200,7 +202,7 @@ def test_headers_carry_identity_threading_and_extras() -> None:
     )
     draft = replace(
         DRAFT,
-        reply_to="help@acme.example",
+        reply_to=["help@acme.example"],
         in_reply_to="<prev@example.org>",
         references=["<root@example.org>", "<prev@example.org>"],
         extra_headers=[
@@ -227,6 +229,26 @@ def test_headers_carry_identity_threading_and_extras() -> None:
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     # Receivers read these raw; an RFC 2047 encoding of a URL or token would break them.
     assert b"=?" not in raw.split(b"\r\n\r\n")[0]
+
+
+def test_every_reply_to_address_is_in_one_reply_to_field() -> None:
+    """Reply-To is an address-list (RFC 5322 3.6.2): every address the send accepted."""
+    wanted = ["sales@acme.example", "o'brien+ops@example.org", "info@bücher.example"]
+    raw = build_message(replace(DRAFT, reply_to=wanted))
+    _assert_wire_safe(raw)
+    assert _header_names(raw).count("reply-to") == 1
+    written = [a.addr_spec for a in _parse(raw)["Reply-To"].addresses]
+    assert written == [
+        "sales@acme.example",
+        "o'brien+ops@example.org",
+        "info@xn--bcher-kva.example",
+    ]
+
+
+def test_a_bare_string_reply_to_is_one_address() -> None:
+    """A str is a Sequence[str] to the type checker: it must not become one address per letter."""
+    raw = build_message(replace(DRAFT, reply_to="help@acme.example"))
+    assert str(_parse(raw)["Reply-To"]) == "help@acme.example"
 
 
 def test_bcc_never_appears() -> None:
@@ -502,7 +524,9 @@ def _reference_build(draft: OutboundDraft) -> bytes:
     name = compose._display_name(draft.from_name)
     msg["From"] = Address(display_name=name, addr_spec=sender)
     if draft.reply_to:
-        msg["Reply-To"] = Address(addr_spec=compose._address(draft.reply_to, "reply_to"))
+        msg["Reply-To"] = [
+            Address(addr_spec=compose._address(a, "reply_to")) for a in draft.reply_to
+        ]
     for field, addresses in (("To", draft.to), ("Cc", draft.cc)):
         if addresses:
             msg[field] = [Address(addr_spec=compose._address(a, field)) for a in addresses]
@@ -535,22 +559,23 @@ def _lf(content: object) -> object:
     return content.replace("\r\n", "\n") if isinstance(content, str) else content
 
 
-def _spaced(name: str, value: str) -> str:
-    """A From value with each run of whitespace as one space. The email package's parser
-    folds a space next to a no-break space inside one encoded-word ("=?utf-8?b?...?="
-    holding "a \xa0b") into one, though it keeps it when the no-break space is an
-    encoded-word of its own, as its writer makes it: the bytes decode the same in a mail
-    reader, so the comparison must not depend on where a writer splits encoded-words."""
-    return " ".join(value.split()) if name.lower() == "from" else value
+_TEXT_FIELDS = re.compile(r"from|subject|x-.*", re.IGNORECASE)
 
 
-def _shape(raw: bytes) -> tuple[list[tuple[str, str]], list[tuple[object, ...]]]:
-    """What a receiver sees: each header decoded, and each part's type, name and content."""
+def _shape(raw: bytes) -> tuple[list[tuple[str, object]], list[tuple[object, ...]]]:
+    """What a receiver sees: each header decoded (of From its addresses only; the text of
+    From, Subject and the extra fields is ``_texts``'s), and each part's type, name and
+    content."""
     message = _parse(raw)
-    headers = [
-        (name.lower(), message.get_content_type() if name.lower() == "content-type" else value)
-        for name, value in ((n, _spaced(n, str(v))) for n, v in message.items())
-    ]
+    headers: list[tuple[str, object]] = []
+    for name, value in message.items():
+        key = name.lower()
+        if key == "content-type":
+            headers.append((key, message.get_content_type()))
+        elif key == "from":
+            headers.append((key, [a.addr_spec for a in value.addresses]))
+        else:
+            headers.append((key, None if _TEXT_FIELDS.fullmatch(key) else str(value)))
     parts: list[tuple[object, ...]] = []
     for part in message.walk():
         if part.is_multipart():
@@ -569,9 +594,56 @@ def _shape(raw: bytes) -> tuple[list[tuple[str, str]], list[tuple[object, ...]]]
     return headers, parts
 
 
+def _rfc2047(text: str) -> str:
+    """Header text as a mail reader following RFC 2047 shows it: adjacent encoded-words
+    joined, the white space between them dropped (6.2), as ``email.header.decode_header``
+    does. (The email package's own parser keeps that white space in a display name.)"""
+    return "".join(
+        part.decode(charset or "ascii") if isinstance(part, bytes) else part
+        for part, charset in decode_header(text)
+    )
+
+
+def _texts(raw: bytes) -> list[tuple[str, str]]:
+    """(field, text) of the From display name, the Subject and the extra fields, in order,
+    as an RFC 2047 reader shows them: unfolded (RFC 5322 2.2.3), a quoted display name
+    unquoted, encoded-words decoded by ``_rfc2047``."""
+    fields = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    texts = []
+    for name, value in fields.items():
+        key = name.lower()
+        if not _TEXT_FIELDS.fullmatch(key):
+            continue
+        text = re.sub(r"\r?\n(?=[ \t])", "", str(value))
+        if key == "from":
+            phrase = text.rsplit(" <", 1)[0] if text.endswith(">") else ""
+            text = unquote(phrase) if phrase.startswith('"') else _rfc2047(phrase)
+        else:
+            text = _rfc2047(text)
+        texts.append((key, text))
+    return texts
+
+
+def _meant_texts(draft: OutboundDraft) -> list[tuple[str, str]]:
+    """What ``_texts`` must give for ``draft``: the name, subject and extra values as the
+    composer's checks leave them (encoded-words decoded, line breaks in a subject folded
+    into spaces, a name stripped); a printable ASCII extra value is written as given."""
+    texts = [
+        ("from", compose._display_name(draft.from_name)),
+        ("subject", compose.safe_subject(draft.subject)),
+    ]
+    for header, value in draft.extra_headers:
+        name, written = compose._extra_header(header, value)
+        raw = isinstance(written, compose._RawHeader)
+        texts.append((name.lower(), _rfc2047(written) if raw else written))
+    return texts
+
+
 def _assert_reads_like_the_email_packages(draft: OutboundDraft) -> None:
     """Our writer and the email package give the same headers and decoded parts for
-    ``draft``, or both refuse it; what we write is wire-safe."""
+    ``draft``, or both refuse it; what we write is wire-safe, and its text fields read as
+    meant. (Not as the email package's: its writer puts a real space between two
+    encoded-words, which RFC 2047 readers drop.)"""
     try:
         reference: bytes | None = _reference_build(draft)
     except InvalidInput:
@@ -584,6 +656,7 @@ def _assert_reads_like_the_email_packages(draft: OutboundDraft) -> None:
     assert reference is not None
     _assert_wire_safe(ours)
     assert _shape(ours) == _shape(reference)
+    assert _texts(ours) == _meant_texts(draft)
 
 
 _names = st.text(max_size=80) | st.sampled_from(
@@ -603,7 +676,7 @@ _filenames = st.text(min_size=1, max_size=60) | st.sampled_from(
     markdown=st.text(max_size=1500)
     | st.sampled_from(["a" * 100, "line  \nnext\t\n", "é" * 400, "= sign =3D", "--==", ""]),
     to=st.lists(st.emails() | st.sampled_from(["o'brien+x@example.org"]), min_size=1, max_size=3),
-    reply_to=st.none() | st.emails(),
+    reply_to=st.none() | st.lists(st.emails(), max_size=3),
     extra=st.lists(
         st.tuples(st.sampled_from(["X-Agent", "X-Note"]), st.text(max_size=120)), max_size=2
     ),
@@ -623,7 +696,7 @@ def test_written_message_reads_like_the_email_packages(
     subject: str,
     markdown: str,
     to: list[str],
-    reply_to: str | None,
+    reply_to: list[str] | None,
     extra: list[tuple[str, str]],
     attachments: list[OutboundAttachment],
 ) -> None:
@@ -856,12 +929,13 @@ def test_non_ascii_names_and_subjects_read_like_the_email_packages(
     name: str, subject: str, extra: str
 ) -> None:
     """Non-ASCII display names, subjects and extra headers, written here as base64
-    encoded-words, decode to what the email package's own encoding decodes to; a name
-    with commas, quotes or an address in it is still one display name."""
+    encoded-words, decode to what was meant, and the rest reads as the email package's
+    message; a name with commas, quotes or an address in it is still one display name."""
     draft = replace(DRAFT, from_name=name, subject=subject, extra_headers=[("X-Note", extra)])
     ours = build_message(draft)
     _assert_wire_safe(ours)
     assert _shape(ours) == _shape(_reference_build(draft))
+    assert _texts(ours) == _meant_texts(draft)
     assert [a.addr_spec for a in _parse(ours)["From"].addresses] == [DRAFT.from_address]
 
 
@@ -871,6 +945,39 @@ def test_non_ascii_from_and_subject_are_encoded_words_written_here() -> None:
     head = build_message(draft).split(b"\r\n\r\n")[0]
     assert b"From: =?utf-8?b?Wm/DqyBNw7xsbGVy?= <support@acme.example>\r\n" in head
     assert b"Subject: =?utf-8?b?UsO8Y2tmcmFnZSDigJMgQmVzdGVsbHVuZw==?=\r\n" in head
+
+
+_printable_with_spaces = st.text(
+    st.characters(exclude_categories=["Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"])
+    | st.sampled_from([" ", " ", "\u00a0"]),
+    max_size=256,
+).filter(lambda text: "=?" not in text)  # encoded-words in a value are decoded first
+
+
+@example(name="Müller 山田 and de Générale サポート für", subject="Hello")
+@example(
+    name="",
+    subject="Ваша заявка принята в работу специалистом службы поддержки клиентов компании ",
+)
+@example(
+    name="J. Smith, Acme Corporation Customer Support Team for Europe and the Middle East",
+    subject=" lead  and trail ",
+)
+@given(name=_printable_with_spaces, subject=_printable_with_spaces)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_printable_name_and_subject_read_back_whole_on_short_lines(
+    name: str, subject: str
+) -> None:
+    """RFC 2047 6.2: readers drop the white space between two adjacent encoded-words, so
+    every space of a name or subject is carried inside a word (recipients read
+    "…サポートfür" for "…サポート für" otherwise). Read as such a reader reads them, the
+    name is the one given less blanks at its ends (a name is stripped) and the subject is
+    exactly the one given, blanks at its ends and runs of them included; and every header
+    line stays within 78 characters (RFC 5322 2.1.1)."""
+    raw = build_message(replace(DRAFT, from_name=name, subject=subject))
+    assert _texts(raw) == [("from", name.strip()), ("subject", subject)]
+    head = raw.split(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78, head.decode()
 
 
 @given(

@@ -1,6 +1,9 @@
 """Request limits enforced before the app sees a request: body size (before the body is read
-into memory) and NUL characters, which no field of ours can hold (PostgreSQL text refuses
-them, SMTP forbids them) and which must be a clear 422, not a database error.
+into memory), NUL characters, which no field of ours can hold (PostgreSQL text refuses
+them, SMTP forbids them) and which must be a clear 422, not a database error, and unpaired
+UTF-16 surrogates in a JSON body (``json.loads`` reads the escape ``"\\ud83d"`` as one), which
+no UTF-8 text can hold: stored, they fail the response and every later reading (422
+``invalid_text``).
 
 Also the JSON parse the send routes share (:func:`parse_json`): ``json.loads`` refusing the
 non-finite numbers it would otherwise accept."""
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +24,14 @@ from multimail.api.errors import BodyRefused
 BODY_SCOPE_KEY = "multimail.body"
 
 _NUL_ERROR = "the request contains a NUL character (\\u0000 or %00); remove it and try again"
+
+# What a lone surrogate looks like before the parse: the escape (a pair is two of them), or
+# its UTF-8-style bytes, which json.loads decodes with "surrogatepass". Bodies without any
+# (nearly all) are not parsed here.
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE_TEXT_HINT = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -81,38 +93,85 @@ def _refusal(scope: Scope, body: bytes) -> tuple[int, dict[str, Any]] | None:
     if "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b""):
         return 422, {"error": _NUL_ERROR, "code": "nul_character"}
     content_type = _content_type(scope)
-    if b"json" in content_type:
-        if _json_has_nul(body):
+    if b"x-www-form-urlencoded" in content_type:
+        if b"%00" in body:
             return 422, {"error": _NUL_ERROR, "code": "nul_character"}
-    elif b"x-www-form-urlencoded" in content_type and b"%00" in body:
-        return 422, {"error": _NUL_ERROR, "code": "nul_character"}
-    return None
+        return None
+    if content_type.startswith(b"multipart/"):
+        return None
+    # Any other body may be read as JSON: FastAPI reads application/json, */*+json and a
+    # body with no type at all, the tool routes (POST /send_email ...) a body of any type.
+    # A body that is not JSON passes: its route refuses it or reads it otherwise.
+    return _json_refusal(body)
 
 
-def _json_has_nul(body: bytes) -> bool:
-    """Whether a JSON body holds a NUL: JSON can only write one as the escape ``\\u0000``
-    (the parser refuses a raw one). Only bodies with that text pay for a parse."""
+def _json_refusal(body: bytes) -> tuple[int, dict[str, Any]] | None:
+    """The refusal of a JSON body holding a NUL or an unpaired surrogate, else None. Only
+    bodies with the text of either pay for a parse."""
     # json.loads also reads UTF-16 and UTF-32 (guessing from the first bytes), where the
     # escape's bytes differ from its UTF-8 (ASCII) form: look in the text json.loads reads.
     # Such a body has a NUL byte or a UTF-16/32 byte order mark in its first four bytes.
     head = body[:4]
     text: bytes | str = body
     if b"\x00" not in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        if b"\\u0000" not in body:
-            return False
+        nul = b"\\u0000" in body
+        # Two substring scans (memchr-fast) spare the pattern's scan of a large body.
+        surrogate = (b"\\u" in body or b"\xed" in body) and bool(_SURROGATE_HINT.search(body))
     else:
         encoding = json.detect_encoding(head)
         try:
             text = body.decode(encoding, "surrogatepass")
         except UnicodeDecodeError:
-            return False  # not JSON json.loads can read: the route's parser answers 400
-        if "\\u0000" not in text:
-            return False
-    # The escape can also be text (a backslash, then "u0000"): parse to be sure.
+            return None  # not JSON json.loads can read: the route's parser answers 400
+        nul = "\\u0000" in text
+        surrogate = _SURROGATE_TEXT_HINT.search(text) is not None
+    if not (nul or surrogate):
+        return None
+    # The escapes can also be text (a backslash, then "u0000"): parse to be sure.
     try:
-        return _has_nul(json.loads(text))
+        value = json.loads(text)
     except (ValueError, RecursionError):
-        return False  # not JSON we can read: the route's parser answers 400
+        return None  # not JSON we can read: the route's parser answers 400
+    if nul and _has_nul(value):
+        return 422, {"error": _NUL_ERROR, "code": "nul_character"}
+    found = _lone_surrogate(value) if surrogate else None
+    if found is None:
+        return None
+    char, where = found
+    return 422, {
+        "error": f"the request body contains an unpaired UTF-16 surrogate (\\u{ord(char):04x}) "
+        f"{where}: send valid Unicode (text cut in the middle of an emoji or another "
+        "character written as a surrogate pair, for example, must be cut before or after it)",
+        "code": "invalid_text",
+    }
+
+
+def _child_path(path: str, key: str) -> str:
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
+
+
+def _lone_surrogate(value: Any) -> tuple[str, str] | None:
+    """The first unpaired surrogate in a parsed body (in a string or a key, at any depth)
+    and where it is ("at metadata.note", "in a key of metadata"); None if there is none."""
+    # Iterative, as _has_nul; children pushed in reverse so the first in the text is found.
+    pending: list[tuple[Any, str]] = [(value, "")]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return found.group(), f"at {path or 'the top level'}"
+        elif isinstance(item, dict):
+            for key in item:
+                found = _SURROGATE.search(key)
+                if found:
+                    return found.group(), f"in a key of {path or 'the top-level object'}"
+            pending.extend((item[k], _child_path(path, k)) for k in reversed(list(item)))
+        elif isinstance(item, list):
+            pending.extend((item[i], f"{path}[{i}]") for i in reversed(range(len(item))))
+    return None
 
 
 class BodySizeLimit:

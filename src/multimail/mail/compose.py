@@ -5,14 +5,20 @@ decodes RFC 2047 encoded-words in values it is given and will then happily write
 decoded CR LF onto the wire (``Subject: =?utf-8?q?x=0D=0ABcc:_y?=`` becomes a real Bcc
 header). Every value is therefore decoded the way the email package will decode it, until
 nothing changes, before it is checked. As a second line of defence the finished bytes must
-split into exactly the header fields we meant to write, and whenever the email package
-wrote an address field, its parser must read back exactly the recipients we meant.
+split into exactly the header fields we meant to write, whenever the email package wrote an
+address field its parser must read back exactly the recipients we meant, and the display
+name, the subject and the other text fields must read back, as an RFC 2047 reader decodes
+them (``email.header.decode_header``), as the text we meant.
 
-The common shapes (plain ASCII headers, non-ASCII names and subjects as base64
-encoded-words, text + HTML, base64 attachments with plain names) are written here without
-the email package, whose header registry and generator cost milliseconds per message;
-anything else goes through it one header or one attachment at a time. The tests hold the
-two writers to the same headers and decoded parts.
+Display names and unstructured text are always written here: plain ASCII words as they
+are, anything else as base64 encoded-words that carry every space themselves. (The email
+package's folder writes a real space as the only white space between two encoded-words,
+and RFC 2047 6.2 readers drop it: "службы поддержки" arrived as "службыподдержки".) The
+other common shapes (plain addresses, text + HTML, base64 attachments with plain names) are
+written here too, since the email package's header registry and generator cost milliseconds
+per message; an unusual address or attachment goes through it one header or one attachment
+at a time. The tests hold the two writers to the same headers and decoded parts, and the
+text fields to the text meant.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import errors as email_errors
+from email.header import decode_header
 from email.headerregistry import Address
 from email.message import EmailMessage, MIMEPart
 from email.parser import BytesParser
 from email.policy import Policy
-from email.utils import encode_rfc2231
+from email.utils import encode_rfc2231, unquote
 from functools import lru_cache
 
 from multimail.domain.addresses import AddressError, idna_ascii, normalize_address
@@ -132,7 +139,10 @@ class OutboundDraft:
     from_name: str | None
     to: Sequence[str]
     cc: Sequence[str]
-    reply_to: str | None
+    #: Every address of the Reply-To field (an address-list, RFC 5322 3.6.2); None or empty
+    #: for none. A bare string is one address (a str is a Sequence[str] to the type checker,
+    #: so one passed by mistake must not be read as a list of one-letter addresses).
+    reply_to: Sequence[str] | None
     subject: str
     markdown: str
     message_id: str
@@ -317,6 +327,9 @@ _message_id = check_message_id
 
 
 def _extra_header(name: str, value: str) -> tuple[str, str | _RawHeader]:
+    """The header as it will be written: a ``_RawHeader`` for printable ASCII, else the text
+    a mail reader will show (encoded-words in ``value`` decoded, as readers decode them),
+    which ``_unstructured_header`` writes as encoded-words."""
     if not _FIELD_NAME.fullmatch(name):
         raise InvalidInput("invalid header name", code="header_injection", header=name)
     lowered = name.lower()
@@ -332,7 +345,7 @@ def _extra_header(name: str, value: str) -> tuple[str, str | _RawHeader]:
         raise InvalidInput(f"control characters in the {name} header", code="header_injection")
     if _PRINTABLE_ASCII.fullmatch(value):
         return name, _RawHeader(name, value)
-    return name, _SURROGATES.sub("\ufffd", value)
+    return name, _SURROGATES.sub("\ufffd", decoded)
 
 
 def _content_type(value: str) -> tuple[str, str, list[tuple[str, str]]]:
@@ -591,9 +604,10 @@ def _html_document(fragment: str) -> str:
 # -- writing the message -----------------------------------------------------------------
 #
 # The stdlib email package spends milliseconds per message in its header registry and
-# generator. The common shapes are written here directly; any value outside the plain
-# alphabets below is handed, one header or one attachment at a time, to the email package,
-# which stays the reference (tests check both give the same headers and decoded parts).
+# generator. The common shapes are written here directly; an address or an attachment
+# outside the plain alphabets below is handed, one header or one attachment at a time, to
+# the email package, which stays the reference for them (tests check both give the same
+# headers and decoded parts). Text (names, subjects) never is: see the module docstring.
 
 # A display name that is a run of atoms needs no quoting (RFC 5322 3.2.5 phrase).
 _ATOM_PHRASE = re.compile(rf"[{_ATEXT}]+(?: [{_ATEXT}]+)*")
@@ -631,23 +645,27 @@ def _stdlib_header(name: str, value: object) -> bytes:
 
 
 def _from_header(sender: str, name: str) -> tuple[bytes, bool]:
-    """The From field, and whether it was written here (True) or by the email package."""
+    """The From field, and whether its address was written here (True) or by the email
+    package, or in a form it must read back (False)."""
+    dot_atom = _DOT_ATOM_ADDRESS.fullmatch(sender) is not None
     if not name:
-        mailbox = sender
-    elif _ATOM_PHRASE.fullmatch(name) and "=?" not in name:
-        mailbox = f"{name} <{sender}>"
-    elif _plain(name):
-        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
-        mailbox = f'"{quoted}" <{sender}>'
-    else:
-        mailbox = ""
-    if mailbox and _DOT_ATOM_ADDRESS.fullmatch(sender) and len(mailbox) + 6 <= _FOLD_AT:
-        return f"From: {mailbox}\r\n".encode("ascii"), True
-    if _encodable(name) and _DOT_ATOM_ADDRESS.fullmatch(sender) and len(name.encode()) <= 42:
-        # One encoded-word ("From: " and it fill a 76-character line at 42 octets): the
-        # email package reads a space between two encoded-words in a display name.
-        return _encoded_field("From", name, f"<{sender}>"), True
-    return _stdlib_header("From", Address(display_name=name, addr_spec=sender)), False
+        if dot_atom and len(sender) + 6 <= _FOLD_AT:
+            return f"From: {sender}\r\n".encode("ascii"), True
+        return _stdlib_header("From", Address(addr_spec=sender)), False
+    if dot_atom and _plain(name):
+        if _ATOM_PHRASE.fullmatch(name):
+            phrase = name
+        else:
+            phrase = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # Folded at the name's single spaces, inside the quotes too: unfolding gives each
+        # space back (RFC 5322 3.2.4 lets a quoted-string hold folding white space).
+        words = [*phrase.split(" "), f"<{sender}>"]
+        if len(words[0]) + 6 <= _FOLD_AT and max(map(len, words)) < _FOLD_AT:
+            return _fold_words("From", words), True
+    # Everything else (non-ASCII, "=?", runs of blanks, words longer than a line) as
+    # encoded-words that carry every space themselves: the email package's folder puts a
+    # real space between two encoded-words, which RFC 2047 6.2 readers drop.
+    return _encoded_field("From", name, f"<{sender}>"), dot_atom
 
 
 def _address_header(name: str, addresses: Sequence[str]) -> tuple[bytes, bool]:
@@ -662,23 +680,15 @@ def _unstructured_header(name: str, value: str) -> bytes:
         words = value.split(" ")
         if max(len(w) for w in words) < _FOLD_AT - len(name) - 2:
             return _fold_words(name, words)
-    elif _encodable(value):
-        return _encoded_field(name, value)
-    return _stdlib_header(name, value)
+    # Anything else as encoded-words holding every character, blanks at either end and
+    # runs of them included (see _from_header for why not the email package).
+    return _encoded_field(name, value)
 
 
 # RFC 2047: a line holding an encoded-word is at most 76 characters, and each encoded-word
 # at most 75 and a whole number of characters.
 _ENCODED_LINE = 76
 _ENCODED_WORD_PREFIX = "=?utf-8?b?"
-
-
-def _encodable(text: str) -> bool:
-    """Non-ASCII text we write as base64 encoded-words ourselves. The rest is left to the
-    email package, the reference: text with "=?" in it (decoded until nothing changed,
-    what stays looks like an encoded-word), and text with blanks at either end (readers
-    drop those, and the email package's writing decides which)."""
-    return bool(text) and not text.isascii() and "=?" not in text and text.strip() == text
 
 
 def _encoded_field(name: str, text: str, trailer: str = "") -> bytes:
@@ -700,6 +710,12 @@ def _encoded_field(name: str, text: str, trailer: str = "") -> bytes:
         end = min(len(data), start + room // 4 * 3)
         while end < len(data) and data[end] & 0xC0 == 0x80:
             end -= 1  # never split a character between two words
+        space = data.rfind(b" ", start, end) if end < len(data) else -1
+        if space > start:
+            # Readers that keep the white space between two words in a display name
+            # (against RFC 2047 6.2, the email package's among them) then show a doubled
+            # space rather than one inside a word.
+            end = space + 1
         word = base64.b64encode(data[start:end]).decode("ascii")
         lines[-1] += f" {_ENCODED_WORD_PREFIX}{word}?="
         start = end
@@ -854,21 +870,27 @@ def compose_message(draft: OutboundDraft, *, html: str | None = None) -> Compose
         "to": [_address(a, "to") for a in draft.to],
         "cc": [_address(a, "cc") for a in draft.cc],
     }
-    reply_to = _address(draft.reply_to, "reply_to") if draft.reply_to else None
+    given_reply_to = [draft.reply_to] if isinstance(draft.reply_to, str) else draft.reply_to
+    reply_to = [_address(a, "reply_to") for a in given_reply_to or ()]
     if draft.date.tzinfo is None or draft.date.utcoffset() is None:
         raise InvalidInput("the message date must carry a time zone", code="validation_error")
 
-    from_field, plain = _from_header(sender, _display_name(draft.from_name))
+    from_name = _display_name(draft.from_name)
+    from_field, plain = _from_header(sender, from_name)
     headers: list[tuple[str, bytes]] = [("from", from_field)]
     written_here = [plain]
-    address_fields = [("reply-to", [reply_to] if reply_to else []), *recipients.items()]
+    # What a reader must show of each text field: header index -> (text, what follows it).
+    texts = {0: (from_name, f" <{sender}>")} if from_name else {}
+    address_fields = [("reply-to", reply_to), *recipients.items()]
     for field, addresses in address_fields:
         if addresses:
             name = "Reply-To" if field == "reply-to" else field.capitalize()
             field_value, plain = _address_header(name, addresses)
             headers.append((field, field_value))
             written_here.append(plain)
-    headers.append(("subject", _unstructured_header("Subject", safe_subject(draft.subject))))
+    subject = safe_subject(draft.subject)
+    texts[len(headers)] = (subject, "")
+    headers.append(("subject", _unstructured_header("Subject", subject)))
     headers.append(("date", _date_header(draft.date)))
     message_id = _message_id(draft.message_id, "message_id")
     headers.append(("message-id", _raw_header(_RawHeader("Message-ID", message_id))))
@@ -884,6 +906,7 @@ def compose_message(draft: OutboundDraft, *, html: str | None = None) -> Compose
         if isinstance(extra, _RawHeader):
             headers.append((field_name.lower(), _raw_header(extra)))
         else:
+            texts[len(headers)] = (extra, "")
             headers.append((field_name.lower(), _unstructured_header(field_name, extra)))
 
     # normalise_text(compose_body(draft)): the body is normalised text ending in one LF.
@@ -906,6 +929,7 @@ def compose_message(draft: OutboundDraft, *, html: str | None = None) -> Compose
     fields = _check_headers(
         raw, intended, sender, recipients, reply_to, parse=not all(written_here)
     )
+    _check_texts(fields, texts)
     return ComposedMessage(raw, fields, len(raw) - len(body))
 
 
@@ -950,7 +974,7 @@ def _check_headers(
     intended: list[str],
     sender: str,
     recipients: dict[str, list[str]],
-    reply_to: str | None,
+    reply_to: list[str],
     *,
     parse: bool,
 ) -> list[tuple[bytes, bytes]]:
@@ -976,7 +1000,7 @@ def _check_headers(
             "from": [sender],
             "to": recipients["to"],
             "cc": recipients["cc"],
-            "reply-to": [reply_to] if reply_to else [],
+            "reply-to": reply_to,
             "bcc": [],
         }
         refused = addresses != expected
@@ -986,3 +1010,47 @@ def _check_headers(
             code="header_injection",
         )
     return fields
+
+
+_FOLD = re.compile(r"\r\n(?=[ \t])")
+
+
+def _rfc2047_reading(value: str) -> str:
+    """Unstructured text as an RFC 2047 reader shows it (``email.header.decode_header``):
+    adjacent encoded-words joined, the white space between them dropped (6.2)."""
+    if "=?" not in value:
+        return value
+    return "".join(
+        part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
+        for part, charset in decode_header(value)
+    )
+
+
+def _field_text(value: bytes, trailer: str) -> str | None:
+    """What a mail program shows of a field written here: its unstructured text, or (a
+    From field, ``trailer`` its `` <addr-spec>``) its display name, quotes undone. None
+    when the field does not end in ``trailer``."""
+    text = _FOLD.sub("", value.decode("ascii")).removesuffix("\r\n").removeprefix(" ")
+    if not text.endswith(trailer):
+        return None
+    phrase = text[: len(text) - len(trailer)]
+    if trailer and phrase.startswith('"'):
+        return unquote(phrase)
+    return _rfc2047_reading(phrase)
+
+
+def _check_texts(fields: list[tuple[bytes, bytes]], texts: dict[int, tuple[str, str]]) -> None:
+    """Refuses unless each text field (header index -> (text, trailer), see
+    ``_field_text``) reads back as that text.
+
+    The second line of defence for the writers above: a space lost between two
+    encoded-words, or a quote left open, changes what the recipient sees without changing
+    any field or recipient."""
+    for index, (text, trailer) in texts.items():
+        name, value = fields[index]
+        if _field_text(value, trailer) != text:
+            raise InvalidInput(
+                f"the {name.decode('ascii')} header would not read back as written; this is a "
+                "bug in MultiMail, please report it with the text of the header",
+                code="unsafe_message",
+            )

@@ -29,6 +29,7 @@ import logging
 import math
 import mimetypes
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -255,11 +256,39 @@ def _addresses(value: AddressInput, field: str) -> list[str]:
     return list(out)
 
 
+_BODY_FIELDS = ("markdown", "text", "body", "html")
+
+
 def _body_of(model: SendRequest | ScheduleEdit) -> str | None:
-    for value in (model.markdown, model.text, model.body):
-        if value is not None:
-            return value
-    return html_to_markdown(model.html) if model.html is not None else None
+    """The body as markdown: ``markdown`` (``text`` and ``body`` are other names for it), or
+    ``html`` converted. Fields that would make two different bodies are refused
+    (``ambiguous_body``), never one of them dropped unseen."""
+    given = {name: getattr(model, name) for name in _BODY_FIELDS}
+    given = {name: value for name, value in given.items() if value is not None}
+    named = " and ".join(repr(name) for name in given)
+    if "html" in given and len(given) > 1:
+        # One body makes both parts: the text part is the markdown, the HTML part its
+        # rendering. A text and an HTML rendering given together cannot both be sent.
+        raise InvalidInput(
+            f"{named} were given together, but a message has one body: MultiMail writes its "
+            "text and its HTML part from it. Send the body in 'markdown' (links and "
+            "formatting as Markdown), or the HTML alone in 'html'",
+            code="ambiguous_body",
+            fields=list(given),
+        )
+    if len(set(given.values())) > 1:
+        raise InvalidInput(
+            f"{named} give different bodies; they are names for the same field (the "
+            "message's markdown): send the body in one of them",
+            code="ambiguous_body",
+            fields=list(given),
+        )
+    if "html" in given:
+        return html_to_markdown(given["html"])
+    return next(iter(given.values()), None)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _check_body(markdown: str | None) -> str | None:
@@ -268,6 +297,14 @@ def _check_body(markdown: str | None) -> str | None:
             f"the body is {len(markdown)} characters; at most {MAX_MARKDOWN_CHARS} are allowed",
             code="body_too_long",
             limit=MAX_MARKDOWN_CHARS,
+        )
+    if markdown is not None and _LONE_SURROGATE.search(markdown):
+        # The HTTP edge refuses these already; MCP and the CLI call in-process, and such a
+        # body could be stored but never encoded for the wire or a response.
+        raise InvalidInput(
+            "the body contains an unpaired UTF-16 surrogate: send valid Unicode (text cut in "
+            "the middle of an emoji must be cut before or after it)",
+            code="invalid_text",
         )
     return markdown
 
@@ -358,9 +395,18 @@ def _parse(request: SendRequest, now: datetime) -> _Draft:
             ) from None
     if request.metadata is not None:
         try:
-            # allow_nan=False: NaN and Infinity are not JSON; stored, they would fail every
-            # later reading of the message (the 202 itself, webhooks, the API).
-            size = len(json.dumps(request.metadata, default=str, allow_nan=False).encode())
+            # allow_nan=False: NaN and Infinity are not JSON; ensure_ascii=False and encode():
+            # a lone surrogate cannot be UTF-8. Stored, either would fail every later reading
+            # of the message (the 202 itself, webhooks, the API). Callers other than HTTP
+            # (MCP, the CLI in-process) reach this without the API's body checks.
+            text = json.dumps(request.metadata, default=str, allow_nan=False, ensure_ascii=False)
+            size = len(text.encode())
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(
+                f"metadata contains an unpaired UTF-16 surrogate "
+                f"(\\u{ord(exc.object[exc.start]):04x}): send valid Unicode",
+                code="invalid_metadata",
+            ) from None
         except ValueError:
             raise InvalidInput(
                 "metadata may not hold NaN or infinite numbers (they are not JSON); send "

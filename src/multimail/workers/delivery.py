@@ -459,13 +459,12 @@ def _compose(
     headers.extend(_unsubscribe_headers(services, row, mailbox["address"], recipients))
     if files is None:
         files = _attachments_many(conn, [row["id"]])[row["id"]]
-    reply_to = _addresses(row.get("reply_to"))
     draft = OutboundDraft(
         from_address=sender,
         from_name=row.get("from_name") or mailbox.get("display_name"),
         to=to,
         cc=_addresses(row["cc"]),
-        reply_to=reply_to[0] if reply_to else None,
+        reply_to=_addresses(row.get("reply_to")),
         subject=row["subject"] or "",
         markdown=row["markdown"] or "",
         message_id=_message_id_header(ctx, settings),
