@@ -78,6 +78,8 @@ DEFAULT_LEASE = timedelta(seconds=60)
 POLL_INTERVAL_S = 0.25
 # A nudge can arrive a moment before its transaction is visible; look again this soon.
 RECHECK_S = 0.02
+# How long the recorder waits for more outcomes while other posts are in flight.
+GATHER_S = 0.002
 
 
 def retry_delay(attempt: int, rng: random.Random | None = None) -> float:
@@ -340,6 +342,10 @@ class Dispatcher:
                 await self._outcome_ready.wait()
                 self._outcome_ready.clear()
                 continue
+            if self._tasks and not self._closing:
+                # Posts answered together finish a few loop turns apart: a moment lets the
+                # rest of such a burst join this commit instead of each taking its own fsync.
+                await asyncio.sleep(GATHER_S)
             batch, self._outcomes = self._outcomes, []
             try:
                 await asyncio.to_thread(self._record_all, batch)
