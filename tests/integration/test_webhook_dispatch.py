@@ -1,4 +1,6 @@
-"""The dispatcher against a real loopback receiver: signatures, retries, 410, order, SSRF, kills."""
+"""WH-2 (retry schedule with jitter, same webhook-id across retries, 410 disables, killed
+dispatcher loses nothing, private targets refused at connect time) and the rest of the
+dispatcher against a real loopback receiver: signatures, order, redirects, group commit."""
 
 from __future__ import annotations
 
