@@ -132,7 +132,12 @@ def parse_datetime(value: str) -> datetime:
     parsed = datetime.fromisoformat(text)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError as exc:
+        # 9999-12-31T23:59-05:00 is a valid ISO 8601 time past datetime's last day in UTC;
+        # callers turn ValueError into their 422, an OverflowError would be a 500.
+        raise ValueError(f"{value!r} is outside the years 1 to 9999 in UTC") from exc
 
 
 def aware(value: datetime) -> datetime:
