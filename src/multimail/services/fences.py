@@ -38,29 +38,63 @@ _IGNORABLE = frozenset(
     ]
 )
 
-# Look-alikes of the markers' characters, from Unicode's confusables.txt (TR 39), after NFKC
-# (which already folds fullwidth, small and mathematical forms): Cyrillic, Greek, Armenian,
-# Cherokee, Lisu and Canadian syllabics letters, small capitals, angle quotation marks and
-# slashes. Written escaped so that no look-alike hides in this file either; case is matched
-# by the pattern.
+# Look-alikes of the markers' characters: every single code point Unicode's confusables.txt
+# (TR 39) lists as confusable with one of them, minus those NFKC already folds (fullwidth,
+# small and mathematical forms), plus a few the data lacks. Made by
+# scripts/gen_confusables.py; written escaped so that no look-alike hides in this file
+# either; case is matched by the pattern.
 _CONFUSABLE = {
-    "<": "\u2039\u276e\u02c2\u1438\u3008\u27e8\u16b2",
-    "/": "\u2044\u2215\u29f8\u2571\u27cb\u4e3f\u30ce\u3033\u2cc6\u1735",
+    "<": "\u02c2\u1438\u16b2\u2039\u276e\u27e8\u3008\U0001d236",
+    "/": ("\u1735\u2041\u2044\u2215\u2571\u27cb\u29f8\u2cc6\u3033\u30ce\u31d3\u4e3f\U0001d23a"),
     "_": "\u02cd\u07fa",
-    "a": "\u0430\u0251\u03b1\u237a\u0410\u0391\u13aa\ua4ee",
-    "b": "\u042c\u0185\u13cf\u1472\u15af\u0412\u0392\u13f4\ua4d0",
-    "d": "\u0501\ua4d2\u146f\u13a0\ua4d3",
-    "e": "\u0435\u04bd\u212e\u0415\u0395\u13ac\ua4f0",
-    "i": "\u0456\u0131\u0269\u03b9\u13a5\u2373\u0406\u0399\u04c0\u0130",
-    "l": "1|I\u01c0\u05c0\u04cf\u04c0\u0406\u0399\u2d4f\u07ca",
-    "m": "\u041c\u039c\u13b7\ua4df",
-    "n": "\u0578\u057c\u039d\ua4e0",
-    "o": "0\u043e\u03bf\u0585\u1d0f\u041e\u039f",
-    "r": "\u0433\u1d26\u2c85\u13a1\ua4e3",
-    "s": "\u0455\ua731\u01bd\u0405\u13da\ua4e2",
-    "t": "\u0422\u03a4\u13a2\ua4d4",
-    "u": "\u057d\u028b\u03c5\u1d1c\u054d\ua4f4",
-    "y": "\u0443\u04af\u03b3\u028f\u0423\u03a5\u04ae\ua4ec",
+    "a": ("\u0251\u0391\u03b1\u0410\u0430\u13aa\u15c5\u237a\ua4ee\U000102a0\U00016f40"),
+    "b": (
+        "\u0184\u0185\u0392\u0412\u042c\u13cf\u13f4\u1472\u15af\u15f7\ua4d0\ua7b4"
+        "\U00010282\U000102a1\U00010301"
+    ),
+    "d": "\u0501\u13a0\u13e7\u146f\u15de\u15ea\ua4d2\ua4d3",
+    "e": (
+        "\u0395\u0415\u0435\u04bd\u13ac\u212e\u22ff\u2d39\ua4f0\uab32\U00010286\U000118a6\U000118ae"
+    ),
+    "i": (
+        "l\u0130\u0131\u0269\u026a\u0399\u03b9\u0406\u0456\u04c0\u04cf\u13a5"
+        "\u2373\ua647\uab75\U000118c3"
+    ),
+    "l": (
+        "1I|\u0196\u01c0\u0399\u0406\u04c0\u04cf\u05c0\u06f1\u07ca\u13de\u14aa"
+        "\u16c1\u2223\u23fd\u2502\u2c92\u2cd0\u2d4f\ua4e1\ua4f2\U0001028a"
+        "\U00010309\U00010320\U0001041b\U00010526\U000118a3\U000118b2\U00016f16"
+        "\U00016f28\U0001d22a"
+    ),
+    "m": "\u039c\u03fa\u041c\u13b7\u15f0\u16d6\u2c98\ua4df\U000102b0\U00010311",
+    "n": "\u039d\u0578\u057c\u2c9a\ua4e0\U00010513",
+    "o": (
+        "0\u039f\u03bf\u03c3\u041e\u043e\u0555\u0585\u06f5\u0966\u09e6\u0a66"
+        "\u0ae6\u0b20\u0b66\u0be6\u0c02\u0c66\u0c82\u0ce6\u0d02\u0d20\u0d66\u0d82"
+        "\u0e50\u0ed0\u101d\u1040\u10ff\u12d0\u1d0f\u1d11\u2c9e\u2c9f\u2d54\u3007"
+        "\ua4f3\uab3d\U00010292\U000102ab\U00010404\U0001042c\U000104c2\U000104ea"
+        "\U00010516\U000114d0\U000118b5\U000118c8\U000118d7\U000118e0"
+    ),
+    "r": (
+        "\u01a6\u0433\u13a1\u13d2\u1587\u1d26\u2c85\ua4e3\uab47\uab48\uab81"
+        "\U000104b4\U00016f35\U0001d216"
+    ),
+    "s": (
+        "\u01bd\u0405\u0455\u054f\u13d5\u13da\ua4e2\ua731\uabaa\U00010296"
+        "\U00010420\U00010448\U000118c1\U00016f3a"
+    ),
+    "t": (
+        "\u03a4\u0422\u13a2\u22a4\u27d9\u2ca6\ua4d4\U00010297\U000102b1\U00010315"
+        "\U000118bc\U00016f0a\U0001f768"
+    ),
+    "u": (
+        "\u028b\u03c5\u054d\u057d\u1200\u144c\u1d1c\u222a\u22c3\ua4f4\ua79f\uab4e"
+        "\uab52\U000104ce\U000104f6\U000118b8\U000118d8\U00016f42"
+    ),
+    "y": (
+        "\u0263\u028f\u03a5\u03b3\u0423\u0443\u04ae\u04af\u10e7\u13a9\u13bd\u1d8c"
+        "\u1eff\u2ca8\ua4ec\uab5a\U000102b2\U000118a4\U000118dc\U00016f43"
+    ),
 }
 # Drawn as a letter pair: "rn" passes for "m" in most fonts.
 _CONFUSABLE_PAIRS = {"m": "rn"}
@@ -108,7 +142,11 @@ def _origins(text: str) -> list[int]:
 
 
 def _class(char: str) -> str:
-    shown = {char, char.upper(), *_CONFUSABLE.get(char, "")}
+    alike = _CONFUSABLE.get(char, "")
+    # Both cases of each look-alike: re.IGNORECASE misses some (a class holding U+118BC,
+    # Warang Citi capital HAR, does not match it in Python 3.11 under IGNORECASE).
+    cased = {form for c in alike for form in (c.lower(), c.upper()) if len(form) == 1}
+    shown = {char, char.upper(), *alike, *cased}
     return "[" + "".join(sorted(re.escape(c) for c in shown)) + "]"
 
 
