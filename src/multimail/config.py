@@ -12,10 +12,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from multimail.cpus import usable_cpus
+from multimail.domain.addresses import AddressError, normalize_address, normalize_domain
 
 Role = Literal["all", "api", "smtp", "worker"]
 
@@ -62,6 +63,11 @@ class Settings(BaseSettings):
     )
     domain: str = Field(
         "localhost", description="The server's own mail domain (needs no verification)."
+    )
+    postmaster_email: str | None = Field(
+        None,
+        description="Where mail to postmaster@<server domain> (and the bare <postmaster>) "
+        "goes when no mailbox has that address; unset = kept and audited, not forwarded.",
     )
     dns_resolver: str | None = Field(
         None, description="DNS resolver as host:port; unset = system resolver."
@@ -143,6 +149,34 @@ class Settings(BaseSettings):
         if value and value.startswith(("postgresql://", "postgres://")):
             return "postgresql+psycopg://" + value.split("://", 1)[1]
         return value
+
+    @field_validator("postmaster_email")
+    @classmethod
+    def _check_postmaster_email(cls, value: str | None) -> str | None:
+        # An empty value in an env file means "not set", as for the other optional settings.
+        if value is None or not value.strip():
+            return None
+        try:
+            return normalize_address(value)
+        except AddressError as exc:
+            raise ValueError(f"MULTIMAIL_POSTMASTER_EMAIL: {exc}") from None
+
+    @model_validator(mode="after")
+    def _postmaster_is_not_itself(self) -> Settings:
+        # Forwarding postmaster mail to postmaster@<our domain> would hand each forward
+        # straight back to us as new postmaster mail: a loop only the hourly cap would stop.
+        if self.postmaster_email is not None:
+            local, _, domain = self.postmaster_email.rpartition("@")
+            try:
+                own = normalize_domain(self.domain)
+            except AddressError:
+                own = self.domain.strip().lower()
+            if local == "postmaster" and domain == own:
+                raise ValueError(
+                    "MULTIMAIL_POSTMASTER_EMAIL must be a person's address, not "
+                    f"postmaster@{domain} itself: the forwarded mail would come back to it"
+                )
+        return self
 
     @property
     def base_url(self) -> str:

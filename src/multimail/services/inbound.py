@@ -11,6 +11,14 @@ runs in one transaction that also flips ``inbound_raw.status`` from ``stored`` w
 UPDATE, so a re-run after a crash (or a second worker) creates nothing twice. A second copy
 of a message a mailbox already has (the client resent it after losing our 250: same
 Message-ID, same envelope sender, same bytes) is audited and not delivered again.
+
+Postmaster (RFC 5321 §4.5.1, §4.1.1.3): ``postmaster@`` every domain we serve, and the bare
+``<postmaster>`` (taken as ``postmaster@<server domain>``), is accepted at RCPT. A live mailbox
+with that address gets it like any other mail; otherwise the message is forwarded as system
+mail to a human (the server's ``postmaster_email``, or the operator of the account that owns
+the verified domain) or, where that would be wrong or is impossible, kept in ``inbound_raw``
+and audited (``postmaster.kept`` with a reason). Delivery reports addressed to postmaster go
+to the report logic that handles them in a mailbox.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import hmac
+import json
 import logging
 import threading
 import time
@@ -28,7 +38,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import dns.resolver
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, func, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from multimail.domain.addresses import AddressError, idna_ascii, normalize_address
@@ -50,7 +60,7 @@ from multimail.domain.spam import (
     score_message,
 )
 from multimail.errors import InvalidInput, NotFound, TooLarge
-from multimail.ids import new_id, utcnow
+from multimail.ids import isoformat, new_id, utcnow
 from multimail.mail.parse import (
     ParsedMessage,
     UnparseableMessage,
@@ -66,7 +76,7 @@ from multimail.mail.reports import (
     parse_arf,
     parse_dsn,
 )
-from multimail.services import audit, directory, events, mailboxes, messages, threads
+from multimail.services import audit, directory, events, mailboxes, messages, notify, threads
 from multimail.services.authresults import (
     AuthResults,
     authenticate,
@@ -84,12 +94,13 @@ from multimail.smtp.inbound import (
     split_trace,
 )
 from multimail.store import jobs
-from multimail.store.tables import attachments, domains, inbound_raw
+from multimail.store.tables import attachments, audit_entries, domains, inbound_raw
 from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.store.tables import messages as messages_table
 
 __all__ = [
     "JOB_KIND",
+    "POSTMASTER_HOURLY_CAP",
     "DatabaseSink",
     "Signal",
     "accept_raw",
@@ -172,10 +183,22 @@ def _our_domains(conn: Connection, services: Services) -> set[str]:
     return names
 
 
+_POSTMASTER = "postmaster"
+
+
+def _as_address(recipient: str, server_domain: str) -> str:
+    """A recipient as mailboxes store it; the bare ``<postmaster>`` is the server's (RFC 5321
+    §4.1.1.3). Raises AddressError for anything that is no address."""
+    if recipient.lower() == _POSTMASTER:
+        return f"{_POSTMASTER}@{server_domain}"
+    return normalize_address(recipient)
+
+
 def recipient_verdict(services: Services, address: str) -> RecipientVerdict:
-    """Accept a live mailbox of any account; refuse the rest without ever relaying."""
+    """Accept a live mailbox of any account, and postmaster at every domain we serve (RFC 5321
+    §4.5.1: a server MUST); refuse the rest without ever relaying."""
     try:
-        wanted = normalize_address(address)
+        wanted = _as_address(address, _server_domain(services))
     except AddressError:
         return UNKNOWN_MAILBOX
     with services.db.read() as conn:
@@ -186,8 +209,10 @@ def recipient_verdict(services: Services, address: str) -> RecipientVerdict:
         ).first()
         if found is not None:
             return ACCEPT
-        domain = wanted.rpartition("@")[2]
-        return UNKNOWN_MAILBOX if domain in _our_domains(conn, services) else RELAY_DENIED
+        local, _, domain = wanted.rpartition("@")
+        if domain not in _our_domains(conn, services):
+            return RELAY_DENIED
+        return ACCEPT if local == _POSTMASTER else UNKNOWN_MAILBOX
 
 
 # --------------------------------------------------------------------------- DATA
@@ -383,11 +408,13 @@ def _analyse(services: Services, row: dict[str, Any], parsed: ParsedMessage) -> 
     return _Analysis(parsed, auth, stored, verdict, dsn, arf, unsubscribe)
 
 
-def _recipient_mailboxes(conn: Connection, rcpt_tos: Sequence[str]) -> list[dict[str, Any]]:
+def _recipient_mailboxes(
+    conn: Connection, rcpt_tos: Sequence[str], server_domain: str
+) -> list[dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for address in rcpt_tos:
         try:
-            wanted = normalize_address(address)
+            wanted = _as_address(address, server_domain)
         except AddressError:
             continue
         row = (
@@ -422,14 +449,20 @@ def _initial_status(mailbox: dict[str, Any], analysis: _Analysis) -> Status:
     return target
 
 
-def _our_message(
-    conn: Connection, account_id: str, message_ids: Sequence[str | None], *, outbound: bool
-) -> dict[str, Any] | None:
+def _id_forms(message_ids: Sequence[str | None]) -> list[str]:
+    """Each Message-ID with and without its angle brackets, as stored rows may hold it."""
     forms: list[str] = []
     for value in message_ids:
         if value:
             inner = value.strip().strip("<>")
             forms.extend([inner, f"<{inner}>"])
+    return forms
+
+
+def _our_message(
+    conn: Connection, account_id: str, message_ids: Sequence[str | None], *, outbound: bool
+) -> dict[str, Any] | None:
+    forms = _id_forms(message_ids)
     if not forms:
         return None
     query = select(messages_table).where(
@@ -652,7 +685,7 @@ def _apply_bounce(
             "bounce_type": bounce_type,
             "recipients": [address for _, address in failed],
             "suppressed": suppressed,
-            "report_message_id": source["id"],
+            **_report_ref(source),
             "diagnostic": diagnostic,
             "status_before": current.value,
         },
@@ -693,7 +726,7 @@ def _apply_complaint(
     complainant: str | None,
     reason: str,
     original_ids: Sequence[str | None],
-    report_row: dict[str, Any],
+    report_row: Mapping[str, Any],
 ) -> None:
     suppressed = _suppress(conn, account_id, complainant, reason, report_row["id"], reason)
     original = _our_message(conn, account_id, original_ids, outbound=True)
@@ -705,7 +738,7 @@ def _apply_complaint(
         subject_type="message",
         subject_id=subject["id"],
         mailbox_id=subject["mailbox_id"],
-        details={"reason": reason, "address": suppressed, "report_message_id": report_row["id"]},
+        details={"reason": reason, "address": suppressed, **_report_ref(report_row)},
     )
     events.emit(
         conn,
@@ -750,30 +783,8 @@ def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> 
             mailbox_id=mailbox["id"],
             message=messages.full_view(conn, row),
         )
-    if analysis.dsn is not None:
-        _apply_bounce(conn, account_id, analysis.dsn, row)
-    elif analysis.arf is not None:
-        unmatched = _unmatched_complaint(conn, account_id, analysis.arf)
-        if unmatched is None:
-            _apply_complaint(
-                conn,
-                account_id,
-                complainant=analysis.arf.complainant,
-                reason="complaint",
-                original_ids=[analysis.arf.original_message_id],
-                report_row=row,
-            )
-        else:
-            # Anyone can mail a feedback report naming any address: acted on unchecked, one
-            # forged report would stop the account's mail to a customer.
-            _keep_for_operator(
-                conn,
-                row,
-                "message.complaint_unmatched",
-                address=analysis.arf.complainant,
-                original_message_id=analysis.arf.original_message_id,
-                why=unmatched,
-            )
+    if analysis.dsn is not None or analysis.arf is not None:
+        _apply_report(conn, account_id, analysis, row)
     elif analysis.unsubscribe and sender_verified(
         analysis.auth, row["from_address"], analysis.parsed.from_count
     ):
@@ -799,20 +810,61 @@ def _deliver(conn: Connection, mailbox: dict[str, Any], analysis: _Analysis) -> 
     return row
 
 
+def _apply_report(
+    conn: Connection, account_id: str, analysis: _Analysis, source: Mapping[str, Any]
+) -> None:
+    """Act on a delivery report or feedback report stored as ``source``, for ``account_id``."""
+    if analysis.dsn is not None:
+        _apply_bounce(conn, account_id, analysis.dsn, source)
+    elif analysis.arf is not None:
+        unmatched = _unmatched_complaint(conn, account_id, analysis.arf)
+        if unmatched is None:
+            _apply_complaint(
+                conn,
+                account_id,
+                complainant=analysis.arf.complainant,
+                reason="complaint",
+                original_ids=[analysis.arf.original_message_id],
+                report_row=source,
+            )
+        else:
+            # Anyone can mail a feedback report naming any address: acted on unchecked, one
+            # forged report would stop the account's mail to a customer.
+            _keep_for_operator(
+                conn,
+                source,
+                "message.complaint_unmatched",
+                address=analysis.arf.complainant,
+                original_message_id=analysis.arf.original_message_id,
+                why=unmatched,
+            )
+
+
 def _keep_for_operator(
     conn: Connection, row: Mapping[str, Any], action: str, **details: Any
 ) -> None:
-    """A request to stop mail that is not acted on: the message stays in the mailbox, and
-    the audit entry says why, for the operator to act on."""
+    """A request to stop mail that is not acted on: the message stays in the mailbox (or, sent
+    to postmaster, in ``inbound_raw``), and the audit entry says why, for the operator to act
+    on."""
     audit.append(
         conn,
         actor=_system(row["account_id"]),
         action=action,
-        subject_type="message",
+        subject_type=_source_type(row),
         subject_id=row["id"],
         mailbox_id=row["mailbox_id"],
         details=details,
     )
+
+
+def _source_type(source: Mapping[str, Any]) -> str:
+    """What a report was stored as: a message in a mailbox, or (mail to postmaster that no
+    mailbox took) only the raw message; ids carry their table's prefix."""
+    return "inbound" if str(source["id"]).startswith("inb_") else "message"
+
+
+def _report_ref(source: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"report_{_source_type(source)}_id": source["id"]}
 
 
 # Copies of one Message-ID for one mailbox are checked and delivered one at a time: on
@@ -885,6 +937,297 @@ def _drop_copy(
     )
 
 
+# --------------------------------------------------------------------------- postmaster
+
+POSTMASTER_HOURLY_CAP = 20
+_FORWARDED = "postmaster.forwarded"
+_KEPT = "postmaster.kept"
+_CAP_WINDOW = timedelta(hours=1)
+# Forwards to one destination are counted and written one transaction at a time (see
+# _lock_destinations); a key space of its own keeps these locks apart from the others.
+_POSTMASTER_LOCK_SPACE = 7_240_005
+
+
+@dataclass(frozen=True)
+class _PostmasterRoute:
+    """Mail to postmaster@<a domain we serve> that no live mailbox takes, and where it goes."""
+
+    address: str  # postmaster@<domain>; the bare <postmaster> is the server domain's
+    domain: str
+    account_id: str | None  # the account that owns the domain; None for the server's own
+    destination: str | None
+    hold: str | None  # why it is kept whatever it says: no one (or no one safe) to send it to
+
+    @property
+    def reader(self) -> str:
+        if self.account_id is None:
+            return "the server's postmaster (MULTIMAIL_POSTMASTER_EMAIL)"
+        return f"the operator of the MultiMail account that owns {self.domain}"
+
+
+def _postmaster_route(
+    conn: Connection, services: Services, address: str, domain: str, server_domain: str
+) -> _PostmasterRoute | None:
+    """Where mail to ``address`` goes; None when ``domain`` is no longer one we serve (the
+    claim was deleted after RCPT), which makes it an address without a mailbox like any other."""
+    if domain == server_domain:
+        destination = services.settings.postmaster_email
+        hold = None if destination else "no_destination"
+        return _PostmasterRoute(address, domain, None, destination, hold)
+    claims = conn.execute(
+        select(domains.c.account_id, domains.c.status).where(func.lower(domains.c.name) == domain)
+    ).all()
+    if not claims:
+        return None
+    # Only one account can hold a domain verified. Anyone can claim one pending, and
+    # forwarding would let a squatter read the real owner's postmaster mail.
+    owner = next((c.account_id for c in claims if c.status == "verified"), None)
+    if owner is None:
+        return _PostmasterRoute(address, domain, None, None, "domain_unverified")
+    destination = notify.oversight_address(conn, owner)
+    if not destination:
+        return _PostmasterRoute(address, domain, owner, None, "no_oversight_email")
+    if destination.strip().lower() == address:
+        # The operator reads postmaster@ through another server that hands it back to us:
+        # each forward would arrive as new postmaster mail.
+        return _PostmasterRoute(address, domain, owner, None, "loop")
+    return _PostmasterRoute(address, domain, owner, destination, None)
+
+
+def _postmaster_routes(
+    conn: Connection,
+    services: Services,
+    rcpt_tos: Sequence[str],
+    recipients: Sequence[Mapping[str, Any]],
+) -> list[_PostmasterRoute]:
+    """The message's postmaster recipients that no live mailbox takes, one route each."""
+    server_domain = _server_domain(services)
+    taken = {str(m["address"]) for m in recipients}
+    routes: dict[str, _PostmasterRoute] = {}
+    for recipient in rcpt_tos:
+        try:
+            address = _as_address(recipient, server_domain)
+        except AddressError:
+            continue
+        local, _, domain = address.rpartition("@")
+        if local != _POSTMASTER or address in taken or address in routes:
+            continue
+        route = _postmaster_route(conn, services, address, domain, server_domain)
+        if route is not None:
+            routes[address] = route
+    return list(routes.values())
+
+
+def _keep_reason(route: _PostmasterRoute, analysis: _Analysis) -> str | None:
+    """Why mail to ``route`` is kept rather than forwarded; None to forward it."""
+    if analysis.dsn is not None or analysis.arf is not None:
+        return "report"  # acted on by the report logic, as in a mailbox
+    if route.hold is not None:
+        return route.hold
+    if analysis.verdict.is_spam:
+        return "spam"
+    return None
+
+
+def _destination_key(services: Services, destination: str) -> str:
+    """Names a destination in the audit log for counting, without writing the address there
+    in a form anyone could read back or confirm a guess against (keyed by the server secret)."""
+    digest = hmac.new(
+        notify.secret_key(services),
+        b"postmaster-destination\0" + destination.strip().lower().encode(),
+        hashlib.sha256,
+    )
+    return digest.hexdigest()[:32]
+
+
+def _lock_destinations(conn: Connection, keys: Sequence[str]) -> None:
+    """Serialise forwards to the same destinations on PostgreSQL, where two workers would
+    otherwise both count 20 and both send (SQLite's single writer serialises them already).
+    Taken after the copies' locks and before the first audit append, in one order, like them."""
+    if conn.dialect.name != "postgresql":
+        return
+    for key in sorted({int.from_bytes(bytes.fromhex(k)[:4], "big", signed=True) for k in keys}):
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :key)"),
+            {"space": _POSTMASTER_LOCK_SPACE, "key": key},
+        )
+
+
+def _recent_forwards(conn: Connection, key: str) -> list[dict[str, Any]]:
+    """The forwards to the destination ``key`` names in the last hour, from the audit log.
+
+    The audit log, not the jobs table: an entry is written in the transaction that decides
+    the forward and is never changed or pruned, while a system_mail job's recipients are
+    rewritten as it is retried. Counted under the destination's lock (_lock_destinations),
+    so a concurrent worker's forward is either committed and seen here or waits for us."""
+    cutoff = isoformat(utcnow() - _CAP_WINDOW) or ""
+    found = conn.execute(
+        select(audit_entries.c.details).where(
+            audit_entries.c.action == _FORWARDED, audit_entries.c.at >= cutoff
+        )
+    )
+    recent = []
+    for (details,) in found:
+        entry = json.loads(details or "{}")
+        if entry.get("destination_key") == key:
+            recent.append(entry)
+    return recent
+
+
+def _copy_key(analysis: _Analysis) -> str | None:
+    key = _delivery_key(analysis.stored_raw)
+    return key.hex()[:32] if key is not None else None
+
+
+def _keep_postmaster(
+    conn: Connection,
+    row: Mapping[str, Any],
+    route: _PostmasterRoute,
+    analysis: _Analysis,
+    reason: str,
+    **details: Any,
+) -> None:
+    audit.append(
+        conn,
+        actor=_system(route.account_id),
+        action=_KEPT,
+        subject_type="inbound",
+        subject_id=row["id"],
+        details={
+            "inbound_id": row["id"],
+            "postmaster": route.address,
+            "reason": reason,
+            "mail_from": row["mail_from"],
+            "from": analysis.parsed.from_address,
+            "spam_score": analysis.verdict.score,
+            **details,
+        },
+    )
+
+
+def _report_account(
+    conn: Connection, services: Services, analysis: _Analysis, route: _PostmasterRoute
+) -> str | None:
+    """The account whose outbound message a report sent to ``route`` names: mail to
+    postmaster@<domain> concerns mail from that domain, and for a claimed domain only the
+    accounts that claimed it."""
+    report = analysis.dsn or analysis.arf
+    forms = _id_forms([report.original_message_id if report is not None else None])
+    if not forms:
+        return None
+    owners: set[str] | None = None
+    if route.domain != _server_domain(services):
+        claims = select(domains.c.account_id).where(func.lower(domains.c.name) == route.domain)
+        owners = {str(account_id) for (account_id,) in conn.execute(claims)}
+    found = conn.execute(
+        select(messages_table.c.account_id, messages_table.c.from_address)
+        .where(
+            messages_table.c.message_id_header.in_(forms),
+            messages_table.c.direction == "outbound",
+        )
+        .order_by(messages_table.c.id.desc())
+    )
+    for account_id, from_address in found:
+        if (from_address or "").rpartition("@")[2].lower() != route.domain:
+            continue
+        if owners is None or account_id in owners:
+            return str(account_id)
+    return None
+
+
+def _route_postmaster(
+    conn: Connection,
+    services: Services,
+    row: Mapping[str, Any],
+    analysis: _Analysis,
+    routes: Sequence[_PostmasterRoute],
+    keys: Mapping[str, str],
+    handled: set[str],
+) -> None:
+    """Forward or keep the message for each postmaster route; ``keys`` holds the destination
+    key of every destination a route may be forwarded to, already locked; ``handled`` the
+    accounts whose report logic has seen this message (in a mailbox of theirs)."""
+    groups: dict[str, list[_PostmasterRoute]] = {}
+    for route in routes:
+        reason = _keep_reason(route, analysis)
+        if reason == "report":
+            account_id = _report_account(conn, services, analysis, route)
+            if account_id is not None and account_id not in handled:
+                handled.add(account_id)
+                _apply_report(
+                    conn,
+                    account_id,
+                    analysis,
+                    {"id": row["id"], "account_id": account_id, "mailbox_id": None},
+                )
+            report = analysis.dsn or analysis.arf
+            _keep_postmaster(
+                conn,
+                row,
+                route,
+                analysis,
+                reason,
+                report="dsn" if analysis.dsn is not None else "arf",
+                original_message_id=report.original_message_id if report else None,
+                matched_account=account_id,
+            )
+        elif reason is not None:
+            _keep_postmaster(conn, row, route, analysis, reason)
+        else:
+            assert route.destination is not None  # a route without one has a hold
+            groups.setdefault(route.destination, []).append(route)
+    copy = _copy_key(analysis)
+    for destination, group in groups.items():
+        key = keys[destination]
+        recent = _recent_forwards(conn, key)
+        if copy is not None and any(entry.get("copy_key") == copy for entry in recent):
+            # The client resent the message after losing our 250 (RFC 5321 §6.1).
+            for route in group:
+                _keep_postmaster(conn, row, route, analysis, "duplicate")
+            continue
+        if len(recent) >= POSTMASTER_HOURLY_CAP:
+            for route in group:
+                _keep_postmaster(conn, row, route, analysis, "flood_cap", cap=POSTMASTER_HOURLY_CAP)
+            continue
+        subject, markdown = notify.postmaster_forward_mail(
+            postmasters=[route.address for route in group],
+            inbound_id=row["id"],
+            mail_from=row["mail_from"],
+            parsed=analysis.parsed,
+            authentication=analysis.auth.header_value(_server_domain(services)),
+            spam_score=analysis.verdict.score,
+            spam_threshold=analysis.verdict.threshold,
+            reader=group[0].reader,
+        )
+        account_id = group[0].account_id
+        job_id = notify.enqueue_system_mail(
+            conn,
+            to=destination,
+            subject=subject,
+            markdown=markdown,
+            kind=notify.POSTMASTER_FORWARD_KIND,
+            account_id=account_id,
+            extra={"inbound_id": row["id"]},
+        )
+        audit.append(
+            conn,
+            actor=_system(account_id),
+            action=_FORWARDED,
+            subject_type="inbound",
+            subject_id=row["id"],
+            details={
+                "inbound_id": row["id"],
+                "postmaster": [route.address for route in group],
+                "to": notify.mask_address(destination),
+                "destination_key": key,
+                "copy_key": copy,
+                "job_id": job_id,
+                "mail_from": row["mail_from"],
+                "from": analysis.parsed.from_address,
+            },
+        )
+
+
 def _mark_failed(services: Services, row: dict[str, Any], error: str) -> None:
     with services.db.write() as conn:
         changed = conn.execute(
@@ -913,14 +1256,23 @@ def process_inbound(services: Services, inbound_id: str) -> list[str]:
         row = dict(raw_row)
         if row["status"] != "stored":
             return []
-        recipients = _recipient_mailboxes(conn, row["rcpt_tos"] or [])
+        rcpt_tos = row["rcpt_tos"] or []
+        recipients = _recipient_mailboxes(conn, rcpt_tos, _server_domain(services))
+        routes = _postmaster_routes(conn, services, rcpt_tos, recipients)
     try:
         parsed = parse_message(bytes(row["data"]))
     except UnparseableMessage as exc:
         # The bytes stay in inbound_raw; only the attempt to make a message of them ends.
         _mark_failed(services, row, exc.message)
         return []
-    analysis = _analyse(services, row, parsed) if recipients else None
+    analysis = _analyse(services, row, parsed) if recipients or routes else None
+    keys = {}
+    if analysis is not None:
+        keys = {
+            route.destination: _destination_key(services, route.destination)
+            for route in routes
+            if route.destination is not None and _keep_reason(route, analysis) is None
+        }
     created: list[dict[str, Any]] = []
     with services.db.write() as conn:
         claimed = conn.execute(
@@ -929,7 +1281,8 @@ def process_inbound(services: Services, inbound_id: str) -> list[str]:
             .values(
                 status="processed",
                 processed_at=utcnow(),
-                error=None if recipients else "no live recipient mailbox",
+                # Postmaster mail that is forwarded or kept is handled on purpose, not lost.
+                error=None if recipients or routes else "no live recipient mailbox",
             )
         ).rowcount
         if not claimed or analysis is None:
@@ -939,12 +1292,16 @@ def process_inbound(services: Services, inbound_id: str) -> list[str]:
         header = _without_nul((analysis.parsed.message_id or "")[:998]) or None
         if header is not None:
             _lock_copies(conn, [mailbox["id"] for mailbox in recipients], header)
+        _lock_destinations(conn, list(keys.values()))
         for mailbox in recipients:
             earlier = header and _earlier_copy(conn, mailbox, header, analysis.stored_raw)
             if earlier:
                 _drop_copy(conn, mailbox, earlier, row)
                 continue
             created.append(_deliver(conn, mailbox, analysis))
+        if routes:
+            handled = {str(mailbox["account_id"]) for mailbox in recipients}
+            _route_postmaster(conn, services, row, analysis, routes, keys, handled)
     if any(r["status"] == Status.UNREAD.value for r in created):
         signals(services).arrived.notify()
     return [r["id"] for r in created]

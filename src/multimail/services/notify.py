@@ -31,7 +31,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -42,6 +42,7 @@ from multimail.domain.linktokens import make_token, new_nonce, read_token
 from multimail.domain.oversight import DECIDABLE
 from multimail.errors import InvalidInput
 from multimail.ids import isoformat
+from multimail.mail.parse import ParsedMessage
 from multimail.services import directory
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
@@ -57,6 +58,10 @@ APPROVAL_LINK_TTL = timedelta(hours=72)
 UNSUBSCRIBE_LINK_TTL = timedelta(days=365)
 THREAD_CONTEXT_LIMIT = 5
 EXCERPT_CHARS = 300
+POSTMASTER_FORWARD_KIND = "postmaster_forward"
+POSTMASTER_TEXT_CHARS = 20_000
+# A header value shown in a forward: RFC 5322's line limit is room for any honest one.
+_HEADER_CHARS = 998
 
 _SPACES = re.compile(r"\s+")
 # An approval link's subject: "<message id>|<draft digest>". The whole SHA-256: the agent
@@ -108,14 +113,38 @@ def enqueue_operator_mail(
     to = oversight_address(conn, account_id)
     if not to:
         return None
-    payload = {
+    return enqueue_system_mail(
+        conn, to=to, subject=subject, markdown=markdown, kind=kind, account_id=account_id
+    )
+
+
+def enqueue_system_mail(
+    conn: Connection,
+    *,
+    to: str,
+    subject: str,
+    markdown: str,
+    kind: str,
+    account_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Queue one email from ``multimail@<server domain>`` to ``to``; returns the job's id.
+
+    ``account_id`` makes the account's suppression list apply to it; mail for the server's
+    own operator (no account) has none."""
+    payload: dict[str, Any] = {
+        **(extra or {}),
         "to": [to],
         "subject": subject,
         "markdown": markdown,
-        "account_id": account_id,
         "kind": kind,
     }
-    return jobs.enqueue(conn, SYSTEM_MAIL_JOB, payload)
+    if account_id is not None:
+        payload["account_id"] = account_id
+    job_id = jobs.enqueue(conn, SYSTEM_MAIL_JOB, payload)
+    if job_id is None:  # only a dedupe key skips the insert, and none is given
+        raise RuntimeError("the system mail job was not written")
+    return job_id
 
 
 def _link(services: Services, purpose: str, subject_id: str, action: str, ttl: timedelta) -> str:
@@ -389,3 +418,82 @@ def notify_monitored_copy(
         "\n".join(lines),
         "monitored_copy",
     )
+
+
+def _header_line(name: str, value: str | None) -> str:
+    # One line per field, whatever the sender folded into it: a value cannot make a line
+    # that reads as another field.
+    shown = _SPACES.sub(" ", value or "").strip()[:_HEADER_CHARS]
+    return f"{name}: {shown or '-'}"
+
+
+def postmaster_forward_mail(
+    *,
+    postmasters: Sequence[str],
+    inbound_id: str,
+    mail_from: str,
+    parsed: ParsedMessage,
+    authentication: str,
+    spam_score: float,
+    spam_threshold: float,
+    reader: str,
+) -> tuple[str, str]:
+    """Mail that reached ``postmasters`` (postmaster@<domain>, no mailbox) as ``(subject,
+    markdown)`` for the human who reads that domain's postmaster mail, ``reader`` saying who
+    that is. Whatever the sender wrote (headers, text, file names) is shown only inside
+    :func:`fenced` blocks, so none of it can pass for MultiMail's own words or links."""
+    first = postmasters[0]
+    headers = [
+        _header_line("Envelope sender", f"<{mail_from}>"),
+        _header_line("Envelope recipient", ", ".join(postmasters)),
+        _header_line("From", parsed.header("From")),
+        _header_line("To", parsed.header("To")),
+    ]
+    if parsed.header("Cc"):
+        headers.append(_header_line("Cc", parsed.header("Cc")))
+    headers += [
+        _header_line("Date", parsed.header("Date")),
+        _header_line("Message-ID", parsed.header("Message-ID")),
+        _header_line("Subject", parsed.subject),
+    ]
+    checks = [
+        # Our header, but the domains in it are the sender's: fenced like the rest.
+        _header_line("Authentication-Results", authentication),
+        f"Spam score: {spam_score:g} (spam from {spam_threshold:g})",
+    ]
+    text = parsed.text
+    cut = len(text) > POSTMASTER_TEXT_CHARS
+    lines = [
+        f"Mail to {first} arrived and no mailbox has that address. Every mail domain must "
+        f"accept postmaster mail (RFC 5321 section 4.5.1); it comes to you as {reader}. "
+        f"The original is kept as inbound message {inbound_id}.",
+        "",
+        "Everything inside the boxes below was written by the sender and is shown as it "
+        "came; none of it is from MultiMail.",
+        "",
+        "**Envelope and headers:**",
+        "",
+        fenced("\n".join(headers)),
+        "",
+        "**MultiMail's checks:**",
+        "",
+        fenced("\n".join(checks)),
+        "",
+        "**Text:**",
+        "",
+        fenced(text[:POSTMASTER_TEXT_CHARS] if cut else text),
+    ]
+    if cut:
+        lines += [
+            "",
+            f"The text was cut at {POSTMASTER_TEXT_CHARS:,} of its {len(text):,} characters; "
+            f"the whole message is kept as inbound message {inbound_id}.",
+        ]
+    if parsed.attachments:
+        listed = "\n".join(
+            f"{_SPACES.sub(' ', a.filename)} ({a.content_type}, {len(a.data)} bytes)"
+            for a in parsed.attachments
+        )
+        lines += ["", "**Attached (not forwarded):**", "", fenced(listed)]
+    subject = _SPACES.sub(" ", f"[MultiMail] Mail to {first}: {parsed.subject}").strip()
+    return subject[:200], "\n".join(lines)

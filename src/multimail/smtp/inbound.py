@@ -19,6 +19,10 @@ What aiosmtpd 1.4.6 already does, and what this module adds on top:
 
 As the server of final delivery (RFC 5321 §4.4) we put ``Return-Path: <reverse-path>`` and our
 Received line on top of each message; :func:`split_trace` takes them off again.
+
+The bare ``<Postmaster>`` (RFC 5321 §4.1.1.3) passes the syntax check and reaches the sink as
+``postmaster``; only the sink knows which domains are served, so accepting ``postmaster@`` each
+of them (§4.5.1) is its decision.
 """
 
 from __future__ import annotations
@@ -444,9 +448,13 @@ class _InboundHandler:
 
     async def _recipient(self, envelope: Envelope, address: str, options: list[str]) -> str:
         # RFC 5321 §4.1.1.3: <Postmaster> without a domain must be accepted for the server.
-        if address.lower() != "postmaster" and not _is_valid_mailbox(address):
+        # The name is case-insensitive; one spelling keeps a second RCPT of it a duplicate.
+        if address.lower() == "postmaster":
+            address = "postmaster"
+        elif not _is_valid_mailbox(address):
             return "553 5.1.3 Bad recipient address syntax"
-        address = _dot_atom_form(address)
+        else:
+            address = _dot_atom_form(address)
         if address in envelope.rcpt_tos:
             return "250 2.1.5 Recipient OK (duplicate ignored)"
         if len(envelope.rcpt_tos) >= self._limits.max_recipients:
