@@ -16,7 +16,7 @@ import pytest
 
 from multimail.errors import TemporaryDeliveryError
 from multimail.smtp import outbound
-from multimail.smtp.outbound import RelayConfig, RelayTransport, SessionPool
+from multimail.smtp.outbound import RelayConfig, RelayTransport, SessionPool, SMTPTimeouts
 
 
 def _message(n: int) -> bytes:
@@ -274,10 +274,12 @@ async def test_a_line_lost_after_the_data_is_not_retried(server: _Server) -> Non
 async def test_a_reply_that_never_comes_after_the_data_times_out_and_drops_the_session(
     server: _Server,
 ) -> None:
-    """MAIL, RCPT and DATA share the transaction's one time limit: a server silent after the
-    message is cut off there, the reply counts as lost (it may have the message), and that
-    session never carries another message."""
-    relay = RelayTransport(RelayConfig(host="127.0.0.1", port=server.port), total_timeout=0.3)
+    """The reply to the final dot has its own time limit (RFC 5321 §4.5.3.2.6): a server
+    silent after the message is cut off there, the reply counts as lost (it may have the
+    message), and that session never carries another message."""
+    relay = RelayTransport(
+        RelayConfig(host="127.0.0.1", port=server.port), timeouts=SMTPTimeouts(data_end=0.3)
+    )
     await relay.deliver("a@x.test", ["b@y.test"], _message(0))
     server.stall_after_dot = 1
     with pytest.raises(TemporaryDeliveryError) as caught:

@@ -22,6 +22,7 @@ from multimail.smtp.outbound import (
     OutboundTransport,
     RelayConfig,
     RelayTransport,
+    SMTPTimeouts,
     make_resolver,
     parse_relay_url,
     recipient_outcomes,
@@ -211,7 +212,8 @@ async def test_connection_refused_is_temporary() -> None:
 
 
 async def test_silent_server_times_out_as_temporary() -> None:
-    """A server that accepts the connection and never greets is cut off at the total timeout."""
+    """A server that accepts the connection and never greets is cut off at the greeting
+    timeout."""
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
@@ -221,13 +223,57 @@ async def test_silent_server_times_out_as_temporary() -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         transport = RelayTransport(
-            RelayConfig(host="127.0.0.1", port=port), connect_timeout=0.5, total_timeout=0.5
+            RelayConfig(host="127.0.0.1", port=port),
+            timeouts=SMTPTimeouts(connect=0.5, greeting=0.5),
         )
         with pytest.raises(TemporaryDeliveryError):
             await asyncio.wait_for(transport.deliver("a@x.test", ["b@y.test"], MESSAGE), 5)
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_refusal_in_the_middle_of_a_large_message_is_heard() -> None:
+    """A server that answers 552 5.3.4 (too big) after the first lines of a message sent in
+    several blocks, and reads no further: its reply is the verdict (the message bounces,
+    the address is not blamed), not a lost line to retry for three days."""
+    lines: list[bytes] = []
+
+    async def impatient(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 impatient.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                lines.append(line)
+                if line.startswith(b"DATA"):
+                    writer.write(b"354 go on\r\n")
+                    await writer.drain()
+                    await reader.readline()
+                    writer.write(b"552 5.3.4 message too big for this system\r\n")
+                    await writer.drain()
+                    await reader.read()  # whatever still comes, until the client hangs up
+                    return
+                writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(impatient, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = b"Subject: big\r\n\r\n" + b"a line of a long message\r\n" * 40000
+    try:
+        transport = RelayTransport(RelayConfig(host="127.0.0.1", port=port))
+        with pytest.raises(PermanentDeliveryError) as exc:
+            await asyncio.wait_for(transport.deliver("a@x.test", ["b@y.test"], body), 30)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert exc.value.smtp_code == 552
+    [attempt] = _attempts(exc.value)
+    [result] = attempt.recipients
+    assert (result.permanent, result.blames_recipient, attempt.reply_lost) == (True, False, False)
+    assert lines[-1] == b"DATA\r\n"
 
 
 @pytest.mark.parametrize(

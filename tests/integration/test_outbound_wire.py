@@ -110,6 +110,8 @@ TRICKY_BODIES = {
     "8-bit": "Subject: café\r\n\r\nGrüße\r\n.ünïcode\r\n".encode(),
     "empty": b"",
     "only a dot": b".",
+    # Sent in several blocks (outbound._DATA_BLOCK), with dots and line ends across them.
+    "larger than a data block": b"Subject: big\r\n\r\n" + b".dot line\r\nplain\n" * 12000,
 }
 
 

@@ -19,6 +19,10 @@ or after ``idle_seconds``. A kept session found dead before DATA (closed, 421, o
 RSET probe after a pause) is replaced by a fresh one for that same message, once: nothing
 was judged yet, so this is neither a deferral nor a risk of a duplicate. Once DATA began,
 a lost line is ``reply_lost`` as on any session.
+
+Each step of a session has its own time limit (:class:`SMTPTimeouts`), RFC 5321
+§4.5.3.2's: a receiver that takes minutes to scan a message before answering the final dot
+has it, and cutting it off would send it again at every retry.
 """
 
 from __future__ import annotations
@@ -26,43 +30,68 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import enum
 import ipaddress
 import logging
 import random
 import re
+import socket
 import ssl
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, NamedTuple, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiosmtplib
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
+from aiosmtplib.protocol import SMTPProtocol
 
 from multimail.errors import InvalidInput, PermanentDeliveryError, TemporaryDeliveryError
 
 __all__ = [
+    "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
-    "DEFAULT_TOTAL_TIMEOUT",
+    "DEFAULT_DATA_BLOCK_TIMEOUT",
+    "DEFAULT_DATA_END_TIMEOUT",
+    "DEFAULT_DATA_START_TIMEOUT",
+    "DEFAULT_GREETING_TIMEOUT",
+    "DEFAULT_MAIL_TIMEOUT",
+    "DEFAULT_RCPT_TIMEOUT",
     "DeliveryAttempt",
     "MXTransport",
     "OutboundTransport",
     "RecipientResult",
     "RelayConfig",
     "RelayTransport",
+    "ReplyClass",
+    "ReplyStage",
+    "SMTPTimeouts",
     "SessionPool",
+    "classify_reply",
+    "enhanced_status",
     "make_resolver",
     "parse_relay_url",
     "recipient_outcomes",
     "resolve_mx",
 ]
 
+# The TCP connection alone (the RFC sets no value): a host that does not even answer SYN
+# should not hold a worker for the greeting's five minutes.
 DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_TOTAL_TIMEOUT = 60.0
+# RFC 5321 §4.5.3.2: the least a client should wait for each reply.
+DEFAULT_GREETING_TIMEOUT = 300.0  # §4.5.3.2.1 the initial 220
+DEFAULT_MAIL_TIMEOUT = 300.0  # §4.5.3.2.2
+DEFAULT_RCPT_TIMEOUT = 300.0  # §4.5.3.2.3
+DEFAULT_DATA_START_TIMEOUT = 120.0  # §4.5.3.2.4 DATA initiation (the 354)
+DEFAULT_DATA_BLOCK_TIMEOUT = 180.0  # §4.5.3.2.5 each block of the message sent
+DEFAULT_DATA_END_TIMEOUT = 600.0  # §4.5.3.2.6 DATA termination (the reply to the final dot)
+# EHLO/HELO, STARTTLS and AUTH, for which the RFC names no value: Postfix's
+# smtp_helo_timeout and smtp_starttls_timeout are 300 s.
+DEFAULT_COMMAND_TIMEOUT = 300.0
 # A polite QUIT must never hold up (or undo) a delivery that already got its 250.
 _QUIT_TIMEOUT = 5.0
 # Postfix tries at most 5 MX addresses per delivery (smtp_mx_address_limit); a few more
@@ -300,6 +329,126 @@ async def _addresses(host: str, resolver: dns.asyncresolver.Resolver) -> list[st
     return found
 
 
+# -- timeouts and how a refusal is judged ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SMTPTimeouts:
+    """Seconds to wait at each step of an SMTP session; the defaults are RFC 5321's.
+
+    ``connect`` bounds the TCP connection only, ``greeting`` the 220 after it (with implicit
+    TLS, the handshake too), ``command`` each of EHLO/HELO, STARTTLS and AUTH, ``mail`` and
+    ``rcpt`` their replies, ``data_start`` the 354, ``data_block`` each block of the message
+    handed to the kernel, ``data_end`` the reply to the final dot.
+    """
+
+    connect: float = DEFAULT_CONNECT_TIMEOUT
+    greeting: float = DEFAULT_GREETING_TIMEOUT
+    command: float = DEFAULT_COMMAND_TIMEOUT
+    mail: float = DEFAULT_MAIL_TIMEOUT
+    rcpt: float = DEFAULT_RCPT_TIMEOUT
+    data_start: float = DEFAULT_DATA_START_TIMEOUT
+    data_block: float = DEFAULT_DATA_BLOCK_TIMEOUT
+    data_end: float = DEFAULT_DATA_END_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            if not getattr(self, item.name) > 0:
+                raise InvalidInput(
+                    f"the SMTP {item.name} timeout must be a positive number of seconds",
+                    code="invalid_smtp_timeout",
+                )
+
+
+ReplyStage = Literal["session", "mail", "rcpt", "data"]
+
+
+class ReplyClass(enum.Enum):
+    """What a refusal means for one recipient (see :func:`classify_reply`)."""
+
+    # Try again later (at the next MX now, at the next retry otherwise).
+    TEMPORARY = "temporary"
+    # The message fails for this recipient, but the address may be fine: no suppression.
+    PERMANENT = "permanent"
+    # The address itself is refused: the message fails and the address is suppressed.
+    PERMANENT_BAD_ADDRESS = "permanent_bad_address"
+
+    @property
+    def permanent(self) -> bool:
+        return self is not ReplyClass.TEMPORARY
+
+    @property
+    def blames_recipient(self) -> bool:
+        return self is ReplyClass.PERMANENT_BAD_ADDRESS
+
+
+# RFC 3463 §2 (RFC 2034 puts it first in the text): class.subject.detail.
+_ENHANCED_STATUS = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?!\S)")
+
+
+def enhanced_status(text: str) -> tuple[int, int, int] | None:
+    """The RFC 3463 enhanced status code that opens a reply's text, if any."""
+    match = _ENHANCED_STATUS.match(text)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def classify_reply(
+    code: int, enhanced: tuple[int, int, int] | None, stage: ReplyStage
+) -> ReplyClass:
+    """Judge a reply that refused what was asked: ``code`` (RFC 5321 §4.2), the RFC 3463
+    ``enhanced`` status code from its text, and the ``stage`` it answered: ``session``
+    (greeting, EHLO/HELO, STARTTLS, AUTH), ``mail`` (MAIL FROM), ``rcpt`` (RCPT TO) or
+    ``data`` (DATA and the final dot).
+
+    - Anything but a 5xx is temporary (RFC 5321 §4.2.1; an unexpected 2xx/3xx too).
+    - A 5xx before MAIL says this host will not serve us (RFC 5321 §3.1), not that a mailbox
+      is gone; a refused login is our configuration: temporary, the next MX or the retries
+      may do better (Postfix's smtp_skip_5xx_greeting).
+    - X.5.3 (too many recipients) and X.2.2 (mailbox full) are temporary at any stage
+      (RFC 3463 §3.6, §3.3: a full mailbox is not a bad address), and so is 552 to RCPT,
+      RFC 821's "too many recipients" (RFC 5321 §4.5.3.1.10 says to treat it as temporary).
+    - A 5xx to MAIL FROM judges our sender: permanent, never the recipients' fault.
+    - At RCPT, X.1.x (addressing, RFC 3463 §3.2) and X.2.1 (mailbox disabled) are about the
+      address, and so is a 5xx with no enhanced code (a bare "550 no such user"); other
+      subjects (X.7 policy or relay denied, X.3 system, X.6 content, ...) refuse the message.
+    - After DATA only X.1.x and X.2.1 blame the address; otherwise the message is refused.
+
+    Only the subject and detail are read: the class digit repeats the reply code.
+    """
+    if not 500 <= code < 600 or stage == "session":
+        return ReplyClass.TEMPORARY
+    about = enhanced[1:] if enhanced is not None else None
+    if about in ((5, 3), (2, 2)) or (stage == "rcpt" and code == 552):
+        return ReplyClass.TEMPORARY
+    if stage == "mail":
+        return ReplyClass.PERMANENT
+    if about is not None and (about[0] == 1 or about == (2, 1)):
+        return ReplyClass.PERMANENT_BAD_ADDRESS
+    if stage == "rcpt" and about is None:
+        return ReplyClass.PERMANENT_BAD_ADDRESS
+    return ReplyClass.PERMANENT
+
+
+# C0 and C1 controls but tab, and the Unicode line separators: a reply reaches the logs.
+_REPLY_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def _reply_text(text: str) -> str:
+    """A server's text fit to store and log.
+
+    aiosmtplib keeps bytes that are not UTF-8 (a Latin-1 reply) as lone surrogates, which
+    no database encoding takes; they become U+FFFD. The lines of a multi-line reply,
+    joined with LF, are joined with a space instead.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte made
+        raw = text.encode("utf-8", "replace")
+    return _REPLY_CONTROLS.sub(" ", raw.decode("utf-8", "replace")).strip()
+
+
 # -- results -----------------------------------------------------------------------------
 
 
@@ -499,6 +648,14 @@ async def _quit(client: aiosmtplib.SMTP) -> None:
             await client.quit()
 
 
+# The steps of _Session._transaction as classify_reply knows them; any other is "session".
+_REPLY_STAGES: dict[str, ReplyStage] = {"mail": "mail", "rcpt": "rcpt", "data": "data"}
+
+
+def _reply_stage(stage: str) -> ReplyStage:
+    return _REPLY_STAGES.get(stage, "session")
+
+
 # An idle session older than this is probed with RSET before it carries a message; back to
 # back, the previous DATA reply already reset the transaction (RFC 5321 §4.1.1.4).
 _PROBE_AFTER_S = 1.0
@@ -542,13 +699,11 @@ async def _command(client: aiosmtplib.SMTP, line: bytes) -> aiosmtplib.SMTPRespo
 
     The session is ours alone between ``take()`` and ``give()``, so no command lock is
     needed; MAIL and RCPT arguments passed _check_envelope and _PLAIN_ADDRESS, so there is
-    no control character to screen again; the transaction's one ``asyncio.timeout`` scope
-    bounds every reply, so no timer per command. As in aiosmtplib, a lost line or a 421
-    closes the session.
+    no control character to screen again; the transaction's one ``asyncio.timeout`` scope,
+    moved on before each command (:func:`_arm`), bounds every reply, so no timer of its own.
+    As in aiosmtplib, a lost line or a 421 closes the session.
     """
-    protocol = client.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    protocol = _protocol(client)
     try:
         # No await between the write and read_response, which marks a reply as expected:
         # the reply cannot arrive unclaimed.
@@ -563,19 +718,149 @@ async def _command(client: aiosmtplib.SMTP, line: bytes) -> aiosmtplib.SMTPRespo
     return response
 
 
-async def _data(client: aiosmtplib.SMTP, payload: bytes) -> aiosmtplib.SMTPResponse:
+def _protocol(client: aiosmtplib.SMTP) -> SMTPProtocol:
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    return protocol
+
+
+def _arm(timer: asyncio.Timeout, seconds: float) -> None:
+    """Give the next reply (or block) ``seconds`` from now: one timer per transaction."""
+    timer.reschedule(asyncio.get_running_loop().time() + seconds)
+
+
+# The message goes to the kernel in blocks this big, each with the data block timeout
+# (RFC 5321 §4.5.3.2.5 times each TCP send); it is also the transport's high-water mark.
+_DATA_BLOCK = 64 * 1024
+
+
+async def _data(
+    client: aiosmtplib.SMTP, payload: bytes, timer: asyncio.Timeout, timeouts: SMTPTimeouts
+) -> aiosmtplib.SMTPResponse:
     """``client.data`` for a payload :func:`_wire_data` made.
 
-    The same bytes go on the wire (``DATA``, then the payload as one write), but aiosmtplib
-    would make two more passes over the message to normalise and dot-stuff it again.
+    The same bytes go on the wire (``DATA``, then the payload), but aiosmtplib would make
+    two more passes over the message to normalise and dot-stuff it again.
     """
+    _arm(timer, timeouts.data_start)
     start = await _command(client, b"DATA\r\n")
     if start.code != aiosmtplib.SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
-    response = await _command(client, payload)
+    if len(payload) <= _DATA_BLOCK:
+        # One write, below the high-water mark: the transport takes it at once, and the
+        # wait for the reply to the dot covers its way out.
+        _arm(timer, timeouts.data_end)
+        response = await _command(client, payload)
+    else:
+        response = await _data_blocks(client, payload, timer, timeouts)
     if response.code != aiosmtplib.SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+async def _data_blocks(
+    client: aiosmtplib.SMTP, payload: bytes, timer: asyncio.Timeout, timeouts: SMTPTimeouts
+) -> aiosmtplib.SMTPResponse:
+    """Send a large payload block by block, each given ``data_block`` seconds to drain, and
+    read the reply to the dot."""
+    protocol = _protocol(client)
+    # Claimed before the first block goes out, as _command claims its reply: a server that
+    # refuses part-way (552, too big) and hangs up is heard, not taken for a lost line. The
+    # task's first step runs before any received data is handled (both wait for the loop).
+    reply = asyncio.ensure_future(protocol.read_response(timeout=None))
+    reply.add_done_callback(_retrieved)
+    sent = 0
+    try:
+        try:
+            # Once the server has answered, the rest would not be read.
+            while sent < len(payload) and not reply.done():
+                _arm(timer, timeouts.data_block)
+                protocol.write(payload[sent : sent + _DATA_BLOCK])
+                sent += _DATA_BLOCK
+                # FlowControlMixin's wait for the transport to go below its low-water mark
+                # (StreamWriter.drain's); aiosmtplib has no public name for it.
+                await protocol._drain_helper()
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+            # Closed mid-message: the reply, if one came before, says why.
+            pass
+        _arm(timer, timeouts.data_end)
+        response = await reply
+        if sent < len(payload):
+            # Answered before the final dot: the session is out of step, never to be reused.
+            client.close()
+        return response
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    finally:
+        reply.cancel()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a task's exception as seen (it is raised where it matters, or moot)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _connect(client: aiosmtplib.SMTP, host: str, port: int, timeouts: SMTPTimeouts) -> None:
+    """Connect within ``timeouts.connect`` and wait ``timeouts.greeting`` for the 220.
+
+    aiosmtplib's ``connect`` gives both one timeout; RFC 5321 §4.5.3.2.1 says servers may
+    hold the greeting until load permits, so the TCP connection is made here and handed
+    over. Errors are aiosmtplib's, as ``connect`` would raise them.
+    """
+    sock = await _open_socket(host, port, timeouts.connect)
+    try:
+        await client.connect(sock=sock, timeout=timeouts.greeting)
+    except BaseException:
+        # aiosmtplib closes its transport (and with it the socket) on failure, but not a
+        # socket it never took over; closing twice is harmless.
+        sock.close()
+        raise
+
+
+async def _open_socket(host: str, port: int, seconds: float) -> socket.socket:
+    """A connected non-blocking TCP socket to ``host``'s first reachable address, within
+    ``seconds``."""
+    loop = asyncio.get_running_loop()
+    failure: OSError | None = None
+    try:
+        async with asyncio.timeout(seconds):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            for family, kind, proto, _name, address in infos:
+                sock = socket.socket(family, kind, proto)
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, address)
+                except OSError as exc:
+                    sock.close()
+                    failure = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+    except TimeoutError as exc:
+        raise aiosmtplib.SMTPConnectTimeoutError(
+            f"Timed out connecting to {host} on port {port}"
+        ) from exc
+    except OSError as exc:
+        failure = exc
+    raise aiosmtplib.SMTPConnectError(
+        f"Error connecting to {host} on port {port}: {failure}"
+    ) from failure
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO, and HELO on the same connection when EHLO is refused: a server without ESMTP
+    (RFC 5321 §3.2, §4.1.4), as aiosmtplib's own ``_ehlo_or_helo_if_needed`` does."""
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not client.is_connected:
+            raise
+        await client.helo()
 
 
 # -- one SMTP session ---------------------------------------------------------------------
@@ -611,8 +896,7 @@ class _Session:
     address: str
     port: int
     local_hostname: str
-    connect_timeout: float
-    total_timeout: float
+    timeouts: SMTPTimeouts
     client_options: dict[str, Any]
     pool: SessionPool | None = None
     opportunistic_tls: bool = False
@@ -671,11 +955,12 @@ class _Session:
         )
 
     def _open(self) -> _Open:
+        # No port: _connect hands aiosmtplib a connected socket. The hostname is still
+        # what TLS checks the certificate against.
         client = aiosmtplib.SMTP(
             hostname=self.address,
-            port=self.port,
             local_hostname=self.local_hostname,
-            timeout=self.total_timeout,
+            timeout=self.timeouts.command,
             **self.client_options,
         )
         return _Open(client, tls=False)
@@ -683,7 +968,7 @@ class _Session:
     async def _starttls(self, client: aiosmtplib.SMTP) -> None:
         """Opportunistic STARTTLS on a fresh session (see the class); a refusal leaves the
         session as it was (RFC 3207 §4), so it goes on in clear text on the same one."""
-        await client.ehlo()
+        await _greet(client)
         if not client.supports_extension("starttls"):
             return
         try:
@@ -694,7 +979,7 @@ class _Session:
                 self.host,
                 self.address,
                 exc.code,
-                exc.message[:200],
+                _reply_text(exc.message)[:200],
             )
 
     async def _transaction(
@@ -711,10 +996,13 @@ class _Session:
         out = _Transaction(tls=session.tls)
         results = out.results
         stage = "connect" if fresh else "probe"
+        timeouts = self.timeouts
         try:
-            async with asyncio.timeout(self.total_timeout):
+            # Unarmed while aiosmtplib's own calls run with their own timeouts (connect,
+            # EHLO, STARTTLS, AUTH); armed for each of our commands.
+            async with asyncio.timeout(None) as timer:
                 if fresh:
-                    await client.connect(timeout=self.connect_timeout)
+                    await _connect(client, self.address, self.port, timeouts)
                     if self.opportunistic_tls and tls:
                         stage = "starttls"
                         await self._starttls(client)
@@ -723,7 +1011,7 @@ class _Session:
                     # in TLS).
                     session.tls = out.tls = client.get_transport_info("sslcontext") is not None
                     if client.is_ehlo_or_helo_needed:
-                        await client.ehlo()
+                        await _greet(client)
                 elif time.monotonic() - session.idle_since >= _PROBE_AFTER_S:
                     async with asyncio.timeout(_QUIT_TIMEOUT):
                         await client.rset()
@@ -743,13 +1031,16 @@ class _Session:
                     out.reusable = True  # nothing was started on it
                 else:
                     encoding = "utf-8" if utf8 else "ascii"
+                    _arm(timer, timeouts.mail)
                     await _mail(client, mail_from, self._mail_options(client, wire, utf8), encoding)
                     stage = "rcpt"
-                    accepted = await self._recipients(client, rcpts, results, encoding)
+                    accepted = await self._recipients(
+                        client, rcpts, results, encoding, timer, timeouts.rcpt
+                    )
                     if accepted:
                         stage = "data"
-                        response = await _data(client, wire.payload)
-                        out.code, out.reply = response.code, response.message
+                        response = await _data(client, wire.payload, timer, timeouts)
+                        out.code, out.reply = response.code, _reply_text(response.message)
                         self._settle(
                             results,
                             accepted,
@@ -769,26 +1060,16 @@ class _Session:
                 results.clear()
                 out.retry_fresh = True
                 return out
-            out.code, out.reply = exc.code, exc.message
-            # A refused login is our configuration, not the message: keep it for retry
-            # rather than bouncing mail because a password expired. A 5xx greeting or EHLO
-            # says this host will not serve us (RFC 5321 §3.1), not that a mailbox is gone:
-            # the next MX may (Postfix's smtp_skip_5xx_greeting), else the retries.
-            before_mail = stage in ("connect", "starttls")
-            permanent = (
-                500 <= exc.code < 600
-                and not before_mail
-                and not isinstance(exc, aiosmtplib.SMTPAuthenticationError)
-            )
+            out.code, out.reply = exc.code, _reply_text(exc.message)
+            verdict = classify_reply(exc.code, enhanced_status(out.reply), _reply_stage(stage))
             self._settle(
                 results,
                 rcpts,
                 ok=False,
-                permanent=permanent,
+                permanent=verdict.permanent,
                 code=out.code,
                 text=out.reply,
-                # Refusing MAIL FROM judges our sender; after DATA, the message to them.
-                blames_recipient=not before_mail and stage != "mail",
+                blames_recipient=verdict.blames_recipient,
             )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             if stage == "starttls":
@@ -808,8 +1089,8 @@ class _Session:
             out.reply_lost = stage == "data"
             if out.reply_lost:
                 reply = f"connection lost before the reply to DATA ({reply})"
-            out.reply = reply
-            self._settle(results, rcpts, ok=False, permanent=False, code=None, text=reply)
+            out.reply = _reply_text(reply)
+            self._settle(results, rcpts, ok=False, permanent=False, code=None, text=out.reply)
         return out
 
     @staticmethod
@@ -856,13 +1137,20 @@ class _Session:
         rcpts: Sequence[str],
         results: dict[str, RecipientResult],
         encoding: str,
+        timer: asyncio.Timeout,
+        seconds: float,
     ) -> list[str]:
         accepted: list[str] = []
         for rcpt in rcpts:
+            _arm(timer, seconds)
             try:
                 await _rcpt(client, rcpt, encoding)
             except aiosmtplib.SMTPRecipientRefused as exc:
-                results[rcpt] = RecipientResult(rcpt, False, exc.code >= 500, exc.code, exc.message)
+                text = _reply_text(exc.message)
+                verdict = classify_reply(exc.code, enhanced_status(text), "rcpt")
+                results[rcpt] = RecipientResult(
+                    rcpt, False, verdict.permanent, exc.code, text, verdict.blames_recipient
+                )
             else:
                 accepted.append(rcpt)
         return accepted
@@ -891,21 +1179,20 @@ def _conclude(attempts: list[DeliveryAttempt], rcpts: Sequence[str]) -> list[Del
 
 
 class RelayTransport:
-    """Sends every message, whatever its recipients, through one configured relay."""
+    """Sends every message, whatever its recipients, through one configured relay, waiting
+    at each step as long as ``timeouts`` says (RFC 5321's by default)."""
 
     def __init__(
         self,
         config: RelayConfig,
         *,
         local_hostname: str = "localhost",
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
+        timeouts: SMTPTimeouts | None = None,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.local_hostname = local_hostname
-        self.connect_timeout = connect_timeout
-        self.total_timeout = total_timeout
+        self.timeouts = timeouts or SMTPTimeouts()
         self._tls_context = tls_context
         # Two delivery pipelines of 16 sessions each may talk to the relay at once.
         self.pool = SessionPool(per_server=32)
@@ -940,8 +1227,7 @@ class RelayTransport:
             address=self.config.host,
             port=self.config.port,
             local_hostname=self.local_hostname,
-            connect_timeout=self.connect_timeout,
-            total_timeout=self.total_timeout,
+            timeouts=self.timeouts,
             client_options=self._client_options(),
             pool=self.pool,
         )
@@ -954,6 +1240,7 @@ class MXTransport:
 
     STARTTLS is used whenever offered, without checking the certificate, as MTAs do for
     opportunistic TLS (RFC 7435). Recipients deferred by one host are tried at the next.
+    Each step waits as long as ``timeouts`` says (RFC 5321's by default).
     """
 
     def __init__(
@@ -962,14 +1249,12 @@ class MXTransport:
         *,
         mx_port: int = 25,
         local_hostname: str = "localhost",
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
+        timeouts: SMTPTimeouts | None = None,
     ) -> None:
         self.resolver = resolver
         self.mx_port = mx_port
         self.local_hostname = local_hostname
-        self.connect_timeout = connect_timeout
-        self.total_timeout = total_timeout
+        self.timeouts = timeouts or SMTPTimeouts()
         self.pool = SessionPool(per_server=4)
 
     async def close(self) -> None:
@@ -1031,8 +1316,7 @@ class MXTransport:
             address=address,
             port=self.mx_port,
             local_hostname=self.local_hostname,
-            connect_timeout=self.connect_timeout,
-            total_timeout=self.total_timeout,
+            timeouts=self.timeouts,
             client_options={"start_tls": False, "validate_certs": False},
             pool=self.pool,
             opportunistic_tls=True,
