@@ -12,12 +12,25 @@ Each commit is an fsync (``synchronous=FULL``), so batches are claimed in one st
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, Text, and_, cast, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    String,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -153,6 +166,36 @@ def claim(
 # The payload as the text stored: decoded per row by :func:`payload_of`, so one row that is
 # not JSON at all (SQLite stores any text) is quarantined instead of failing every fetch.
 PAYLOAD_TEXT = cast(jobs.c.payload, Text).label("payload")
+# created_at as the driver hands it over (a datetime from PostgreSQL, the stored text from
+# SQLite, which keeps any text in any column), decoded per row by :func:`read`: decoded by
+# SQLAlchemy, one damaged row made every claim raise.
+CREATED_AT_RAW = type_coerce(jobs.c.created_at, String).label("created_at")
+#: What a claim or a peek reads of a job: what :func:`read` and the lost-worker rule need.
+CLAIM_COLUMNS = (
+    jobs.c.id,
+    jobs.c.kind,
+    jobs.c.status,
+    PAYLOAD_TEXT,
+    jobs.c.attempts,
+    jobs.c.max_attempts,
+    CREATED_AT_RAW,
+)
+
+#: Per kind, called in the claim's transaction with that kind's jobs :func:`give_up` failed,
+#: for the state their work left half-done (see :func:`on_lost`).
+LostHandler = Callable[[Connection, str, Sequence[Job]], None]
+LOST_HANDLERS: dict[str, LostHandler] = {}
+
+
+def on_lost(kind: str) -> Callable[[LostHandler], LostHandler]:
+    """Decorator: ``handler(conn, worker, jobs)`` settles what jobs of ``kind`` whose workers
+    were lost on their last attempt leave behind (e.g. a message left ``sending``)."""
+
+    def decorate(handler: LostHandler) -> LostHandler:
+        LOST_HANDLERS[kind] = handler
+        return handler
+
+    return decorate
 
 
 def payload_of(raw: str | None) -> dict[str, Any] | None:
@@ -166,10 +209,50 @@ def payload_of(raw: str | None) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
+def read(
+    row: Mapping[Any, Any], *, claimed: bool = False, payload: dict[str, Any] | None = None
+) -> Job | str:
+    """The job a row read with :data:`CLAIM_COLUMNS` holds, or which of its columns is
+    corrupt. ``claimed``: its attempts count the claim taking it now. ``payload``: the one
+    the caller writes over the stored one (not read then)."""
+    if payload is None:
+        payload = payload_of(row["payload"])
+        if payload is None:
+            return "payload is not an object"
+    attempts, max_attempts = row["attempts"], row["max_attempts"]
+    if type(attempts) is not int:
+        return "attempts is not a number"
+    if type(max_attempts) is not int:
+        return "max_attempts is not a number"
+    created_at = row["created_at"]
+    if not isinstance(created_at, datetime):
+        try:
+            # What SQLAlchemy's SQLite DateTime does with the text it stored.
+            created_at = datetime.fromisoformat(created_at)
+        except (TypeError, ValueError):
+            return "created_at is not a time"
+    return Job(
+        id=row["id"],
+        kind=row["kind"],
+        payload=payload,
+        attempts=attempts + 1 if claimed else attempts,
+        max_attempts=max_attempts,
+        created_at=aware(created_at),
+    )
+
+
+def is_lost(row: Mapping[Any, Any]) -> bool:
+    """A due row (:func:`is_due`) that :func:`read` decoded whose worker was lost (running,
+    its lease ran out) on its last attempt: a job that kills its worker (OOM, a crash in a C
+    extension) would otherwise be taken, and kill the next one, for ever."""
+    return bool(row["status"] == "running" and row["attempts"] >= row["max_attempts"])
+
+
 def is_due(now: Any) -> ColumnElement[bool]:
     """A job a worker may take at ``now`` (a time or a bind parameter): its time has come, and
     it is pending or its worker's lease has run out. The one definition every look and claim
-    (here, the delivery worker's, the runner's) uses."""
+    (here, the delivery worker's, the runner's) uses; a claim fails rather than takes a job
+    whose lost worker had its last attempt (:func:`is_lost`, :func:`take`)."""
     return and_(
         jobs.c.run_at <= now,
         or_(
@@ -180,12 +263,7 @@ def is_due(now: Any) -> ColumnElement[bool]:
 
 
 def _due(kinds: list[str] | None, limit: int, now: datetime) -> Select[Any]:
-    query = (
-        select(*(PAYLOAD_TEXT if c is jobs.c.payload else c for c in jobs.c))
-        .where(is_due(now))
-        .order_by(jobs.c.run_at)
-        .limit(limit)
-    )
+    query = select(*CLAIM_COLUMNS).where(is_due(now)).order_by(jobs.c.run_at).limit(limit)
     if kinds:
         query = query.where(jobs.c.kind.in_(kinds))
     return query
@@ -196,9 +274,9 @@ def peek(conn: Connection, *, kinds: list[str] | None = None, limit: int = 10) -
     rows = conn.execute(_due(kinds, limit, utcnow())).mappings().all()
     found: list[Job] = []
     for row in rows:
-        payload = payload_of(row["payload"])
-        if payload is not None:
-            found.append(_job(row, payload, attempts=row["attempts"]))
+        job = read(row)
+        if not isinstance(job, str) and not is_lost(row):
+            found.append(job)
     return found
 
 
@@ -219,43 +297,96 @@ def claim_in(
     rows = conn.execute(query).mappings().all()
     if not rows:
         return []
-    conn.execute(
-        update(jobs)
-        .where(jobs.c.id.in_([row["id"] for row in rows]))
-        .values(
-            status="running",
-            locked_by=worker,
-            locked_until=now + lease,
-            attempts=jobs.c.attempts + 1,
-            updated_at=now,
-        )
+    return take(conn, worker, rows, now=now, lease=lease)
+
+
+_TAKE = (
+    update(jobs)
+    .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        status="running",
+        locked_by=bindparam("worker"),
+        locked_until=bindparam("until"),
+        attempts=jobs.c.attempts + 1,
+        updated_at=bindparam("now"),
     )
-    claimed: list[Job] = []
-    corrupt: list[str] = []
+)
+
+
+def take(
+    conn: Connection,
+    worker: str,
+    rows: Sequence[Mapping[Any, Any]],
+    *,
+    now: datetime,
+    lease: timedelta,
+) -> list[Job]:
+    """Claim for ``worker`` the due rows (read with :data:`CLAIM_COLUMNS`, locked by the
+    caller's transaction) that may run; the jobs taken, their attempts counting this claim.
+
+    The others are settled in the same transaction, so none can stop the queue: a row that
+    cannot be decoded is quarantined, naming the column; a job whose worker was lost on its
+    last attempt is failed (:func:`give_up`).
+    """
+    taken: list[Job] = []
+    corrupt: dict[str, list[str]] = {}
+    lost: list[Job] = []
     for row in rows:
-        payload = payload_of(row["payload"])
-        if payload is not None:
-            claimed.append(_job(row, payload, attempts=row["attempts"] + 1))
+        job = read(row, claimed=True)
+        if isinstance(job, str):
+            corrupt.setdefault(job, []).append(row["id"])
+        elif is_lost(row):
+            lost.append(replace(job, attempts=row["attempts"]))
         else:
-            corrupt.append(row["id"])
+            taken.append(job)
+    if taken:
+        ids = [job.id for job in taken]
+        conn.execute(_TAKE, {"ids": ids, "worker": worker, "until": now + lease, "now": now})
     if corrupt:
-        # A corrupt row must not stop the queue: quarantine it and move on.
+        quarantine(conn, corrupt)
+    if lost:
+        give_up(conn, worker, lost)
+    return taken
+
+
+def quarantine(conn: Connection, corrupt: Mapping[str, Sequence[str]]) -> None:
+    """Set aside the jobs of ``{why: [job ids]}``: a corrupt row must not stop the queue."""
+    for error, ids in corrupt.items():
         conn.execute(
             update(jobs)
-            .where(jobs.c.id.in_(corrupt))
-            .values(status="quarantined", last_error="payload is not an object")
+            .where(jobs.c.id.in_(list(ids)))
+            .values(status="quarantined", last_error=error, updated_at=utcnow())
         )
-    return claimed
 
 
-def _job(row: Any, payload: dict[str, Any], *, attempts: int) -> Job:
-    return Job(
-        id=row["id"],
-        kind=row["kind"],
-        payload=payload,
-        attempts=attempts,
-        max_attempts=row["max_attempts"],
-        created_at=aware(row["created_at"]),
+def give_up(conn: Connection, worker: str, lost: Sequence[Job]) -> None:
+    """Fail, in the caller's (claiming) transaction, jobs whose worker was lost on their last
+    attempt (``attempts`` as stored), and let each kind's :func:`on_lost` handler settle what
+    they left half-done."""
+    now = utcnow()
+    for job in lost:
+        conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job.id)
+            .values(
+                status="failed",
+                locked_by=None,
+                locked_until=None,
+                last_error=lost_error(job),
+                updated_at=now,
+            )
+        )
+    for kind in sorted({job.kind for job in lost}):
+        handler = LOST_HANDLERS.get(kind)
+        if handler is not None:
+            handler(conn, worker, [job for job in lost if job.kind == kind])
+
+
+def lost_error(job: Job) -> str:
+    """Why :func:`give_up` failed ``job``."""
+    return (
+        f"its worker was lost (lease expired) on attempt {job.attempts} of "
+        f"{job.max_attempts}; not run again"
     )
 
 

@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -54,6 +54,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    case,
     cast,
     func,
     insert,
@@ -154,6 +155,12 @@ _SWEEP_BATCH = 500
 _POLL_S = 0.02
 # SMTP sessions one batch keeps open at once.
 _MAX_SESSIONS = 16
+# How long a runner's batch waits for its SMTP conversations before it records those that
+# ended and lets the others (stragglers: a tarpit, a receiver that scans for minutes before
+# its 250; RFC 5321 §4.5.3.2 allows 10 minutes for the final dot) go on in the background.
+_STRAGGLER_DEADLINE = 30.0
+# Stragglers one worker keeps in flight; a batch that would pass this waits for them all.
+_MAX_STRAGGLERS = 64
 
 _log = logging.getLogger(__name__)
 
@@ -1044,6 +1051,29 @@ def _fail_sending(
     return _Outcome(Status.SEND_FAILED.value)
 
 
+@jobs.on_lost(DELIVER)
+def _give_up_lost(conn: Connection, worker_id: str, lost: Sequence[Job]) -> None:
+    """Settle the messages of deliver jobs whose worker was lost on their last attempt (in the
+    claim's transaction): ``send_failed``, since the delivery sweep re-arms the job of any
+    message left deliverable, which would send it again, for ever."""
+    for job in lost:
+        message_id = job.payload.get("message_id")
+        ctx = _load(conn, message_id, lock=True) if isinstance(message_id, str) else None
+        if (
+            ctx is None
+            or ctx.row["direction"] != "outbound"
+            or Status(ctx.row["status"]) not in DELIVERABLE
+        ):
+            continue
+        reason = (
+            f"given up: the worker delivering it was lost (lease expired) on attempt "
+            f"{job.attempts} of {job.max_attempts}, so the relay may or may not have it; "
+            "not tried again"
+        )
+        _log.error("delivery of %s %s", message_id, reason)
+        _fail_sending(conn, ctx, worker_id, reason, {"next_attempt_at": None})
+
+
 def _finish(
     conn: Connection, services: Services, plan: _Plan, worker_id: str, handover: _HandOver
 ) -> _Outcome:
@@ -1450,8 +1480,13 @@ def _settle_all(conn: Connection, items: Sequence[_Item], worker_id: str) -> Non
             _settle(conn, item, worker_id)
 
 
-def _finish_all(services: Services, worker_id: str, items: list[_Item]) -> None:
-    """Commit 2: every attempt, status change, audit entry, event and job outcome at once."""
+def _finish_all(
+    services: Services, worker_id: str, items: list[_Item], hand_back: Sequence[_Item] = ()
+) -> None:
+    """Commit 2: every attempt, status change, audit entry, event and job outcome at once;
+    with the jobs of ``hand_back`` (a stop cut their conversations short) due again now."""
+    if not items and not hand_back:
+        return
     with services.db.write() as conn:
         done = _finish_fast(conn, services, worker_id, items)
         for item in items:
@@ -1469,6 +1504,7 @@ def _finish_all(services: Services, worker_id: str, items: list[_Item]) -> None:
                     _log.exception("recording the delivery of %s failed", item.message_id)
                     item.failure = exc
         _settle_all(conn, items, worker_id)
+        _hand_back_in(conn, hand_back, worker_id)
 
 
 def _hold_back(conn: Connection, item: _Item, worker_id: str) -> None:
@@ -1482,11 +1518,16 @@ def _hold_back(conn: Connection, item: _Item, worker_id: str) -> None:
 
 
 def _hand_back(services: Services, worker_id: str, items: list[_Item]) -> None:
-    now = utcnow()
     with services.db.write() as conn:
-        for item in items:
-            if item.job is not None:
-                jobs.retry(conn, item.job.id, worker_id, run_at=now, error="worker stopping")
+        _hand_back_in(conn, items, worker_id)
+
+
+def _hand_back_in(conn: Connection, items: Sequence[_Item], worker_id: str) -> None:
+    """The jobs of ``items`` due again now: the next worker need not wait out a lease."""
+    now = utcnow()
+    for item in items:
+        if item.job is not None:
+            jobs.retry(conn, item.job.id, worker_id, run_at=now, error="worker stopping")
 
 
 # Of these mailboxes, those whose mail must not go now (the kill switch, as _held reads it).
@@ -1534,28 +1575,211 @@ class _PauseWatch:
         return plan.mailbox_id in self._held
 
 
-async def _hand_over_all(
-    transport: OutboundTransport, items: list[_Item], watch: _PauseWatch | None = None
-) -> None:
-    """Up to ``_MAX_SESSIONS`` conversations at once, each taking the next message when its
-    last one is done (a coroutine per session, not a task per message). A message whose
-    mailbox or account ``watch`` finds paused is not handed over (``held``)."""
-    working = [i for i in items if i.plan is not None]
-    queue = iter(working)
+def _ended(item: _Item) -> bool:
+    """Whether the message's hand-over has an outcome to record."""
+    return item.handover is not None or item.held or item.failure is not None
 
-    async def session() -> None:
-        for item in queue:
+
+def _any_accepted(items: Sequence[_Item]) -> bool:
+    return any(i.handover and any(r.ok for r in i.handover.results.values()) for i in items)
+
+
+class _Conversations:
+    """One batch's hand-over: up to ``_MAX_SESSIONS`` conversations at once, each taking the
+    next message when its last one is done (a task per session, not per message). A message
+    whose mailbox or account ``watch`` finds paused is not handed over (``held``).
+
+    ``ended``, once set (the batch stopped waiting for them: :class:`_Stragglers`), is told
+    of each message whose hand-over ends after that.
+    """
+
+    def __init__(
+        self, transport: OutboundTransport, items: list[_Item], watch: _PauseWatch | None = None
+    ) -> None:
+        self._transport = transport
+        self._watch = watch
+        self._queue = iter(items)
+        self.ended: Callable[[_Item], None] | None = None
+        self.sessions = {
+            asyncio.create_task(self._session()) for _ in range(min(_MAX_SESSIONS, len(items)))
+        }
+
+    async def _session(self) -> None:
+        for item in self._queue:
             assert item.plan is not None
             try:
-                if watch is not None and await watch.held(item.plan):
+                if self._watch is not None and await self._watch.held(item.plan):
                     item.held = True
-                    continue
-                item.handover = await _hand_over(transport, item.plan)
+                else:
+                    item.handover = await _hand_over(self._transport, item.plan)
             except Exception as exc:  # a bug, not an SMTP answer: we cannot know what went out
                 _log.exception("handing %s to SMTP failed", item.message_id)
                 item.failure = exc
+            if self.ended is not None:
+                self.ended(item)
 
-    await asyncio.gather(*(session() for _ in range(min(_MAX_SESSIONS, len(working)))))
+    async def wait(self, within: float | None = None) -> bool:
+        """Wait for every conversation, at most ``within`` s; whether they are all over."""
+        if not self.sessions:
+            return True
+        _done, pending = await asyncio.wait(self.sessions, timeout=within)
+        return not pending
+
+    async def cancel(self) -> None:
+        """Cut the conversations under way short: their messages get no outcome."""
+        for task in self.sessions:
+            task.cancel()
+        await asyncio.gather(*self.sessions, return_exceptions=True)
+
+
+async def _through(work: Awaitable[None]) -> None:
+    """Await ``work`` (a thread's, which a cancelled await would not stop) to its end, even
+    when cancelled meanwhile; the cancellation is raised after it."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
+
+
+async def _record_stopped(services: Services, worker_id: str, items: Sequence[_Item]) -> None:
+    """A stop cut ``items``' conversations short: record what the relay answered (a graceful
+    stop must not send an accepted message again, SPEC §2) and hand the others back."""
+    ended = [i for i in items if _ended(i)]
+    cut = [i for i in items if not _ended(i)]
+    with contextlib.suppress(Exception):
+        await _through(asyncio.to_thread(_finish_all, services, worker_id, ended, cut))
+
+
+@dataclass(eq=False)
+class _Late:
+    """A batch's stragglers, and those of them whose hand-over has ended, not yet recorded."""
+
+    talk: _Conversations
+    items: list[_Item]
+    ended: list[_Item] = field(default_factory=list)
+    signal: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def end(self, item: _Item) -> None:
+        self.ended.append(item)
+        self.signal.set()
+
+    def take(self) -> list[_Item]:
+        taken, self.ended = self.ended, []
+        self.signal.clear()
+        return taken
+
+
+@dataclass
+class _Stragglers:
+    """The conversations one worker's batches stopped waiting for (``_STRAGGLER_DEADLINE``):
+    each is recorded when it ends, its job's lease renewed meanwhile; at most
+    ``_MAX_STRAGGLERS`` at once. On a stop they get the grace the rest gets (see
+    :func:`_drain_stragglers`), then what ended is recorded and the rest handed back."""
+
+    count: int = 0
+    groups: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def adopt(
+        self,
+        services: Services,
+        worker_id: str,
+        talk: _Conversations,
+        working: Sequence[_Item],
+        lease: timedelta,
+    ) -> bool:
+        """Take over the conversations of ``talk`` still under way; False (nothing taken)
+        when that would pass the bound."""
+        late = _Late(talk, [i for i in working if not _ended(i)])
+        if self.count + len(late.items) > _MAX_STRAGGLERS:
+            return False
+        # Set before this returns: a hand-over ending from now on must be heard of.
+        talk.ended = late.end
+        self.count += len(late.items)
+        group = asyncio.create_task(self._see_through(services, worker_id, late, lease))
+        self.groups.add(group)
+        group.add_done_callback(self.groups.discard)
+        return True
+
+    async def _see_through(
+        self, services: Services, worker_id: str, late: _Late, lease: timedelta
+    ) -> None:
+        waiting = late.items
+        every = max(0.05, lease.total_seconds() / 3)
+        renew_at = time.monotonic() + every
+        try:
+            while waiting:
+                if not late.ended:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, renew_at - time.monotonic())):
+                            await late.signal.wait()
+                if time.monotonic() >= renew_at:
+                    await self._renew(services, worker_id, waiting, lease)
+                    renew_at = time.monotonic() + every
+                done = late.take()
+                if not done:
+                    continue
+                waiting = [i for i in waiting if not _ended(i)]
+                self.count -= len(done)
+                if _any_accepted(done):
+                    _crash_point("after_smtp_250")
+                try:
+                    await _through(asyncio.to_thread(_finish_all, services, worker_id, done))
+                except Exception:
+                    # As for a batch: left in 'sending', their leases no longer renewed, they
+                    # are taken over and sent again; the other stragglers go on.
+                    _log.warning("recording %d straggler(s) failed", len(done), exc_info=True)
+                    continue
+                _crash_point("after_commit")
+        except asyncio.CancelledError:
+            await late.talk.cancel()
+            # ``waiting`` holds every straggler not recorded yet, ended (in ``late.ended``) or not.
+            await _record_stopped(services, worker_id, waiting)
+            raise
+        finally:
+            self.count -= len(waiting)
+
+    @staticmethod
+    async def _renew(
+        services: Services, worker_id: str, items: Sequence[_Item], lease: timedelta
+    ) -> None:
+        job_ids = [i.job.id for i in items if i.job is not None]
+        try:
+            await asyncio.to_thread(jobs.extend_leases, services.db, job_ids, worker_id, lease)
+        except Exception:  # a database hiccup: try again next round
+            _log.warning("could not renew the leases of stragglers", exc_info=True)
+
+
+_STRAGGLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Stragglers]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _drain_stragglers(services: Services, worker_id: str, at_once: bool) -> None:
+    """A pipeline stops: let this worker's stragglers end (the stop's grace), or when the
+    grace is over (cancelled, or ``at_once``) cut them short, recorded as a stop records."""
+    pool = _STRAGGLERS.get(asyncio.get_running_loop(), {}).get(worker_id)
+    groups = set(pool.groups) if pool is not None else set()
+    if not groups:
+        return
+    if not at_once:
+        try:
+            await asyncio.wait(groups)
+            return
+        except asyncio.CancelledError:
+            _stop_groups(groups)
+            await asyncio.wait(groups)
+            raise
+    _stop_groups(groups)
+    await asyncio.wait(groups)
+
+
+def _stop_groups(groups: Collection[asyncio.Task[None]]) -> None:
+    for group in groups:
+        if not group.cancelling():  # another pipeline of this worker stopped it already
+            group.cancel()
 
 
 async def _keep_leases(
@@ -1586,24 +1810,43 @@ async def _prepare(
 
 
 async def _complete(
-    services: Services, worker_id: str, items: list[_Item], lease: timedelta = DEFAULT_LEASE
+    services: Services,
+    worker_id: str,
+    items: list[_Item],
+    lease: timedelta = DEFAULT_LEASE,
+    *,
+    stragglers: _Stragglers | None = None,
 ) -> None:
-    """Hand every started message over concurrently, then record it all (commit 2)."""
+    """Hand every started message over concurrently, then record it all (commit 2).
+
+    With ``stragglers`` (a runner's batch) the wait for the conversations ends at
+    ``_STRAGGLER_DEADLINE``: those still under way then go on in the background, each
+    recorded when it ends, and this records the others, so the pipeline goes on.
+    """
     working = [i for i in items if i.plan is not None]
     if not working:
         return
     keeper = asyncio.create_task(_keep_leases(services, working, worker_id, lease))
     try:
         _crash_point("before_connect")
-        await _hand_over_all(outbound_transport(services), working, _PauseWatch(services, working))
-        if any(i.handover and any(r.ok for r in i.handover.results.values()) for i in working):
+        talk = _Conversations(outbound_transport(services), working, _PauseWatch(services, working))
+        finished = working
+        try:
+            if stragglers is None:
+                await talk.wait()
+            elif not await talk.wait(_STRAGGLER_DEADLINE):
+                if stragglers.adopt(services, worker_id, talk, working, lease):
+                    finished = [i for i in working if _ended(i)]
+                else:
+                    await talk.wait()
+        except asyncio.CancelledError:
+            # Stopping past the grace: nothing is sent again that the relay accepted.
+            await talk.cancel()
+            await _record_stopped(services, worker_id, working)
+            raise
+        if _any_accepted(finished):
             _crash_point("after_smtp_250")
-        await asyncio.to_thread(_finish_all, services, worker_id, working)
-    except asyncio.CancelledError:
-        # Stopping: hand the jobs back now rather than make the next worker wait out a lease.
-        with contextlib.suppress(Exception):
-            await asyncio.to_thread(_hand_back, services, worker_id, working)
-        raise
+        await _through(asyncio.to_thread(_finish_all, services, worker_id, finished))
     finally:
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -1665,17 +1908,9 @@ def _due_past_busy(*columns: Any) -> Select[Any]:
 
 
 _PEEK_DUE = _due_past_busy(jobs_table.c.id, jobs.PAYLOAD_TEXT)
-# What a claim reads of each job it takes.
-_CLAIM_COLUMNS = (
-    jobs_table.c.id,
-    jobs.PAYLOAD_TEXT,
-    jobs_table.c.attempts,
-    jobs_table.c.max_attempts,
-    jobs_table.c.created_at,
-)
 # What ``jobs.claim_in`` does, for the jobs looked at: only those still due are taken.
 _CLAIMABLE = (
-    select(*_CLAIM_COLUMNS)
+    select(*jobs.CLAIM_COLUMNS)
     .where(
         jobs_table.c.id.in_(bindparam("ids", expanding=True)),
         jobs.is_due(bindparam("now")),
@@ -1685,24 +1920,8 @@ _CLAIMABLE = (
 _CLAIMABLE_LOCKED = _CLAIMABLE.with_for_update(skip_locked=True)
 # Other due jobs, for a claim that lost some of those it looked at to another worker process
 # (whose look cannot see this one's reservations): ``jobs.claim_in`` past them.
-_CLAIM_OTHERS = _due_past_busy(*_CLAIM_COLUMNS)
+_CLAIM_OTHERS = _due_past_busy(*jobs.CLAIM_COLUMNS)
 _CLAIM_OTHERS_LOCKED = _CLAIM_OTHERS.with_for_update(skip_locked=True)
-_TAKE_JOBS = (
-    update(jobs_table)
-    .where(jobs_table.c.id.in_(bindparam("ids", expanding=True)))
-    .values(
-        status="running",
-        locked_by=bindparam("worker"),
-        locked_until=bindparam("until"),
-        attempts=jobs_table.c.attempts + 1,
-        updated_at=bindparam("now"),
-    )
-)
-_QUARANTINE_JOBS = (
-    update(jobs_table)
-    .where(jobs_table.c.id.in_(bindparam("ids", expanding=True)))
-    .values(status="quarantined", last_error="payload is not an object")
-)
 
 
 @dataclass
@@ -1785,49 +2004,34 @@ def _claim_looked(
         rows = list(
             conn.execute(
                 _CLAIMABLE_LOCKED if postgres else _CLAIMABLE, {"ids": job_ids, "now": now}
-            ).all()
+            ).mappings()
         )
         others: set[str] = set()
-        lost = len(job_ids) - len(rows)
-        if lost > 0:
+        missing = len(job_ids) - len(rows)
+        if missing > 0:
             with looks.lock:
-                extra = conn.execute(
-                    _CLAIM_OTHERS_LOCKED if postgres else _CLAIM_OTHERS,
-                    {"now": now, "busy": sorted(looks.reserved), "limit": lost},
-                ).all()
-                others = {r.id for r in extra}
+                extra = (
+                    conn.execute(
+                        _CLAIM_OTHERS_LOCKED if postgres else _CLAIM_OTHERS,
+                        {"now": now, "busy": sorted(looks.reserved), "limit": missing},
+                    )
+                    .mappings()
+                    .all()
+                )
+                others = {r["id"] for r in extra}
                 looks.reserved.update(others)
             job_ids.extend(others)
             rows.extend(extra)
         if not rows:
             return []
-        conn.execute(
-            _TAKE_JOBS,
-            {"ids": [r.id for r in rows], "worker": worker_id, "until": now + lease, "now": now},
-        )
+        # Corrupt rows quarantined, jobs of lost workers failed, as jobs.claim_in does.
         items: list[_Item] = []
-        corrupt: list[str] = []
-        for row in rows:
-            payload = jobs.payload_of(row.payload)
-            if payload is None:
-                corrupt.append(row.id)
-                continue
-            job = Job(
-                id=row.id,
-                kind=DELIVER,
-                payload=payload,
-                attempts=int(row.attempts) + 1,
-                max_attempts=int(row.max_attempts),
-                created_at=aware(row.created_at),
-            )
-            message_id = payload.get("message_id")
+        for job in jobs.take(conn, worker_id, rows, now=now, lease=lease):
+            message_id = job.payload.get("message_id")
             if isinstance(message_id, str):
                 items.append(_Item(message_id, job))
             else:
                 jobs.fail(conn, job.id, worker_id, error="a deliver job needs a message_id")
-        if corrupt:
-            # A corrupt row must not stop the queue: quarantined, as jobs.claim_in does.
-            conn.execute(_QUARANTINE_JOBS, {"ids": corrupt})
         unbuilt = [
             i.message_id
             for i in items
@@ -1887,7 +2091,7 @@ def _prepare_due(
             looks.reserved.difference_update(job_ids)
 
 
-@runner.register_batch(DELIVER)
+@runner.register_batch(DELIVER, drain=_drain_stragglers)
 async def _deliver_batch(services: Services, worker_id: str, limit: int, lease: timedelta) -> int:
     """The runner's deliver loop: up to ``limit`` due messages per two commits."""
     looks = _LOOKS.setdefault(asyncio.get_running_loop(), {}).setdefault(worker_id, _Looks())
@@ -1908,7 +2112,10 @@ async def _deliver_batch(services: Services, worker_id: str, limit: int, lease: 
         raise
     if items is None:
         return 0
-    await _complete(services, worker_id, items, lease)
+    pool = _STRAGGLERS.setdefault(asyncio.get_running_loop(), {}).setdefault(
+        worker_id, _Stragglers()
+    )
+    await _complete(services, worker_id, items, lease, stragglers=pool)
     return len(items)
 
 
@@ -1916,27 +2123,40 @@ def enqueue_delivery(conn: Connection, message_id: str, *, run_at: datetime | No
     """Give ``message_id`` a due deliver job in the caller's transaction (re-arming a spent one).
 
     ``jobs.enqueue`` with the ``deliver:<id>`` dedupe key adds nothing once that job has run
-    (e.g. it completed while the mailbox was paused); this re-arms it instead.
+    (e.g. it completed while the mailbox was paused); this re-arms it instead. A quarantined
+    one (a damaged row) is re-armed too, written anew: else its key kept the message from
+    ever having a job again.
     """
-    when = run_at or utcnow()
+    now = utcnow()
     rearmed = conn.execute(
         update(jobs_table)
         .where(
             jobs_table.c.dedupe_key == job_key(message_id),
-            jobs_table.c.status.in_(("done", "failed", "pending")),
+            jobs_table.c.status.in_(("done", "failed", "pending", "quarantined")),
         )
         .values(
             status="pending",
-            run_at=when,
+            payload={"message_id": message_id},
+            run_at=run_at or now,
             attempts=0,
+            max_attempts=jobs.DEFAULT_MAX_ATTEMPTS,
             locked_by=None,
             locked_until=None,
-            updated_at=utcnow(),
+            # A quarantined row may have been set aside for its created_at.
+            created_at=case(
+                (jobs_table.c.status == "quarantined", literal(now, jobs_table.c.created_at.type)),
+                else_=jobs_table.c.created_at,
+            ),
+            updated_at=now,
         )
     )
     if not rearmed.rowcount:
         jobs.enqueue(
-            conn, DELIVER, {"message_id": message_id}, run_at=when, dedupe_key=job_key(message_id)
+            conn,
+            DELIVER,
+            {"message_id": message_id},
+            run_at=run_at or now,
+            dedupe_key=job_key(message_id),
         )
 
 
@@ -1948,33 +2168,38 @@ def _claim_for_now(message_id: str, worker: str) -> _Claimer:
         status = _current_status(conn, message_id)
         if status not in {s.value for s in DELIVERABLE}:
             return []
-        query = select(jobs_table).where(jobs_table.c.dedupe_key == job_key(message_id))
+        held = and_(jobs_table.c.status == "running", jobs_table.c.locked_until > now)
+        query = select(*jobs.CLAIM_COLUMNS, held.label("held")).where(
+            jobs_table.c.dedupe_key == job_key(message_id)
+        )
         if conn.dialect.name == "postgresql":
             query = query.with_for_update()
         row = conn.execute(query).mappings().first()
         if row is None:
             jobs.enqueue(conn, DELIVER, {"message_id": message_id}, dedupe_key=job_key(message_id))
             row = conn.execute(query).mappings().one()
-        if row["status"] == "running" and aware(row["locked_until"]) > now:
+        if row["held"]:
+            return []
+        # Whatever its state, the job is taken with the one payload a deliver job has.
+        payload = {"message_id": message_id}
+        job = jobs.read(row, claimed=True, payload=payload)
+        if isinstance(job, str):
+            jobs.quarantine(conn, {job: [row["id"]]})
+            return []
+        if jobs.is_lost(row):
+            jobs.give_up(conn, worker, [dataclasses.replace(job, attempts=row["attempts"])])
             return []
         conn.execute(
             update(jobs_table)
             .where(jobs_table.c.id == row["id"])
             .values(
                 status="running",
+                payload=payload,
                 locked_by=worker,
                 locked_until=now + DEFAULT_LEASE,
                 attempts=jobs_table.c.attempts + 1,
                 updated_at=now,
             )
-        )
-        job = Job(
-            id=row["id"],
-            kind=DELIVER,
-            payload={"message_id": message_id},
-            attempts=int(row["attempts"]) + 1,
-            max_attempts=int(row["max_attempts"]),
-            created_at=aware(row["created_at"]),
         )
         return [_Item(message_id, job)]
 

@@ -47,9 +47,11 @@ from multimail.store.tables import jobs as jobs_table
 
 __all__ = [
     "BATCHES",
+    "DRAINS",
     "HANDLERS",
     "RECURRING",
     "STOPPERS",
+    "BatchDrain",
     "BatchRunner",
     "Handler",
     "JobResult",
@@ -71,6 +73,9 @@ HANDLERS: dict[str, Handler] = {}
 #: ``(services, worker_id, limit, lease) -> jobs claimed``; see :func:`register_batch`.
 BatchRunner = Callable[[Services, str, int, timedelta], Awaitable[int]]
 BATCHES: dict[str, BatchRunner] = {}
+#: ``(services, worker_id, at_once) -> None``; see :func:`register_batch`.
+BatchDrain = Callable[[Services, str, bool], Awaitable[None]]
+DRAINS: dict[str, BatchDrain] = {}
 RECURRING: dict[str, float] = {}
 #: Called once when :func:`run_workers` stops, on its loop (e.g. to close kept sessions).
 STOPPERS: list[Callable[[Services], Awaitable[None]]] = []
@@ -102,12 +107,19 @@ def register(kind: str) -> Callable[[Handler], Handler]:
     return decorate
 
 
-def register_batch(kind: str) -> Callable[[BatchRunner], BatchRunner]:
+def register_batch(
+    kind: str, *, drain: BatchDrain | None = None
+) -> Callable[[BatchRunner], BatchRunner]:
     """Decorator: ``run_workers`` claims ``kind`` only through this batch runner.
 
     The batch runner claims (``jobs.claim_in``), works and settles its jobs itself and
     returns how many it claimed; a plain handler for the same kind may still exist for
     callers that run one job on their own (:func:`execute`).
+
+    A batch runner that leaves work going after it returns gives a ``drain``, awaited as each
+    pipeline of ``kind`` ends: with ``at_once`` False after a stop, when that work gets the
+    stop's grace (the drain is cancelled when the grace is over), True when the pipeline was
+    cancelled itself (the grace is over already).
     """
 
     def decorate(batch: BatchRunner) -> BatchRunner:
@@ -115,6 +127,8 @@ def register_batch(kind: str) -> Callable[[BatchRunner], BatchRunner]:
         if existing is not None and existing is not batch:
             raise ValueError(f"a batch runner for job kind {kind!r} is already registered")
         BATCHES[kind] = batch
+        if drain is not None:
+            DRAINS[kind] = drain
         return batch
 
     return decorate
@@ -307,6 +321,7 @@ async def _run_batches(
     """One pipeline of ``kind``: claim a batch, work it, repeat; sleep when nothing is due."""
     loop = asyncio.get_running_loop()
     wake_event = asyncio.Event()
+    drain = DRAINS.get(kind)
     with _wakers_lock:
         _wakers.append((loop, wake_event))
     try:
@@ -320,9 +335,15 @@ async def _run_batches(
                 )
             if claimed < limit:
                 await _wait_for_work(stop, wake_event, set(), poll)
+    except asyncio.CancelledError:
+        if drain is not None:
+            await drain(services, worker, True)
+        raise
     finally:
         with _wakers_lock:
             _wakers.remove((loop, wake_event))
+    if drain is not None:
+        await drain(services, worker, False)
 
 
 # Whether any job of these kinds is due: the condition jobs.claim takes them by.
