@@ -1,22 +1,30 @@
-"""Machine reports about mail we sent: bounces (RFC 3464 DSN), complaints (RFC 5965 ARF),
-and human "unsubscribe" replies.
+"""Machine reports about mail: bounces (RFC 3464 DSN), complaints (RFC 5965 ARF), human
+"unsubscribe" replies, and the one report we write ourselves (:func:`build_dsn`).
 
 Each parser answers ``None`` when the message is not that kind of report, so the inbound
 pipeline can try them in turn. Non-standard bounces (plain-text notices from MAILER-DAEMON)
 are recognised only when the original Message-ID can be found, because a bounce we cannot
 tie to a message we sent must not suppress anybody.
+
+:func:`build_dsn` writes the non-delivery report for mail we accepted and then could not put
+in a mailbox (RFC 5321 §6.1). It is pure: the inbound pipeline decides whether one is owed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import quopri
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import Message
 from email.parser import HeaderParser
 from email.policy import default as default_policy
+from email.utils import format_datetime
 from typing import Literal
 
+from multimail.domain.addresses import AddressError, idna_ascii, normalize_address
 from multimail.mail.parse import (
     MAX_MIME_PARTS,
     ParsedMessage,
@@ -26,10 +34,15 @@ from multimail.mail.parse import (
 )
 
 __all__ = [
+    "DSN_SUBJECT",
     "ComplaintReport",
     "DeliveryStatusReport",
     "RecipientStatus",
+    "build_dsn",
+    "dsn_explanation",
     "find_unsubscribe_phrase",
+    "header_section",
+    "is_bounce_sender",
     "is_unsubscribe_request",
     "parse_arf",
     "parse_dsn",
@@ -296,6 +309,12 @@ _BOUNCE_SUBJECTS = re.compile(
 _BOUNCE_SENDERS = re.compile(r"^(mailer-daemon|postmaster|mail-daemon)@", re.IGNORECASE)
 
 
+def is_bounce_sender(address: str) -> bool:
+    """True for the addresses mail systems send their reports from (MAILER-DAEMON@ and the
+    like): a report to one of them would answer a report, the loop RFC 3834 §2 warns of."""
+    return _BOUNCE_SENDERS.match(address.strip()) is not None
+
+
 def _nonstandard_bounce(root: Message) -> DeliveryStatusReport | None:
     sender = _header(root, "From") or ""
     addresses = _addresses(sender)
@@ -427,3 +446,180 @@ def find_unsubscribe_phrase(parsed: ParsedMessage) -> str | None:
 def is_unsubscribe_request(parsed: ParsedMessage) -> bool:
     """True when the subject or the sender's own first lines ask to stop receiving mail."""
     return find_unsubscribe_phrase(parsed) is not None
+
+
+# --------------------------------------------------------------------------- DSN we write
+
+DSN_SUBJECT = "Undelivered Mail Returned to Sender"
+_DSN_STATUS = "5.1.1"
+_DSN_DIAGNOSTIC = "smtp; 550 5.1.1 mailbox no longer exists"
+_MAX_LINE = 998  # RFC 5322 §2.1.1, without the CRLF
+_REPORT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NEWLINES = re.compile(r"\r\n|\r|\n")
+_PLAIN_LINE = re.compile(r"[ -~\t]*")
+
+
+def header_section(raw: bytes, limit: int) -> str:
+    """The header section of ``raw`` as text: whole fields (each with its continuation lines)
+    while they fit in ``limit`` bytes, so a cut never leaves half a field behind.
+
+    Undecodable bytes become U+FFFD and NUL too (PostgreSQL text cannot hold NUL); what the
+    header said is for a human to read, byte-exactness is not needed."""
+    fields: list[bytes] = []
+    for line in raw.splitlines(keepends=True):
+        if not line.strip(b"\r\n"):
+            break  # the blank line that ends the header section
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    kept: list[bytes] = []
+    size = 0
+    for item in fields:
+        if size + len(item) > limit:
+            break
+        kept.append(item)
+        size += len(item)
+    return b"".join(kept).decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
+def dsn_explanation(reporting_domain: str, recipients: Sequence[str]) -> str:
+    """The human-readable part of the report :func:`build_dsn` writes, as plain text."""
+    them = "it" if len(recipients) == 1 else "them"
+    listed = "\n".join(f"    <{address}>" for address in recipients)
+    return (
+        f"This is the mail system at {reporting_domain}.\n"
+        "\n"
+        "Your message could not be delivered to the following "
+        f"{'recipient' if len(recipients) == 1 else 'recipients'}:\n"
+        "\n"
+        f"{listed}\n"
+        "\n"
+        f"The message was accepted for {them}, but the mailbox was deleted before the message\n"
+        "could be put into it: the mailbox no longer exists. The message has not been\n"
+        "delivered there and no further attempt will be made.\n"
+        "\n"
+        "The header of your message is attached below.\n"
+    )
+
+
+def _checked_address(value: str) -> str:
+    # Every address this report writes becomes a header or a field line: refused unless it
+    # is a plain one, which also keeps CR, LF and spaces out of the report.
+    try:
+        return normalize_address(value)
+    except AddressError as exc:
+        raise ValueError(f"cannot write a delivery report for {value!r}: {exc}") from None
+
+
+def _crlf(lines: Sequence[str]) -> str:
+    return "".join(f"{line}\r\n" for line in lines)
+
+
+def _headers_part(original_headers: str) -> tuple[str, str]:
+    """The returned header section as ``(part headers, part body)``.
+
+    Whatever line breaks the sender's bytes held become CRLF, and empty lines are dropped:
+    an empty line would end the section early for a reader. Text that is not plain ASCII,
+    or a line too long for SMTP, is sent quoted-printable, so the report is 7-bit clean
+    whatever the original was (and signs and relays as such)."""
+    lines = [line for line in _NEWLINES.split(original_headers) if line.strip()]
+    plain = all(len(line) <= _MAX_LINE and _PLAIN_LINE.fullmatch(line) for line in lines)
+    if plain:
+        return "Content-Type: text/rfc822-headers\r\n", _crlf(lines)
+    encoded = quopri.encodestring("\n".join(lines).encode("utf-8") + b"\n").decode("ascii")
+    return (
+        "Content-Type: text/rfc822-headers; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: quoted-printable\r\n",
+        encoded.replace("\n", "\r\n"),
+    )
+
+
+def _boundary(report_id: str, bodies: Sequence[str]) -> str:
+    # Derived from the content, so the same report is the same bytes on every retry; the
+    # sender's header text cannot hold it unless it holds a hash of itself, and is checked.
+    seed = hashlib.sha256("\0".join([report_id, *bodies]).encode("utf-8")).hexdigest()
+    for counter in range(1000):
+        boundary = f"=_dsn_{seed[:24]}_{counter}"
+        if not any(boundary in body for body in bodies):
+            return boundary
+    raise ValueError("no MIME boundary fits this report")  # unreachable outside a bug
+
+
+def _date(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return format_datetime(value.astimezone(UTC))
+
+
+def build_dsn(
+    *,
+    reporting_domain: str,
+    to: str,
+    recipients: Sequence[str],
+    arrival_date: datetime,
+    original_headers: str,
+    report_id: str,
+    date: datetime,
+) -> bytes:
+    """An RFC 3464 delivery status notification: ``recipients`` of a message that arrived at
+    ``arrival_date`` failed for good (5.1.1, the mailbox no longer exists). Sent to ``to``
+    (the envelope sender) from ``MAILER-DAEMON@<reporting_domain>``.
+
+    ``original_headers`` (the header section of the message, see :func:`header_section`)
+    is returned in a ``text/rfc822-headers`` part and nowhere else: the sender's text cannot
+    add a field to the report, and no body or attachment travels back. ``report_id`` names
+    the report (the inbound message's id) and makes its Message-ID, so a retry of the same
+    report is recognisable. Raises ValueError for an address or domain it cannot write."""
+    if not recipients:
+        raise ValueError("a delivery report needs at least one recipient")
+    if not _REPORT_ID.fullmatch(report_id):
+        raise ValueError(f"{report_id!r} cannot name a report")
+    try:
+        domain = idna_ascii(reporting_domain)
+    except AddressError as exc:
+        raise ValueError(f"cannot report as {reporting_domain!r}: {exc}") from None
+    sender = _checked_address(to)
+    failed = list(dict.fromkeys(_checked_address(address) for address in recipients))
+    text = _crlf(_NEWLINES.split(dsn_explanation(domain, failed).rstrip("\n")))
+    per_message = [f"Reporting-MTA: dns; {domain}", f"Arrival-Date: {_date(arrival_date)}"]
+    blocks = [_crlf(per_message)]
+    for address in failed:
+        blocks.append(
+            _crlf(
+                [
+                    f"Final-Recipient: rfc822; {address}",
+                    "Action: failed",
+                    f"Status: {_DSN_STATUS}",
+                    f"Diagnostic-Code: {_DSN_DIAGNOSTIC}",
+                ]
+            )
+        )
+    status = "\r\n".join(blocks)
+    headers_type, headers_body = _headers_part(original_headers)
+    boundary = _boundary(report_id, [text, status, headers_body])
+    parts = [
+        ("Content-Type: text/plain; charset=us-ascii\r\n", text),
+        ("Content-Type: message/delivery-status\r\n", status),
+        (headers_type, headers_body),
+    ]
+    head = _crlf(
+        [
+            f"From: Mail Delivery System <MAILER-DAEMON@{domain}>",
+            f"To: {sender}",
+            f"Subject: {DSN_SUBJECT}",
+            f"Date: {_date(date)}",
+            f"Message-ID: <{report_id}.dsn@{domain}>",
+            "Auto-Submitted: auto-replied",
+            "MIME-Version: 1.0",
+            "Content-Type: multipart/report; report-type=delivery-status;",
+            f' boundary="{boundary}"',
+        ]
+    )
+    body = "This is a delivery status notification (RFC 3464) in MIME format.\r\n"
+    for part_headers, part_body in parts:
+        # Each body ends with CRLF; the CRLF before the next delimiter is the delimiter's
+        # own (RFC 2046 §5.1.1), so the blank line keeps the body's last line break.
+        body += f"\r\n--{boundary}\r\n{part_headers}\r\n{part_body}"
+    body += f"\r\n--{boundary}--\r\n"
+    return (head + "\r\n" + body).encode("ascii")

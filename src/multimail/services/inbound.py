@@ -19,6 +19,14 @@ mail to a human (the server's ``postmaster_email``, or the operator of the accou
 the verified domain) or, where that would be wrong or is impossible, kept in ``inbound_raw``
 and audited (``postmaster.kept`` with a reason). Delivery reports addressed to postmaster go
 to the report logic that handles them in a mailbox.
+
+Undeliverable after acceptance (RFC 5321 §6.1): once we answered 250 the message is ours to
+deliver or to report. A recipient whose mailbox was deleted (or whose domain stopped being
+ours) between RCPT and processing is audited (``message.undeliverable``), and the envelope
+sender gets an RFC 3464 report as system mail, but only where that cannot be backscatter: a
+sender that is not null and not a mail system's own, a message that is no report and no
+spam, an envelope sender's domain that SPF or an aligned DKIM signature vouches for, and at
+most NON_DELIVERY_HOURLY_CAP reports an hour to one sender.
 """
 
 from __future__ import annotations
@@ -72,12 +80,14 @@ from multimail.mail.reports import (
     ComplaintReport,
     DeliveryStatusReport,
     RecipientStatus,
+    is_bounce_sender,
     is_unsubscribe_request,
     parse_arf,
     parse_dsn,
 )
 from multimail.services import audit, directory, events, mailboxes, messages, notify, threads
 from multimail.services.authresults import (
+    AuthResult,
     AuthResults,
     authenticate,
     make_resolver,
@@ -100,6 +110,7 @@ from multimail.store.tables import messages as messages_table
 
 __all__ = [
     "JOB_KIND",
+    "NON_DELIVERY_HOURLY_CAP",
     "POSTMASTER_HOURLY_CAP",
     "DatabaseSink",
     "Signal",
@@ -1228,6 +1239,187 @@ def _route_postmaster(
         )
 
 
+# --------------------------------------------------------------------------- undeliverable
+
+NON_DELIVERY_HOURLY_CAP = 10
+_UNDELIVERABLE = "message.undeliverable"
+_UNDELIVERABLE_REASON = "the mailbox was deleted after the message was accepted"
+# Reports to one envelope sender are counted and written one transaction at a time (see
+# _lock_sender), in a key space apart from the copies', the destinations' and the audit's.
+_NON_DELIVERY_LOCK_SPACE = 7_240_006
+
+
+def _undeliverable(
+    rcpt_tos: Sequence[str],
+    recipients: Sequence[Mapping[str, Any]],
+    routes: Sequence[_PostmasterRoute],
+    server_domain: str,
+) -> list[str]:
+    """The message's recipients that no live mailbox and no postmaster route takes: accepted
+    at RCPT, gone since. An address RCPT could not read was refused there, never stored."""
+    taken = {str(m["address"]) for m in recipients} | {route.address for route in routes}
+    lost: dict[str, None] = {}
+    for recipient in rcpt_tos:
+        try:
+            address = _as_address(recipient, server_domain)
+        except AddressError:
+            continue
+        if address not in taken:
+            lost[address] = None
+    return list(lost)
+
+
+def _former_owner(conn: Connection, addresses: Sequence[str]) -> str | None:
+    """The account whose mailboxes had ``addresses`` last, when that is one account: the audit
+    entry is then theirs, as the deletion was. Mixed or unknown: the server's."""
+    if not addresses:
+        return None
+    found = conn.execute(
+        select(mailboxes_table.c.address, mailboxes_table.c.account_id)
+        .where(
+            mailboxes_table.c.address.in_(list(addresses)),
+            mailboxes_table.c.deleted_at.is_not(None),
+        )
+        .order_by(mailboxes_table.c.deleted_at.desc())
+    )
+    latest: dict[str, str] = {}
+    for address, account_id in found:
+        latest.setdefault(str(address), str(account_id))
+    owners = {latest.get(address) for address in addresses}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _report_target(mail_from: str | None) -> tuple[str | None, str | None]:
+    """``(address, None)`` to report to, or ``(None, why not)`` when the envelope alone says
+    no report may go: the null sender is a report already (RFC 5321 §6.1, §4.5.5), and a
+    mail system's own address answers reports with reports."""
+    if not mail_from:
+        return None, "null_sender"
+    try:
+        address = normalize_address(mail_from)
+    except AddressError:
+        return None, "unusable_sender"
+    if is_bounce_sender(address):
+        return None, "bounce_sender"
+    return address, None
+
+
+def _sender_authenticated(auth: AuthResults, sender: str) -> bool:
+    """True when the envelope sender's domain vouches for this message: SPF passed for it, or
+    a DKIM signature of an aligned domain verified. Anyone can write any MAIL FROM, and a
+    report to a forged one is backscatter to a stranger.
+
+    ``sender_verified``'s rule for a domain without DMARC is this rule; DMARC itself speaks
+    for the From domain, not the envelope's, so it is left out of the evidence."""
+    signatures = auth.extra.get("dkim_signatures")
+    passing = [
+        AuthResult("pass", str(item["domain"]))
+        for item in (signatures if isinstance(signatures, list) else [])
+        if isinstance(item, Mapping) and item.get("result") == "pass" and item.get("domain")
+    ]
+    for dkim in passing or [AuthResult("none")]:
+        evidence = AuthResults(spf=auth.spf, dkim=dkim, dmarc=AuthResult("none"))
+        if sender_verified(evidence, sender):
+            return True
+    return False
+
+
+def _report_refusal(analysis: _Analysis, sender: str) -> str | None:
+    """Why the message gets no report although its sender could take one; None if it does."""
+    if analysis.dsn is not None or analysis.arf is not None:
+        return "report"  # never a report of a report (RELIABILITY DUR-5)
+    if analysis.verdict.is_spam:
+        return "spam"
+    if not _sender_authenticated(analysis.auth, sender):
+        return "unauthenticated"
+    return None
+
+
+def _lock_sender(conn: Connection, sender: str) -> None:
+    """Serialise reports to one envelope sender on PostgreSQL, where two workers would
+    otherwise both count ten and both send; taken before the transaction's first audit
+    append, after the copies' and the destinations' locks, like them."""
+    if conn.dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(sender.encode()).digest()[:4], "big", signed=True)
+    conn.execute(
+        text("SELECT pg_advisory_xact_lock(:space, :key)"),
+        {"space": _NON_DELIVERY_LOCK_SPACE, "key": key},
+    )
+
+
+def _recent_reports(conn: Connection, sender: str) -> list[dict[str, Any]]:
+    """The reports queued for ``sender`` in the last hour, from the audit log: its entries are
+    written in the transaction that queues the report and never change (see _recent_forwards)."""
+    cutoff = isoformat(utcnow() - _CAP_WINDOW) or ""
+    found = conn.execute(
+        select(audit_entries.c.details).where(
+            audit_entries.c.action == _UNDELIVERABLE, audit_entries.c.at >= cutoff
+        )
+    )
+    recent = []
+    for (details,) in found:
+        entry = json.loads(details or "{}")
+        if entry.get("dsn_queued") and entry.get("dsn_to") == sender:
+            recent.append(entry)
+    return recent
+
+
+def _record_undeliverable(
+    conn: Connection,
+    services: Services,
+    row: Mapping[str, Any],
+    lost: Sequence[str],
+    owner: str | None,
+    analysis: _Analysis | None,
+    *,
+    report_to: str | None,
+    refusal: str | None,
+) -> None:
+    """Audit that ``lost`` recipients got nothing, and queue the sender's report when one is
+    owed (``report_to`` without a ``refusal``) and neither a copy of it nor the hourly cap
+    stops it; the lock on ``report_to`` is held."""
+    copy = _copy_key(analysis) if analysis is not None else None
+    job_id = None
+    if report_to is not None and refusal is None and analysis is not None:
+        recent = _recent_reports(conn, report_to)
+        if copy is not None and any(entry.get("copy_key") == copy for entry in recent):
+            refusal = "duplicate"  # the client resent the message after losing our 250
+        elif len(recent) >= NON_DELIVERY_HOURLY_CAP:
+            refusal = "hourly_cap"
+        else:
+            job_id = notify.enqueue_non_delivery(
+                conn,
+                services,
+                to=report_to,
+                inbound_id=row["id"],
+                recipients=lost,
+                arrival_date=row["received_at"],
+                original=analysis.stored_raw,
+            )
+    details: dict[str, Any] = {
+        "inbound_id": row["id"],
+        "recipients": list(lost),
+        "reason": _UNDELIVERABLE_REASON,
+        "mail_from": row["mail_from"],
+        "dsn_queued": job_id is not None,
+        "dsn_skipped": refusal,
+        "dsn_to": report_to if job_id is not None else None,
+        "job_id": job_id,
+        "copy_key": copy,
+    }
+    if refusal == "hourly_cap":
+        details["cap"] = NON_DELIVERY_HOURLY_CAP
+    audit.append(
+        conn,
+        actor=_system(owner),
+        action=_UNDELIVERABLE,
+        subject_type="inbound",
+        subject_id=row["id"],
+        details=details,
+    )
+
+
 def _mark_failed(services: Services, row: dict[str, Any], error: str) -> None:
     with services.db.write() as conn:
         changed = conn.execute(
@@ -1248,6 +1440,7 @@ def _mark_failed(services: Services, row: dict[str, Any], error: str) -> None:
 
 def process_inbound(services: Services, inbound_id: str) -> list[str]:
     """Turn one stored raw message into inbox messages; returns the ids created by this call."""
+    server_domain = _server_domain(services)
     with services.db.read() as conn:
         found = conn.execute(select(inbound_raw).where(inbound_raw.c.id == inbound_id))
         raw_row = found.mappings().first()
@@ -1257,15 +1450,23 @@ def process_inbound(services: Services, inbound_id: str) -> list[str]:
         if row["status"] != "stored":
             return []
         rcpt_tos = row["rcpt_tos"] or []
-        recipients = _recipient_mailboxes(conn, rcpt_tos, _server_domain(services))
+        recipients = _recipient_mailboxes(conn, rcpt_tos, server_domain)
         routes = _postmaster_routes(conn, services, rcpt_tos, recipients)
+        lost = _undeliverable(rcpt_tos, recipients, routes, server_domain)
+        owner = _former_owner(conn, lost)
     try:
         parsed = parse_message(bytes(row["data"]))
     except UnparseableMessage as exc:
         # The bytes stay in inbound_raw; only the attempt to make a message of them ends.
         _mark_failed(services, row, exc.message)
         return []
-    analysis = _analyse(services, row, parsed) if recipients or routes else None
+    report_to, refusal = _report_target(row["mail_from"]) if lost else (None, None)
+    # The analysis (SPF, DKIM, DMARC: DNS round trips) is for the mail we deliver, and for a
+    # report we might owe; a null or daemon sender is owed none whatever the message says.
+    wanted = bool(recipients or routes) or report_to is not None
+    analysis = _analyse(services, row, parsed) if wanted else None
+    if report_to is not None and analysis is not None:
+        refusal = _report_refusal(analysis, report_to)
     keys = {}
     if analysis is not None:
         keys = {
@@ -1285,23 +1486,33 @@ def process_inbound(services: Services, inbound_id: str) -> list[str]:
                 error=None if recipients or routes else "no live recipient mailbox",
             )
         ).rowcount
-        if not claimed or analysis is None:
+        if not claimed:
             return []
-        # RFC 5321 §6.1: a client that lost our 250 sends the message again; SPEC §12 allows
-        # no duplicate, so a copy the mailbox already has is recorded and not delivered.
-        header = _without_nul((analysis.parsed.message_id or "")[:998]) or None
-        if header is not None:
-            _lock_copies(conn, [mailbox["id"] for mailbox in recipients], header)
-        _lock_destinations(conn, list(keys.values()))
-        for mailbox in recipients:
-            earlier = header and _earlier_copy(conn, mailbox, header, analysis.stored_raw)
-            if earlier:
-                _drop_copy(conn, mailbox, earlier, row)
-                continue
-            created.append(_deliver(conn, mailbox, analysis))
-        if routes:
-            handled = {str(mailbox["account_id"]) for mailbox in recipients}
-            _route_postmaster(conn, services, row, analysis, routes, keys, handled)
+        header = None
+        if analysis is not None:
+            # RFC 5321 §6.1: a client that lost our 250 sends the message again; SPEC §12
+            # allows no duplicate, so a copy the mailbox already has is recorded and not
+            # delivered.
+            header = _without_nul((analysis.parsed.message_id or "")[:998]) or None
+            if header is not None:
+                _lock_copies(conn, [mailbox["id"] for mailbox in recipients], header)
+            _lock_destinations(conn, list(keys.values()))
+        if report_to is not None and refusal is None:
+            _lock_sender(conn, report_to)
+        if analysis is not None:
+            for mailbox in recipients:
+                earlier = header and _earlier_copy(conn, mailbox, header, analysis.stored_raw)
+                if earlier:
+                    _drop_copy(conn, mailbox, earlier, row)
+                    continue
+                created.append(_deliver(conn, mailbox, analysis))
+            if routes:
+                handled = {str(mailbox["account_id"]) for mailbox in recipients}
+                _route_postmaster(conn, services, row, analysis, routes, keys, handled)
+        if lost:
+            _record_undeliverable(
+                conn, services, row, lost, owner, analysis, report_to=report_to, refusal=refusal
+            )
     if any(r["status"] == Status.UNREAD.value for r in created):
         signals(services).arrived.notify()
     return [r["id"] for r in created]

@@ -13,11 +13,17 @@ Job payload (the contract with the worker), one of::
     {"to": ["ops@example.com"], "kind": "approval_request",
      "account_id": "acct_...", "message_id": "msg_..."}
 
+    {"to": ["alice@example.com"], "kind": "non_delivery", "subject": "...", "markdown": "...",
+     "inbound_id": "inb_...", "recipients": ["gone@..."], "arrival_date": "...Z",
+     "queued_at": "...Z", "original_headers": "From: ...\r\n..."}
+
 The first is sent as it stands. The second only records that a decision is asked for: the
 worker writes the mail when it sends it (:func:`approval_request_mail`: fresh links, the
 draft as it is then) and sends nothing when the message no longer waits for a decision.
 Approval requests queued by earlier releases carry subject and markdown and are sent as
-they stand.
+they stand. The third is a delivery status notification to the sender of mail we accepted
+and could not deliver: :func:`non_delivery_raw` writes it (RFC 3464) from the payload, and
+its subject and markdown say the same in case a worker of an earlier release sends it.
 
 Agent-written text (drafts, subjects, thread excerpts) is shown inside fenced code blocks
 (:func:`multimail.services.fences.fenced`, which also counts look-alike backticks): a draft
@@ -32,7 +38,7 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, select
@@ -41,8 +47,9 @@ from multimail.domain.addresses import AddressError, normalize_address
 from multimail.domain.linktokens import make_token, new_nonce, read_token
 from multimail.domain.oversight import DECIDABLE
 from multimail.errors import InvalidInput
-from multimail.ids import isoformat
+from multimail.ids import isoformat, parse_datetime, utcnow
 from multimail.mail.parse import ParsedMessage
+from multimail.mail.reports import DSN_SUBJECT, build_dsn, dsn_explanation, header_section
 from multimail.services import directory
 from multimail.services import messages as message_views
 from multimail.services.context import Actor, Services
@@ -60,6 +67,10 @@ THREAD_CONTEXT_LIMIT = 5
 EXCERPT_CHARS = 300
 POSTMASTER_FORWARD_KIND = "postmaster_forward"
 POSTMASTER_TEXT_CHARS = 20_000
+NON_DELIVERY_KIND = "non_delivery"
+# The returned header section: room for any honest header, and a bound on the job row and
+# on the report a forged-looking message can make us send.
+NON_DELIVERY_HEADER_BYTES = 64 * 1024
 # A header value shown in a forward: RFC 5322's line limit is room for any honest one.
 _HEADER_CHARS = 998
 
@@ -497,3 +508,73 @@ def postmaster_forward_mail(
         lines += ["", "**Attached (not forwarded):**", "", fenced(listed)]
     subject = _SPACES.sub(" ", f"[MultiMail] Mail to {first}: {parsed.subject}").strip()
     return subject[:200], "\n".join(lines)
+
+
+def enqueue_non_delivery(
+    conn: Connection,
+    services: Services,
+    *,
+    to: str,
+    inbound_id: str,
+    recipients: Sequence[str],
+    arrival_date: datetime,
+    original: bytes,
+) -> str:
+    """Queue the delivery status notification (RFC 3464) telling ``to``, the envelope sender
+    of the message stored as ``inbound_id`` (``original``, as we stored it), that it was not
+    delivered to ``recipients``; returns the job's id. The report is written when it is sent
+    (:func:`non_delivery_raw`), from what the payload keeps: the header section of
+    ``original``, cut at NON_DELIVERY_HEADER_BYTES, and never its body."""
+    return enqueue_system_mail(
+        conn,
+        to=to,
+        subject=DSN_SUBJECT,
+        markdown=dsn_explanation(services.settings.domain, list(recipients)),
+        kind=NON_DELIVERY_KIND,
+        extra={
+            "inbound_id": inbound_id,
+            "recipients": list(recipients),
+            "arrival_date": isoformat(arrival_date),
+            # The report's Date: one time for every attempt, so a retry is the same bytes.
+            "queued_at": isoformat(utcnow()),
+            "original_headers": header_section(original, NON_DELIVERY_HEADER_BYTES),
+        },
+    )
+
+
+def _text_field(payload: Mapping[str, Any], name: str) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"{name!r} must be text")
+    return value
+
+
+def non_delivery_raw(services: Services, payload: Mapping[str, Any]) -> bytes | None:
+    """The RFC 3464 report a ``non_delivery`` system-mail payload asks for, ready to sign and
+    send with the null reverse-path; None for a payload of any other kind. A payload the
+    report cannot be written from raises InvalidInput (``invalid_job``): retrying it would
+    not help."""
+    if payload.get("kind") != NON_DELIVERY_KIND:
+        return None
+    try:
+        to = payload.get("to")
+        if isinstance(to, list) and len(to) == 1:
+            to = to[0]
+        recipients = payload.get("recipients")
+        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+            raise ValueError("'recipients' must be a list of addresses")
+        if not isinstance(to, str):
+            raise ValueError("'to' must name the one envelope sender")
+        return build_dsn(
+            reporting_domain=services.settings.domain,
+            to=to,
+            recipients=recipients,
+            arrival_date=parse_datetime(_text_field(payload, "arrival_date")),
+            original_headers=_text_field(payload, "original_headers"),
+            report_id=_text_field(payload, "inbound_id"),
+            date=parse_datetime(_text_field(payload, "queued_at")),
+        )
+    except ValueError as exc:
+        raise InvalidInput(
+            f"this non-delivery report cannot be written: {exc}", code="invalid_job"
+        ) from exc

@@ -2440,7 +2440,13 @@ async def _system_mail_job(services: Services, job: Job, worker_id: str) -> date
             {"to": to, "subject": subject, "reason": "every recipient is suppressed"},
         )
         return None
-    raw = _system_raw(services, job, rcpts, subject, body)
+    # A non-delivery report is an RFC 3464 message of its own, not composed from markdown.
+    report = notify.non_delivery_raw(services, job.payload)
+    raw = (
+        signing.sign(report, signing.default_key(services))
+        if report is not None
+        else _system_raw(services, job, rcpts, subject, body)
+    )
     plan = _Plan(job.id, account_id or "", "", "", rcpts, raw)
     handover = await _hand_over(outbound_transport(services), plan)
     accepted = [r for r, res in handover.results.items() if res.ok]
