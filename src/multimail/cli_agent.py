@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from multimail.client import MultimailAPIError, MultimailClient
 
@@ -44,18 +45,24 @@ def _fail(exc: MultimailAPIError) -> None:
     raise typer.Exit(2)
 
 
+def _plain(value: object) -> Text:
+    """``value`` as literal text: Rich would read a ``str`` as markup, and subjects, senders,
+    bodies and URLs come from outside (``[/]`` crashes it, ``[link=…]`` would be obeyed)."""
+    return Text("" if value is None else str(value))
+
+
 def _messages_table(title: str, items: list[dict[str, Any]]) -> Table:
-    table = Table(title=title)
+    table = Table(title=_plain(title))
     for column in ("id", "status", "from", "to", "subject", "created_at"):
         table.add_column(column)
     for m in items:
         table.add_row(
-            m.get("id", ""),
-            m.get("status", ""),
-            str(m.get("from") or ""),
-            ", ".join(m.get("to") or []),
-            m.get("subject", ""),
-            m.get("created_at") or "",
+            _plain(m.get("id")),
+            _plain(m.get("status")),
+            _plain(m.get("from")),
+            _plain(", ".join(m.get("to") or [])),
+            _plain(m.get("subject")),
+            _plain(m.get("created_at")),
         )
     return table
 
@@ -135,9 +142,9 @@ def _show_draft(client: MultimailClient, item: dict[str, Any]) -> None:
         f"From: {item.get('from')}  To: {', '.join(item.get('to') or [])}\n"
         f"Subject: {item.get('subject')}" + (f"\nScan: {findings}" if findings else "")
     )
-    console.print(Panel(header + "\n\n" + (item.get("draft_body") or ""), title="draft"))
+    console.print(Panel(_plain(header + "\n\n" + (item.get("draft_body") or "")), title="draft"))
     console.print(
-        Panel("\n\n".join(context) or "(no earlier messages)", title="thread (untrusted)")
+        Panel(_plain("\n\n".join(context) or "(no earlier messages)"), title="thread (untrusted)")
     )
 
 
@@ -234,10 +241,10 @@ def webhooks_list(as_json: JsonOpt = False) -> None:
         table.add_column(column)
     for hook in found.get("webhooks", []):
         table.add_row(
-            hook.get("id", ""),
-            hook.get("url", ""),
-            ", ".join(hook.get("events") or []),
-            str(hook.get("enabled", "")),
+            _plain(hook.get("id")),
+            _plain(hook.get("url")),
+            _plain(", ".join(hook.get("events") or [])),
+            _plain(hook.get("enabled", "")),
         )
     _emit(found, as_json, table)
 

@@ -291,7 +291,8 @@ def route_table(app: Any) -> set[tuple[str, str]]:
         if route.path.startswith(PUBLIC_PREFIXES):
             continue
         for method in (route.methods or set()) - {"HEAD", "OPTIONS"}:
-            table.add((method, route.path))
+            # path_format: a thread id may hold "/" ({thread_id:path}); the case is the same.
+            table.add((method, route.path_format))
     return table
 
 

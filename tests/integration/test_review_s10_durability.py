@@ -49,12 +49,6 @@ def _job(services: Services, job_id: str) -> dict[str, Any]:
 # --- a poison job: its worker dies on every attempt -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs.claim_in takes a job whose lease ran out however many attempts it has had, so "
-    "a job that kills its worker each time is claimed for ever; once its attempts are spent "
-    "it must be failed, not run again",
-)
 async def test_a_job_whose_workers_died_on_every_attempt_is_failed_not_run_again(
     services: Services,
 ) -> None:
@@ -87,6 +81,88 @@ async def test_a_job_whose_workers_died_on_every_attempt_is_failed_not_run_again
         runner.HANDLERS.pop("review_poison", None)
     assert runs == [], "a job whose attempts were spent ran once more"
     assert _job(services, job_id)["status"] == "failed"
+
+
+def _deliver_job(services: Services, message_id: str) -> dict[str, Any]:
+    """What the tests check of a message's deliver job (not its timestamps, which may be
+    the damage a test made)."""
+    columns = (jobs_table.c.status, jobs_table.c.locked_by, jobs_table.c.last_error)
+    with services.db.read() as conn:
+        found = conn.execute(
+            select(*columns).where(jobs_table.c.dedupe_key == delivery.job_key(message_id))
+        )
+        return dict(found.mappings().one())
+
+
+def _sweep_after_a_while(services: Services, message_id: str) -> None:
+    """The delivery sweep as it runs once the message has waited three minutes."""
+    with services.db.write() as conn:
+        conn.execute(
+            update(messages)
+            .where(messages.c.id == message_id)
+            .values(updated_at=utcnow() - timedelta(minutes=3))
+        )
+    sweep = runner.HANDLERS[delivery.SWEEP]
+    sweep(services, jobs.Job("job_sweep", delivery.SWEEP, {}, 1, 1, utcnow()), "worker-1")
+
+
+@pytest.mark.parametrize("claimed_by", ["batch", "deliver_now", "jobs.claim"])
+async def test_a_message_whose_delivery_workers_all_died_is_send_failed_not_sent_again(
+    world: World, relay: CapturingSMTPServer, claimed_by: str
+) -> None:
+    """Whichever claim meets the deliver job next, it fails the job and settles its message
+    as ``send_failed`` (reason, audit entry) in the same commit: left ``sending``, the sweep
+    would give it a job again and every new worker would send it once more."""
+    services = world.services
+    message_id = world.message()
+    with services.db.write() as conn:
+        conn.execute(
+            update(jobs_table)
+            .where(jobs_table.c.dedupe_key == delivery.job_key(message_id))
+            .values(max_attempts=1)
+        )
+    # A worker claims and starts the delivery (the message is now 'sending'), then dies.
+    doomed = delivery._prepare_due(
+        services, "doomed", 10, timedelta(milliseconds=1), delivery._Looks()
+    )
+    assert doomed and world.row(message_id)["status"] == "sending"
+    await asyncio.sleep(0.01)
+    if claimed_by == "batch":
+        batch = runner.BATCHES[delivery.DELIVER]
+        assert await batch(services, "worker-2", 10, timedelta(minutes=2)) == 0
+    elif claimed_by == "deliver_now":
+        status = await asyncio.to_thread(delivery.deliver_now, services, message_id)
+        assert status == "send_failed"
+    else:
+        assert jobs.claim(services.db, "worker-2", kinds=[delivery.DELIVER]) == []
+    job = _deliver_job(services, message_id)
+    assert job["status"] == "failed" and job["locked_by"] is None
+    assert "worker was lost" in job["last_error"]
+    row = world.row(message_id)
+    assert row["status"] == "send_failed" and "worker delivering it was lost" in row["last_error"]
+    assert world.audit_actions(message_id)[-1] == "message.send_failed"
+    _sweep_after_a_while(services, message_id)
+    assert _deliver_job(services, message_id)["status"] == "failed"
+    assert relay.messages == []
+
+
+async def test_a_deliver_job_past_its_attempts_that_went_back_to_the_queue_still_runs(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """The lost-worker rule is for jobs taken over from a dead worker only: a deliver job
+    that went back to the queue each time (three days of 4xx, stops) is not cut short."""
+    services = world.services
+    message_id = world.message()
+    with services.db.write() as conn:
+        conn.execute(
+            update(jobs_table)
+            .where(jobs_table.c.dedupe_key == delivery.job_key(message_id))
+            .values(attempts=jobs.DEFAULT_MAX_ATTEMPTS)
+        )
+    batch = runner.BATCHES[delivery.DELIVER]
+    assert await batch(services, "worker-1", 10, timedelta(minutes=2)) == 1
+    assert world.row(message_id)["status"] == "delivered"
+    assert len(relay.messages) == 1
 
 
 # --- a graceful stop in the middle of a batch --------------------------------------------------
@@ -129,12 +205,6 @@ def held_world(settings: Settings, holding_relay: HoldsOneRecipient) -> Iterator
     services.db.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when a stop's grace runs out, workers.delivery._complete hands every job of the "
-    "batch back, also those the relay already answered 250 to, so they are sent again; a stop "
-    "must record the outcomes it already has and hand back only the unanswered ones",
-)
 async def test_a_stop_during_a_batch_does_not_send_again_what_the_relay_accepted(
     held_world: World, holding_relay: HoldsOneRecipient
 ) -> None:
@@ -195,12 +265,6 @@ def _backdate(services: Services, message_id: str, by: timedelta) -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="oversight._pending_since counts a draft's wait from created_at, so a scheduled "
-    "message approved long ago whose content the agent edits (back to the reviewer) is expired "
-    "by the next sweep at once; its 72 hours must start when it went back to the queue",
-)
 def test_a_draft_sent_back_to_the_reviewer_by_an_edit_gets_its_full_approval_window(
     api: Api, services: Services, boot: accounts.Bootstrap
 ) -> None:
@@ -237,12 +301,6 @@ def test_a_draft_sent_back_to_the_reviewer_by_an_edit_gets_its_full_approval_win
 # --- a corrupt job row other than its payload --------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs.claim_in decodes created_at (and attempts) of every row it took outside the "
-    "quarantine that covers only the payload, so one row whose created_at is not a time makes "
-    "every claim raise and the good jobs beside it never run; the row must be quarantined",
-)
 async def test_a_job_row_with_a_corrupt_created_at_is_quarantined_and_the_others_run(
     services: Services,
 ) -> None:
@@ -280,16 +338,39 @@ async def test_a_job_row_with_a_corrupt_created_at_is_quarantined_and_the_others
     assert runs == [2]
 
 
+async def test_a_deliver_job_with_a_corrupt_created_at_is_quarantined_and_then_delivered(
+    world: World, relay: CapturingSMTPServer
+) -> None:
+    """The delivery worker's own claim quarantines the row, naming the column, and delivers
+    the message beside it; the sweep then gives the message a sound job again."""
+    services = world.services
+    if not services.db.is_sqlite:
+        pytest.skip("PostgreSQL refuses to store a timestamp that is not one")
+    broken = world.message(to=["broken@example.test"])
+    good = world.message(to=["good@example.test"])
+    with services.db.write() as conn:
+        conn.execute(
+            text("UPDATE jobs SET created_at = 'torn page' WHERE dedupe_key = :key"),
+            {"key": delivery.job_key(broken)},
+        )
+    batch = runner.BATCHES[delivery.DELIVER]
+    assert await batch(services, "worker-1", 50, timedelta(minutes=2)) == 1
+    assert world.row(good)["status"] == "delivered"
+    job = _deliver_job(services, broken)
+    assert (job["status"], job["last_error"]) == ("quarantined", "created_at is not a time")
+    assert world.row(broken)["status"] == "queued"
+    _sweep_after_a_while(services, broken)
+    assert await batch(services, "worker-1", 50, timedelta(minutes=2)) == 1
+    assert world.row(broken)["status"] == "delivered"
+    assert sorted(r for m in relay.messages for r in m.rcpt_tos) == [
+        "broken@example.test",
+        "good@example.test",
+    ]
+
+
 # --- a queued message whose deliver job was quarantined ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers.delivery.enqueue_delivery re-arms only done/failed/pending jobs and its "
-    "insert is skipped by the quarantined row's dedupe key, so the sweep can never give a "
-    "queued message whose job was quarantined a job again and it waits for ever; it must be "
-    "delivered",
-)
 async def test_a_queued_message_whose_deliver_job_was_quarantined_is_still_delivered(
     world: World, relay: CapturingSMTPServer
 ) -> None:

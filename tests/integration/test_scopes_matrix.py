@@ -74,17 +74,18 @@ def expected_scopes(services: Services) -> dict[tuple[str, str], frozenset[Scope
     tools = {f"/{tool.name}": tool for tool in TOOLS}
     tool_routes = []
     for route in _walk(app.routes):
+        path = route.path_format  # as route_table names it: without convertors (":path")
         for method in route.methods or set():
             names = [getattr(d.call, "__name__", "") for d in route.dependant.dependencies]
             found = [_DEPENDENCY_SCOPE[n] for n in names if n in _DEPENDENCY_SCOPE]
             if found:
-                rest[(method, route.path)] = frozenset(found)
-            elif route.path in tools:
-                tool_routes.append((method, route.path))
-            elif (method, route.path) in SERVICE_CHECKED:
-                rest[(method, route.path)] = SERVICE_CHECKED[(method, route.path)]
+                rest[(method, path)] = frozenset(found)
+            elif path in tools:
+                tool_routes.append((method, path))
+            elif (method, path) in SERVICE_CHECKED:
+                rest[(method, path)] = SERVICE_CHECKED[(method, path)]
             else:
-                rest[(method, route.path)] = ALL_SCOPES  # public
+                rest[(method, path)] = ALL_SCOPES  # public
     for method, path in tool_routes:
         rest[(method, path)] = rest[_tool_target(tools[path])]
     table = route_table(app)

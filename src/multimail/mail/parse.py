@@ -10,8 +10,11 @@ Decisions worth knowing:
 
 * Bodies in an unknown or missing charset are tried as UTF-8, then windows-1252, then
   latin-1 (which never fails). A declared charset that exists decodes with replacement.
-* ``text`` is the text/plain body; for HTML-only mail it is the markdown rendering, which
-  reads as plain text and keeps quotes as ``>`` lines so the reply split still works.
+* ``text`` is the text/plain body; for HTML-only mail (or a blank text/plain alternative
+  beside the HTML) it is the markdown rendering, which reads as plain text and keeps quotes
+  as ``>`` lines so the reply split still works.
+* A text/* attachment's ``content_type`` keeps the charset the sender declared
+  (``text/plain; charset=iso-8859-15``): its bytes are stored undecoded.
 * ``content_id`` is stored without its angle brackets, the form ``cid:`` URLs use.
 * ``from_count`` counts From header fields; a single From listing several mailboxes is
   recorded as the defect ``from_lists_several_mailboxes``.
@@ -368,6 +371,20 @@ def _text_of(part: Message, body: _Body) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9!#$%&'+^_`{}~.-]{1,40}")  # a bare RFC 2045 token
+
+
+def _with_charset(ctype: str, part: Message) -> str:
+    """``ctype``, plus the charset the sender declared if it is text: its bytes are kept as
+    they came, so whoever downloads them needs the charset to read them."""
+    if not ctype.startswith("text/"):
+        return ctype
+    charset = part.get_content_charset()
+    if charset and _CHARSET_NAME.fullmatch(charset):
+        return f"{ctype}; charset={charset}"
+    return ctype
+
+
 def _leaf(part: Message, body: _Body) -> None:
     ctype = part.get_content_type()
     if isinstance(part, _BoundedMessage) and part.too_deep():
@@ -391,7 +408,7 @@ def _leaf(part: Message, body: _Body) -> None:
     body.attachments.append(
         ParsedAttachment(
             filename=sanitize_filename(filename, ctype, len(body.attachments) + 1),
-            content_type=ctype,
+            content_type=_with_charset(ctype, part),
             data=_payload_bytes(part),
             inline=inline,
             content_id=content_id,
@@ -540,13 +557,17 @@ def _build(msg: Message, raw_headers: list[tuple[str, str]]) -> ParsedMessage:
         defects.append("from_lists_several_mailboxes")
     subjects = _values(raw_headers, "Subject")
     body = _collect(msg)
-    markdown = body.plain if body.plain is not None else ""
+    plain = body.plain
+    if plain is not None and not plain.strip() and body.html is not None:
+        # A blank plain alternative (some senders emit one) beside the real HTML body.
+        plain = None
+    markdown = plain if plain is not None else ""
     clean_html = None
     if body.html is not None:
         clean_html = sanitize_html(body.html)
-        if body.plain is None:
+        if plain is None:
             markdown = html_to_markdown(body.html)
-    text = body.plain if body.plain is not None else markdown
+    text = plain if plain is not None else markdown
     new_content, quoted_content = split_reply(text)
     references: list[str] = []
     for value in _values(raw_headers, "References"):

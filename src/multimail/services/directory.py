@@ -13,6 +13,7 @@ from multimail.ids import new_id, utcnow
 from multimail.services import audit
 from multimail.services.common import jsonable, oldest_first_page
 from multimail.services.context import Actor
+from multimail.store.db import contains_folded
 from multimail.store.tables import contacts, suppressions
 
 SUPPRESSION_REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual")
@@ -92,8 +93,9 @@ def search_contacts(
     can come out short; ``next_cursor`` then still continues after the last row read."""
     query = select(contacts).where(contacts.c.account_id == actor.account_id)
     if q:
-        pattern = f"%{q.lower()}%"
-        query = query.where(or_(contacts.c.email.like(pattern), contacts.c.name.ilike(pattern)))
+        query = query.where(
+            or_(contains_folded(contacts.c.email, q), contains_folded(contacts.c.name, q))
+        )
     page, following = oldest_first_page(
         conn,
         query,

@@ -2,9 +2,14 @@
 
 Held inbound mail (``pending_inbound_approval``, and what a reviewer refused instead of
 releasing) is invisible to callers without the ``oversight`` scope: not listed, not
-readable, not in threads. Lists are keyset-paginated on
-the id (ULIDs sort by creation), newest first, so the cursor (the last id returned) stays
-valid while new mail arrives.
+readable, not in threads. Spam is left out of a listing unless its status filter asks for it.
+Lists are keyset-paginated on the id (ULIDs sort by creation), newest first, so the cursor
+(the last id returned) stays valid while new mail arrives.
+
+``since_id`` (a listing's and ``wait_for_email``'s) asks for mail that became visible to the
+agent after the message it names did. Mail is visible from its arrival (its id), or from
+when a reviewer released it or it was marked not spam: that mints ``surfaced_id``, a later
+``msg_`` id, so mail released out of order still comes after what a poller has seen.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from sqlalchemy.sql.elements import ColumnElement
 from multimail.domain.oversight import Status, can_transition
 from multimail.domain.scopes import Scope, satisfies
 from multimail.errors import Conflict, InvalidInput, NotFound
-from multimail.ids import id_cursor, parse_datetime, utcnow
+from multimail.ids import id_cursor, is_id, new_id, parse_datetime, utcnow
 from multimail.mail.dkim import verify_message
 from multimail.services import audit, mailboxes, messages, threads
 from multimail.services.authresults import dns_txt_func, make_resolver
 from multimail.services.common import clamp_limit
 from multimail.services.context import Actor, Services
 from multimail.services.inbound import signals
+from multimail.store.db import contains_folded
 from multimail.store.tables import attachments, message_tags
 from multimail.store.tables import mailboxes as mailboxes_table
 from multimail.store.tables import messages as messages_table
@@ -120,12 +126,42 @@ def _date(value: str, name: str) -> datetime:
         raise InvalidInput(f"{name} must be an ISO 8601 date or time", field=name) from None
 
 
-def _like(value: str) -> str:
-    escaped = value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
+def _surfaced_after(key: str) -> ColumnElement[bool]:
+    # coalesce(surfaced_id, id) > key, spelt so that each side can use its own index.
+    return or_(
+        and_(messages_table.c.surfaced_id.is_(None), messages_table.c.id > key),
+        messages_table.c.surfaced_id > key,
+    )
 
 
-def _conditions(f: EmailFilters) -> list[ColumnElement[bool]]:
+def _since_key(conn: Connection, actor: Actor, since_id: str, mailbox_id: str | None) -> str:
+    """The point ``since_id`` names: when the message it names became visible to the agent.
+
+    A ``msg_`` id no stored message has (deleted, or never ours) is its own point; a
+    Message-ID (``<…>``) must name a message the caller can read.
+    """
+    if is_id(since_id, "msg"):
+        found = conn.execute(
+            select(func.coalesce(messages_table.c.surfaced_id, messages_table.c.id)).where(
+                messages_table.c.id == since_id,
+                messages_table.c.account_id == actor.account_id,
+            )
+        ).scalar_one_or_none()
+        return str(found or since_id)
+    if len(since_id) > 2 and since_id.startswith("<") and since_id.endswith(">"):
+        row = _row(conn, actor, since_id, mailbox_id)
+        return str(row["surfaced_id"] or row["id"])
+    raise InvalidInput(
+        "since_id must be the id (msg_…) of the newest message you have seen, or its "
+        "Message-ID in angle brackets",
+        code="invalid_since_id",
+        field="since_id",
+    )
+
+
+def _conditions(
+    conn: Connection, actor: Actor, f: EmailFilters, mailbox_id: str | None
+) -> list[ColumnElement[bool]]:
     out: list[ColumnElement[bool]] = []
     if f.status:
         wanted = [s.strip() for s in f.status.split(",") if s.strip()]
@@ -133,11 +169,13 @@ def _conditions(f: EmailFilters) -> list[ColumnElement[bool]]:
         if unknown:
             raise InvalidInput(f"unknown status {unknown[0]!r}", field="status")
         out.append(messages_table.c.status.in_(wanted))
+    else:
+        # Quarantined: found with status=spam (list_spam), like wait_for_email skips it.
+        out.append(messages_table.c.status != Status.SPAM.value)
     if f.sender:
-        out.append(func.lower(messages_table.c.from_address).like(_like(f.sender), escape="\\"))
+        out.append(contains_folded(messages_table.c.from_address, f.sender))
     if f.subject_contains:
-        pattern = _like(f.subject_contains)
-        out.append(func.lower(messages_table.c.subject).like(pattern, escape="\\"))
+        out.append(contains_folded(messages_table.c.subject, f.subject_contains))
     if f.date_after:
         out.append(messages_table.c.created_at >= _date(f.date_after, "date_after"))
     if f.date_before:
@@ -150,7 +188,7 @@ def _conditions(f: EmailFilters) -> list[ColumnElement[bool]]:
         has = exists().where(attachments.c.message_id == messages_table.c.id)
         out.append(has if f.has_attachments else ~has)
     if f.since_id:
-        out.append(messages_table.c.id > f.since_id)
+        out.append(_surfaced_after(_since_key(conn, actor, f.since_id, mailbox_id)))
     cursor = id_cursor(f.cursor, "msg")
     if cursor:
         out.append(messages_table.c.id < cursor)
@@ -165,10 +203,12 @@ def list_emails(
     """``{"emails", "next_cursor", "count"}``, newest first."""
     actor.require(Scope.READ)
     limit = clamp_limit(filters.limit)
-    query = select(messages_table).where(
-        messages_table.c.account_id == actor.account_id, visible(actor), *_conditions(filters)
-    )
     mailbox_id = _mailbox_id(conn, actor, mailbox)
+    query = select(messages_table).where(
+        messages_table.c.account_id == actor.account_id,
+        visible(actor),
+        *_conditions(conn, actor, filters, mailbox_id),
+    )
     if mailbox_id:
         query = query.where(messages_table.c.mailbox_id == mailbox_id)
     elif actor.mailbox_ids is not None:
@@ -277,9 +317,45 @@ def read_email_verified(
 # --------------------------------------------------------------------------- threads
 
 
+# A reply in one of these is sent or on its way (a reviewer or the clock may still stop it):
+# the question is being answered, and the agent must not draft a second answer.
+_ANSWERING = frozenset(
+    s.value
+    for s in (
+        Status.PENDING_SCAN,
+        Status.PENDING_SEND_APPROVAL,
+        Status.SCHEDULED,
+        Status.QUEUED,
+        Status.SENDING,
+        Status.DEFERRED,
+        Status.DELIVERED,
+    )
+)
+
+
+def _unanswered(rows: Sequence[Mapping[str, Any]]) -> bool:
+    last_inbound = max(
+        (i for i, row in enumerate(rows) if row["direction"] == "inbound"), default=None
+    )
+    if last_inbound is None:
+        return False
+    return not any(
+        row["direction"] == "outbound" and row["status"] in _ANSWERING
+        for row in rows[last_inbound + 1 :]
+    )
+
+
 def get_thread(
     conn: Connection, actor: Actor, ref: str, *, mailbox: str | None = None
 ) -> dict[str, Any]:
+    """The thread's messages in order, its participants and ``unanswered``.
+
+    ``unanswered`` is true when the thread holds inbound mail and no reply after the latest
+    inbound message is sent or on its way: pending scan or approval, scheduled, queued,
+    sending, deferred or delivered. Replies that ended cancelled, rejected, expired,
+    send_failed or bounced answered nothing, so they leave the thread unanswered. A thread
+    with no inbound mail is not unanswered.
+    """
     actor.require(Scope.READ)
     thread = threads.resolve(conn, actor, ref, mailbox_id=_mailbox_id(conn, actor, mailbox))
     rows = _fetch(
@@ -296,7 +372,6 @@ def get_thread(
         for address in [row["from_address"], *(row["to"] or []), *(row["cc"] or [])]:
             if address and address.lower() not in participants:
                 participants.append(address.lower())
-    last = rows[-1] if rows else None
     return {
         "thread_id": threads.public_thread_id(thread),
         "id": threads.public_thread_id(thread),
@@ -306,7 +381,7 @@ def get_thread(
         "participants": participants,
         "message_count": len(items),
         "last_activity": items[-1]["created_at"] if items else None,
-        "unanswered": bool(last and last["direction"] == "inbound"),
+        "unanswered": _unanswered(rows),
     }
 
 
@@ -445,7 +520,10 @@ def download_attachment(
 
 def _newest_visible(
     services: Services, actor: Actor, mailbox_id: str | None, after: str | None
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], str]:
+    """The inbound mail visible after point ``after`` in the order it became visible (or,
+    with no ``after``, the one that became visible last), and the point the last one marks."""
+    surfaced = func.coalesce(messages_table.c.surfaced_id, messages_table.c.id)
     with services.db.read() as conn:
         query = select(messages_table).where(
             messages_table.c.account_id == actor.account_id,
@@ -458,11 +536,12 @@ def _newest_visible(
         elif actor.mailbox_ids is not None:
             query = query.where(messages_table.c.mailbox_id.in_(actor.mailbox_ids))
         if after:
-            query = query.where(messages_table.c.id > after)
-            rows = _fetch(conn, query.order_by(messages_table.c.id).limit(50))
+            query = query.where(_surfaced_after(after))
+            rows = _fetch(conn, query.order_by(surfaced).limit(50))
         else:
-            rows = _fetch(conn, query.order_by(messages_table.c.id.desc()).limit(1))
-        return messages.views(conn, rows)
+            rows = _fetch(conn, query.order_by(surfaced.desc()).limit(1))
+        point = str(rows[-1]["surfaced_id"] or rows[-1]["id"]) if rows else ""
+        return messages.views(conn, rows), point
 
 
 async def wait_for_email(
@@ -480,20 +559,19 @@ async def wait_for_email(
             f"timeout must be between 0 and {MAX_WAIT_SECONDS:g} seconds", field="timeout"
         )
 
-    def start() -> tuple[str | None, str | None]:
+    def start() -> tuple[str | None, str]:
         with services.db.read() as conn:
             mailbox_id = _mailbox_id(conn, actor, mailbox)
-        if since_id:
-            return mailbox_id, since_id
-        newest = _newest_visible(services, actor, mailbox_id, None)
-        return mailbox_id, newest[0]["id"] if newest else ""
+            if since_id:
+                return mailbox_id, _since_key(conn, actor, since_id, mailbox_id)
+        return mailbox_id, _newest_visible(services, actor, mailbox_id, None)[1]
 
     mailbox_id, after = await asyncio.to_thread(start)
     deadline = time.monotonic() + timeout_s
     arrived = signals(services).arrived
     while True:
         with arrived.listen() as wake:
-            found = await asyncio.to_thread(
+            found, _ = await asyncio.to_thread(
                 _newest_visible, services, actor, mailbox_id, after or "0"
             )
             remaining = deadline - time.monotonic()
@@ -526,10 +604,14 @@ def _move(
             f"a message in status {current.value!r} cannot become {target.value!r}",
             code="invalid_status_transition",
         )
+    values: dict[str, Any] = {"status": target.value, "updated_at": utcnow()}
+    if current is Status.SPAM:
+        # Out of quarantine, it is new to the agent: since_id pollers must see it.
+        values["surfaced_id"] = new_id("msg")
     changed = conn.execute(
         update(messages_table)
         .where(messages_table.c.id == row["id"], messages_table.c.status == current.value)
-        .values(status=target.value, updated_at=utcnow())
+        .values(**values)
     ).rowcount
     if not changed:
         raise Conflict("the message changed meanwhile; try again", code="concurrent_change")
@@ -543,7 +625,7 @@ def _move(
         oversight_mode=_mode(conn, row["mailbox_id"]),
         details={"from_status": current.value, "to_status": target.value},
     )
-    row["status"] = target.value
+    row.update(values)
     return messages.full_view(conn, row)
 
 

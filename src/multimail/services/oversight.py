@@ -50,7 +50,7 @@ from multimail.domain.oversight import (
 )
 from multimail.domain.scopes import Scope, satisfies
 from multimail.errors import Conflict, Forbidden, InvalidInput, MultimailError, NotFound
-from multimail.ids import aware, id_cursor, isoformat, utcnow
+from multimail.ids import aware, id_cursor, isoformat, new_id, utcnow
 from multimail.mail.compose import safe_subject
 from multimail.mail.markdown import render_markdown
 from multimail.services import audit, events, mailboxes, notify, sending
@@ -117,7 +117,10 @@ def parse_action(value: str | None) -> str:
 
 
 def _pending_since(row: Mapping[str, Any]) -> datetime:
-    """When the wait started: a schedule_first message only asks once its send time came."""
+    """When the wait started: when it went back to the queue, if it did; else a schedule_first
+    message only asks once its send time came."""
+    if row.get("pending_since"):
+        return aware(row["pending_since"])
     created = aware(row["created_at"])
     if row.get("gate_timing") == GateTiming.SCHEDULE_FIRST.value and row.get("send_at"):
         return max(created, aware(row["send_at"]))
@@ -373,6 +376,10 @@ def _decide_locked(
         "decided_at": now,
         "updated_at": now,
     }
+    if target is Status.UNREAD:
+        # Released held mail is new to the agent now, not at arrival: since_id pollers that
+        # saw mail released before it must still get it (services.inbox).
+        values["surfaced_id"] = new_id("msg")
     if not revision.empty:
         values["original_subject"] = row["subject"]
         values["original_markdown"] = row["markdown"]
@@ -909,16 +916,19 @@ def _due_query(conn: Connection, now: datetime, after: str) -> Any:
     Only due rows are read (the loop re-checks each in Python), so however many drafts wait
     that are not due yet, they never crowd a due one out of the batch.
     """
-    since = case(
-        (
-            and_(
-                messages.c.gate_timing == GateTiming.SCHEDULE_FIRST.value,
-                messages.c.send_at.is_not(None),
-                messages.c.send_at > messages.c.created_at,
+    since = func.coalesce(
+        messages.c.pending_since,
+        case(
+            (
+                and_(
+                    messages.c.gate_timing == GateTiming.SCHEDULE_FIRST.value,
+                    messages.c.send_at.is_not(None),
+                    messages.c.send_at > messages.c.created_at,
+                ),
+                messages.c.send_at,
             ),
-            messages.c.send_at,
+            else_=messages.c.created_at,
         ),
-        else_=messages.c.created_at,
     )
     waited = now.timestamp() - _epoch_seconds(conn, since)
     return (

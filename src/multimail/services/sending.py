@@ -2325,7 +2325,15 @@ def edit_scheduled(
             if gated and status is Status.SCHEDULED and row["decision"] == "approve":
                 # The approval covered the old content: a reviewer must see the new one.
                 new_status = Status.PENDING_SEND_APPROVAL
-                values.update(decision=None, reviewer=None, decision_note=None, decided_at=None)
+                # Its wait (reminder, expiry) starts now, not when the message was written.
+                values.update(
+                    decision=None,
+                    reviewer=None,
+                    decision_note=None,
+                    decided_at=None,
+                    pending_since=utcnow(),
+                    reminded_at=None,
+                )
         if new_status is status:
             result = conn.execute(
                 update(messages)

@@ -5,6 +5,11 @@ write must survive power loss, which NORMAL does not promise — and foreign key
 take the lock up front (``BEGIN IMMEDIATE``) so two writers never deadlock upgrading a read
 lock. PostgreSQL keeps ``synchronous_commit`` on; writers that must be serialised (the audit
 chain) take an advisory lock inside their transaction.
+
+Case-insensitive search folds both sides with :class:`folded`: SQLite's ``lower()`` folds
+ASCII only, so SQLite connections get ``mm_fold`` (Python's ``str.casefold``); PostgreSQL's
+``lower()`` follows the database's LC_CTYPE, which is ASCII-only under the C locale, so it is
+given the ICU root collation where the server has ICU.
 """
 
 from __future__ import annotations
@@ -15,10 +20,55 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Text, create_engine, event, literal
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
+
+__all__ = ["Database", "contains_folded", "folded"]
 
 SQLITE_BUSY_TIMEOUT_S = 30
+_ICU_COLLATION = "und-x-icu"  # PostgreSQL's ICU root locale, present when built with ICU
+
+
+class folded(FunctionElement[str]):
+    """Its one text argument folded for a case-insensitive comparison, in whatever way the
+    database can fold all of Unicode; put it on both sides of the comparison."""
+
+    type = Text()
+    name = "folded"
+    inherit_cache = True
+
+
+@compiles(folded)
+def _folded_lower(element: folded, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(folded, "sqlite")
+def _folded_sqlite(element: folded, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"mm_fold({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(folded, "postgresql")
+def _folded_postgresql(element: folded, compiler: SQLCompiler, **kw: Any) -> str:
+    argument = compiler.process(element.clauses, **kw)
+    if getattr(compiler.dialect, "multimail_icu", False):
+        return f'lower(({argument}) COLLATE "{_ICU_COLLATION}")'
+    return f"lower({argument})"
+
+
+def contains_folded(column: ColumnElement[Any], needle: str) -> ColumnElement[bool]:
+    """``column`` holds ``needle`` as a literal substring (``%`` and ``_`` are not wildcards),
+    ignoring case."""
+    escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return folded(column).like(folded(literal(f"%{escaped}%")), escape="\\")
+
+
+def _casefold(value: object) -> object:
+    return value.casefold() if isinstance(value, str) else value
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -41,6 +91,7 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.close()
+        dbapi_conn.create_function("mm_fold", 1, _casefold, deterministic=True)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -59,6 +110,20 @@ def _postgres_engine(url: str) -> Engine:
             cursor.execute("SET synchronous_commit TO on")
             cursor.execute("SET TIME ZONE 'UTC'")
         dbapi_conn.commit()
+
+    @event.listens_for(engine, "first_connect")
+    def _on_first_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Runs before any statement is compiled for this engine, so :class:`folded` is
+        # compiled one way for the engine's life. Tried rather than looked up: a server
+        # built with ICU still refuses its collations in some encodings (SQL_ASCII).
+        icu = True
+        try:
+            with dbapi_conn.cursor() as cursor:
+                cursor.execute(f"SELECT lower('A' COLLATE \"{_ICU_COLLATION}\")")
+        except Exception:
+            icu = False
+        dbapi_conn.rollback()
+        engine.dialect.multimail_icu = icu  # type: ignore[attr-defined]
 
     return engine
 

@@ -250,9 +250,19 @@ messages = Table(
     _ts("delivered_at"),
     _ts("read_at"),
     _ts("reminded_at"),
+    # When it last went back to the approval queue (an edit voided its approval); NULL: the
+    # wait counts from created_at, or send_at for schedule_first.
+    _ts("pending_since"),
     _ts("created_at", False),
     _ts("updated_at", False),
+    Column(
+        "surfaced_id",
+        ID,
+        nullable=True,
+        comment="msg_ id minted when held or spam mail became visible; NULL: on arrival",
+    ),
     Index("ix_messages_mailbox_created", "mailbox_id", "id"),
+    Index("ix_messages_mailbox_surfaced", "mailbox_id", "surfaced_id"),
     Index("ix_messages_account_status", "account_id", "status"),
     Index("ix_messages_thread", "thread_id"),
     Index("ix_messages_message_id_header", "message_id_header"),

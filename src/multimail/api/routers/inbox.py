@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
+import string
 from typing import Any
 from urllib.parse import quote
 
@@ -69,14 +71,27 @@ def _filters(
     )
 
 
+_ASCII_NAME_SAFE = frozenset(string.ascii_letters + string.digits + "._-")
+_HEADER_SAFE = re.compile(r"[ -~]+")
+
+
 def _attachment_response(item: inbox.Attachment) -> Response:
-    # RFC 6266 / 5987: the UTF-8 form cannot inject header syntax, the ASCII one is a fallback.
-    ascii_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in item.filename)
+    # RFC 6266 / 5987: the UTF-8 form cannot inject header syntax, the ASCII one is a fallback
+    # for old clients (str.isalnum would let 报 through, and a header must be Latin-1).
+    ascii_name = "".join(c if c in _ASCII_NAME_SAFE else "_" for c in item.filename)
     disposition = f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(item.filename)}"
+    # Set as a header, not media_type: the framework would add charset=utf-8 to text/*, and
+    # the bytes are in the charset the sender declared (kept in content_type) or unknown.
+    content_type = item.content_type
+    if not _HEADER_SAFE.fullmatch(content_type):
+        content_type = "application/octet-stream"
     return Response(
         content=item.data,
-        media_type=item.content_type,
-        headers={"Content-Disposition": disposition, "X-Content-Type-Options": "nosniff"},
+        headers={
+            "Content-Type": content_type,
+            "Content-Disposition": disposition,
+            "X-Content-Type-Options": "nosniff",
+        },
     )
 
 
@@ -197,7 +212,7 @@ def get_attachment(
     return _attachment_response(item)
 
 
-@router.get("/v1/mailboxes/{mailbox}/threads/{thread_id}")
+@router.get("/v1/mailboxes/{mailbox}/threads/{thread_id:path}")
 def get_thread(
     mailbox: str,
     thread_id: str,
@@ -268,7 +283,7 @@ def get_account_attachment(
     return _attachment_response(item)
 
 
-@router.get("/v1/threads/{thread_id}")
+@router.get("/v1/threads/{thread_id:path}")
 def get_account_thread(
     thread_id: str,
     mailbox_id: str | None = Query(None, max_length=320),
