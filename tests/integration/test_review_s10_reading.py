@@ -399,6 +399,33 @@ def test_since_id_naming_no_message_is_a_422_that_says_what_to_pass(
         assert "msg_" in answer.json()["error"]
 
 
+def test_wait_for_email_takes_a_long_message_id_as_since_id(
+    api: Api, services: Services, boot: accounts.Bootstrap
+) -> None:
+    """since_id may be a Message-ID (the REST listing takes one); the tool's input limit of
+    40 characters refused any real one with validation_error."""
+    box = _mailbox(services, boot)
+    header = "<" + "a" * 60 + "@customer.test>"
+    first = _deliver(
+        services,
+        boot,
+        f"From: alex@customer.test\r\nTo: bot@mm.test\r\nSubject: One\r\n"
+        f"Message-ID: {header}\r\n\r\nFirst.\r\n".encode(),
+    )
+    second = _deliver(
+        services,
+        boot,
+        b"From: alex@customer.test\r\nTo: bot@mm.test\r\nSubject: Two\r\n\r\nSecond.\r\n",
+    )
+    agent = api.client(boot.agent_key)
+    answer = agent.post(
+        "/wait_for_email", json={"mailbox_id": box["id"], "since_id": header, "timeout": 0}
+    )
+    assert answer.status_code == 200, answer.text
+    found = answer.json()
+    assert found["email"]["id"] == second != first, found
+
+
 def test_subject_search_ignores_case_beyond_ascii(
     api: Api, services: Services, boot: accounts.Bootstrap
 ) -> None:

@@ -273,8 +273,8 @@ TOOLS: tuple[Tool, ...] = (
         "Check the inbox",
         "List messages, newest first: one mailbox's with mailbox_id, else every mailbox the "
         "key sees; filters status/filter (e.g. 'unread'), sender, subject_contains, dates, "
-        "direction. Returns {emails: [...], next_cursor}; pass next_cursor as cursor for the "
-        "next page." + UNTRUSTED,
+        "direction. Spam is listed only with status 'spam' (or list_spam). Returns "
+        "{emails: [...], next_cursor}; pass next_cursor as cursor for the next page." + UNTRUSTED,
         i.CheckInbox,
         Scope.READ,
         Route("GET", "/v1/emails", default_mailbox_query=True),
@@ -302,7 +302,9 @@ TOOLS: tuple[Tool, ...] = (
         "get_thread",
         "Get a thread",
         "A conversation in order: messages with direction, status, from, to, subject, date and "
-        "body_text, plus participants, message_count, last_activity and unanswered." + UNTRUSTED,
+        "body_text, plus participants, message_count, last_activity and unanswered (true "
+        "when no reply after the latest inbound message was sent or is on its way: pending "
+        "approval, scheduled, queued or delivered)." + UNTRUSTED,
         i.GetThread,
         Scope.READ,
         Route("GET", "/v1/threads/{thread_id}"),

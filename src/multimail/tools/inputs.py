@@ -257,7 +257,10 @@ class WaitForEmail(MailboxArg):
         None, ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait (≤ 120)."
     )
     since_id: str | None = Field(
-        None, max_length=40, description="Only messages newer than this one (the last you saw)."
+        None,
+        max_length=998,  # a msg_ id, or an RFC 5322 Message-ID (up to a header line's length)
+        description="Only messages newer than this one (the last you saw): its id or its "
+        "Message-ID.",
     )
 
 
