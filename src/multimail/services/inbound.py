@@ -1064,6 +1064,18 @@ def _lock_destinations(conn: Connection, keys: Sequence[str]) -> None:
         )
 
 
+def _last_hour(conn: Connection, action: str) -> list[dict[str, Any]]:
+    """The details of the audit entries ``action`` of the last hour (the caps' window); few,
+    and found through the action's index."""
+    cutoff = isoformat(utcnow() - _CAP_WINDOW) or ""
+    found = conn.execute(
+        select(audit_entries.c.details).where(
+            audit_entries.c.action == action, audit_entries.c.at >= cutoff
+        )
+    )
+    return [json.loads(details or "{}") for (details,) in found]
+
+
 def _recent_forwards(conn: Connection, key: str) -> list[dict[str, Any]]:
     """The forwards to the destination ``key`` names in the last hour, from the audit log.
 
@@ -1071,18 +1083,7 @@ def _recent_forwards(conn: Connection, key: str) -> list[dict[str, Any]]:
     the forward and is never changed or pruned, while a system_mail job's recipients are
     rewritten as it is retried. Counted under the destination's lock (_lock_destinations),
     so a concurrent worker's forward is either committed and seen here or waits for us."""
-    cutoff = isoformat(utcnow() - _CAP_WINDOW) or ""
-    found = conn.execute(
-        select(audit_entries.c.details).where(
-            audit_entries.c.action == _FORWARDED, audit_entries.c.at >= cutoff
-        )
-    )
-    recent = []
-    for (details,) in found:
-        entry = json.loads(details or "{}")
-        if entry.get("destination_key") == key:
-            recent.append(entry)
-    return recent
+    return [e for e in _last_hour(conn, _FORWARDED) if e.get("destination_key") == key]
 
 
 def _copy_key(analysis: _Analysis) -> str | None:
@@ -1351,18 +1352,11 @@ def _lock_sender(conn: Connection, sender: str) -> None:
 def _recent_reports(conn: Connection, sender: str) -> list[dict[str, Any]]:
     """The reports queued for ``sender`` in the last hour, from the audit log: its entries are
     written in the transaction that queues the report and never change (see _recent_forwards)."""
-    cutoff = isoformat(utcnow() - _CAP_WINDOW) or ""
-    found = conn.execute(
-        select(audit_entries.c.details).where(
-            audit_entries.c.action == _UNDELIVERABLE, audit_entries.c.at >= cutoff
-        )
-    )
-    recent = []
-    for (details,) in found:
-        entry = json.loads(details or "{}")
-        if entry.get("dsn_queued") and entry.get("dsn_to") == sender:
-            recent.append(entry)
-    return recent
+    return [
+        e
+        for e in _last_hour(conn, _UNDELIVERABLE)
+        if e.get("dsn_queued") and e.get("dsn_to") == sender
+    ]
 
 
 def _record_undeliverable(
