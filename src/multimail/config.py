@@ -150,6 +150,16 @@ class Settings(BaseSettings):
             return "postgresql+psycopg://" + value.split("://", 1)[1]
         return value
 
+    @field_validator("domain")
+    @classmethod
+    def _normalise_domain(cls, value: str) -> str:
+        # Stored and compared everywhere in its ASCII form (RFC 5890 A-labels, lower case):
+        # a U-label setting (bücher.test) made every address on it "not owned".
+        try:
+            return normalize_domain(value)
+        except AddressError as exc:
+            raise ValueError(f"MULTIMAIL_DOMAIN: {exc}") from None
+
     @field_validator("postmaster_email")
     @classmethod
     def _check_postmaster_email(cls, value: str | None) -> str | None:
@@ -167,11 +177,7 @@ class Settings(BaseSettings):
         # straight back to us as new postmaster mail: a loop only the hourly cap would stop.
         if self.postmaster_email is not None:
             local, _, domain = self.postmaster_email.rpartition("@")
-            try:
-                own = normalize_domain(self.domain)
-            except AddressError:
-                own = self.domain.strip().lower()
-            if local == "postmaster" and domain == own:
+            if local == "postmaster" and domain == self.domain:
                 raise ValueError(
                     "MULTIMAIL_POSTMASTER_EMAIL must be a person's address, not "
                     f"postmaster@{domain} itself: the forwarded mail would come back to it"

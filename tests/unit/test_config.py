@@ -44,3 +44,12 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [n for n in Settings.model_fields if f"`MULTIMAIL_{n.upper()}`" not in readme]
     assert not missing, f"README lacks: {missing}"
+
+
+def test_the_server_domain_is_kept_in_its_ascii_form() -> None:
+    """A U-label MULTIMAIL_DOMAIN (bücher.test) was compared as written with the A-labels
+    addresses are normalised to, so no mailbox could be made on the server's own domain."""
+    assert Settings(domain="Bücher.Test.").domain == "xn--bcher-kva.test"
+    assert Settings(domain="MM.test").domain == "mm.test"
+    with pytest.raises(ValueError, match="MULTIMAIL_DOMAIN"):
+        Settings(domain="bad domain")
