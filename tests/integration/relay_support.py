@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
+from aiosmtpd.controller import Controller
 from pydantic import SecretStr
 
 from multimail.config import Settings
 from multimail.runtime import build_services
 from multimail.services.context import Services
+from multimail.testing.processes import free_port
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import composer
 
@@ -26,6 +28,31 @@ def relay() -> Iterator[CapturingSMTPServer]:
     """A capturing SMTP server on loopback: any delivery attempt goes here, never to an MX."""
     with CapturingSMTPServer() as server:
         yield server
+
+
+class HeldReceiver(Protocol):
+    """An aiosmtpd handler that holds some replies until :meth:`release`."""
+
+    port: int
+
+    def release(self) -> None: ...
+
+
+Held = TypeVar("Held", bound=HeldReceiver)
+
+
+@contextlib.contextmanager
+def serving(handler: Held) -> Iterator[Held]:
+    """``handler`` answering on a loopback port (set as ``handler.port``); on the way out it
+    lets every held reply go, so the server's stop does not wait for them."""
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    handler.port = controller.port
+    try:
+        yield handler
+    finally:
+        handler.release()
+        controller.stop()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
 from pydantic import SecretStr
 from sqlalchemy import select
@@ -27,8 +26,8 @@ from multimail.ids import aware
 from multimail.runtime import build_services
 from multimail.services.context import Services
 from multimail.store.tables import jobs as jobs_table
-from multimail.testing.processes import free_port
 from multimail.workers import delivery, runner
+from tests.integration.relay_support import serving
 from tests.integration.test_delivery import World, until
 
 _LEASE = timedelta(seconds=1)
@@ -67,13 +66,8 @@ class SlowToAnswer:
 
 @pytest.fixture
 def receiver() -> Iterator[SlowToAnswer]:
-    handler = SlowToAnswer()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    handler.port = controller.port
-    yield handler
-    handler.release()
-    controller.stop()
+    with serving(SlowToAnswer()) as handler:
+        yield handler
 
 
 @pytest.fixture

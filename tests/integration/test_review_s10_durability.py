@@ -13,7 +13,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
 from pydantic import SecretStr
 from sqlalchemy import select, text, update
@@ -26,12 +25,12 @@ from multimail.services.context import Services
 from multimail.store import jobs
 from multimail.store.tables import jobs as jobs_table
 from multimail.store.tables import messages
-from multimail.testing.processes import free_port
 from multimail.testing.smtp import CapturingSMTPServer
 from multimail.workers import delivery, runner
 from tests.conftest import Api
 from tests.integration import test_delivery
 from tests.integration.oversight_support import make_mailbox, message_row
+from tests.integration.relay_support import serving
 from tests.integration.test_delivery import World, until
 from tests.integration.test_delivery_crash import HoldingHandler
 
@@ -184,13 +183,8 @@ class HoldsOneRecipient(HoldingHandler):
 
 @pytest.fixture
 def holding_relay() -> Iterator[HoldsOneRecipient]:
-    handler = HoldsOneRecipient()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    handler.port = controller.port
-    yield handler
-    handler.release()
-    controller.stop()
+    with serving(HoldsOneRecipient()) as handler:
+        yield handler
 
 
 @pytest.fixture
@@ -388,14 +382,7 @@ async def test_a_queued_message_whose_deliver_job_was_quarantined_is_still_deliv
     assert _deliver_job_status(services, message_id) == "quarantined"
     # The delivery sweep (every minute) looks for queued messages left without a live job
     # for two minutes: this one, as it stands three minutes later.
-    with services.db.write() as conn:
-        conn.execute(
-            update(messages)
-            .where(messages.c.id == message_id)
-            .values(updated_at=utcnow() - timedelta(minutes=3))
-        )
-    sweep = runner.HANDLERS[delivery.SWEEP]
-    sweep(services, jobs.Job("job_sweep", delivery.SWEEP, {}, 1, 1, utcnow()), "worker-1")
+    _sweep_after_a_while(services, message_id)
     await batch(services, "worker-1", 50, timedelta(minutes=2))
     assert world.row(message_id)["status"] == "delivered"
     assert len(relay.messages) == 1
